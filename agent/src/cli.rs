@@ -1,0 +1,1 @@
+//! The `microfed` command line (being written).

@@ -1,0 +1,22 @@
+//! microfed: federated segmentation of material micrographs.
+//!
+//! Map of the crate, in the order data flows:
+//! - [`synth`]: the synthetic microscope: labelled micrographs of known truth in the styles of different
+//!   labs (polycrystals, γ/γ′ precipitates).
+//! - [`micrograph`]: decoding image files (PNG, TIFF 8/16-bit, JPEG, BMP) into normalised `f32` pixels.
+//! - [`mask`], [`classes`]: class-index masks and the class definitions of a dataset or model.
+//! - [`dataset`]: a folder of `images/`, `masks/` and `dataset.toml`, validated file by file.
+//! - [`metrics`]: IoU, Dice, pixel accuracy and boundary F1 of predicted masks against the truth.
+//! - [`features`]: microstructure figures from a mask: grain count and size, ASTM E112 number, phase
+//!   fractions and particle statistics.
+//! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
+
+pub mod classes;
+pub mod cli;
+pub mod dataset;
+pub mod features;
+pub mod mask;
+pub mod metrics;
+pub mod micrograph;
+pub mod synth;
+pub mod telemetry;

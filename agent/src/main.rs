@@ -1,0 +1,3 @@
+fn main() {
+    println!("microfed {}", env!("CARGO_PKG_VERSION"));
+}

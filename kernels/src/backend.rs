@@ -1,0 +1,281 @@
+//! The one trait every device implements: the ops the reference U-Net needs, forward and backward.
+//!
+//! Map of this module:
+//! - [`Shape`]: an NCHW activation shape.
+//! - [`Precision`]: strict fp32 or TF32 tensor-core arithmetic for the convolutions.
+//! - [`Backend`]: buffers (upload, download) and ops. The network in [`crate::unet`] is written once
+//!   against it; [`crate::cpu::CpuBackend`] is the oracle and [`crate::cuda::CudaBackend`] must agree with
+//!   it on fresh random inputs (the same test bodies run on both).
+//!
+//! Conventions shared by every implementation:
+//! - Activations are dense NCHW `f32`; weights are `[c_out, c_in, k, k]` (ONNX and PyTorch order), biases
+//!   `[c_out]`.
+//! - Ops that produce an output *overwrite* it completely (never accumulate), unless the name says `acc`.
+//!   Tests poison outputs before each call so that an unwritten element shows.
+//! - Labels are one `u8` class index per pixel, `[n, h, w]`; the value [`IGNORE_LABEL`] is skipped by the
+//!   losses.
+//! - Reductions that the host needs (a loss, channel statistics) come back as host values; everything else
+//!   stays on the device.
+
+use crate::KernelError;
+
+/// Pixels with this label take no part in a loss (e.g. unlabelled regions of a micrograph).
+pub const IGNORE_LABEL: u8 = 255;
+
+/// Shape of an NCHW activation tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    pub n: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+}
+
+impl Shape {
+    pub const fn new(n: usize, c: usize, h: usize, w: usize) -> Self {
+        Self { n, c, h, w }
+    }
+    /// Number of elements.
+    pub const fn len(&self) -> usize {
+        self.n * self.c * self.h * self.w
+    }
+    pub const fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The same shape with another channel count.
+    pub const fn with_c(&self, c: usize) -> Self {
+        Self { c, ..*self }
+    }
+    /// Pixels per image plane.
+    pub const fn plane(&self) -> usize {
+        self.h * self.w
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "[{}, {}, {}, {}]", self.n, self.c, self.h, self.w)
+    }
+}
+
+/// Arithmetic used by the convolutions. Everything else is always fp32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE fp32 multiply-add: the reference.
+    #[default]
+    Fp32,
+    /// Operands rounded to TF32 (10-bit mantissa) on tensor cores, fp32 accumulation. On the CPU this
+    /// is the same as `Fp32`.
+    Tf32,
+}
+
+/// A convolution's geometry: square kernel `k` (1 or 3), stride 1, padding `k / 2` ("same").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv {
+    pub c_in: usize,
+    pub c_out: usize,
+    pub k: usize,
+}
+
+impl Conv {
+    pub const fn new(c_in: usize, c_out: usize, k: usize) -> Self {
+        Self { c_in, c_out, k }
+    }
+    pub const fn weight_len(&self) -> usize {
+        self.c_out * self.c_in * self.k * self.k
+    }
+    /// Multiply-adds times two for one forward pass over `x`.
+    pub const fn forward_flops(&self, x: Shape) -> u64 {
+        2 * (self.weight_len() * x.n * x.h * x.w) as u64
+    }
+}
+
+/// Hyper-parameters of one optimiser step; `step` counts from 1 (AdamW's bias correction).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum OptimStep {
+    /// `v = momentum·v + (g + wd·p)`, `p -= lr·v` (PyTorch's SGD with momentum, dampening 0).
+    Sgd {
+        lr: f32,
+        momentum: f32,
+        weight_decay: f32,
+    },
+    /// Decoupled weight decay (Loshchilov and Hutter): `p -= lr·wd·p`, then Adam with bias correction.
+    AdamW {
+        lr: f32,
+        beta1: f32,
+        beta2: f32,
+        eps: f32,
+        weight_decay: f32,
+        step: u32,
+    },
+}
+
+/// One device's buffers and ops. All lengths are in elements; every op checks them and returns
+/// [`KernelError::Shape`] rather than reading out of bounds.
+pub trait Backend: Send + Sync + 'static {
+    /// Device memory holding `f32`s.
+    type Buffer: Send + Sync;
+    /// Device memory holding per-pixel class labels.
+    type Labels: Send + Sync;
+
+    /// Human-readable name, e.g. `cpu (2 threads)` or `cuda: NVIDIA H100 80GB HBM3 (sm_90)`.
+    fn name(&self) -> String;
+
+    // ---- memory -------------------------------------------------------------------------------
+    fn zeros(&self, len: usize) -> Result<Self::Buffer, KernelError>;
+    fn upload(&self, data: &[f32]) -> Result<Self::Buffer, KernelError>;
+    fn download(&self, buf: &Self::Buffer) -> Result<Vec<f32>, KernelError>;
+    fn upload_labels(&self, labels: &[u8]) -> Result<Self::Labels, KernelError>;
+    fn len(&self, buf: &Self::Buffer) -> usize;
+    /// Overwrite `dst` with `src` (same length).
+    fn copy(&self, src: &Self::Buffer, dst: &mut Self::Buffer) -> Result<(), KernelError>;
+    /// Overwrite every element with `value`.
+    fn fill(&self, buf: &mut Self::Buffer, value: f32) -> Result<(), KernelError>;
+    /// Wait until all queued work has finished (a no-op on the CPU). Timing code calls this.
+    fn synchronize(&self) -> Result<(), KernelError>;
+
+    // ---- convolution --------------------------------------------------------------------------
+    /// `y = conv(x, w) + b`, then ReLU when `relu` is set. `y` has shape `x.with_c(conv.c_out)`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_forward(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+        conv: Conv,
+        w: &Self::Buffer,
+        b: &Self::Buffer,
+        relu: bool,
+        precision: Precision,
+        y: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Gradient with respect to the input: `dx = conv_transpose(dy, w)`. `dy` has shape
+    /// `xs.with_c(conv.c_out)`; any ReLU has already been folded into `dy` by [`Backend::relu_backward`].
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward_data(
+        &self,
+        dy: &Self::Buffer,
+        xs: Shape,
+        conv: Conv,
+        w: &Self::Buffer,
+        precision: Precision,
+        dx: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Gradients with respect to weight and bias, summed over the batch: `dw = Σ dy ⊗ x`, `db = Σ dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn conv2d_backward_weight(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+        conv: Conv,
+        dy: &Self::Buffer,
+        precision: Precision,
+        dw: &mut Self::Buffer,
+        db: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    // ---- elementwise and layout ---------------------------------------------------------------
+    /// In place: `dy[i] = 0` wherever `y[i] <= 0` (`y` is the ReLU's output).
+    fn relu_backward(&self, y: &Self::Buffer, dy: &mut Self::Buffer) -> Result<(), KernelError>;
+
+    /// 2×2 max-pooling, stride 2; `xs.h` and `xs.w` are even. `y` is `[n, c, h/2, w/2]`.
+    fn maxpool2_forward(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+        y: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Routes each `dy` to the first maximum (row-major within the window) of its 2×2 window of `x`;
+    /// the rest of `dx` is zero.
+    fn maxpool2_backward(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+        dy: &Self::Buffer,
+        dx: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Nearest ×2 upsampling of `low` (`[n, c_low, h, w]`) concatenated along channels with `skip`
+    /// (`[n, c_skip, 2h, 2w]`): `y = cat([up(low), skip])`, shape `[n, c_low + c_skip, 2h, 2w]`.
+    fn upsample2_concat_forward(
+        &self,
+        low: &Self::Buffer,
+        low_shape: Shape,
+        skip: &Self::Buffer,
+        c_skip: usize,
+        y: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Backward of [`Backend::upsample2_concat_forward`]: `dlow` sums each 2×2 block of the first
+    /// `c_low` channels of `dy`; `dskip`, when asked for, is the rest (the channel split).
+    fn upsample2_concat_backward(
+        &self,
+        dy: &Self::Buffer,
+        low_shape: Shape,
+        c_skip: usize,
+        dlow: &mut Self::Buffer,
+        dskip: Option<&mut Self::Buffer>,
+    ) -> Result<(), KernelError>;
+
+    /// Per-channel affine map `y = x·scale[c] + shift[c]`, used to re-style features with another
+    /// lab's statistics: `scale = σ_other/σ_own`, `shift = μ_other − μ_own·scale` (see
+    /// [`crate::style::restyle_coefficients`]).
+    fn channel_affine(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+        scale: &[f32],
+        shift: &[f32],
+        y: &mut Self::Buffer,
+    ) -> Result<(), KernelError>;
+
+    /// Per-channel mean and (population) standard deviation over n, h and w.
+    fn channel_stats(
+        &self,
+        x: &Self::Buffer,
+        xs: Shape,
+    ) -> Result<(Vec<f32>, Vec<f32>), KernelError>;
+
+    /// `y += alpha·x` (gradient accumulation, FedProx's proximal term, update deltas).
+    fn axpy(&self, alpha: f32, x: &Self::Buffer, y: &mut Self::Buffer) -> Result<(), KernelError>;
+
+    // ---- losses -------------------------------------------------------------------------------
+    /// Softmax cross-entropy over the class axis of `logits` (`[n, k, h, w]`), mean over labelled
+    /// pixels, each pixel weighted by `class_weights[label]` when given (PyTorch's `weight=`
+    /// semantics: the mean divides by the sum of the weights). Writes `dlogits` (overwrites) and returns
+    /// the loss.
+    fn softmax_cross_entropy(
+        &self,
+        logits: &Self::Buffer,
+        ls: Shape,
+        labels: &Self::Labels,
+        class_weights: Option<&[f32]>,
+        dlogits: &mut Self::Buffer,
+    ) -> Result<f32, KernelError>;
+
+    /// Soft Dice loss on softmax probabilities, `1 − mean_k (2·Σ p·t + ε) / (Σ p + Σ t + ε)` over the
+    /// batch, ignoring [`IGNORE_LABEL`] pixels. *Adds* `weight ×` its gradient to `dlogits` and returns
+    /// the loss (unweighted).
+    fn soft_dice_acc(
+        &self,
+        logits: &Self::Buffer,
+        ls: Shape,
+        labels: &Self::Labels,
+        weight: f32,
+        dlogits: &mut Self::Buffer,
+    ) -> Result<f32, KernelError>;
+
+    // ---- optimisers ---------------------------------------------------------------------------
+    /// One optimiser step on a parameter. `state` holds the optimiser's per-parameter buffers: one
+    /// (velocity) for SGD, two (first and second moments) for AdamW, each of the parameter's length.
+    fn optimizer_step(
+        &self,
+        step: OptimStep,
+        param: &mut Self::Buffer,
+        grad: &Self::Buffer,
+        state: &mut [Self::Buffer],
+    ) -> Result<(), KernelError>;
+}
