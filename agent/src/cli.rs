@@ -1,1 +1,0 @@
-//! The `microfed` command line (being written).
