@@ -1,2 +1,56 @@
 //! The `microfed` command line: one clap-derived `Args` struct and one `run` function per subcommand,
 //! each in its own file here. `main` parses, sets up logging, and calls [`run`].
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::LogFormat;
+
+pub mod dataset;
+pub mod eval;
+pub mod features;
+pub mod synth;
+
+/// microfed: federated segmentation of material micrographs.
+///
+/// Labs train one segmentation model together without any image leaving the lab. This tool makes
+/// labelled synthetic micrographs, checks datasets, scores predicted masks and measures microstructures.
+#[derive(Debug, Parser)]
+#[command(name = "microfed", version, propagate_version = true, max_term_width = 100)]
+#[command(after_help = "Examples:
+  microfed synth --structure polycrystal --style sem-se --count 8 --size 512 --seed 1 --out data/sem-se
+  microfed dataset check data/sem-se
+  microfed features data/sem-se/masks/*.png --pixel-size 0.25
+  microfed eval --pred predicted/ --truth data/sem-se/masks
+
+Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
+pub struct Cli {
+    /// How log lines are written to stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate labelled synthetic micrographs in the imaging style of a lab.
+    Synth(synth::Args),
+    /// Work with datasets (folders of images/, masks/ and dataset.toml).
+    #[command(subcommand)]
+    Dataset(dataset::Command),
+    /// Score predicted masks against the truth: IoU, Dice, pixel accuracy, boundary F1.
+    Eval(eval::Args),
+    /// Measure microstructure figures from masks: grain size, ASTM E112 number, phase fractions.
+    Features(features::Args),
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Synth(args) => synth::run(args),
+        Command::Dataset(cmd) => dataset::run(cmd),
+        Command::Eval(args) => eval::run(args),
+        Command::Features(args) => features::run(args),
+    }
+}
