@@ -112,6 +112,22 @@ pub enum MicrographError {
     },
 }
 
+impl MicrographError {
+    /// The file the error is about (`None` for a bad normalisation or an in-memory image).
+    pub fn path(&self) -> Option<&Path> {
+        use MicrographError::*;
+        match self {
+            Read { path, .. }
+            | UnsupportedFormat { path, .. }
+            | UnsupportedColour { path, .. }
+            | ZeroSize { path, .. }
+            | Corrupt { path, .. }
+            | BufferSize { path, .. } => Some(path.as_path()).filter(|p| !p.as_os_str().is_empty()),
+            BadNormalisation { .. } => None,
+        }
+    }
+}
+
 /// A decoded single-channel micrograph: normalised pixels, row-major.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Micrograph {
