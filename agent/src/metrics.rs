@@ -451,11 +451,23 @@ impl Evaluator {
         Ok(score)
     }
 
+    /// Adds everything another evaluator gathered (same K and tolerance), e.g. from another thread.
+    pub fn merge(&mut self, other: Evaluator) -> Result<(), MetricsError> {
+        if other.tolerance_px != self.tolerance_px {
+            return Err(MetricsError::Tolerance(other.tolerance_px));
+        }
+        self.matrix.merge(&other.matrix)?;
+        self.boundary.add(&other.boundary);
+        self.per_image.extend(other.per_image);
+        Ok(())
+    }
+
     pub fn matrix(&self) -> &ConfusionMatrix {
         &self.matrix
     }
 
     /// The pooled result; `class_names[c]` names class c (missing names become `class c`).
+    /// Per-image scores are sorted by name, so the result does not depend on the order of adding.
     pub fn finish(&self, class_names: &[String]) -> Evaluation {
         let m = &self.matrix;
         let classes = (0..m.k)
@@ -486,7 +498,11 @@ impl Evaluator {
                 counts: self.boundary,
             },
             confusion: m.rows(),
-            per_image: self.per_image.clone(),
+            per_image: {
+                let mut v = self.per_image.clone();
+                v.sort_by(|a, b| a.name.cmp(&b.name));
+                v
+            },
         }
     }
 }

@@ -270,3 +270,32 @@ fn missing_folder_and_bad_classes_file_are_named() {
     assert!(named.contains("classes.toml"), "{named:?}");
     assert!(named.contains("masks"), "{named:?}");
 }
+
+/// `microfed dataset check` fails with a message that counts the problems.
+#[test]
+fn cli_check_counts_problems() {
+    use microfed::cli::dataset::{Args, CheckArgs, DatasetCommand, run};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir_all(dir.join("images")).unwrap();
+    std::fs::create_dir_all(dir.join("masks")).unwrap();
+    manifest(&["a", "b"])
+        .save(&dir.join("dataset.toml"))
+        .unwrap();
+    let img = GrayImage::new(2, 2);
+    img.save(dir.join("images/x.png")).unwrap();
+    img.save(dir.join("images/y.png")).unwrap();
+    img.save(dir.join("masks/z.png")).unwrap();
+    let args = |classes| Args {
+        command: DatasetCommand::Check(CheckArgs {
+            dir: dir.to_owned(),
+            classes,
+        }),
+    };
+    // x and y lack masks, z lacks an image.
+    let err = run(args(None)).unwrap_err();
+    assert!(err.to_string().starts_with("3 problem(s)"), "{err}");
+    std::fs::remove_file(dir.join("images/y.png")).unwrap();
+    std::fs::rename(dir.join("masks/z.png"), dir.join("masks/x.png")).unwrap();
+    run(args(None)).unwrap();
+}

@@ -333,3 +333,33 @@ fn json_and_csv_agree_in_shape() {
     );
     assert_eq!(serde_json::to_value(&p).unwrap()["kind"], "phases");
 }
+
+/// `microfed features` writes one CSV row per mask and a JSON array.
+#[test]
+fn cli_features_csv_and_json() {
+    use microfed::cli::features::{Args, run};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a.png"), tmp.path().join("b.png"));
+    ring().save_png(&a).unwrap();
+    particles().save_png(&b).unwrap();
+    let (csv, json) = (tmp.path().join("f.csv"), tmp.path().join("f.json"));
+    run(Args {
+        masks: vec![a.clone(), b],
+        pixel_size: Some(2.0),
+        kind: None, // two unnamed classes → grains
+        classes: None,
+        bins: 5,
+        json: Some(json.clone()),
+        csv: Some(csv.clone()),
+    })
+    .unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count(), 3);
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v[0]["kind"], "grains");
+    assert_eq!(v[0]["grains"], 2);
+    assert!((v[0]["astm_g"].as_f64().unwrap() - 10.362_86).abs() < 1e-4);
+    // The particle mask read as grains: class 0 is one 4-connected region.
+    assert_eq!(v[1]["grains"], 1);
+}

@@ -220,3 +220,40 @@ fn boundary_f1_edge_cases() {
     let c = BoundaryCounts::of(&ignored, &split(4, 4, 2), 0.0);
     assert_eq!(c, BoundaryCounts::default());
 }
+
+/// `microfed eval` matches files by stem across formats and writes the same numbers as JSON.
+#[test]
+fn cli_eval_writes_json() {
+    use microfed::cli::eval::{Args, run};
+    let tmp = tempfile::tempdir().unwrap();
+    let (truth, pred) = (tmp.path().join("truth"), tmp.path().join("pred"));
+    std::fs::create_dir_all(truth.join("masks")).unwrap();
+    std::fs::create_dir_all(&pred).unwrap();
+    // One image: the first test's masks (mean IoU 7/12, accuracy 3/4).
+    mask(4, &[&[0, 0, 1, 1]])
+        .save_png(&truth.join("masks/a.png"))
+        .unwrap();
+    image::GrayImage::from_raw(4, 1, vec![0, 1, 1, 1])
+        .unwrap()
+        .save(pred.join("a.tif"))
+        .unwrap();
+    let out = tmp.path().join("eval.json");
+    let args = |pred: &std::path::Path| Args {
+        pred: pred.to_owned(),
+        truth: truth.clone(),
+        classes: None,
+        tolerance: 1.0,
+        json: Some(out.clone()),
+    };
+    run(args(&pred)).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert!((v["mean_iou"].as_f64().unwrap() - 7.0 / 12.0).abs() < 1e-12);
+    assert!((v["pixel_accuracy"].as_f64().unwrap() - 0.75).abs() < 1e-12);
+    assert_eq!(v["classes"][1]["name"], "class 1");
+    // A truth mask without prediction is an error naming its stem.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = run(args(&empty)).unwrap_err();
+    assert!(err.to_string().contains(": a"), "{err}");
+}
