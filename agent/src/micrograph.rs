@@ -1,1 +1,602 @@
-//! (being written)
+//! Decoding micrograph files into normalised `f32` pixels.
+//!
+//! Map of the module:
+//! - [`Normalisation`]: the ONE place that says how stored grey levels become network inputs
+//!   (divide by the format's full scale, then `(v − mean) / std`); serde, so a model manifest carries it.
+//! - [`Micrograph`]: a decoded single-channel image with its bit depth, its pixel size when the file
+//!   states one, and the file it came from.
+//! - [`MicrographError`]: why a file could not be used, always naming the file.
+//!
+//! Formats: PNG, TIFF (8/16-bit integer or 32-bit float, gray or RGB; only the first page of a
+//! multi-page file), JPEG and BMP, all through the `image` crate. 16-bit data is converted straight to
+//! `f32` so that none of its 65 536 levels are lost (SEM and EBSD detectors often deliver 12–16 bits).
+//! Colour images become luminance with the Rec. 709 weights applied to the stored (gamma-encoded)
+//! values, as the `image` crate and most viewers do; alpha is dropped.
+//!
+//! Pixel size: TIFF files may carry `XResolution` + `ResolutionUnit` (pixels per inch or per cm), which
+//! become micrometres per pixel. When the unit is "none", an ImageJ description (`unit=micron`, `um`,
+//! `nm`, `mm`) gives the unit instead, since ImageJ/Fiji store calibrated SEM images that way.
+
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
+use serde::{Deserialize, Serialize};
+
+/// How stored grey levels become the numbers fed to a network.
+///
+/// Every pixel `raw` is first divided by the full scale of its storage type (255 for 8-bit, 65 535 for
+/// 16-bit, 1 for float), giving `u ∈ [0, 1]`, and then standardised: `(u − mean) / std`. The defaults
+/// (mean 0.5, std 0.25) map the full grey range to [−2, 2]. A model is trained with one normalisation
+/// and must be fed with the same one, so its manifest stores these two numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Normalisation {
+    /// Subtracted from the [0, 1] value.
+    pub mean: f32,
+    /// Divides the centred value; must be positive and finite.
+    pub std: f32,
+}
+
+impl Default for Normalisation {
+    fn default() -> Self {
+        Self {
+            mean: 0.5,
+            std: 0.25,
+        }
+    }
+}
+
+impl Normalisation {
+    /// Checks that `std` is positive and both numbers are finite.
+    pub fn validate(&self) -> Result<(), MicrographError> {
+        if self.mean.is_finite() && self.std.is_finite() && self.std > 0.0 {
+            Ok(())
+        } else {
+            Err(MicrographError::BadNormalisation {
+                mean: self.mean,
+                std: self.std,
+            })
+        }
+    }
+
+    /// Network input for a value already scaled to [0, 1].
+    #[inline]
+    pub fn apply(&self, unit: f32) -> f32 {
+        (unit - self.mean) / self.std
+    }
+
+    /// Network input for a stored value `raw` of a format whose full scale is `full_scale`.
+    #[inline]
+    pub fn normalise(&self, raw: f32, full_scale: f32) -> f32 {
+        self.apply(raw / full_scale)
+    }
+
+    /// Back from a network input to the [0, 1] grey level (for display and contact sheets).
+    #[inline]
+    pub fn invert(&self, value: f32) -> f32 {
+        value * self.std + self.mean
+    }
+}
+
+/// Why a micrograph could not be read; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum MicrographError {
+    #[error("{path}: cannot read micrograph: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: unsupported image format ({detail}); use PNG, TIFF, JPEG or BMP")]
+    UnsupportedFormat { path: PathBuf, detail: String },
+    #[error("{path}: unsupported colour type {colour}")]
+    UnsupportedColour { path: PathBuf, colour: String },
+    #[error("{path}: image has zero size ({width}×{height})")]
+    ZeroSize {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+    },
+    #[error("{path}: truncated or corrupt image: {message}")]
+    Corrupt { path: PathBuf, message: String },
+    #[error(
+        "normalisation must have a finite mean and a positive finite std, found mean {mean}, std {std}"
+    )]
+    BadNormalisation { mean: f32, std: f32 },
+    #[error("{path}: pixel buffer of {len} values does not match {width}×{height}")]
+    BufferSize {
+        path: PathBuf,
+        width: u32,
+        height: u32,
+        len: usize,
+    },
+}
+
+impl MicrographError {
+    /// The file the error is about (`None` for a bad normalisation or an in-memory image).
+    pub fn path(&self) -> Option<&Path> {
+        use MicrographError::*;
+        match self {
+            Read { path, .. }
+            | UnsupportedFormat { path, .. }
+            | UnsupportedColour { path, .. }
+            | ZeroSize { path, .. }
+            | Corrupt { path, .. }
+            | BufferSize { path, .. } => Some(path.as_path()).filter(|p| !p.as_os_str().is_empty()),
+            BadNormalisation { .. } => None,
+        }
+    }
+}
+
+/// A decoded single-channel micrograph: normalised pixels, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Micrograph {
+    pub width: u32,
+    pub height: u32,
+    /// Row-major, `width × height` values after [`Normalisation`].
+    pub pixels: Vec<f32>,
+    /// Bits per sample of the stored data: 8, 16 or 32 (float).
+    pub bit_depth: u8,
+    /// Micrometres per pixel, when the file (or the dataset) states it.
+    pub pixel_size_um: Option<f64>,
+    /// The file it came from (empty for images made in memory).
+    pub path: PathBuf,
+    /// The normalisation that produced `pixels`, so they can be turned back into grey levels.
+    pub normalisation: Normalisation,
+}
+
+/// Rec. 709 luma weights, applied to the stored values.
+const LUMA: [f32; 3] = [0.2126, 0.7152, 0.0722];
+
+impl Micrograph {
+    /// Reads a file with the default [`Normalisation`].
+    pub fn load(path: &Path) -> Result<Self, MicrographError> {
+        Self::load_with(path, &Normalisation::default())
+    }
+
+    /// Reads a file with the given normalisation.
+    pub fn load_with(path: &Path, norm: &Normalisation) -> Result<Self, MicrographError> {
+        let bytes = std::fs::read(path).map_err(|source| MicrographError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::decode(&bytes, path, norm)
+    }
+
+    /// Decodes an in-memory file; `path` is used for format hints by extension and in errors.
+    pub fn decode(
+        bytes: &[u8],
+        path: &Path,
+        norm: &Normalisation,
+    ) -> Result<Self, MicrographError> {
+        norm.validate()?;
+        let corrupt = |message: String| MicrographError::Corrupt {
+            path: path.to_owned(),
+            message,
+        };
+        // Content first (magic bytes), extension only as a fallback: files are often misnamed.
+        let format = image::guess_format(bytes)
+            .ok()
+            .or_else(|| ImageFormat::from_path(path).ok());
+        let Some(format) = format else {
+            return Err(MicrographError::UnsupportedFormat {
+                path: path.to_owned(),
+                detail: "content not recognised as an image".into(),
+            });
+        };
+        if !matches!(
+            format,
+            ImageFormat::Png | ImageFormat::Tiff | ImageFormat::Jpeg | ImageFormat::Bmp
+        ) {
+            return Err(MicrographError::UnsupportedFormat {
+                path: path.to_owned(),
+                detail: format!("{format:?}"),
+            });
+        }
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(format);
+        let img = reader.decode().map_err(|e| match e {
+            ImageError::Unsupported(u) => MicrographError::UnsupportedColour {
+                path: path.to_owned(),
+                colour: u.to_string(),
+            },
+            ImageError::IoError(io) => corrupt(format!("{io} (file truncated?)")),
+            other => corrupt(other.to_string()),
+        })?;
+        let (width, height) = (img.width(), img.height());
+        if width == 0 || height == 0 {
+            return Err(MicrographError::ZeroSize {
+                path: path.to_owned(),
+                width,
+                height,
+            });
+        }
+        let (raw, full_scale, bit_depth) =
+            luminance(img).ok_or_else(|| MicrographError::UnsupportedColour {
+                path: path.to_owned(),
+                colour: "an unknown colour type".into(),
+            })?;
+        let pixels = raw
+            .into_iter()
+            .map(|v| norm.normalise(v, full_scale))
+            .collect();
+        let pixel_size_um = if format == ImageFormat::Tiff {
+            tiff_pixel_size_um(bytes, path)
+        } else {
+            None
+        };
+        Ok(Self {
+            width,
+            height,
+            pixels,
+            bit_depth,
+            pixel_size_um,
+            path: path.to_owned(),
+            normalisation: *norm,
+        })
+    }
+
+    /// Builds a micrograph from grey levels already in [0, 1] (e.g. a synthetic image), row-major.
+    pub fn from_unit(
+        width: u32,
+        height: u32,
+        unit: &[f32],
+        norm: &Normalisation,
+    ) -> Result<Self, MicrographError> {
+        norm.validate()?;
+        if unit.len() != width as usize * height as usize {
+            return Err(MicrographError::BufferSize {
+                path: PathBuf::new(),
+                width,
+                height,
+                len: unit.len(),
+            });
+        }
+        if width == 0 || height == 0 {
+            return Err(MicrographError::ZeroSize {
+                path: PathBuf::new(),
+                width,
+                height,
+            });
+        }
+        Ok(Self {
+            width,
+            height,
+            pixels: unit.iter().map(|&u| norm.apply(u)).collect(),
+            bit_depth: 32,
+            pixel_size_um: None,
+            path: PathBuf::new(),
+            normalisation: *norm,
+        })
+    }
+
+    /// Normalised value at (x, y).
+    #[inline]
+    pub fn get(&self, x: u32, y: u32) -> f32 {
+        self.pixels[y as usize * self.width as usize + x as usize]
+    }
+
+    /// Grey levels back in [0, 1] (inverse of the normalisation), for display.
+    pub fn unit_pixels(&self) -> Vec<f32> {
+        self.pixels
+            .iter()
+            .map(|&v| self.normalisation.invert(v))
+            .collect()
+    }
+}
+
+/// Stored values as `f32` (not yet scaled), the format's full scale and the bit depth.
+/// `None` for a colour type this version does not know (`DynamicImage` is non-exhaustive).
+fn luminance(img: DynamicImage) -> Option<(Vec<f32>, f32, u8)> {
+    fn luma3(p: [f32; 3]) -> f32 {
+        LUMA[0] * p[0] + LUMA[1] * p[1] + LUMA[2] * p[2]
+    }
+    let out = match img {
+        DynamicImage::ImageLuma8(i) => {
+            (i.into_raw().into_iter().map(f32::from).collect(), 255.0, 8)
+        }
+        DynamicImage::ImageLumaA8(i) => (i.pixels().map(|p| f32::from(p[0])).collect(), 255.0, 8),
+        DynamicImage::ImageRgb8(i) => (
+            i.pixels().map(|p| luma3(p.0.map(f32::from))).collect(),
+            255.0,
+            8,
+        ),
+        DynamicImage::ImageRgba8(i) => (
+            i.pixels()
+                .map(|p| luma3([p[0], p[1], p[2]].map(f32::from)))
+                .collect(),
+            255.0,
+            8,
+        ),
+        DynamicImage::ImageLuma16(i) => (
+            i.into_raw().into_iter().map(f32::from).collect(),
+            65535.0,
+            16,
+        ),
+        DynamicImage::ImageLumaA16(i) => {
+            (i.pixels().map(|p| f32::from(p[0])).collect(), 65535.0, 16)
+        }
+        DynamicImage::ImageRgb16(i) => (
+            i.pixels().map(|p| luma3(p.0.map(f32::from))).collect(),
+            65535.0,
+            16,
+        ),
+        DynamicImage::ImageRgba16(i) => (
+            i.pixels()
+                .map(|p| luma3([p[0], p[1], p[2]].map(f32::from)))
+                .collect(),
+            65535.0,
+            16,
+        ),
+        DynamicImage::ImageRgb32F(i) => (i.pixels().map(|p| luma3(p.0)).collect(), 1.0, 32),
+        DynamicImage::ImageRgba32F(i) => (
+            i.pixels().map(|p| luma3([p[0], p[1], p[2]])).collect(),
+            1.0,
+            32,
+        ),
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// Micrometres per pixel from the first page's resolution tags, or `None` when absent or meaningless.
+/// A tag that cannot be parsed is not an error: the pixels are fine, only the calibration is missing.
+fn tiff_pixel_size_um(bytes: &[u8], path: &Path) -> Option<f64> {
+    use tiff::decoder::{Decoder, ifd::Value};
+    use tiff::tags::Tag;
+
+    let mut dec = match Decoder::new(Cursor::new(bytes)) {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "no TIFF tags read");
+            return None;
+        }
+    };
+    let per_unit = match dec.find_tag(Tag::XResolution).ok().flatten()? {
+        Value::Rational(n, d) if d != 0 => f64::from(n) / f64::from(d),
+        Value::Rational(..) => return None,
+        other => other.into_f64().ok()?,
+    };
+    if !(per_unit.is_finite() && per_unit > 0.0) {
+        return None;
+    }
+    // TIFF 6.0: ResolutionUnit defaults to 2 (inch) when absent.
+    let unit = dec
+        .find_tag_unsigned::<u16>(Tag::ResolutionUnit)
+        .ok()
+        .flatten()
+        .unwrap_or(2);
+    let unit_um = match unit {
+        2 => 25_400.0,
+        3 => 10_000.0,
+        _ => {
+            let desc = dec
+                .find_tag(Tag::ImageDescription)
+                .ok()
+                .flatten()
+                .and_then(|v| v.into_string().ok())?;
+            imagej_unit_um(&desc)?
+        }
+    };
+    Some(unit_um / per_unit)
+}
+
+/// The length of ImageJ's `unit=` in micrometres, from an ImageJ `ImageDescription`.
+fn imagej_unit_um(description: &str) -> Option<f64> {
+    if !description.starts_with("ImageJ=") {
+        return None;
+    }
+    let unit = description
+        .lines()
+        .find_map(|l| l.strip_prefix("unit="))?
+        .trim();
+    match unit {
+        "micron" | "microns" | "um" | "µm" | "\\u00B5m" => Some(1.0),
+        "nm" | "nanometer" | "nanometers" => Some(1e-3),
+        "mm" | "millimeter" | "millimeters" => Some(1e3),
+        "cm" => Some(1e4),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{GrayImage, ImageBuffer, Luma, Rgb, RgbImage};
+    use tiff::encoder::{Rational, TiffEncoder, colortype};
+    use tiff::tags::ResolutionUnit;
+
+    fn close(a: f32, b: f32, tol: f32) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    #[test]
+    fn png_8bit_is_scaled_and_standardised() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.png");
+        GrayImage::from_raw(3, 1, vec![0, 128, 255])
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let m = Micrograph::load(&p).unwrap();
+        assert_eq!((m.width, m.height, m.bit_depth), (3, 1, 8));
+        // (0/255 − 0.5)/0.25 = −2; (128/255 − 0.5)/0.25 = 0.007843; (1 − 0.5)/0.25 = 2.
+        assert!(close(m.pixels[0], -2.0, 1e-6));
+        assert!(close(m.pixels[1], 0.007_843_1, 1e-5));
+        assert!(close(m.pixels[2], 2.0, 1e-6));
+        assert_eq!(m.pixel_size_um, None);
+        let back = m.unit_pixels();
+        assert!(close(back[1], 128.0 / 255.0, 1e-6));
+    }
+
+    #[test]
+    fn custom_normalisation_and_bad_std() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.png");
+        GrayImage::from_raw(1, 1, vec![51])
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let n = Normalisation {
+            mean: 0.0,
+            std: 1.0,
+        };
+        let m = Micrograph::load_with(&p, &n).unwrap();
+        assert!(close(m.pixels[0], 0.2, 1e-6)); // 51/255 = 0.2
+        let bad = Normalisation {
+            mean: 0.0,
+            std: 0.0,
+        };
+        assert!(matches!(
+            Micrograph::load_with(&p, &bad),
+            Err(MicrographError::BadNormalisation { .. })
+        ));
+        let toml_text = "mean = 0.45\nstd = 0.2\n";
+        let parsed: Normalisation = toml::from_str(toml_text).unwrap();
+        assert_eq!(
+            parsed,
+            Normalisation {
+                mean: 0.45,
+                std: 0.2
+            }
+        );
+    }
+
+    #[test]
+    fn tiff_16bit_keeps_levels_that_8bit_would_lose() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("deep.tif");
+        // 1000 and 1001 are different 16-bit levels but the same 8-bit level (1000/257 ≈ 3.89 → 4).
+        let data: Vec<u16> = vec![1000, 1001, 65535, 0];
+        ImageBuffer::<Luma<u16>, _>::from_raw(2, 2, data)
+            .unwrap()
+            .save(&p)
+            .unwrap();
+        let m = Micrograph::load(&p).unwrap();
+        assert_eq!(m.bit_depth, 16);
+        let u = m.unit_pixels();
+        assert!(close(u[0], 1000.0 / 65535.0, 1e-6));
+        assert!(close(u[1], 1001.0 / 65535.0, 1e-6));
+        assert!(u[1] > u[0]);
+        assert!(close(u[2], 1.0, 1e-6));
+    }
+
+    #[test]
+    fn tiff_resolution_tags_give_pixel_size_and_first_page_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("two_pages.tif");
+        {
+            let file = std::fs::File::create(&p).unwrap();
+            let mut enc = TiffEncoder::new(file).unwrap();
+            // Page 1: 2×1, 16-bit, 20 000 pixels per cm → 10 000 µm / 20 000 = 0.5 µm per pixel.
+            let mut img = enc.new_image::<colortype::Gray16>(2, 1).unwrap();
+            img.resolution(ResolutionUnit::Centimeter, Rational { n: 20_000, d: 1 });
+            img.write_data(&[300, 40_000]).unwrap();
+            // Page 2: different size and content; must be ignored.
+            enc.write_image::<colortype::Gray16>(3, 1, &[1, 2, 3])
+                .unwrap();
+        }
+        let m = Micrograph::load(&p).unwrap();
+        assert_eq!((m.width, m.height), (2, 1));
+        let u = m.unit_pixels();
+        assert!(close(u[0], 300.0 / 65535.0, 1e-6));
+        let px = m.pixel_size_um.unwrap();
+        assert!((px - 0.5).abs() < 1e-12, "{px}");
+
+        // Inches: 25 400 px per inch → 1 µm per pixel.
+        let p2 = dir.path().join("inch.tif");
+        {
+            let file = std::fs::File::create(&p2).unwrap();
+            let mut enc = TiffEncoder::new(file).unwrap();
+            let mut img = enc.new_image::<colortype::Gray8>(1, 1).unwrap();
+            img.resolution(ResolutionUnit::Inch, Rational { n: 25_400, d: 1 });
+            img.write_data(&[7]).unwrap();
+        }
+        let m2 = Micrograph::load(&p2).unwrap();
+        assert!((m2.pixel_size_um.unwrap() - 1.0).abs() < 1e-12);
+        assert_eq!(m2.bit_depth, 8);
+    }
+
+    #[test]
+    fn tiff_without_unit_has_no_pixel_size_unless_imagej_says() {
+        assert_eq!(imagej_unit_um("ImageJ=1.53t\nunit=micron\n"), Some(1.0));
+        assert_eq!(imagej_unit_um("ImageJ=1.53t\nunit=nm\n"), Some(1e-3));
+        assert_eq!(imagej_unit_um("unit=micron\n"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("plain.tif");
+        {
+            let file = std::fs::File::create(&p).unwrap();
+            let mut enc = TiffEncoder::new(file).unwrap();
+            // The encoder writes XResolution 1/1 with ResolutionUnit "none" by default.
+            enc.write_image::<colortype::Gray8>(1, 1, &[7]).unwrap();
+        }
+        assert_eq!(Micrograph::load(&p).unwrap().pixel_size_um, None);
+    }
+
+    #[test]
+    fn rgb_jpeg_becomes_luminance() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.jpg");
+        // A flat colour survives JPEG almost exactly (one 8×8 block, DC only).
+        let img = RgbImage::from_pixel(8, 8, Rgb([200, 100, 50]));
+        img.save(&p).unwrap();
+        let m = Micrograph::load(&p).unwrap();
+        assert_eq!((m.width, m.height, m.bit_depth), (8, 8, 8));
+        // 0.2126·200 + 0.7152·100 + 0.0722·50 = 42.52 + 71.52 + 3.61 = 117.65 → /255 = 0.4614.
+        let u = m.unit_pixels();
+        for v in u {
+            assert!(close(v, 117.65 / 255.0, 4.0 / 255.0), "{v}");
+        }
+    }
+
+    #[test]
+    fn bmp_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.bmp");
+        RgbImage::from_pixel(2, 2, Rgb([10, 10, 10]))
+            .save(&p)
+            .unwrap();
+        let m = Micrograph::load(&p).unwrap();
+        assert_eq!((m.width, m.height), (2, 2));
+        assert!(close(m.unit_pixels()[3], 10.0 / 255.0, 1e-5));
+    }
+
+    #[test]
+    fn truncated_png_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cut.png");
+        GrayImage::from_fn(64, 64, |x, y| Luma([(x * 7 + y * 13) as u8]))
+            .save(&p)
+            .unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+        let err = Micrograph::load(&p).unwrap_err();
+        assert!(matches!(err, MicrographError::Corrupt { .. }), "{err:?}");
+        assert!(err.to_string().contains("cut.png"), "{err}");
+    }
+
+    #[test]
+    fn missing_and_non_image_files_are_errors_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.png");
+        let err = Micrograph::load(&missing).unwrap_err();
+        assert!(matches!(err, MicrographError::Read { .. }));
+        assert!(err.to_string().contains("nope.png"));
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, "not an image").unwrap();
+        let err = Micrograph::load(&text).unwrap_err();
+        assert!(
+            matches!(err, MicrographError::UnsupportedFormat { .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("notes.txt"));
+    }
+
+    #[test]
+    fn from_unit_checks_the_buffer() {
+        let n = Normalisation::default();
+        assert!(Micrograph::from_unit(2, 2, &[0.0; 3], &n).is_err());
+        let m = Micrograph::from_unit(2, 1, &[0.5, 1.0], &n).unwrap();
+        assert_eq!(m.pixels, vec![0.0, 2.0]);
+    }
+}
