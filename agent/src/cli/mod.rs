@@ -37,8 +37,7 @@ pub enum Command {
     /// Generate labelled synthetic micrographs in the imaging style of a lab.
     Synth(synth::Args),
     /// Work with datasets (folders of images/, masks/ and dataset.toml).
-    #[command(subcommand)]
-    Dataset(dataset::Command),
+    Dataset(dataset::Args),
     /// Score predicted masks against the truth: IoU, Dice, pixel accuracy, boundary F1.
     Eval(eval::Args),
     /// Measure microstructure figures from masks: grain size, ASTM E112 number, phase fractions.
@@ -49,7 +48,7 @@ pub enum Command {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Synth(args) => synth::run(args),
-        Command::Dataset(cmd) => dataset::run(cmd),
+        Command::Dataset(args) => dataset::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Features(args) => features::run(args),
     }
