@@ -159,10 +159,22 @@ impl Particle {
 fn wobble(rng: &mut ChaCha8Rng, scale: f32) -> [(f32, f32); 4] {
     let tau = std::f32::consts::TAU;
     [
-        (rng.random_range(0.0..0.05) * scale, rng.random_range(0.0..tau)),
-        (rng.random_range(0.0..0.04) * scale, rng.random_range(0.0..tau)),
-        (rng.random_range(0.0..0.03) * scale, rng.random_range(0.0..tau)),
-        (rng.random_range(0.0..0.02) * scale, rng.random_range(0.0..tau)),
+        (
+            rng.random_range(0.0..0.05) * scale,
+            rng.random_range(0.0..tau),
+        ),
+        (
+            rng.random_range(0.0..0.04) * scale,
+            rng.random_range(0.0..tau),
+        ),
+        (
+            rng.random_range(0.0..0.03) * scale,
+            rng.random_range(0.0..tau),
+        ),
+        (
+            rng.random_range(0.0..0.02) * scale,
+            rng.random_range(0.0..tau),
+        ),
     ]
 }
 
@@ -223,7 +235,7 @@ fn secondary_particles(
             });
         }
     }
-    // Merge neighbours into groups of at most 3 sites; each merge adds a bridge lobe.
+    // Merge neighbours into groups of at most 4 sites; each merge adds a bridge lobe.
     let mut parent: Vec<usize> = (0..sites.len()).collect();
     let mut size = vec![1usize; sites.len()];
     let mut bridges: Vec<(usize, Lobe)> = Vec::new();
@@ -245,13 +257,13 @@ fn secondary_particles(
                     continue;
                 }
                 let (ra, rb) = (find(&mut parent, a_idx), find(&mut parent, b_idx));
-                if ra == rb || size[ra] + size[rb] > 3 {
+                if ra == rb || size[ra] + size[rb] > 4 {
                     continue;
                 }
                 let (dx, dy) = (lb.cx - la.cx, lb.cy - la.cy);
                 let len = (dx * dx + dy * dy).sqrt();
                 let ang = dy.atan2(dx);
-                let half_w = rng.random_range(0.8..1.0) * la.b.min(lb.b).min(la.a.min(lb.a));
+                let half_w = rng.random_range(0.6..0.9) * la.b.min(lb.b).min(la.a.min(lb.a));
                 let bridge = Lobe {
                     cx: 0.5 * (la.cx + lb.cx),
                     cy: 0.5 * (la.cy + lb.cy),
@@ -342,8 +354,12 @@ pub(crate) fn generate(w: usize, h: usize, p: &PrecipParams, rng: &mut ChaCha8Rn
         // Clear of secondary particles: no class-1 coverage within r + gap.
         let reach = r + gap;
         let mut clear = true;
-        'win: for py in ((y - reach).floor() as i32).max(0)..=((y + reach).ceil() as i32).min(h as i32 - 1) {
-            for px in ((x - reach).floor() as i32).max(0)..=((x + reach).ceil() as i32).min(w as i32 - 1) {
+        'win: for py in
+            ((y - reach).floor() as i32).max(0)..=((y + reach).ceil() as i32).min(h as i32 - 1)
+        {
+            for px in
+                ((x - reach).floor() as i32).max(0)..=((x + reach).ceil() as i32).min(w as i32 - 1)
+            {
                 let (ddx, ddy) = (px as f32 + 0.5 - x, py as f32 + 0.5 - y);
                 if ddx * ddx + ddy * ddy <= (reach + 0.71).powi(2)
                     && cover[0][py as usize * w + px as usize] > 0.0
@@ -386,7 +402,10 @@ pub(crate) fn generate(w: usize, h: usize, p: &PrecipParams, rng: &mut ChaCha8Rn
         };
         particles.push(Particle::new(2, vec![lobe], rng.random_range(-1.0..1.0)));
     }
-    let first_tertiary = particles.iter().position(|q| q.class == 2).unwrap_or(particles.len());
+    let first_tertiary = particles
+        .iter()
+        .position(|q| q.class == 2)
+        .unwrap_or(particles.len());
     for (id, part) in particles.iter().enumerate().skip(first_tertiary) {
         rasterise(part, id as u32, &mut cover[1], &mut owner, &mut owner_cov);
     }
@@ -427,7 +446,10 @@ pub(crate) fn generate(w: usize, h: usize, p: &PrecipParams, rng: &mut ChaCha8Rn
                 let r = ny as usize * w + nx as usize;
                 let o2 = owner[r];
                 if o2 != u32::MAX && o2 != o && mask[r] == mask[q] {
-                    let (a, b) = (find(&mut parent, o as usize), find(&mut parent, o2 as usize));
+                    let (a, b) = (
+                        find(&mut parent, o as usize),
+                        find(&mut parent, o2 as usize),
+                    );
                     if a != b {
                         parent[b] = a;
                     }

@@ -13,6 +13,7 @@
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Poisson, StandardNormal};
+use rayon::prelude::*;
 
 use super::noise::{ValueNoise, gaussian_blur};
 use super::style::{BoundaryKind, Style};
@@ -72,8 +73,9 @@ pub(crate) fn render(scene: &Scene, style: &Style, rng: &mut ChaCha8Rng) -> Vec<
     // 1 + 2. Specimen contrast and boundaries.
     let mut img = vec![0.0f32; n];
     for q in 0..n {
-        let base =
-            style.brightness + style.contrast * scene.phase[q] + style.grain_shading * scene.orient[q];
+        let base = style.brightness
+            + style.contrast * scene.phase[q]
+            + style.grain_shading * scene.orient[q];
         let e = edge[q] * style.boundary.strength;
         img[q] = match style.boundary.kind {
             BoundaryKind::Groove => base * (1.0 - e),
@@ -84,8 +86,14 @@ pub(crate) fn render(scene: &Scene, style: &Style, rng: &mut ChaCha8Rng) -> Vec<
     // 3. Pores and inclusions: soft-edged dark discs.
     for b in &scene.blobs {
         let reach = b.r + 1.5;
-        let (x0, x1) = ((b.x - reach).floor().max(0.0) as usize, ((b.x + reach).ceil() as usize).min(w));
-        let (y0, y1) = ((b.y - reach).floor().max(0.0) as usize, ((b.y + reach).ceil() as usize).min(h));
+        let (x0, x1) = (
+            (b.x - reach).floor().max(0.0) as usize,
+            ((b.x + reach).ceil() as usize).min(w),
+        );
+        let (y0, y1) = (
+            (b.y - reach).floor().max(0.0) as usize,
+            ((b.y + reach).ceil() as usize).min(h),
+        );
         for y in y0..y1 {
             for x in x0..x1 {
                 let d = ((x as f32 + 0.5 - b.x).powi(2) + (y as f32 + 0.5 - b.y).powi(2)).sqrt();
@@ -137,8 +145,14 @@ pub(crate) fn render(scene: &Scene, style: &Style, rng: &mut ChaCha8Rng) -> Vec<
         let r = rng.random_range(2.0..style.dust.max_radius_px.max(2.5));
         let s = style.dust.strength * rng.random_range(0.5f32..1.0);
         let reach = 2.5 * r;
-        let (x0, x1) = ((bx - reach).max(0.0) as usize, ((bx + reach) as usize + 1).min(w));
-        let (y0, y1) = ((by - reach).max(0.0) as usize, ((by + reach) as usize + 1).min(h));
+        let (x0, x1) = (
+            (bx - reach).max(0.0) as usize,
+            ((bx + reach) as usize + 1).min(w),
+        );
+        let (y0, y1) = (
+            (by - reach).max(0.0) as usize,
+            ((by + reach) as usize + 1).min(h),
+        );
         for y in y0..y1 {
             for x in x0..x1 {
                 let d2 = (x as f32 + 0.5 - bx).powi(2) + (y as f32 + 0.5 - by).powi(2);
@@ -159,11 +173,10 @@ pub(crate) fn render(scene: &Scene, style: &Style, rng: &mut ChaCha8Rng) -> Vec<
         rng.random_range(-0.2..1.2) * hf,
     );
     let charge_r2 = 2.0 * (0.45 * half_diag).powi(2);
-    for y in 0..h {
-        for x in 0..w {
+    img.par_chunks_mut(w).enumerate().for_each(|(y, row)| {
+        for (x, px) in row.iter_mut().enumerate() {
             let (fx, fy) = (x as f32 + 0.5, y as f32 + 0.5);
-            let q = y * w + x;
-            let mut v = img[q];
+            let mut v = *px;
             if style.texture.amplitude > 0.0 {
                 v += style.texture.amplitude
                     * texture.fbm(fx * tex_scale, fy * tex_scale, style.texture.octaves);
@@ -176,9 +189,9 @@ pub(crate) fn render(scene: &Scene, style: &Style, rng: &mut ChaCha8Rng) -> Vec<
                 let d2 = (fx - qx).powi(2) + (fy - qy).powi(2);
                 v += style.charging * (-d2 / charge_r2).exp();
             }
-            img[q] = v;
+            *px = v;
         }
-    }
+    });
 
     // 6. Defocus.
     gaussian_blur(&mut img, w, h, style.blur_sigma);

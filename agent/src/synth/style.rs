@@ -384,7 +384,11 @@ impl Style {
     /// Reads a style from TOML text; `origin` names the file in errors. A top-level `base = "<preset>"`
     /// starts from that preset (else from [`Style::default`]); the other keys override it. When the file
     /// gives no `name`, `default_name` is used.
-    pub fn from_toml_str(text: &str, origin: &str, default_name: &str) -> Result<Style, SynthError> {
+    pub fn from_toml_str(
+        text: &str,
+        origin: &str,
+        default_name: &str,
+    ) -> Result<Style, SynthError> {
         let parse_err = |message: String| SynthError::StyleParse {
             origin: origin.to_owned(),
             message,
@@ -409,7 +413,7 @@ impl Style {
         if !has_name {
             style.name = default_name.to_owned();
         }
-        style.validate().map_err(|message| parse_err(message))?;
+        style.validate().map_err(parse_err)?;
         Ok(style)
     }
 
