@@ -8,16 +8,27 @@ use std::process::{Command, Output};
 /// before any test runs; the test executable lives in `target/<profile>/deps/`).
 pub fn microfed_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = profile_dir.join(format!("microfed{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built: run the tests with `cargo test --workspace`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
 /// Runs `microfed ARGS…` and returns its output; panics with stdout and stderr if it failed and
 /// `expect_success` is set.
 pub fn microfed(args: &[&str], expect_success: bool) -> Output {
-    let out = Command::new(microfed_bin()).args(args).env("RUST_LOG", "info").output().expect("run microfed");
+    let out = Command::new(microfed_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run microfed");
     if expect_success && !out.status.success() {
         panic!(
             "microfed {} failed ({}):\nstdout:\n{}\nstderr:\n{}",

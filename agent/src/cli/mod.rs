@@ -15,7 +15,12 @@ pub mod synth;
 /// Labs train one segmentation model together without any image leaving the lab. This tool makes
 /// labelled synthetic micrographs, checks datasets, scores predicted masks and measures microstructures.
 #[derive(Debug, Parser)]
-#[command(name = "microfed", version, propagate_version = true, max_term_width = 100)]
+#[command(
+    name = "microfed",
+    version,
+    propagate_version = true,
+    max_term_width = 100
+)]
 #[command(after_help = "Examples:
   microfed synth --structure polycrystal --style sem-se --count 8 --size 512 --seed 1 --out data/sem-se
   microfed dataset check data/sem-se
