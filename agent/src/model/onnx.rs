@@ -18,7 +18,7 @@ use tract_onnx::pb::{
     ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
-use microfed_kernels::unet::{CHANNELS, Params};
+use microfed_kernels::unet::{CHANNELS, Params, layer_specs};
 
 /// The ONNX operator set our files use.
 pub const OPSET: i64 = 17;
@@ -111,7 +111,7 @@ pub type Metadata = Vec<(String, String)>;
 
 /// Builds the ONNX model of the reference U-Net with the given parameters.
 pub fn export(params: &Params, metadata: &Metadata) -> Result<ModelProto, OnnxError> {
-    let k = params.num_classes();
+    let k = params.classes;
     let mut nodes = Vec::new();
     let mut initializers = Vec::new();
     let mut add_weight = |name: String, initializers: &mut Vec<TensorProto>| -> Result<String, OnnxError> {
@@ -275,6 +275,19 @@ pub fn patch_initializers(model: &mut ModelProto, weights: &[(String, Vec<f32>)]
     Ok(())
 }
 
+/// Every parameter of the reference U-Net with `k` classes: name and shape, in parameter order.
+pub fn reference_layout(k: usize) -> Vec<(String, Vec<usize>)> {
+    layer_specs(k)
+        .into_iter()
+        .flat_map(|(name, conv)| {
+            [
+                (format!("{name}.weight"), vec![conv.c_out, conv.c_in, conv.k, conv.k]),
+                (format!("{name}.bias"), vec![conv.c_out]),
+            ]
+        })
+        .collect()
+}
+
 /// What the contract check learned about a model that passed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ContractReport {
@@ -351,7 +364,7 @@ pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
         k = head.and_then(|t| t.dims.first()).map(|&d| d as usize);
     }
     let k = k.unwrap_or(0);
-    let expected = Params::layout(k.max(1));
+    let expected = reference_layout(k.max(1));
     let mut decoder_parameters = 0;
     let mut encoder_parameters = 0;
     for (name, shape) in &expected {
