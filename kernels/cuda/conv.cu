@@ -26,7 +26,7 @@
 // rounded with cvt.rna.tf32.f32, accumulation in fp32. Both keep WM*WN/32 accumulators per lane.
 //
 // Kernel names: conv_<mode>_<tile>_k<1|3>_<fp32|tf32>, tile in {t128x128, t64x128, t32x128, t16x128}
-// (BM x BN). The TF32 kernels exist only when compiling for sm_80 or newer.
+// (BM x BN; k1 only t64x128 and t16x128). The TF32 kernels exist only when compiling for sm_80+.
 
 #define MODE_FWD 0
 #define MODE_BWD_DATA 1
@@ -315,24 +315,32 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
                                                               c_dst, h, w, relu, k_chunk);              \
     }
 
-#define MF_CONV_TILES(MODE_NAME, MODE, KS, PREC_NAME, TF32)                                             \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k##KS##_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, KS,      \
-                  MODE, TF32)                                                                           \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k##KS##_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, KS, MODE, \
+// 3x3 convolutions get every tile height; 1x1 convolutions (the segmentation head: 16 -> k classes)
+// only the two small ones, which keeps NVRTC's compile time down.
+#define MF_CONV_TILES_K3(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k3_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, 3, MODE,     \
                   TF32)                                                                                 \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t32x128_k##KS##_##PREC_NAME, 32, 128, 16, 32, 32, 8, 4, KS, MODE, \
-                  TF32)                                                                                 \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k##KS##_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, KS, MODE, \
-                  TF32)
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k3_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, MODE, TF32) \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t32x128_k3_##PREC_NAME, 32, 128, 16, 32, 32, 8, 4, 3, MODE, TF32) \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k3_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 3, MODE, TF32)
 
-#define MF_CONV_MODES(KS, PREC_NAME, TF32)                                                              \
-    MF_CONV_TILES(fwd, MODE_FWD, KS, PREC_NAME, TF32)                                                   \
-    MF_CONV_TILES(bwd_data, MODE_BWD_DATA, KS, PREC_NAME, TF32)                                         \
-    MF_CONV_TILES(bwd_weight, MODE_BWD_WEIGHT, KS, PREC_NAME, TF32)
+#define MF_CONV_TILES_K1(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k1_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 1, MODE, TF32) \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k1_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 1, MODE, TF32)
 
-MF_CONV_MODES(1, fp32, false)
-MF_CONV_MODES(3, fp32, false)
-#if defined(MICROFED_EMU) || __CUDA_ARCH__ >= 800
-MF_CONV_MODES(1, tf32, true)
-MF_CONV_MODES(3, tf32, true)
+#define MF_CONV_ALL(PREC_NAME, TF32)                                                                    \
+    MF_CONV_TILES_K3(fwd, MODE_FWD, PREC_NAME, TF32)                                                    \
+    MF_CONV_TILES_K3(bwd_data, MODE_BWD_DATA, PREC_NAME, TF32)                                          \
+    MF_CONV_TILES_K3(bwd_weight, MODE_BWD_WEIGHT, PREC_NAME, TF32)                                      \
+    MF_CONV_TILES_K1(fwd, MODE_FWD, PREC_NAME, TF32)                                                    \
+    MF_CONV_TILES_K1(bwd_data, MODE_BWD_DATA, PREC_NAME, TF32)                                          \
+    MF_CONV_TILES_K1(bwd_weight, MODE_BWD_WEIGHT, PREC_NAME, TF32)
+
+// The host compiles this file twice, as two modules, in parallel: once with -DMF_CONV_FP32 and once
+// with -DMF_CONV_TF32 (the latter only for sm_80 and newer).
+#if defined(MF_CONV_FP32)
+MF_CONV_ALL(fp32, false)
+#endif
+#if defined(MF_CONV_TF32) && (defined(MICROFED_EMU) || __CUDA_ARCH__ >= 800)
+MF_CONV_ALL(tf32, true)
 #endif
