@@ -157,12 +157,7 @@ pub fn parity_suite<R: Backend, T: Backend>(
                 let mut y = s.poisoned(ys.len())?;
                 reference.conv2d_forward(&x.r, xs, conv, &w.r, &b.r, relu, precision, &mut y.r)?;
                 test.conv2d_forward(&x.t, xs, conv, &w.t, &b.t, relu, precision, &mut y.t)?;
-                s.compare(
-                    "conv2d_forward",
-                    &format!("{detail} relu {relu}"),
-                    &y,
-                    tol,
-                )?;
+                s.compare("conv2d_forward", &format!("{detail} relu {relu}"), &y, tol)?;
             }
             let mut dx = s.poisoned(xs.len())?;
             reference.conv2d_backward_data(&dy.r, xs, conv, &w.r, precision, &mut dx.r)?;
@@ -170,9 +165,8 @@ pub fn parity_suite<R: Backend, T: Backend>(
             s.compare("conv2d_backward_data", &detail, &dx, tol)?;
             let mut dw = s.poisoned(conv.weight_len())?;
             let mut db = s.poisoned(conv.c_out)?;
-            reference.conv2d_backward_weight(
-                &x.r, xs, conv, &dy.r, precision, &mut dw.r, &mut db.r,
-            )?;
+            reference
+                .conv2d_backward_weight(&x.r, xs, conv, &dy.r, precision, &mut dw.r, &mut db.r)?;
             test.conv2d_backward_weight(&x.t, xs, conv, &dy.t, precision, &mut dw.t, &mut db.t)?;
             s.compare("conv2d_backward_weight dw", &detail, &dw, tol)?;
             s.compare("conv2d_backward_weight db", &detail, &db, FP32_TOL)?;
@@ -226,18 +220,38 @@ pub fn parity_suite<R: Backend, T: Backend>(
         let mut y = s.poisoned(ys.len())?;
         reference.upsample2_concat_forward(&low.r, ls, &skip.r, c_skip, &mut y.r)?;
         test.upsample2_concat_forward(&low.t, ls, &skip.t, c_skip, &mut y.t)?;
-        s.compare("upsample2_concat_forward", &format!("low {ls}"), &y, FP32_TOL)?;
+        s.compare(
+            "upsample2_concat_forward",
+            &format!("low {ls}"),
+            &y,
+            FP32_TOL,
+        )?;
         let dy = s.pair(&random(&mut rng, ys.len(), -1.0, 1.0))?;
         let mut dlow = s.poisoned(ls.len())?;
         let mut dskip = s.poisoned(ss.len())?;
         reference.upsample2_concat_backward(&dy.r, ls, c_skip, &mut dlow.r, Some(&mut dskip.r))?;
         test.upsample2_concat_backward(&dy.t, ls, c_skip, &mut dlow.t, Some(&mut dskip.t))?;
-        s.compare("upsample2_concat_backward dlow", &format!("low {ls}"), &dlow, FP32_TOL)?;
-        s.compare("upsample2_concat_backward dskip", &format!("low {ls}"), &dskip, FP32_TOL)?;
+        s.compare(
+            "upsample2_concat_backward dlow",
+            &format!("low {ls}"),
+            &dlow,
+            FP32_TOL,
+        )?;
+        s.compare(
+            "upsample2_concat_backward dskip",
+            &format!("low {ls}"),
+            &dskip,
+            FP32_TOL,
+        )?;
         let mut dlow2 = s.poisoned(ls.len())?;
         reference.upsample2_concat_backward(&dy.r, ls, c_skip, &mut dlow2.r, None)?;
         test.upsample2_concat_backward(&dy.t, ls, c_skip, &mut dlow2.t, None)?;
-        s.compare("upsample2_concat_backward no dskip", &format!("low {ls}"), &dlow2, FP32_TOL)?;
+        s.compare(
+            "upsample2_concat_backward no dskip",
+            &format!("low {ls}"),
+            &dlow2,
+            FP32_TOL,
+        )?;
     }
     {
         let xs = Shape::new(3, 6, 17, 13);
@@ -250,15 +264,28 @@ pub fn parity_suite<R: Backend, T: Backend>(
         s.compare("channel_affine", &format!("x {xs}"), &y, FP32_TOL)?;
         let (mr, sr) = reference.channel_stats(&x.r, xs)?;
         let (mt, st) = test.channel_stats(&x.t, xs)?;
-        s.record("channel_stats mean", &format!("x {xs} (mean 5)"), rel_err(&mt, &mr), FP32_TOL);
-        s.record("channel_stats std", &format!("x {xs} (mean 5)"), rel_err(&st, &sr), FP32_TOL);
+        s.record(
+            "channel_stats mean",
+            &format!("x {xs} (mean 5)"),
+            rel_err(&mt, &mr),
+            FP32_TOL,
+        );
+        s.record(
+            "channel_stats std",
+            &format!("x {xs} (mean 5)"),
+            rel_err(&st, &sr),
+            FP32_TOL,
+        );
     }
 
     // ---- losses ---------------------------------------------------------------------------------
     for (ls, weights) in [
         (Shape::new(2, 3, 9, 11), None),
         (Shape::new(3, 2, 13, 7), Some(vec![0.3f32, 1.7])),
-        (Shape::new(1, 5, 8, 9), Some(vec![1.0f32, 0.5, 2.0, 0.1, 1.3])),
+        (
+            Shape::new(1, 5, 8, 9),
+            Some(vec![1.0f32, 0.5, 2.0, 0.1, 1.3]),
+        ),
     ] {
         let logits = s.pair(&random(&mut rng, ls.len(), -3.0, 3.0))?;
         let labels: Vec<u8> = (0..ls.n * ls.plane())
@@ -274,16 +301,28 @@ pub fn parity_suite<R: Backend, T: Backend>(
         let lt = test.upload_labels(&labels)?;
         let detail = format!("logits {ls} weighted {}", weights.is_some());
         let mut d = s.poisoned(ls.len())?;
-        let loss_r = reference.softmax_cross_entropy(&logits.r, ls, &lr, weights.as_deref(), &mut d.r)?;
-        let loss_t = test.softmax_cross_entropy(&logits.t, ls, &lt, weights.as_deref(), &mut d.t)?;
-        s.record("softmax_cross_entropy loss", &detail, rel_err(&[loss_t], &[loss_r]), FP32_TOL);
+        let loss_r =
+            reference.softmax_cross_entropy(&logits.r, ls, &lr, weights.as_deref(), &mut d.r)?;
+        let loss_t =
+            test.softmax_cross_entropy(&logits.t, ls, &lt, weights.as_deref(), &mut d.t)?;
+        s.record(
+            "softmax_cross_entropy loss",
+            &detail,
+            rel_err(&[loss_t], &[loss_r]),
+            FP32_TOL,
+        );
         s.compare("softmax_cross_entropy dlogits", &detail, &d, FP32_TOL)?;
         // Dice adds to what is there: start both from the same non-zero gradient.
         let start = random(&mut rng, ls.len(), -0.1, 0.1);
         let mut g = s.pair(&start)?;
         let dice_r = reference.soft_dice_acc(&logits.r, ls, &lr, 0.7, &mut g.r)?;
         let dice_t = test.soft_dice_acc(&logits.t, ls, &lt, 0.7, &mut g.t)?;
-        s.record("soft_dice_acc loss", &detail, rel_err(&[dice_t], &[dice_r]), FP32_TOL);
+        s.record(
+            "soft_dice_acc loss",
+            &detail,
+            rel_err(&[dice_t], &[dice_r]),
+            FP32_TOL,
+        );
         s.compare("soft_dice_acc dlogits", &detail, &g, FP32_TOL)?;
     }
 
@@ -304,7 +343,11 @@ pub fn parity_suite<R: Backend, T: Backend>(
             step: 1,
         },
     ] {
-        let states = if matches!(step, OptimStep::Sgd { .. }) { 1 } else { 2 };
+        let states = if matches!(step, OptimStep::Sgd { .. }) {
+            1
+        } else {
+            2
+        };
         let mut p = s.pair(&random(&mut rng, len, -1.0, 1.0))?;
         let mut st_r = Vec::new();
         let mut st_t = Vec::new();
@@ -336,10 +379,20 @@ pub fn parity_suite<R: Backend, T: Backend>(
             test.optimizer_step(step_t, &mut p.t, &g.t, &mut st_t)?;
         }
         let name = if states == 1 { "sgd" } else { "adamw" };
-        s.compare(&format!("optimizer_step {name} param"), "3 steps", &p, FP32_TOL)?;
+        s.compare(
+            &format!("optimizer_step {name} param"),
+            "3 steps",
+            &p,
+            FP32_TOL,
+        )?;
         for (i, (a, b)) in st_r.iter().zip(&st_t).enumerate() {
             let e = rel_err(&test.download(b)?, &reference.download(a)?);
-            s.record(&format!("optimizer_step {name} state[{i}]"), "3 steps", e, FP32_TOL);
+            s.record(
+                &format!("optimizer_step {name} state[{i}]"),
+                "3 steps",
+                e,
+                FP32_TOL,
+            );
         }
     }
     Ok(s.cases)
@@ -492,33 +545,96 @@ impl<B: Backend> DecoderStep<B> {
             let low: &B::Buffer = if j == 3 { &self.enc[4] } else { &upper[0].y2 };
             be.upsample2_concat_forward(low, st.low_shape, &self.enc[j], CHANNELS[j], &mut st.cat)?;
             let c = st.conv1.conv;
-            be.conv2d_forward(&st.cat, out.with_c(c.c_in), c, &st.conv1.w, &st.conv1.b, true, p, &mut st.y1)?;
+            be.conv2d_forward(
+                &st.cat,
+                out.with_c(c.c_in),
+                c,
+                &st.conv1.w,
+                &st.conv1.b,
+                true,
+                p,
+                &mut st.y1,
+            )?;
             let c = st.conv2.conv;
-            be.conv2d_forward(&st.y1, out, c, &st.conv2.w, &st.conv2.b, true, p, &mut st.y2)?;
+            be.conv2d_forward(
+                &st.y1,
+                out,
+                c,
+                &st.conv2.w,
+                &st.conv2.b,
+                true,
+                p,
+                &mut st.y2,
+            )?;
         }
         let hs = self.enc_shapes[0];
         let hc = self.head.conv;
-        be.conv2d_forward(&self.stages[0].y2, hs, hc, &self.head.w, &self.head.b, false, p, &mut self.logits)?;
-        let loss = be.softmax_cross_entropy(&self.logits, hs.with_c(self.classes), &self.labels, None, &mut self.dlogits)?;
+        be.conv2d_forward(
+            &self.stages[0].y2,
+            hs,
+            hc,
+            &self.head.w,
+            &self.head.b,
+            false,
+            p,
+            &mut self.logits,
+        )?;
+        let loss = be.softmax_cross_entropy(
+            &self.logits,
+            hs.with_c(self.classes),
+            &self.labels,
+            None,
+            &mut self.dlogits,
+        )?;
         // backward, stage 0 first
-        be.conv2d_backward_weight(&self.stages[0].y2, hs, hc, &self.dlogits, p, &mut self.head.dw, &mut self.head.db)?;
+        be.conv2d_backward_weight(
+            &self.stages[0].y2,
+            hs,
+            hc,
+            &self.dlogits,
+            p,
+            &mut self.head.dw,
+            &mut self.head.db,
+        )?;
         be.conv2d_backward_data(&self.dlogits, hs, hc, &self.head.w, p, &mut self.g2[0])?;
         for j in 0..4 {
             let out = self.enc_shapes[j];
             if j > 0 {
                 // d(y2 of stage j) = the upsampled part of stage j-1's d(cat), summed back down
                 let below = self.stages[j - 1].low_shape;
-                be.upsample2_concat_backward(&self.gcat[j - 1], below, CHANNELS[j - 1], &mut self.g2[j], None)?;
+                be.upsample2_concat_backward(
+                    &self.gcat[j - 1],
+                    below,
+                    CHANNELS[j - 1],
+                    &mut self.g2[j],
+                    None,
+                )?;
             }
             let st = &mut self.stages[j];
             be.relu_backward(&st.y2, &mut self.g2[j])?;
             let c2 = st.conv2.conv;
-            be.conv2d_backward_weight(&st.y1, out, c2, &self.g2[j], p, &mut st.conv2.dw, &mut st.conv2.db)?;
+            be.conv2d_backward_weight(
+                &st.y1,
+                out,
+                c2,
+                &self.g2[j],
+                p,
+                &mut st.conv2.dw,
+                &mut st.conv2.db,
+            )?;
             be.conv2d_backward_data(&self.g2[j], out, c2, &st.conv2.w, p, &mut self.g1[j])?;
             be.relu_backward(&st.y1, &mut self.g1[j])?;
             let c1 = st.conv1.conv;
             let cs = out.with_c(c1.c_in);
-            be.conv2d_backward_weight(&st.cat, cs, c1, &self.g1[j], p, &mut st.conv1.dw, &mut st.conv1.db)?;
+            be.conv2d_backward_weight(
+                &st.cat,
+                cs,
+                c1,
+                &self.g1[j],
+                p,
+                &mut st.conv1.dw,
+                &mut st.conv1.db,
+            )?;
             if j < 3 {
                 be.conv2d_backward_data(&self.g1[j], cs, c1, &st.conv1.w, p, &mut self.gcat[j])?;
             }
@@ -535,8 +651,18 @@ impl<B: Backend> DecoderStep<B> {
             .flat_map(|st| [&mut st.conv1, &mut st.conv2])
             .chain(std::iter::once(&mut self.head));
         for layer in layers {
-            be.optimizer_step(sgd, &mut layer.w, &layer.dw, std::slice::from_mut(&mut layer.vw))?;
-            be.optimizer_step(sgd, &mut layer.b, &layer.db, std::slice::from_mut(&mut layer.vb))?;
+            be.optimizer_step(
+                sgd,
+                &mut layer.w,
+                &layer.dw,
+                std::slice::from_mut(&mut layer.vw),
+            )?;
+            be.optimizer_step(
+                sgd,
+                &mut layer.b,
+                &layer.db,
+                std::slice::from_mut(&mut layer.vb),
+            )?;
         }
         Ok(loss)
     }
@@ -547,7 +673,11 @@ impl<B: Backend> DecoderStep<B> {
         for j in (0..4).rev() {
             let out = self.enc_shapes[j];
             let st = &self.stages[j];
-            v.push((format!("dec{j}.conv1"), st.conv1.conv, out.with_c(st.conv1.conv.c_in)));
+            v.push((
+                format!("dec{j}.conv1"),
+                st.conv1.conv,
+                out.with_c(st.conv1.conv.c_in),
+            ));
             v.push((format!("dec{j}.conv2"), st.conv2.conv, out));
         }
         v.push(("head".into(), self.head.conv, self.enc_shapes[0]));
@@ -642,6 +772,150 @@ pub fn time_conv_layers<B: Backend>(
         }
     }
     Ok(out)
+}
+
+// ---- the gpu-check program ---------------------------------------------------------------------
+
+/// Everything `gpu-check` measured, as JSON.
+fn report_json(
+    gpu: &super::CudaBackend,
+    reference_name: &str,
+    seed: u64,
+    startup_s: f64,
+    cases: &[ParityCase],
+    bench: &[serde_json::Value],
+) -> serde_json::Value {
+    serde_json::json!({
+        "device": gpu.name(),
+        "reference": reference_name,
+        "seed": seed,
+        "startup_s": startup_s,
+        "parity_ok": cases.iter().all(|c| c.ok),
+        "parity": cases,
+        "decoder_step": bench,
+    })
+}
+
+/// The body of the `gpu-check` program: opens CUDA device 0, runs [`parity_suite`] against
+/// `reference`, then times the decoder step (batch 16 × 256², fp32 and TF32) and each of its
+/// convolution passes. Prints markdown tables and the JSON report, and writes the JSON to `out`.
+/// Returns the process exit code: 0 when every parity check passed, 1 when one failed, 2 when the
+/// GPU could not be used.
+pub fn gpu_check_main<R: Backend>(
+    reference: R,
+    out: Option<std::path::PathBuf>,
+) -> std::process::ExitCode {
+    let seed = std::env::var("MICROFED_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("gpu-check: seed {seed} (set MICROFED_SEED to repeat)");
+    let write = |v: &serde_json::Value| {
+        let text = serde_json::to_string_pretty(v).unwrap_or_default();
+        println!("{text}");
+        if let Some(path) = &out
+            && let Err(e) = std::fs::write(path, &text)
+        {
+            eprintln!("gpu-check: cannot write {}: {e}", path.display());
+        }
+    };
+    let t0 = Instant::now();
+    let gpu = match super::CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("gpu-check: {e}");
+            write(&serde_json::json!({ "error": e.to_string(), "seed": seed }));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let startup_s = t0.elapsed().as_secs_f64();
+    println!(
+        "device: {} ({} SMs); kernels ready in {startup_s:.1} s (compile or cache)",
+        gpu.name(),
+        gpu.sm_count()
+    );
+
+    // (a) parity
+    let cases = match parity_suite(&reference, &gpu, seed) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gpu-check: parity suite stopped: {e}");
+            write(
+                &serde_json::json!({ "error": e.to_string(), "seed": seed, "device": gpu.name() }),
+            );
+            return std::process::ExitCode::from(1);
+        }
+    };
+    println!("\n## Parity: {} vs {}\n", gpu.name(), reference.name());
+    println!("| op | detail | rel err | tol | |\n|---|---|---|---|---|");
+    for c in &cases {
+        println!(
+            "| {} | {} | {:.2e} | {:.0e} | {} |",
+            c.op,
+            c.detail,
+            c.rel_err,
+            c.tol,
+            if c.ok { "ok" } else { "**FAIL**" }
+        );
+    }
+    let failed = cases.iter().filter(|c| !c.ok).count();
+    println!("\nparity: {} checks, {failed} failed", cases.len());
+
+    // (b) benchmark
+    let mut bench = Vec::new();
+    for precision in [Precision::Fp32, Precision::Tf32] {
+        let result = (|| -> Result<serde_json::Value, KernelError> {
+            let mut step = DecoderStep::new(&gpu, 16, 256, 2, precision, seed)?;
+            let (ms, loss) = time_decoder_step(&gpu, &mut step, 3, 20)?;
+            let gflop = step.flops() as f64 / 1e9;
+            let layers = time_conv_layers(&gpu, &step, 5)?;
+            println!(
+                "\n## Decoder step, batch 16 × 256², {precision:?}: {ms:.2} ms ({gflop:.0} GFLOP, {:.1} TFLOP/s), loss {loss:.4}\n",
+                gflop / ms
+            );
+            println!("| layer | pass | shape | ms | TFLOP/s |\n|---|---|---|---|---|");
+            for l in &layers {
+                println!(
+                    "| {} | {} | {} | {:.3} | {:.1} |",
+                    l.layer, l.pass, l.shape, l.ms, l.tflops
+                );
+            }
+            Ok(serde_json::json!({
+                "precision": precision,
+                "batch": 16, "size": 256,
+                "step_ms": ms,
+                "gflop": gflop,
+                "tflops": gflop / ms,
+                "loss": loss,
+                "layers": layers,
+            }))
+        })();
+        match result {
+            Ok(v) => bench.push(v),
+            Err(e) => {
+                eprintln!("gpu-check: benchmark {precision:?} failed: {e}");
+                bench.push(serde_json::json!({ "precision": precision, "error": e.to_string() }));
+            }
+        }
+    }
+    write(&report_json(
+        &gpu,
+        &reference.name(),
+        seed,
+        startup_s,
+        &cases,
+        &bench,
+    ));
+    if failed == 0 {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::from(1)
+    }
 }
 
 #[cfg(test)]

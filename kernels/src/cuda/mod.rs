@@ -28,8 +28,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
-use crate::backend::{Backend, Conv, OptimStep, Precision, Shape};
 use crate::KernelError;
+use crate::backend::{Backend, Conv, OptimStep, Precision, Shape};
 use compile::{KernelCache, KernelSource, Target};
 
 /// Threads per block of the elementwise and reduction kernels (`REDUCE_THREADS` in ops.cu).
@@ -74,7 +74,9 @@ impl CudaBackend {
         compile::nvrtc_present().map_err(KernelError::CudaUnavailable)?;
         let ctx = std::panic::catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| {
-                KernelError::CudaUnavailable("the CUDA driver panicked during initialisation".into())
+                KernelError::CudaUnavailable(
+                    "the CUDA driver panicked during initialisation".into(),
+                )
             })?
             .map_err(|e| {
                 KernelError::CudaUnavailable(format!("cannot open CUDA device {ordinal}: {e:?}"))
@@ -89,7 +91,9 @@ impl CudaBackend {
             .map_err(driver_err("compute capability"))?;
         let arch = (major * 10 + minor) as u32;
         let sm_count = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
             .map_err(driver_err("multiprocessor count"))? as u32;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let functions = load_all(&ctx, arch)?;
@@ -231,13 +235,15 @@ fn load_image(
         Target::Cubin(_) => Ptx::from_binary(bytes),
         Target::Ptx(_) => Ptx::from_src(String::from_utf8_lossy(&bytes).into_owned()),
     };
-    ctx.load_module(ptx)
-        .map_err(driver_err(format!("cuModuleLoadData({})", target.arch_option())))
+    ctx.load_module(ptx).map_err(driver_err(format!(
+        "cuModuleLoadData({})",
+        target.arch_option()
+    )))
 }
 
 /// Names of the `extern "C"` kernels in a unit (kept in step with the `.cu` files; the backend
 /// looks every one up when it starts, so a mismatch shows at once).
-pub(crate) fn kernel_names(unit: &KernelSource) -> Vec<String> {
+pub fn kernel_names(unit: &KernelSource) -> Vec<String> {
     match unit.name {
         "conv_fp32" => conv::kernel_names(Precision::Fp32),
         "conv_tf32" => conv::kernel_names(Precision::Tf32),

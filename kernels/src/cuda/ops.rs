@@ -39,7 +39,11 @@ fn reduction_blocks(len: usize) -> usize {
 }
 
 impl CudaBackend {
-    pub(crate) fn launch_fill(&self, buf: &mut CudaSlice<f32>, value: f32) -> Result<(), KernelError> {
+    pub(crate) fn launch_fill(
+        &self,
+        buf: &mut CudaSlice<f32>,
+        value: f32,
+    ) -> Result<(), KernelError> {
         let n = as_i32("fill", "length", buf.len())?;
         if n == 0 {
             return Ok(());
@@ -91,7 +95,7 @@ impl CudaBackend {
     }
 
     fn pool_check(op: &'static str, xs: Shape) -> Result<(), KernelError> {
-        if xs.h % 2 != 0 || xs.w % 2 != 0 {
+        if !xs.h.is_multiple_of(2) || !xs.w.is_multiple_of(2) {
             return Err(KernelError::shape(
                 op,
                 format!("input {xs} must have even height and width"),
@@ -315,7 +319,9 @@ impl CudaBackend {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = self.stream.launch_builder(self.func("channel_partial_sums")?);
+        let mut l = self
+            .stream
+            .launch_builder(self.func("channel_partial_sums")?);
         l.arg(x)
             .arg(&n)
             .arg(&c)
@@ -461,8 +467,8 @@ impl CudaBackend {
         let mut partial = unsafe { self.stream.alloc::<f32>(3 * blocks) }
             .map_err(driver_err("alloc loss partials"))?;
         // SAFETY: reduce_rows writes all 3 totals.
-        let mut totals = unsafe { self.stream.alloc::<f32>(3) }
-            .map_err(driver_err("alloc loss totals"))?;
+        let mut totals =
+            unsafe { self.stream.alloc::<f32>(3) }.map_err(driver_err("alloc loss totals"))?;
         let (n, k, hw) = (ls.n as i32, ls.c as i32, ls.plane() as i32);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, 1, 1),
@@ -529,8 +535,8 @@ impl CudaBackend {
         let mut partial = unsafe { self.stream.alloc::<f32>(4 * k * blocks) }
             .map_err(driver_err("alloc dice partials"))?;
         // SAFETY: reduce_rows writes all 4·k sums.
-        let mut sums = unsafe { self.stream.alloc::<f32>(4 * k) }
-            .map_err(driver_err("alloc dice sums"))?;
+        let mut sums =
+            unsafe { self.stream.alloc::<f32>(4 * k) }.map_err(driver_err("alloc dice sums"))?;
         let (n, k_i, hw) = (ls.n as i32, k as i32, ls.plane() as i32);
         let cfg = LaunchConfig {
             grid_dim: (blocks as u32, k as u32, 1),
@@ -612,7 +618,12 @@ impl CudaBackend {
             ));
         }
         for (i, s) in state.iter().enumerate() {
-            expect_len(OP, if i == 0 { "state[0]" } else { "state[1]" }, s.len(), param.len())?;
+            expect_len(
+                OP,
+                if i == 0 { "state[0]" } else { "state[1]" },
+                s.len(),
+                param.len(),
+            )?;
         }
         if n == 0 {
             return Ok(());
