@@ -57,6 +57,7 @@ pub fn op_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
         ("conv3_backward", check_conv3_backward::<B>),
         ("conv1_backward", check_conv1_backward::<B>),
         ("conv_batch_one", check_conv_batch_one::<B>),
+        ("conv_large", check_conv_large::<B>),
         ("relu_backward", check_relu_backward::<B>),
         ("maxpool", check_maxpool::<B>),
         ("upsample_concat", check_upsample_concat::<B>),
@@ -245,6 +246,51 @@ pub mod reference {
             }
         }
         y
+    }
+
+    /// Gradients of `Σ g ⊙ conv(x)` (no ReLU) with respect to `x`, `w` and `b`: the same loops as
+    /// [`conv`], scattering instead of gathering. Checked against finite differences in
+    /// [`super::check_conv3_backward`], then used where finite differences would be too slow.
+    pub fn conv_backward(
+        x: &[f64],
+        xs: Shape,
+        conv: Conv,
+        w: &[f64],
+        g: &[f64],
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (h, wd, k) = (xs.h, xs.w, conv.k);
+        let pad = k / 2;
+        let hw = h * wd;
+        let mut dx = vec![0.0; x.len()];
+        let mut dw = vec![0.0; w.len()];
+        let mut db = vec![0.0; conv.c_out];
+        for n in 0..xs.n {
+            for co in 0..conv.c_out {
+                let gp = &g[(n * conv.c_out + co) * hw..][..hw];
+                db[co] += gp.iter().sum::<f64>();
+                for ci in 0..conv.c_in {
+                    let base = (n * xs.c + ci) * hw;
+                    for ky in 0..k {
+                        for kx in 0..k {
+                            let wi = ((co * conv.c_in + ci) * k + ky) * k + kx;
+                            let mut acc = 0.0;
+                            for oy in pad.saturating_sub(ky)..(h + pad).saturating_sub(ky).min(h) {
+                                let iy = oy + ky - pad;
+                                for ox in pad.saturating_sub(kx)..(wd + pad).saturating_sub(kx).min(wd)
+                                {
+                                    let xi = base + iy * wd + ox + kx - pad;
+                                    let gv = gp[oy * wd + ox];
+                                    dx[xi] += w[wi] * gv;
+                                    acc += x[xi] * gv;
+                                }
+                            }
+                            dw[wi] += acc;
+                        }
+                    }
+                }
+            }
+        }
+        (dx, dw, db)
     }
 
     pub fn maxpool2(x: &[f64], xs: Shape) -> Vec<f64> {
@@ -504,6 +550,13 @@ fn conv_backward_case<B: Backend>(
     let fd_w = finite_diff(&w64, h, |wp| dot(&g64, &r::conv(&x64, xs, conv, wp, &b64, false)));
     let fd_b = finite_diff(&b64, h, |bp| dot(&g64, &r::conv(&x64, xs, conv, &w64, bp, false)));
     let tag = format!("{conv:?} on {xs}, {precision:?}");
+    // The reference backward (used by the large case) must agree with the differences too.
+    let (rx, rw, rb) = r::conv_backward(&x64, xs, conv, &w64, &g64);
+    for (name, a, b) in [("dx", &rx, &fd_x), ("dw", &rw, &fd_w), ("db", &rb, &fd_b)] {
+        let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+        compare(&format!("reference conv {name} {tag}"), &a32, b, 1e-6)
+            .map_err(|e| cx.fail(e))?;
+    }
     cx.compare(&format!("conv dx {tag}"), &cx.down(&dx)?, &fd_x)?;
     cx.compare(&format!("conv dw {tag}"), &cx.down(&dw)?, &fd_w)?;
     cx.compare(&format!("conv db {tag}"), &cx.down(&db)?, &fd_b)
@@ -532,6 +585,40 @@ pub fn check_conv_batch_one<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<()
     conv_forward_case(&mut cx, Shape::new(1, 4, 11, 13), Conv::new(4, 6, 3), true, Precision::Fp32)?;
     conv_backward_case(&mut cx, Shape::new(1, 3, 6, 5), Conv::new(3, 2, 3), Precision::Fp32)?;
     conv_backward_case(&mut cx, Shape::new(5, 2, 4, 3), Conv::new(2, 3, 3), Precision::Fp32)
+}
+
+/// Layers big enough that the CPU cuts each image into several row bands (and a GPU into many
+/// blocks): forward against the reference, both backward passes against the reference backward.
+pub fn check_conv_large<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    let mut cx = Ctx::new(b, tol, seed);
+    for (xs, conv) in [
+        (Shape::new(2, 40, 12, 48), Conv::new(40, 24, 3)),
+        (Shape::new(2, 48, 11, 64), Conv::new(48, 7, 3)),
+        (Shape::new(3, 64, 9, 33), Conv::new(64, 5, 1)),
+    ] {
+        let x = cx.uniform(xs.len(), -1.0, 1.0);
+        let w = cx.uniform(conv.weight_len(), -0.2, 0.2);
+        let bias = cx.uniform(conv.c_out, -0.5, 0.5);
+        let ys = xs.with_c(conv.c_out);
+        let g = cx.uniform(ys.len(), -1.0, 1.0);
+        let (x64, w64, g64) = (to64(&x), to64(&w), to64(&g));
+        let (xb, wb, gb) = (cx.up(&x)?, cx.up(&w)?, cx.up(&g)?);
+        let tag = format!("{conv:?} on {xs}");
+        let mut y = cx.poisoned(ys.len())?;
+        cx.k(b.conv2d_forward(&xb, xs, conv, &wb, &cx.up(&bias)?, true, Precision::Fp32, &mut y))?;
+        let want = r::conv(&x64, xs, conv, &w64, &to64(&bias), true);
+        cx.compare(&format!("conv forward {tag}"), &cx.down(&y)?, &want)?;
+        let (rx, rw, rb) = r::conv_backward(&x64, xs, conv, &w64, &g64);
+        let mut dx = cx.poisoned(xs.len())?;
+        cx.k(b.conv2d_backward_data(&gb, xs, conv, &wb, Precision::Fp32, &mut dx))?;
+        cx.compare(&format!("conv dx {tag}"), &cx.down(&dx)?, &rx)?;
+        let mut dw = cx.poisoned(conv.weight_len())?;
+        let mut db = cx.poisoned(conv.c_out)?;
+        cx.k(b.conv2d_backward_weight(&xb, xs, conv, &gb, Precision::Fp32, &mut dw, &mut db))?;
+        cx.compare(&format!("conv dw {tag}"), &cx.down(&dw)?, &rw)?;
+        cx.compare(&format!("conv db {tag}"), &cx.down(&db)?, &rb)?;
+    }
+    Ok(())
 }
 
 // ---- elementwise and layout ---------------------------------------------------------------------

@@ -32,6 +32,7 @@ op_test!(conv1_forward);
 op_test!(conv3_backward);
 op_test!(conv1_backward);
 op_test!(conv_batch_one);
+op_test!(conv_large);
 op_test!(relu_backward);
 op_test!(maxpool);
 op_test!(upsample_concat);
@@ -48,7 +49,7 @@ op_test!(shape_errors);
 /// The list above covers every check the shared module offers.
 #[test]
 fn every_shared_check_has_a_test() {
-    assert_eq!(testing::op_checks::<CpuBackend>().len(), 18);
+    assert_eq!(testing::op_checks::<CpuBackend>().len(), 19);
 }
 
 /// A fixed seed reproduces a run exactly (what the printed seed is for).

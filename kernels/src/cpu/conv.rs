@@ -1,25 +1,36 @@
 //! Convolutions on the CPU: im2col + GEMM (3×3, pad 1) or a plain GEMM (1×1).
 //!
 //! Map of this module:
-//! - [`im2col3`] / [`col2im3`]: the 3×3 "same" patch matrix `[c_in·9, h·w]` and its adjoint.
+//! - [`im2col3`] / [`col2im3_acc`]: the 3×3 "same" patch matrix of a band of output rows and its
+//!   adjoint.
 //! - [`forward`], [`backward_data`], [`backward_weight`]: the three convolution passes.
+//!
+//! Cache blocking: a whole image's patch matrix is `c_in·9·h·w` floats (28 MB for decoder stage 0 at
+//! 128²), so building it and letting the GEMM stream it back is memory-bound for the thin layers
+//! (16 or 32 output channels do only 32–64 flops per patch element). Each image is therefore cut
+//! into bands of output rows whose patch matrix fits in L2 ([`TILE_FLOATS`]): im2col → GEMM (→ bias
+//! and ReLU, or col2im) on one band while it is still in cache.
 //!
 //! Parallelism: with at least as many images as threads (and a multiple of them) each thread takes
 //! whole images and runs single-threaded GEMMs — no synchronisation inside a layer, and the small deep
 //! layers (8×8 planes) do not pay for splitting tiny matrices. Otherwise (a single image at inference)
-//! the GEMM itself is split over the rayon pool.
+//! the GEMMs themselves are split over the rayon pool.
 
 use super::gemm::{MatRef, matmul, with_scratch};
 use crate::{Conv, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Target size of one band's patch matrix, in floats (512 KiB: leaves room in a 1–2 MiB L2 for the
+/// GEMM's packed blocks).
+const TILE_FLOATS: usize = 128 * 1024;
+
 /// How one layer is spread over the threads.
 #[derive(Clone, Copy)]
 pub(crate) enum Plan {
     /// Images in parallel, each on one thread.
     Images,
-    /// Images one after another, GEMMs (and im2col) split over `threads`.
+    /// Images one after another, GEMMs split over `threads`.
     Inside(usize),
 }
 
@@ -37,21 +48,32 @@ impl Plan {
             Plan::Inside(t) => Parallelism::Rayon(t),
         }
     }
-    fn split_rows(self) -> bool {
-        matches!(self, Plan::Inside(t) if t > 1)
-    }
 }
 
-/// Writes the 3×3 pad-1 patch matrix of one image `x` (`[c, h, w]`) into `col` (`[c·9, h·w]`,
-/// row `(ci·3 + ky)·3 + kx`, column `oy·w + ox` holding `x[ci, oy+ky−1, ox+kx−1]` or 0).
-pub(crate) fn im2col3(x: &[f32], c: usize, h: usize, w: usize, col: &mut [f32], parallel: bool) {
+/// Output rows per band for a patch matrix with `kk` rows and planes `w` wide.
+fn band_rows(kk: usize, h: usize, w: usize) -> usize {
+    (TILE_FLOATS / (kk * w).max(1)).clamp(1, h.max(1))
+}
+
+/// Writes the 3×3 pad-1 patch matrix of output rows `oy0..oy1` of one image `x` (`[c, h, w]`) into
+/// `col` (`[c·9, (oy1−oy0)·w]`): row `(ci·3 + ky)·3 + kx`, column `(oy−oy0)·w + ox` holds
+/// `x[ci, oy+ky−1, ox+kx−1]`, or 0 outside the image.
+pub(crate) fn im2col3(
+    x: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    (oy0, oy1): (usize, usize),
+    col: &mut [f32],
+) {
     let hw = h * w;
-    let fill_row = |r: usize, row: &mut [f32]| {
+    let band = (oy1 - oy0) * w;
+    for (r, row) in col[..c * 9 * band].chunks_exact_mut(band).enumerate() {
         let ci = r / 9;
         let ky = (r / 3) % 3;
         let kx = r % 3;
         let plane = &x[ci * hw..(ci + 1) * hw];
-        for (oy, out) in row.chunks_exact_mut(w).enumerate() {
+        for (out, oy) in row.chunks_exact_mut(w).zip(oy0..oy1) {
             let iy = oy as isize + ky as isize - 1;
             if iy < 0 || iy >= h as isize {
                 out.fill(0.0);
@@ -70,64 +92,59 @@ pub(crate) fn im2col3(x: &[f32], c: usize, h: usize, w: usize, col: &mut [f32], 
                 }
             }
         }
-    };
-    let col = &mut col[..c * 9 * hw];
-    if parallel {
-        col.par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(r, row)| fill_row(r, row));
-    } else {
-        col.chunks_mut(hw)
-            .enumerate()
-            .for_each(|(r, row)| fill_row(r, row));
     }
 }
 
-/// The adjoint of [`im2col3`]: `x[ci, iy, ix] = Σ_{ky,kx} col[(ci·3+ky)·3+kx, (iy−ky+1)·w + ix−kx+1]`
-/// (overwrites `x`).
-pub(crate) fn col2im3(col: &[f32], c: usize, h: usize, w: usize, x: &mut [f32], parallel: bool) {
+/// The adjoint of [`im2col3`] for one band: adds `col`'s entries back onto the input pixels they were
+/// copied from (`x` must be zeroed before the first band; bands overlap by a row at their edges).
+pub(crate) fn col2im3_acc(
+    col: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    (oy0, oy1): (usize, usize),
+    x: &mut [f32],
+) {
     let hw = h * w;
-    let one_plane = |ci: usize, plane: &mut [f32]| {
-        plane.fill(0.0);
-        for ky in 0..3 {
-            for kx in 0..3 {
-                let row = &col[((ci * 3 + ky) * 3 + kx) * hw..][..hw];
-                for (oy, src) in row.chunks_exact(w).enumerate() {
-                    let iy = oy as isize + ky as isize - 1;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                    let (d, s) = match kx {
-                        0 => (&mut dst[..w - 1], &src[1..]),
-                        1 => (&mut dst[..], src),
-                        _ => (&mut dst[1..], &src[..w - 1]),
-                    };
-                    d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
+    let band = (oy1 - oy0) * w;
+    for (ci, plane) in x[..c * hw].chunks_exact_mut(hw).enumerate() {
+        for k in 0..9 {
+            let (ky, kx) = (k / 3, k % 3);
+            let row = &col[(ci * 9 + k) * band..][..band];
+            for (src, oy) in row.chunks_exact(w).zip(oy0..oy1) {
+                let iy = oy as isize + ky as isize - 1;
+                if iy < 0 || iy >= h as isize {
+                    continue;
                 }
+                let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                let (d, s) = match kx {
+                    0 => (&mut dst[..w - 1], &src[1..]),
+                    1 => (&mut dst[..], src),
+                    _ => (&mut dst[1..], &src[..w - 1]),
+                };
+                d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
             }
         }
-    };
-    let x = &mut x[..c * hw];
-    if parallel {
-        x.par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(ci, p)| one_plane(ci, p));
-    } else {
-        x.chunks_mut(hw)
-            .enumerate()
-            .for_each(|(ci, p)| one_plane(ci, p));
     }
 }
 
-/// Adds the bias to each output plane and applies ReLU, in one pass over the GEMM's output.
-fn bias_relu(y: &mut [f32], b: &[f32], hw: usize, relu: bool) {
-    for (plane, &bias) in y.chunks_exact_mut(hw).zip(b) {
-        if relu {
-            plane.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
-        } else {
-            plane.iter_mut().for_each(|v| *v += bias);
-        }
+/// Runs `one(image index, that image's block of out)` over the batch: in parallel for
+/// [`Plan::Images`], else in order.
+fn per_image(
+    out: &mut [f32],
+    image_len: usize,
+    plan: Plan,
+    one: impl Fn(usize, &mut [f32]) + Send + Sync,
+) {
+    match plan {
+        Plan::Images => out
+            .par_chunks_exact_mut(image_len)
+            .enumerate()
+            .for_each(|(i, o)| one(i, o)),
+        Plan::Inside(_) => out
+            .chunks_exact_mut(image_len)
+            .enumerate()
+            .for_each(|(i, o)| one(i, o)),
     }
 }
 
@@ -143,48 +160,41 @@ pub(crate) fn forward(
     y: &mut [f32],
     plan: Plan,
 ) {
-    let hw = xs.plane();
+    let (h, wd) = (xs.h, xs.w);
+    let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
-    let one = |xi: &[f32], yi: &mut [f32]| {
+    let rows = if conv.k == 1 { h } else { band_rows(kk, h, wd) };
+    per_image(y, conv.c_out * hw, plan, |i, yi| {
+        let xi = &x[i * conv.c_in * hw..(i + 1) * conv.c_in * hw];
         let lhs = MatRef::rows(w, kk);
-        if conv.k == 1 {
-            matmul(
-                conv.c_out,
-                hw,
-                kk,
-                yi,
-                false,
-                lhs,
-                MatRef::rows(xi, hw),
-                plan.gemm_par(),
-            );
-        } else {
-            with_scratch(kk * hw, |col| {
-                im2col3(xi, conv.c_in, xs.h, xs.w, col, plan.split_rows());
-                matmul(
-                    conv.c_out,
-                    hw,
-                    kk,
-                    yi,
-                    false,
-                    lhs,
-                    MatRef::rows(col, hw),
-                    plan.gemm_par(),
-                );
-            });
-        }
-        bias_relu(yi, b, hw, relu);
-    };
-    match plan {
-        Plan::Images => x
-            .par_chunks_exact(conv.c_in * hw)
-            .zip(y.par_chunks_exact_mut(conv.c_out * hw))
-            .for_each(|(xi, yi)| one(xi, yi)),
-        Plan::Inside(_) => x
-            .chunks_exact(conv.c_in * hw)
-            .zip(y.chunks_exact_mut(conv.c_out * hw))
-            .for_each(|(xi, yi)| one(xi, yi)),
-    }
+        with_scratch(if conv.k == 1 { 0 } else { kk * rows * wd }, |col| {
+            for oy0 in (0..h).step_by(rows) {
+                let oy1 = (oy0 + rows).min(h);
+                let band = (oy1 - oy0) * wd;
+                let dst = &mut yi[oy0 * wd..];
+                if conv.k == 1 {
+                    let rhs = MatRef {
+                        data: &xi[oy0 * wd..],
+                        rs: hw,
+                        cs: 1,
+                    };
+                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, plan.gemm_par());
+                } else {
+                    im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
+                    let rhs = MatRef::rows(&col[..kk * band], band);
+                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, plan.gemm_par());
+                }
+                for (co, &bias) in b.iter().enumerate() {
+                    let seg = &mut yi[co * hw + oy0 * wd..][..band];
+                    if relu {
+                        seg.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
+                    } else {
+                        seg.iter_mut().for_each(|v| *v += bias);
+                    }
+                }
+            }
+        });
+    });
 }
 
 /// `dx = Wᵀ·dy` then col2im (3×3) or directly (1×1); lengths already checked.
@@ -196,33 +206,36 @@ pub(crate) fn backward_data(
     dx: &mut [f32],
     plan: Plan,
 ) {
-    let hw = xs.plane();
+    let (h, wd) = (xs.h, xs.w);
+    let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
-    let one = |dyi: &[f32], dxi: &mut [f32]| {
+    per_image(dx, conv.c_in * hw, plan, |i, dxi| {
+        let dyi = &dy[i * conv.c_out * hw..(i + 1) * conv.c_out * hw];
         let lhs = MatRef::transposed(w, kk);
-        let rhs = MatRef::rows(dyi, hw);
         if conv.k == 1 {
-            matmul(kk, hw, conv.c_out, dxi, false, lhs, rhs, plan.gemm_par());
-        } else {
-            with_scratch(kk * hw, |dcol| {
-                matmul(kk, hw, conv.c_out, dcol, false, lhs, rhs, plan.gemm_par());
-                col2im3(dcol, conv.c_in, xs.h, xs.w, dxi, plan.split_rows());
-            });
+            let rhs = MatRef::rows(dyi, hw);
+            matmul(kk, hw, conv.c_out, dxi, hw, false, lhs, rhs, plan.gemm_par());
+            return;
         }
-    };
-    match plan {
-        Plan::Images => dy
-            .par_chunks_exact(conv.c_out * hw)
-            .zip(dx.par_chunks_exact_mut(conv.c_in * hw))
-            .for_each(|(a, b)| one(a, b)),
-        Plan::Inside(_) => dy
-            .chunks_exact(conv.c_out * hw)
-            .zip(dx.chunks_exact_mut(conv.c_in * hw))
-            .for_each(|(a, b)| one(a, b)),
-    }
+        let rows = band_rows(kk, h, wd);
+        dxi.fill(0.0);
+        with_scratch(kk * rows * wd, |dcol| {
+            for oy0 in (0..h).step_by(rows) {
+                let oy1 = (oy0 + rows).min(h);
+                let band = (oy1 - oy0) * wd;
+                let rhs = MatRef {
+                    data: &dyi[oy0 * wd..],
+                    rs: hw,
+                    cs: 1,
+                };
+                matmul(kk, band, conv.c_out, dcol, band, false, lhs, rhs, plan.gemm_par());
+                col2im3_acc(dcol, conv.c_in, h, wd, (oy0, oy1), dxi);
+            }
+        });
+    });
 }
 
-/// Accumulates one image's `dw += dy·colᵀ` and `db += Σ dy` (or overwrites when `first`).
+/// One image's `dw (+)= dy·colᵀ`, `db (+)= Σ dy` (overwrites when `first`).
 #[allow(clippy::too_many_arguments)]
 fn weight_grad_image(
     xi: &[f32],
@@ -232,21 +245,36 @@ fn weight_grad_image(
     dw: &mut [f32],
     db: &mut [f32],
     first: bool,
-    plan: Plan,
+    par: Parallelism,
 ) {
-    let hw = xs.plane();
+    let (h, wd) = (xs.h, xs.w);
+    let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
-    let lhs = MatRef::rows(dyi, hw);
-    if conv.k == 1 {
-        let rhs = MatRef::transposed(xi, hw);
-        matmul(conv.c_out, kk, hw, dw, !first, lhs, rhs, plan.gemm_par());
-    } else {
-        with_scratch(kk * hw, |col| {
-            im2col3(xi, conv.c_in, xs.h, xs.w, col, plan.split_rows());
-            let rhs = MatRef::transposed(col, hw);
-            matmul(conv.c_out, kk, hw, dw, !first, lhs, rhs, plan.gemm_par());
-        });
-    }
+    let rows = if conv.k == 1 { h } else { band_rows(kk, h, wd) };
+    with_scratch(if conv.k == 1 { 0 } else { kk * rows * wd }, |col| {
+        for oy0 in (0..h).step_by(rows) {
+            let oy1 = (oy0 + rows).min(h);
+            let band = (oy1 - oy0) * wd;
+            let lhs = MatRef {
+                data: &dyi[oy0 * wd..],
+                rs: hw,
+                cs: 1,
+            };
+            let acc = !(first && oy0 == 0);
+            if conv.k == 1 {
+                let rhs = MatRef {
+                    data: &xi[oy0 * wd..],
+                    rs: 1,
+                    cs: hw,
+                };
+                matmul(conv.c_out, kk, band, dw, kk, acc, lhs, rhs, par);
+            } else {
+                im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
+                let rhs = MatRef::transposed(&col[..kk * band], band);
+                matmul(conv.c_out, kk, band, dw, kk, acc, lhs, rhs, par);
+            }
+        }
+    });
     for (d, plane) in db.iter_mut().zip(dyi.chunks_exact(hw)) {
         let s: f32 = plane.iter().sum();
         if first {
@@ -272,17 +300,12 @@ pub(crate) fn backward_weight(
     let hw = xs.plane();
     let x_img = conv.c_in * hw;
     let dy_img = conv.c_out * hw;
-    if xs.n == 0 {
-        dw.fill(0.0);
-        db.fill(0.0);
-        return;
-    }
+    let image = |i: usize| (&x[i * x_img..(i + 1) * x_img], &dy[i * dy_img..(i + 1) * dy_img]);
     match plan {
         Plan::Inside(_) => {
             for i in 0..xs.n {
-                let xi = &x[i * x_img..(i + 1) * x_img];
-                let dyi = &dy[i * dy_img..(i + 1) * dy_img];
-                weight_grad_image(xi, dyi, xs, conv, dw, db, i == 0, plan);
+                let (xi, dyi) = image(i);
+                weight_grad_image(xi, dyi, xs, conv, dw, db, i == 0, plan.gemm_par());
             }
         }
         Plan::Images => {
@@ -295,9 +318,8 @@ pub(crate) fn backward_weight(
                 .collect();
             let run_group = |g: usize, dwp: &mut [f32], dbp: &mut [f32]| {
                 for (j, i) in (g * per..((g + 1) * per).min(xs.n)).enumerate() {
-                    let xi = &x[i * x_img..(i + 1) * x_img];
-                    let dyi = &dy[i * dy_img..(i + 1) * dy_img];
-                    weight_grad_image(xi, dyi, xs, conv, dwp, dbp, j == 0, Plan::Images);
+                    let (xi, dyi) = image(i);
+                    weight_grad_image(xi, dyi, xs, conv, dwp, dbp, j == 0, Parallelism::None);
                 }
             };
             rayon::scope(|s| {

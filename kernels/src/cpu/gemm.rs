@@ -38,8 +38,8 @@ impl<'a> MatRef<'a> {
     }
 }
 
-/// `dst = lhs × rhs` (or `dst += lhs × rhs` when `accumulate`), `dst` dense row-major `m × n`,
-/// `lhs` is `m × k`, `rhs` is `k × n`.
+/// `dst = lhs × rhs` (or `dst += lhs × rhs` when `accumulate`), `dst` row-major `m × n` with row
+/// stride `dst_rs` (≥ n: a column block of a wider matrix), `lhs` is `m × k`, `rhs` is `k × n`.
 ///
 /// Callers validate user-facing lengths first; the asserts here guard the `unsafe` call against
 /// internal mistakes and cannot be reached from bad input.
@@ -48,12 +48,16 @@ pub(crate) fn matmul(
     n: usize,
     k: usize,
     dst: &mut [f32],
+    dst_rs: usize,
     accumulate: bool,
     lhs: MatRef<'_>,
     rhs: MatRef<'_>,
     parallelism: Parallelism,
 ) {
-    assert!(dst.len() >= m * n, "matmul: dst too short");
+    assert!(
+        dst_rs >= n && (m == 0 || n == 0 || (m - 1) * dst_rs + n <= dst.len()),
+        "matmul: dst too short"
+    );
     assert!(lhs.fits(m, k), "matmul: lhs too short");
     assert!(rhs.fits(k, n), "matmul: rhs too short");
     if m == 0 || n == 0 {
@@ -61,11 +65,13 @@ pub(crate) fn matmul(
     }
     if k == 0 {
         if !accumulate {
-            dst[..m * n].fill(0.0);
+            dst.chunks_mut(dst_rs)
+                .take(m)
+                .for_each(|row| row[..n].fill(0.0));
         }
         return;
     }
-    // SAFETY: the asserts above prove that every index the GEMM touches — dst (i·n + j) for i < m,
+    // SAFETY: the asserts above prove that every index the GEMM touches — dst (i·dst_rs + j) for i < m,
     // j < n; lhs (i·rs + l·cs) for l < k; rhs (l·rs + j·cs) — lies inside its slice. `dst` is a unique
     // borrow, so it cannot alias `lhs` or `rhs`. With `read_dst` false gemm ignores alpha and never
     // reads dst (which may hold NaN poison).
@@ -76,7 +82,7 @@ pub(crate) fn matmul(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_rs as isize,
             accumulate,
             lhs.data.as_ptr(),
             lhs.cs as isize,
