@@ -3,7 +3,8 @@
 //! Map of this module:
 //! - [`im2col3`] / [`col2im3_acc`]: the 3×3 "same" patch matrix of a band of output rows and its
 //!   adjoint.
-//! - [`forward`], [`backward_data`], [`backward_weight`]: the three convolution passes.
+//! - [`forward`], [`backward_data`] (col2im, or a forward pass with the rotated kernel, by shape),
+//!   [`backward_weight`]: the three convolution passes.
 //!
 //! Cache blocking: a whole image's patch matrix is `c_in·9·h·w` floats (28 MB for decoder stage 0 at
 //! 128²), so building it and letting the GEMM stream it back is memory-bound for the thin layers
@@ -50,9 +51,16 @@ impl Plan {
     }
 }
 
+/// Fewest output pixels per band: narrower GEMMs lose more to packing and edge kernels than the
+/// cache saves.
+const MIN_BAND_PIXELS: usize = 256;
+
 /// Output rows per band for a patch matrix with `kk` rows and planes `w` wide.
 fn band_rows(kk: usize, h: usize, w: usize) -> usize {
-    (TILE_FLOATS / (kk * w).max(1)).clamp(1, h.max(1))
+    let w = w.max(1);
+    (TILE_FLOATS / (kk * w).max(1))
+        .max(MIN_BAND_PIXELS.div_ceil(w))
+        .clamp(1, h.max(1))
 }
 
 /// Writes the 3×3 pad-1 patch matrix of output rows `oy0..oy1` of one image `x` (`[c, h, w]`) into
@@ -95,39 +103,6 @@ pub(crate) fn im2col3(
     }
 }
 
-/// The adjoint of [`im2col3`] for one band: adds `col`'s entries back onto the input pixels they were
-/// copied from (`x` must be zeroed before the first band; bands overlap by a row at their edges).
-pub(crate) fn col2im3_acc(
-    col: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    (oy0, oy1): (usize, usize),
-    x: &mut [f32],
-) {
-    let hw = h * w;
-    let band = (oy1 - oy0) * w;
-    for (ci, plane) in x[..c * hw].chunks_exact_mut(hw).enumerate() {
-        for k in 0..9 {
-            let (ky, kx) = (k / 3, k % 3);
-            let row = &col[(ci * 9 + k) * band..][..band];
-            for (src, oy) in row.chunks_exact(w).zip(oy0..oy1) {
-                let iy = oy as isize + ky as isize - 1;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                let (d, s) = match kx {
-                    0 => (&mut dst[..w - 1], &src[1..]),
-                    1 => (&mut dst[..], src),
-                    _ => (&mut dst[1..], &src[..w - 1]),
-                };
-                d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
-            }
-        }
-    }
-}
-
 /// Runs `one(image index, that image's block of out)` over the batch: in parallel for
 /// [`Plan::Images`], else in order.
 fn per_image(
@@ -155,7 +130,7 @@ pub(crate) fn forward(
     xs: Shape,
     conv: Conv,
     w: &[f32],
-    b: &[f32],
+    b: Option<&[f32]>,
     relu: bool,
     y: &mut [f32],
     plan: Plan,
@@ -184,11 +159,13 @@ pub(crate) fn forward(
                     let rhs = MatRef::rows(&col[..kk * band], band);
                     matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, plan.gemm_par());
                 }
-                for (co, &bias) in b.iter().enumerate() {
+                // Bias and ReLU on the band while it is still in cache.
+                for co in 0..conv.c_out {
+                    let bias = b.map_or(0.0, |b| b[co]);
                     let seg = &mut yi[co * hw + oy0 * wd..][..band];
                     if relu {
                         seg.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
-                    } else {
+                    } else if bias != 0.0 {
                         seg.iter_mut().for_each(|v| *v += bias);
                     }
                 }
@@ -197,7 +174,14 @@ pub(crate) fn forward(
     });
 }
 
-/// `dx = Wᵀ·dy` then col2im (3×3) or directly (1×1); lengths already checked.
+/// `dx = conv_transpose(dy, w)`; lengths already checked.
+///
+/// Two formulations, picked by shape. The textbook one, `dcol = Wᵀ·dy` then col2im, runs a GEMM
+/// with `m = 9·c_in`, `k = c_out`. For a 3×3 "same" convolution the transpose is also a 3×3 "same"
+/// convolution of `dy` with the kernel rotated by 180° and the channels swapped: im2col of `dy`, a
+/// GEMM with `m = c_in`, `k = 9·c_out`, and no scatter pass. A GEMM is slow along a thin `m` or `k`,
+/// so the rotated form is used unless `c_in < c_out` (the encoder's conv1 layers, where `c_in` is
+/// the thin side; the image's own 1-channel layer most of all).
 pub(crate) fn backward_data(
     dy: &[f32],
     xs: Shape,
@@ -206,33 +190,35 @@ pub(crate) fn backward_data(
     dx: &mut [f32],
     plan: Plan,
 ) {
-    let (h, wd) = (xs.h, xs.w);
-    let hw = h * wd;
-    let kk = conv.c_in * conv.k * conv.k;
-    per_image(dx, conv.c_in * hw, plan, |i, dxi| {
-        let dyi = &dy[i * conv.c_out * hw..(i + 1) * conv.c_out * hw];
-        let lhs = MatRef::transposed(w, kk);
-        if conv.k == 1 {
-            let rhs = MatRef::rows(dyi, hw);
-            matmul(kk, hw, conv.c_out, dxi, hw, false, lhs, rhs, plan.gemm_par());
-            return;
-        }
-        let rows = band_rows(kk, h, wd);
-        dxi.fill(0.0);
-        with_scratch(kk * rows * wd, |dcol| {
-            for oy0 in (0..h).step_by(rows) {
-                let oy1 = (oy0 + rows).min(h);
-                let band = (oy1 - oy0) * wd;
-                let rhs = MatRef {
-                    data: &dyi[oy0 * wd..],
-                    rs: hw,
-                    cs: 1,
-                };
-                matmul(kk, band, conv.c_out, dcol, band, false, lhs, rhs, plan.gemm_par());
-                col2im3_acc(dcol, conv.c_in, h, wd, (oy0, oy1), dxi);
+    if conv.k == 3 && conv.c_in >= conv.c_out {
+        backward_data_rotated(dy, xs, conv, w, dx, plan);
+    } else {
+        backward_data_col2im(dy, xs, conv, w, dx, plan);
+    }
+}
+
+/// `dx` as a forward convolution of `dy` with the rotated, channel-swapped 3×3 kernel.
+fn backward_data_rotated(
+    dy: &[f32],
+    xs: Shape,
+    conv: Conv,
+    w: &[f32],
+    dx: &mut [f32],
+    plan: Plan,
+) {
+    // w_t[ci, co, ky, kx] = w[co, ci, 2 − ky, 2 − kx].
+    let mut w_t = vec![0.0f32; w.len()];
+    for co in 0..conv.c_out {
+        for ci in 0..conv.c_in {
+            let src = &w[(co * conv.c_in + ci) * 9..][..9];
+            let dst = &mut w_t[(ci * conv.c_out + co) * 9..][..9];
+            for (d, s) in dst.iter_mut().zip(src.iter().rev()) {
+                *d = *s;
             }
-        });
-    });
+        }
+    }
+    let transposed = Conv::new(conv.c_out, conv.c_in, 3);
+    forward(dy, xs.with_c(conv.c_out), transposed, &w_t, None, false, dx, plan);
 }
 
 /// One image's `dw (+)= dy·colᵀ`, `db (+)= Σ dy` (overwrites when `first`).
@@ -336,3 +322,75 @@ pub(crate) fn backward_weight(
         }
     }
 }
+
+/// The adjoint of [`im2col3`] for one band: adds `col`'s entries back onto the input pixels they were
+/// copied from (`x` must be zeroed before the first band; bands overlap by a row at their edges).
+pub(crate) fn col2im3_acc(
+    col: &[f32],
+    c: usize,
+    h: usize,
+    w: usize,
+    (oy0, oy1): (usize, usize),
+    x: &mut [f32],
+) {
+    let hw = h * w;
+    let band = (oy1 - oy0) * w;
+    for (ci, plane) in x[..c * hw].chunks_exact_mut(hw).enumerate() {
+        for k in 0..9 {
+            let (ky, kx) = (k / 3, k % 3);
+            let row = &col[(ci * 9 + k) * band..][..band];
+            for (src, oy) in row.chunks_exact(w).zip(oy0..oy1) {
+                let iy = oy as isize + ky as isize - 1;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
+                let (d, s) = match kx {
+                    0 => (&mut dst[..w - 1], &src[1..]),
+                    1 => (&mut dst[..], src),
+                    _ => (&mut dst[1..], &src[..w - 1]),
+                };
+                d.iter_mut().zip(s).for_each(|(d, s)| *d += *s);
+            }
+        }
+    }
+}
+
+/// `dx = Wᵀ·dy`, then for 3×3 col2im in row bands onto the zeroed `dx` (1×1 needs no col2im).
+fn backward_data_col2im(
+    dy: &[f32],
+    xs: Shape,
+    conv: Conv,
+    w: &[f32],
+    dx: &mut [f32],
+    plan: Plan,
+) {
+    let (h, wd) = (xs.h, xs.w);
+    let hw = h * wd;
+    let kk = conv.c_in * conv.k * conv.k;
+    per_image(dx, conv.c_in * hw, plan, |i, dxi| {
+        let dyi = &dy[i * conv.c_out * hw..(i + 1) * conv.c_out * hw];
+        let lhs = MatRef::transposed(w, kk);
+        if conv.k == 1 {
+            let rhs = MatRef::rows(dyi, hw);
+            matmul(kk, hw, conv.c_out, dxi, hw, false, lhs, rhs, plan.gemm_par());
+            return;
+        }
+        let rows = band_rows(kk, h, wd);
+        dxi.fill(0.0);
+        with_scratch(kk * rows * wd, |dcol| {
+            for oy0 in (0..h).step_by(rows) {
+                let oy1 = (oy0 + rows).min(h);
+                let band = (oy1 - oy0) * wd;
+                let rhs = MatRef {
+                    data: &dyi[oy0 * wd..],
+                    rs: hw,
+                    cs: 1,
+                };
+                matmul(kk, band, conv.c_out, dcol, band, false, lhs, rhs, plan.gemm_par());
+                col2im3_acc(dcol, conv.c_in, h, wd, (oy0, oy1), dxi);
+            }
+        });
+    });
+}
+

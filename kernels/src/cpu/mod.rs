@@ -5,7 +5,8 @@
 //! - [`CpuBackend`]: buffers are `Vec<f32>`, labels `Vec<u8>`; every op validates its operands and
 //!   then calls one of the submodules.
 //! - `gemm`: a bounds-checked front to the `gemm` crate and per-thread scratch memory.
-//! - `conv`: im2col (3×3) + GEMM convolutions, forward and both backward passes.
+//! - `conv`: im2col (3×3) + GEMM convolutions in cache-sized row bands, forward and both backward
+//!   passes.
 //! - `ops`: ReLU backward, max-pooling, upsample + concat, channel affine/statistics, axpy.
 //! - `loss`: softmax cross-entropy and soft Dice.
 //! - `optim`: SGD with momentum and AdamW.
@@ -170,7 +171,7 @@ impl Backend for CpuBackend {
             });
             return Ok(());
         }
-        conv::forward(x, xs, conv, w, b, relu, y, self.plan(xs.n));
+        conv::forward(x, xs, conv, w, Some(b), relu, y, self.plan(xs.n));
         Ok(())
     }
 
