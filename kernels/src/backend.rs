@@ -22,6 +22,10 @@ use crate::KernelError;
 /// Pixels with this label take no part in a loss (e.g. unlabelled regions of a micrograph).
 pub const IGNORE_LABEL: u8 = 255;
 
+/// The ε of [`Backend::soft_dice_acc`] (numerator and denominator): a class absent from both the
+/// labels and the prediction scores a Dice of 1, and the gradient stays finite.
+pub const DICE_EPS: f32 = 1.0;
+
 /// Shape of an NCHW activation tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Shape {
@@ -257,7 +261,7 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<f32, KernelError>;
 
     /// Soft Dice loss on softmax probabilities, `1 − mean_k (2·Σ p·t + ε) / (Σ p + Σ t + ε)` over the
-    /// batch, ignoring [`IGNORE_LABEL`] pixels. *Adds* `weight ×` its gradient to `dlogits` and returns
+    /// batch (sums over every labelled pixel of every image; `ε` is [`DICE_EPS`]), ignoring [`IGNORE_LABEL`] pixels. *Adds* `weight ×` its gradient to `dlogits` and returns
     /// the loss (unweighted).
     fn soft_dice_acc(
         &self,

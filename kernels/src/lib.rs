@@ -9,15 +9,18 @@
 //! - [`device`]: [`Device::auto`] picks CUDA when a usable GPU is present and says why when it is not.
 //! - [`unet`]: the reference U-Net (forward, backward, decoder-only mode), written once against the trait.
 //! - [`style`]: helpers for style codes (per-channel statistics and re-styling coefficients).
+//! - [`testing`]: backend-generic check bodies (each op against an f64 reference and finite
+//!   differences), shared by the CPU and CUDA test suites.
 
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod style;
+pub mod testing;
 pub mod unet;
 
-pub use backend::{Backend, Conv, IGNORE_LABEL, OptimStep, Precision, Shape};
+pub use backend::{Backend, Conv, DICE_EPS, IGNORE_LABEL, OptimStep, Precision, Shape};
 
 /// Everything that can go wrong in this crate. Nothing here panics on bad input.
 #[derive(Debug, thiserror::Error)]
