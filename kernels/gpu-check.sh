@@ -20,7 +20,7 @@ verb="${1:-}"
 case "$verb" in
 build)
     target="${CARGO_TARGET_DIR:-$root/target}"
-    cargo build --release -p microfed-kernels --features cpu-oracle --bin gpu-check
+    cargo build --release -p microfed-kernels --bin gpu-check
     mkdir -p .gpu/peers
     cp "$target/release/gpu-check" .gpu/gpu-check
     peer=""

@@ -35,8 +35,6 @@ use compile::{KernelCache, KernelSource, Target};
 /// Threads per block of the elementwise and reduction kernels (`REDUCE_THREADS` in ops.cu).
 const THREADS: u32 = 256;
 
-/// The ε of the soft Dice loss: `(2·Σpt + ε) / (Σp + Σt + ε)`. Must equal the CPU backend's.
-pub const DICE_EPSILON: f32 = 1.0;
 
 /// An NVIDIA GPU driven by microfed's own kernels.
 pub struct CudaBackend {

@@ -7,7 +7,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, DICE_EPSILON, THREADS, as_i32, driver_err, expect_len};
+use super::{CudaBackend, THREADS, as_i32, driver_err, expect_len};
 use crate::KernelError;
 use crate::backend::{Backend, IGNORE_LABEL, OptimStep, Shape};
 
@@ -555,7 +555,7 @@ impl CudaBackend {
         // logits[n·k·hw] (checked), writes partial[(cls·4 + q)·blocks + b], q < 4: 4·k·blocks.
         unsafe { l.launch(cfg) }.map_err(driver_err("launch dice_partial"))?;
         self.reduce_rows(&partial, 4 * k, blocks, &mut sums)?;
-        let eps = DICE_EPSILON;
+        let eps = crate::DICE_EPS;
         if pixels > 0 && weight != 0.0 {
             let gcfg = self.grid_1d(pixels);
             let mut g = self.stream.launch_builder(self.func("dice_grad")?);
