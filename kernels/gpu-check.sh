@@ -6,10 +6,9 @@
 #   kernels/gpu-check.sh run     on the GPU machine, from the repository root: the parity suite and the
 #                                decoder-step benchmark (gpu-check), then the PyTorch peer, each under
 #                                a timeout; logs and JSON go to $OUT (or .gpu/out). About 2-4 minutes.
-#   kernels/gpu-check.sh nvrtc   here or in CI (no GPU needed): installs NVRTC 13 and 12 from PyPI into
-#                                .venv/ and runs tests/cuda_compile.rs with each, so every kernel is
-#                                compiled for sm_87 + sm_90 (NVRTC 13) and sm_72 (NVRTC 12; CUDA 13
-#                                dropped Volta).
+#
+# Compiling every kernel with NVRTC without a GPU (sm_72, sm_87, sm_90) is part of the test suite:
+# tests/run.sh installs NVRTC 13 and 12 from PyPI and runs kernels/tests/cuda_compile.rs with each.
 #
 # Device call (one command, carrying .gpu):  bash kernels/gpu-check.sh run
 set -euo pipefail
@@ -47,20 +46,8 @@ run)
     echo "gpu-check exit code: $rc"
     exit "$rc"
     ;;
-nvrtc)
-    py="${PYTHON:-python3}"
-    mkdir -p .venv
-    [ -d .venv/nvrtc13/nvidia ] || "$py" -m pip install -q --target .venv/nvrtc13 nvidia-cuda-nvrtc
-    [ -d .venv/nvrtc12/nvidia ] || "$py" -m pip install -q --target .venv/nvrtc12 nvidia-cuda-nvrtc-cu12
-    lib13="$(dirname "$(find .venv/nvrtc13 -name 'libnvrtc.so.13' | head -1)")"
-    lib12="$(dirname "$(find .venv/nvrtc12 -name 'libnvrtc.so.12' | head -1)")"
-    MICROFED_REQUIRE_ARCHS=87,90 LD_LIBRARY_PATH="$lib13" \
-        cargo test -p microfed-kernels --test cuda_compile -- --nocapture
-    MICROFED_REQUIRE_ARCHS=72 LD_LIBRARY_PATH="$lib12" \
-        cargo test -p microfed-kernels --test cuda_compile -- --nocapture
-    ;;
 *)
-    echo "usage: $0 build|run|nvrtc" >&2
+    echo "usage: $0 build|run" >&2
     exit 2
     ;;
 esac

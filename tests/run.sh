@@ -18,9 +18,13 @@ say() { printf '\n== %s\n' "$*"; }
 # ---- 1. set-up ---------------------------------------------------------------------------------
 APT_PACKAGES=(python3-venv)
 PIP_PACKAGES=(
-  # NVRTC on its own (no GPU, no driver): the CUDA kernels are compiled in CI to prove they build.
-  "nvidia-cuda-nvrtc>=13,<14"
+  # An independent ONNX runtime: checks that our ONNX files are valid, and the CPU peer in benchmarks.
+  "onnxruntime>=1.20" numpy
 )
+# NVRTC on its own (no GPU, no driver needed), so the CUDA kernels are really compiled here:
+# CUDA 13's for sm_87 (Orin) and sm_90 (H100), CUDA 12's for sm_72 (Xavier; CUDA 13 dropped Volta).
+NVRTC13="nvidia-cuda-nvrtc>=13,<14"
+NVRTC12="nvidia-cuda-nvrtc-cu12>=12.4,<13"
 
 if [[ "${MICROFED_SKIP_SETUP:-0}" != 1 ]]; then
   say "set-up: Debian packages"
@@ -41,12 +45,20 @@ if [[ "${MICROFED_SKIP_SETUP:-0}" != 1 ]]; then
     .venv/bin/pip install -q --disable-pip-version-check "${PIP_PACKAGES[@]}"
     touch "$stamp"
   fi
+  [[ -d .venv/nvrtc13/nvidia ]] || .venv/bin/pip install -q --disable-pip-version-check --target .venv/nvrtc13 "$NVRTC13"
+  [[ -d .venv/nvrtc12/nvidia ]] || .venv/bin/pip install -q --disable-pip-version-check --target .venv/nvrtc12 "$NVRTC12"
   rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
 fi
 
-# libnvrtc from the virtualenv, so the CUDA sources are compiled by NVRTC even without a GPU.
-nvrtc_dir=$(ls -d "$root"/.venv/lib/python3*/site-packages/nvidia/cu*/lib 2>/dev/null | head -n1 || true)
-[[ -n "$nvrtc_dir" ]] && export LD_LIBRARY_PATH="$nvrtc_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libnvrtc from the virtualenv, so the CUDA sources are compiled by NVRTC even without a GPU; the
+# compile test then insists on the architectures named, instead of skipping.
+lib_of() { local f; f=$(find "$1" -name "$2" 2>/dev/null | head -n1); [[ -n "$f" ]] && dirname "$f"; }
+nvrtc13_dir=$(lib_of .venv/nvrtc13 'libnvrtc.so.13' || true)
+nvrtc12_dir=$(lib_of .venv/nvrtc12 'libnvrtc.so.12' || true)
+if [[ -n "$nvrtc13_dir" ]]; then
+  export LD_LIBRARY_PATH="$root/$nvrtc13_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export MICROFED_REQUIRE_ARCHS=87,90
+fi
 export MICROFED_PYTHON="$root/.venv/bin/python"
 
 # ---- 2. format and lints -------------------------------------------------------------------------
@@ -59,3 +71,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 # ---- 3. tests ------------------------------------------------------------------------------------
 say "cargo test"
 cargo test --workspace --locked --no-fail-fast
+
+if [[ -n "$nvrtc12_dir" ]]; then
+  say "CUDA kernels compiled by CUDA 12's NVRTC for sm_72 (Jetson Xavier)"
+  LD_LIBRARY_PATH="$root/$nvrtc12_dir" MICROFED_REQUIRE_ARCHS=72 \
+    cargo test -p microfed-kernels --locked --test cuda_compile
+fi

@@ -9,6 +9,7 @@
 //! - [`metrics`]: IoU, Dice, pixel accuracy and boundary F1 of predicted masks against the truth.
 //! - [`features`]: microstructure figures from a mask: grain count and size, ASTM E112 number, phase
 //!   fractions and particle statistics.
+//! - [`model`]: the reference U-Net as ONNX (our own export, the contract check) and running it with tract.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod classes;
@@ -18,5 +19,6 @@ pub mod features;
 pub mod mask;
 pub mod metrics;
 pub mod micrograph;
+pub mod model;
 pub mod synth;
 pub mod telemetry;

@@ -5,7 +5,7 @@
 //! Skips (saying why) when no libnvrtc can be loaded. CUDA 13's NVRTC no longer targets sm_72, and
 //! CUDA 12's does; the test compiles for each of the three architectures the loaded NVRTC knows and
 //! reports the others. `MICROFED_REQUIRE_ARCHS=72` (or `87,90`) compiles exactly those and turns a
-//! missing one into a failure, so CI can run it once per NVRTC: see `kernels/gpu-check.sh nvrtc`.
+//! missing one into a failure, so CI can run it once per NVRTC: see `tests/run.sh`.
 
 use std::time::Instant;
 

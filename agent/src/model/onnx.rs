@@ -14,8 +14,9 @@ use std::path::{Path, PathBuf};
 
 use prost::Message;
 use tract_onnx::pb::{
-    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
-    ValueInfoProto, attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
+    tensor_proto::DataType, tensor_shape_proto, type_proto,
 };
 
 use microfed_kernels::unet::{CHANNELS, Params, layer_specs};
@@ -35,15 +36,24 @@ pub const INPUT_MULTIPLE: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: cannot write: {source}")]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not an ONNX protobuf: {message}")]
     Decode { path: PathBuf, message: String },
     #[error("parameter {name}: {problem}")]
     Param { name: String, problem: String },
     #[error("{path}: does not meet the microfed U-Net contract:\n  - {}", problems.join("\n  - "))]
-    Contract { path: PathBuf, problems: Vec<String> },
+    Contract {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
 }
 
 /// Name of the tensor holding skip feature `i` (the output of encoder stage `i`).
@@ -52,16 +62,37 @@ pub fn skip_name(i: usize) -> String {
 }
 
 fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: ints.to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
 }
 fn attr_int(name: &str, i: i64) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::Int as i32, i, ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
 }
 fn attr_string(name: &str, s: &str) -> AttributeProto {
-    AttributeProto { name: name.into(), r#type: AttributeType::String as i32, s: s.as_bytes().to_vec(), ..Default::default() }
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::String as i32,
+        s: s.as_bytes().to_vec(),
+        ..Default::default()
+    }
 }
 
-fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attribute: Vec<AttributeProto>) -> NodeProto {
+fn node(
+    op: &str,
+    name: &str,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
     NodeProto {
         op_type: op.into(),
         name: name.into(),
@@ -88,10 +119,18 @@ fn f32_tensor(name: &str, dims: &[usize], data: &[f32]) -> TensorProto {
 
 /// A 4-D float value with symbolic batch, height and width (and a fixed channel count).
 fn value_info(name: &str, channels: usize) -> ValueInfoProto {
-    let dim = |v: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension { value: Some(v), ..Default::default() };
+    let dim = |v: tensor_shape_proto::dimension::Value| tensor_shape_proto::Dimension {
+        value: Some(v),
+        ..Default::default()
+    };
     use tensor_shape_proto::dimension::Value::{DimParam, DimValue};
     let shape = TensorShapeProto {
-        dim: vec![dim(DimParam("N".into())), dim(DimValue(channels as i64)), dim(DimParam("H".into())), dim(DimParam("W".into()))],
+        dim: vec![
+            dim(DimParam("N".into())),
+            dim(DimValue(channels as i64)),
+            dim(DimParam("H".into())),
+            dim(DimParam("W".into())),
+        ],
     };
     ValueInfoProto {
         name: name.into(),
@@ -109,64 +148,114 @@ fn value_info(name: &str, channels: usize) -> ValueInfoProto {
 /// Metadata stored in the ONNX file (`metadata_props`), e.g. model name and version.
 pub type Metadata = Vec<(String, String)>;
 
-/// Builds the ONNX model of the reference U-Net with the given parameters.
-pub fn export(params: &Params, metadata: &Metadata) -> Result<ModelProto, OnnxError> {
-    let k = params.classes;
-    let mut nodes = Vec::new();
-    let mut initializers = Vec::new();
-    let mut add_weight = |name: String, initializers: &mut Vec<TensorProto>| -> Result<String, OnnxError> {
-        let t = params
-            .get(&name)
-            .ok_or_else(|| OnnxError::Param { name: name.clone(), problem: "missing from the parameter set".into() })?;
-        initializers.push(f32_tensor(&name, &t.shape, &t.data));
+/// Accumulates nodes and initializers while the graph is written in topological order.
+struct GraphBuilder<'a> {
+    params: &'a Params,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+}
+
+impl GraphBuilder<'_> {
+    fn weight(&mut self, name: String) -> Result<String, OnnxError> {
+        let t = self.params.get(&name).ok_or_else(|| OnnxError::Param {
+            name: name.clone(),
+            problem: "missing from the parameter set".into(),
+        })?;
+        self.initializers.push(f32_tensor(&name, &t.shape, &t.data));
         Ok(name)
-    };
-    // conv (3×3 pad 1 or 1×1) + optional ReLU, named after the parameter prefix.
-    let mut conv = |prefix: &str, input: &str, output: &str, k3: bool, relu: bool, nodes: &mut Vec<NodeProto>,
-                    initializers: &mut Vec<TensorProto>|
-     -> Result<(), OnnxError> {
-        let w = add_weight(format!("{prefix}.weight"), initializers)?;
-        let b = add_weight(format!("{prefix}.bias"), initializers)?;
-        let (ks, pad) = if k3 { (3, 1) } else { (1, 0) };
-        let conv_out = if relu { format!("{prefix}.out") } else { output.to_string() };
-        nodes.push(node(
+    }
+
+    /// A convolution (3×3 pad 1, or 1×1) named after its parameter prefix, then ReLU when asked.
+    fn conv(
+        &mut self,
+        prefix: &str,
+        input: &str,
+        output: &str,
+        kernel: i64,
+        relu: bool,
+    ) -> Result<(), OnnxError> {
+        let w = self.weight(format!("{prefix}.weight"))?;
+        let b = self.weight(format!("{prefix}.bias"))?;
+        let pad = kernel / 2;
+        let conv_out = if relu {
+            format!("{prefix}.out")
+        } else {
+            output.to_string()
+        };
+        self.nodes.push(node(
             "Conv",
             prefix,
             &[input, &w, &b],
             &[&conv_out],
-            vec![attr_ints("kernel_shape", &[ks, ks]), attr_ints("pads", &[pad, pad, pad, pad]), attr_ints("strides", &[1, 1])],
+            vec![
+                attr_ints("kernel_shape", &[kernel, kernel]),
+                attr_ints("pads", &[pad, pad, pad, pad]),
+                attr_ints("strides", &[1, 1]),
+            ],
         ));
         if relu {
-            nodes.push(node("Relu", &format!("{prefix}.relu"), &[&conv_out], &[output], vec![]));
+            self.nodes.push(node(
+                "Relu",
+                &format!("{prefix}.relu"),
+                &[&conv_out],
+                &[output],
+                vec![],
+            ));
         }
         Ok(())
+    }
+
+    /// Two 3×3 conv + ReLU, the body of every encoder and decoder stage.
+    fn stage(&mut self, prefix: &str, input: &str, output: &str) -> Result<(), OnnxError> {
+        let mid = format!("{prefix}.conv1.act");
+        self.conv(&format!("{prefix}.conv1"), input, &mid, 3, true)?;
+        self.conv(&format!("{prefix}.conv2"), &mid, output, 3, true)
+    }
+}
+
+/// Builds the ONNX model of the reference U-Net with the given parameters.
+pub fn export(params: &Params, metadata: &Metadata) -> Result<ModelProto, OnnxError> {
+    params.validate().map_err(|e| OnnxError::Param {
+        name: "parameters".into(),
+        problem: e.to_string(),
+    })?;
+    let k = params.classes;
+    let mut g = GraphBuilder {
+        params,
+        nodes: Vec::new(),
+        initializers: Vec::new(),
     };
 
-    // Encoder.
+    // Encoder: stage i (after a 2×2 max-pool for i > 0) produces the skip feature `enc{i}`.
     let mut x = INPUT.to_string();
     for i in 0..CHANNELS.len() {
         if i > 0 {
             let pooled = format!("encoder.{i}.pool");
-            nodes.push(node(
+            g.nodes.push(node(
                 "MaxPool",
                 &pooled,
                 &[&x],
                 &[&pooled],
-                vec![attr_ints("kernel_shape", &[2, 2]), attr_ints("strides", &[2, 2])],
+                vec![
+                    attr_ints("kernel_shape", &[2, 2]),
+                    attr_ints("strides", &[2, 2]),
+                ],
             ));
             x = pooled;
         }
-        let mid = format!("encoder.{i}.conv1.act");
-        conv(&format!("encoder.{i}.conv1"), &x, &mid, true, true, &mut nodes, &mut initializers)?;
-        conv(&format!("encoder.{i}.conv2"), &mid, &skip_name(i), true, true, &mut nodes, &mut initializers)?;
+        g.stage(&format!("encoder.{i}"), &x, &skip_name(i))?;
         x = skip_name(i);
     }
 
-    // Decoder: nearest ×2, concat with the skip, two 3×3 conv + ReLU.
-    initializers.push(f32_tensor("const.upsample_scales", &[4], &[1.0, 1.0, 2.0, 2.0]));
+    // Decoder: nearest ×2 (asymmetric + floor is exactly pixel replication), concat with the skip.
+    g.initializers.push(f32_tensor(
+        "const.upsample_scales",
+        &[4],
+        &[1.0, 1.0, 2.0, 2.0],
+    ));
     for j in (0..CHANNELS.len() - 1).rev() {
         let up = format!("decoder.{j}.up");
-        nodes.push(node(
+        g.nodes.push(node(
             "Resize",
             &up,
             &[&x, "", "const.upsample_scales"],
@@ -178,14 +267,23 @@ pub fn export(params: &Params, metadata: &Metadata) -> Result<ModelProto, OnnxEr
             ],
         ));
         let cat = format!("decoder.{j}.concat");
-        nodes.push(node("Concat", &cat, &[&up, &skip_name(j)], &[&cat], vec![attr_int("axis", 1)]));
-        let mid = format!("decoder.{j}.conv1.act");
+        g.nodes.push(node(
+            "Concat",
+            &cat,
+            &[&up, &skip_name(j)],
+            &[&cat],
+            vec![attr_int("axis", 1)],
+        ));
         let out = format!("dec{j}");
-        conv(&format!("decoder.{j}.conv1"), &cat, &mid, true, true, &mut nodes, &mut initializers)?;
-        conv(&format!("decoder.{j}.conv2"), &mid, &out, true, true, &mut nodes, &mut initializers)?;
+        g.stage(&format!("decoder.{j}"), &cat, &out)?;
         x = out;
     }
-    conv("decoder.head", &x, OUTPUT, false, false, &mut nodes, &mut initializers)?;
+    g.conv("decoder.head", &x, OUTPUT, 1, false)?;
+    let GraphBuilder {
+        nodes,
+        initializers,
+        ..
+    } = g;
 
     let graph = GraphProto {
         name: "microfed-unet".into(),
@@ -200,13 +298,19 @@ pub fn export(params: &Params, metadata: &Metadata) -> Result<ModelProto, OnnxEr
     };
     Ok(ModelProto {
         ir_version: IR_VERSION,
-        opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET }],
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }],
         producer_name: "microfed".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         graph: Some(graph),
         metadata_props: metadata
             .iter()
-            .map(|(key, value)| pb::StringStringEntryProto { key: key.clone(), value: value.clone() })
+            .map(|(key, value)| pb::StringStringEntryProto {
+                key: key.clone(),
+                value: value.clone(),
+            })
             .collect(),
         ..Default::default()
     })
@@ -222,13 +326,22 @@ pub fn save(model: &ModelProto, path: &Path) -> Result<(), OnnxError> {
     let tmp = path.with_extension("onnx.tmp");
     std::fs::write(&tmp, to_bytes(model))
         .and_then(|()| std::fs::rename(&tmp, path))
-        .map_err(|source| OnnxError::Write { path: path.to_owned(), source })
+        .map_err(|source| OnnxError::Write {
+            path: path.to_owned(),
+            source,
+        })
 }
 
 /// Reads an ONNX file into its protobuf form.
 pub fn load(path: &Path) -> Result<ModelProto, OnnxError> {
-    let bytes = std::fs::read(path).map_err(|source| OnnxError::Read { path: path.to_owned(), source })?;
-    ModelProto::decode(bytes.as_slice()).map_err(|e| OnnxError::Decode { path: path.to_owned(), message: e.to_string() })
+    let bytes = std::fs::read(path).map_err(|source| OnnxError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    ModelProto::decode(bytes.as_slice()).map_err(|e| OnnxError::Decode {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
 }
 
 /// Reads an initializer as `f32`s (raw little-endian or `float_data`).
@@ -240,24 +353,36 @@ pub fn initializer_f32(t: &TensorProto) -> Option<Vec<f32>> {
         if t.raw_data.len() % 4 != 0 {
             return None;
         }
-        return Some(t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect());
+        return Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+        );
     }
     Some(t.float_data.clone())
 }
 
 /// Replaces the named initializers (e.g. every `decoder.*` weight of a new global decoder). Each replacement
 /// must keep the initializer's element count.
-pub fn patch_initializers(model: &mut ModelProto, weights: &[(String, Vec<f32>)]) -> Result<(), OnnxError> {
-    let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Param { name: "graph".into(), problem: "model has no graph".into() })?;
+pub fn patch_initializers(
+    model: &mut ModelProto,
+    weights: &[(String, Vec<f32>)],
+) -> Result<(), OnnxError> {
+    let graph = model.graph.as_mut().ok_or_else(|| OnnxError::Param {
+        name: "graph".into(),
+        problem: "model has no graph".into(),
+    })?;
     let mut index: HashMap<&str, usize> = HashMap::new();
     for (i, t) in graph.initializer.iter().enumerate() {
         index.insert(t.name.as_str(), i);
     }
     let mut updates = Vec::with_capacity(weights.len());
     for (name, data) in weights {
-        let &i = index
-            .get(name.as_str())
-            .ok_or_else(|| OnnxError::Param { name: name.clone(), problem: "no initializer of that name".into() })?;
+        let &i = index.get(name.as_str()).ok_or_else(|| OnnxError::Param {
+            name: name.clone(),
+            problem: "no initializer of that name".into(),
+        })?;
         let expected: i64 = graph.initializer[i].dims.iter().product();
         if expected as usize != data.len() {
             return Err(OnnxError::Param {
@@ -281,7 +406,10 @@ pub fn reference_layout(k: usize) -> Vec<(String, Vec<usize>)> {
         .into_iter()
         .flat_map(|(name, conv)| {
             [
-                (format!("{name}.weight"), vec![conv.c_out, conv.c_in, conv.k, conv.k]),
+                (
+                    format!("{name}.weight"),
+                    vec![conv.c_out, conv.c_in, conv.k, conv.k],
+                ),
                 (format!("{name}.bias"), vec![conv.c_out]),
             ]
         })
@@ -305,17 +433,32 @@ pub struct ContractReport {
 pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
     let model = load(path)?;
     let mut problems = Vec::new();
-    let opset = model.opset_import.iter().filter(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version).max();
+    let opset = model
+        .opset_import
+        .iter()
+        .filter(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map(|o| o.version)
+        .max();
     match opset {
         Some(v) if v >= 13 => {}
-        Some(v) => problems.push(format!("opset {v} is too old: 13 or newer is needed (we export {OPSET})")),
+        Some(v) => problems.push(format!(
+            "opset {v} is too old: 13 or newer is needed (we export {OPSET})"
+        )),
         None => problems.push("no default-domain opset_import".into()),
     }
     let Some(graph) = model.graph.as_ref() else {
-        return Err(OnnxError::Contract { path: path.to_owned(), problems: vec!["the file has no graph".into()] });
+        return Err(OnnxError::Contract {
+            path: path.to_owned(),
+            problems: vec!["the file has no graph".into()],
+        });
     };
-    let initializer_names: std::collections::HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
-    let real_inputs: Vec<&ValueInfoProto> = graph.input.iter().filter(|i| !initializer_names.contains(i.name.as_str())).collect();
+    let initializer_names: std::collections::HashSet<&str> =
+        graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let real_inputs: Vec<&ValueInfoProto> = graph
+        .input
+        .iter()
+        .filter(|i| !initializer_names.contains(i.name.as_str()))
+        .collect();
     let dims_of = |v: &ValueInfoProto| -> Option<Vec<Option<i64>>> {
         match v.r#type.as_ref()?.value.as_ref()? {
             type_proto::Value::TensorType(t) => Some(
@@ -334,12 +477,24 @@ pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
     match real_inputs.as_slice() {
         [one] if one.name == INPUT => match dims_of(one) {
             Some(d) if d.len() == 4 && d[1] == Some(1) => {}
-            Some(d) if d.len() == 4 => problems.push(format!("input `{INPUT}` must have 1 channel, found {:?}", d[1])),
-            Some(d) => problems.push(format!("input `{INPUT}` must be rank 4 [N,1,H,W], found rank {}", d.len())),
+            Some(d) if d.len() == 4 => problems.push(format!(
+                "input `{INPUT}` must have 1 channel, found {:?}",
+                d[1]
+            )),
+            Some(d) => problems.push(format!(
+                "input `{INPUT}` must be rank 4 [N,1,H,W], found rank {}",
+                d.len()
+            )),
             None => problems.push(format!("input `{INPUT}` has no tensor shape")),
         },
-        [one] => problems.push(format!("the input must be named `{INPUT}`, found `{}`", one.name)),
-        many => problems.push(format!("exactly one input `{INPUT}` is expected, found {}", many.len())),
+        [one] => problems.push(format!(
+            "the input must be named `{INPUT}`, found `{}`",
+            one.name
+        )),
+        many => problems.push(format!(
+            "exactly one input `{INPUT}` is expected, found {}",
+            many.len()
+        )),
     }
     let mut k = None;
     match graph.output.iter().find(|o| o.name == OUTPUT) {
@@ -349,17 +504,32 @@ pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
         },
         None => problems.push(format!(
             "no output named `{OUTPUT}` (outputs: {})",
-            graph.output.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+            graph
+                .output
+                .iter()
+                .map(|o| o.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )),
     }
-    let produced: std::collections::HashSet<&str> = graph.node.iter().flat_map(|n| n.output.iter().map(String::as_str)).collect();
+    let produced: std::collections::HashSet<&str> = graph
+        .node
+        .iter()
+        .flat_map(|n| n.output.iter().map(String::as_str))
+        .collect();
     for i in 0..CHANNELS.len() {
         if !produced.contains(skip_name(i).as_str()) {
-            problems.push(format!("no node produces the skip feature `{}` (output of encoder stage {i})", skip_name(i)));
+            problems.push(format!(
+                "no node produces the skip feature `{}` (output of encoder stage {i})",
+                skip_name(i)
+            ));
         }
     }
     // Parameter layout: take K from the head when the output did not give it.
-    let head = graph.initializer.iter().find(|t| t.name == "decoder.head.weight");
+    let head = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == "decoder.head.weight");
     if k.is_none() {
         k = head.and_then(|t| t.dims.first()).map(|&d| d as usize);
     }
@@ -373,7 +543,9 @@ pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
             Some(t) => {
                 let dims: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
                 if &dims != shape {
-                    problems.push(format!("weight `{name}` has shape {dims:?}, expected {shape:?}"));
+                    problems.push(format!(
+                        "weight `{name}` has shape {dims:?}, expected {shape:?}"
+                    ));
                 } else if t.data_type != DataType::Float as i32 {
                     problems.push(format!("weight `{name}` must be float32"));
                 }
@@ -390,8 +562,16 @@ pub fn check_contract(path: &Path) -> Result<ContractReport, OnnxError> {
         problems.push("cannot tell the number of classes K (from `logits` or `decoder.head.weight`); K ≥ 2 is needed".into());
     }
     if problems.is_empty() {
-        Ok(ContractReport { num_classes: k, decoder_parameters, encoder_parameters, opset: opset.unwrap_or_default() })
+        Ok(ContractReport {
+            num_classes: k,
+            decoder_parameters,
+            encoder_parameters,
+            opset: opset.unwrap_or_default(),
+        })
     } else {
-        Err(OnnxError::Contract { path: path.to_owned(), problems })
+        Err(OnnxError::Contract {
+            path: path.to_owned(),
+            problems,
+        })
     }
 }

@@ -20,7 +20,13 @@ pub enum RuntimeError {
     #[error("{path}: {message}")]
     Load { path: PathBuf, message: String },
     #[error("{path}: input [{n}, 1, {h}, {w}]: {message}")]
-    Run { path: PathBuf, n: usize, h: usize, w: usize, message: String },
+    Run {
+        path: PathBuf,
+        n: usize,
+        h: usize,
+        w: usize,
+        message: String,
+    },
     #[error("input [{n}, 1, {h}, {w}]: H and W must be positive multiples of {INPUT_MULTIPLE}")]
     Shape { n: usize, h: usize, w: usize },
 }
@@ -45,7 +51,10 @@ pub struct Segmenter {
 
 impl std::fmt::Debug for Segmenter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Segmenter").field("path", &self.path).field("classes", &self.classes).finish()
+        f.debug_struct("Segmenter")
+            .field("path", &self.path)
+            .field("classes", &self.classes)
+            .finish()
     }
 }
 
@@ -53,26 +62,51 @@ impl Segmenter {
     /// Loads the file and checks the microfed contract first, so that a wrong model is explained rather
     /// than failing inside tract.
     pub fn load(path: &Path) -> Result<Self, RuntimeError> {
-        let report = onnx::check_contract(path).map_err(|e| RuntimeError::Load { path: path.to_owned(), message: e.to_string() })?;
+        let report = onnx::check_contract(path).map_err(|e| RuntimeError::Load {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
         let model = tract_onnx::onnx()
             .model_for_path(path)
-            .map_err(|e| RuntimeError::Load { path: path.to_owned(), message: format!("tract cannot parse it: {e:#}") })?;
-        Ok(Self { path: path.to_owned(), model, plans: Mutex::new(HashMap::new()), classes: report.num_classes })
+            .map_err(|e| RuntimeError::Load {
+                path: path.to_owned(),
+                message: format!("tract cannot parse it: {e:#}"),
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            model,
+            plans: Mutex::new(HashMap::new()),
+            classes: report.num_classes,
+        })
     }
 
     /// Builds from an in-memory protobuf (e.g. after patching a new global decoder in).
-    pub fn from_proto(proto: &tract_onnx::pb::ModelProto, label: &Path) -> Result<Self, RuntimeError> {
+    pub fn from_proto(
+        proto: &tract_onnx::pb::ModelProto,
+        label: &Path,
+    ) -> Result<Self, RuntimeError> {
         let model = tract_onnx::onnx()
             .model_for_proto_model(proto)
-            .map_err(|e| RuntimeError::Load { path: label.to_owned(), message: format!("tract cannot parse it: {e:#}") })?;
+            .map_err(|e| RuntimeError::Load {
+                path: label.to_owned(),
+                message: format!("tract cannot parse it: {e:#}"),
+            })?;
         let classes = proto
             .graph
             .as_ref()
             .and_then(|g| g.initializer.iter().find(|t| t.name == "decoder.head.bias"))
             .and_then(|t| t.dims.first())
             .map(|&d| d as usize)
-            .ok_or_else(|| RuntimeError::Load { path: label.to_owned(), message: "no decoder.head.bias".into() })?;
-        Ok(Self { path: label.to_owned(), model, plans: Mutex::new(HashMap::new()), classes })
+            .ok_or_else(|| RuntimeError::Load {
+                path: label.to_owned(),
+                message: "no decoder.head.bias".into(),
+            })?;
+        Ok(Self {
+            path: label.to_owned(),
+            model,
+            plans: Mutex::new(HashMap::new()),
+            classes,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,10 +123,21 @@ impl Segmenter {
             return Err(RuntimeError::Shape { n, h, w });
         }
         let key = (n, h, w, outputs);
-        if let Some(p) = self.plans.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        if let Some(p) = self
+            .plans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
             return Ok(p.clone());
         }
-        let err = |e: TractError| RuntimeError::Run { path: self.path.clone(), n, h, w, message: format!("{e:#}") };
+        let err = |e: TractError| RuntimeError::Run {
+            path: self.path.clone(),
+            n,
+            h,
+            w,
+            message: format!("{e:#}"),
+        };
         let names: Vec<String> = match outputs {
             Outputs::Logits => vec![OUTPUT.to_string()],
             Outputs::Features => (0..5).map(onnx::skip_name).collect(),
@@ -105,18 +150,34 @@ impl Segmenter {
             .and_then(|m| m.into_optimized())
             .and_then(|m| m.into_runnable())
             .map_err(err)?;
-        self.plans.lock().unwrap_or_else(|e| e.into_inner()).insert(key, plan.clone());
+        self.plans
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, plan.clone());
         Ok(plan)
     }
 
     /// Prepares (optimises) the plan for a batch shape ahead of time, so the first image is not slow.
-    pub fn prepare(&self, n: usize, h: usize, w: usize, outputs: Outputs) -> Result<(), RuntimeError> {
+    pub fn prepare(
+        &self,
+        n: usize,
+        h: usize,
+        w: usize,
+        outputs: Outputs,
+    ) -> Result<(), RuntimeError> {
         self.plan(n, h, w, outputs).map(|_| ())
     }
 
     /// Runs a batch of normalised images `[n, 1, h, w]` (row-major) and returns the requested outputs,
     /// each flattened NCHW with its shape.
-    pub fn run(&self, input: &[f32], n: usize, h: usize, w: usize, outputs: Outputs) -> Result<Vec<(Vec<usize>, Vec<f32>)>, RuntimeError> {
+    pub fn run(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        outputs: Outputs,
+    ) -> Result<Vec<(Vec<usize>, Vec<f32>)>, RuntimeError> {
         if input.len() != n * h * w {
             return Err(RuntimeError::Run {
                 path: self.path.clone(),
@@ -127,7 +188,13 @@ impl Segmenter {
             });
         }
         let plan = self.plan(n, h, w, outputs)?;
-        let err = |e: TractError| RuntimeError::Run { path: self.path.clone(), n, h, w, message: format!("{e:#}") };
+        let err = |e: TractError| RuntimeError::Run {
+            path: self.path.clone(),
+            n,
+            h,
+            w,
+            message: format!("{e:#}"),
+        };
         let tensor = Tensor::from_shape(&[n, 1, h, w], input).map_err(err)?;
         let result = plan.run(tvec!(tensor.into_tvalue())).map_err(err)?;
         result
@@ -140,7 +207,13 @@ impl Segmenter {
     }
 
     /// Logits of a batch, `[n, K, h, w]` flattened.
-    pub fn logits(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<f32>, RuntimeError> {
+    pub fn logits(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<Vec<f32>, RuntimeError> {
         let mut out = self.run(input, n, h, w, Outputs::Logits)?;
         Ok(out.remove(0).1)
     }

@@ -35,7 +35,6 @@ use compile::{KernelCache, KernelSource, Target};
 /// Threads per block of the elementwise and reduction kernels (`REDUCE_THREADS` in ops.cu).
 const THREADS: u32 = 256;
 
-
 /// An NVIDIA GPU driven by microfed's own kernels.
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
