@@ -74,12 +74,18 @@ fn gemm_f32(
 }
 
 fn main() {
-    let env = |k: &str, d: usize| std::env::var(k).ok().and_then(|v| v.parse().ok()).unwrap_or(d);
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
     let size = env("BENCH_SIZE", 128);
     let batch = env("BENCH_BATCH", 4);
     let threads = rayon::current_num_threads();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-    let mut rand_vec = |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
+    let mut rand_vec =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-1.0..1.0)).collect() };
 
     // (a) The GEMM crate alone.
     let n = 1024;
@@ -98,11 +104,20 @@ fn main() {
     println!(
         "    conv forward GEMMs (m = c_out, n = h·w, k = c_in·k²), batch {batch}, images in parallel:"
     );
-    println!("    {:<18} {:>4} {:>6} {:>5} {:>9} {:>14}", "layer", "m", "n", "k", "whole", "banded (rows)");
+    println!(
+        "    {:<18} {:>4} {:>6} {:>5} {:>9} {:>14}",
+        "layer", "m", "n", "k", "whole", "banded (rows)"
+    );
     let xs = Shape::new(batch, 1, size, size);
     let mut seen = std::collections::HashSet::new();
     for (l, (name, conv)) in layer_specs(2).iter().enumerate() {
-        let lvl = if l < 10 { l / 2 } else if l < 18 { (l - 10) / 2 } else { 0 };
+        let lvl = if l < 10 {
+            l / 2
+        } else if l < 18 {
+            (l - 10) / 2
+        } else {
+            0
+        };
         let (h, wd) = (size >> lvl, size >> lvl);
         let hw = h * wd;
         let (m, nn, k) = (conv.c_out, hw, conv.c_in * conv.k * conv.k);
@@ -113,7 +128,9 @@ fn main() {
         let rows = if conv.k == 1 {
             h
         } else {
-            ((128 * 1024) / (k * wd)).max(256usize.div_ceil(wd)).clamp(1, h)
+            ((128 * 1024) / (k * wd))
+                .max(256usize.div_ceil(wd))
+                .clamp(1, h)
         };
         let w = rand_vec(m * k);
         let cols: Vec<Vec<f32>> = (0..batch).map(|_| rand_vec(k * nn)).collect();
@@ -146,9 +163,17 @@ fn main() {
 
     // Each conv layer's three passes through the backend (best of repeated runs).
     let be = Arc::new(CpuBackend::new());
-    println!("    backend conv passes per layer, batch {batch} (GFLOP/s: forward, backward-data, backward-weight):");
+    println!(
+        "    backend conv passes per layer, batch {batch} (GFLOP/s: forward, backward-data, backward-weight):"
+    );
     for (l, (name, conv)) in layer_specs(2).iter().enumerate() {
-        let lvl = if l < 10 { l / 2 } else if l < 18 { (l - 10) / 2 } else { 0 };
+        let lvl = if l < 10 {
+            l / 2
+        } else if l < 18 {
+            (l - 10) / 2
+        } else {
+            0
+        };
         let s = Shape::new(batch, conv.c_in, size >> lvl, size >> lvl);
         let ys = s.with_c(conv.c_out);
         let x = be.upload(&rand_vec(s.len())).unwrap();
@@ -156,13 +181,23 @@ fn main() {
         let bias = be.upload(&rand_vec(conv.c_out)).unwrap();
         let mut y = be.zeros(ys.len()).unwrap();
         let mut dx = be.zeros(s.len()).unwrap();
-        let (mut dw, mut db) = (be.zeros(conv.weight_len()).unwrap(), be.zeros(conv.c_out).unwrap());
+        let (mut dw, mut db) = (
+            be.zeros(conv.weight_len()).unwrap(),
+            be.zeros(conv.c_out).unwrap(),
+        );
         let p = microfed_kernels::Precision::Fp32;
         let budget = Duration::from_millis(200);
-        let tf = best_time(budget, 3, || be.conv2d_forward(&x, s, *conv, &w, &bias, true, p, &mut y).unwrap());
-        let td = best_time(budget, 3, || be.conv2d_backward_data(&y, s, *conv, &w, p, &mut dx).unwrap());
+        let tf = best_time(budget, 3, || {
+            be.conv2d_forward(&x, s, *conv, &w, &bias, true, p, &mut y)
+                .unwrap()
+        });
+        let td = best_time(budget, 3, || {
+            be.conv2d_backward_data(&y, s, *conv, &w, p, &mut dx)
+                .unwrap()
+        });
         let tw = best_time(budget, 3, || {
-            be.conv2d_backward_weight(&x, s, *conv, &y, p, &mut dw, &mut db).unwrap()
+            be.conv2d_backward_weight(&x, s, *conv, &y, p, &mut dw, &mut db)
+                .unwrap()
         });
         let f = conv.forward_flops(s) as f64;
         println!(
@@ -176,14 +211,20 @@ fn main() {
     // (b), (c) Training steps.
     let mut net = UNet::init(be.clone(), 2, 3).unwrap();
     let x = be.upload(&rand_vec(xs.len())).unwrap();
-    let labels: Vec<u8> = (0..batch * size * size).map(|i| ((i / 7) % 2) as u8).collect();
+    let labels: Vec<u8> = (0..batch * size * size)
+        .map(|i| ((i / 7) % 2) as u8)
+        .collect();
     let lb = be.upload_labels(&labels).unwrap();
-    let loss = Loss { class_weights: None, dice_weight: 0.5 };
+    let loss = Loss {
+        class_weights: None,
+        dice_weight: 0.5,
+    };
     let optim = Optim::adamw(1e-3);
     let feats = net.encode(&x, xs).unwrap();
 
     let t = best_time(Duration::from_secs(5), 3, || {
-        net.decoder_train_step(&feats, xs, &lb, &loss, &optim, None).unwrap();
+        net.decoder_train_step(&feats, xs, &lb, &loss, &optim, None)
+            .unwrap();
     });
     let f = net.decoder_step_flops(xs) as f64;
     let r = gflops(f, t);

@@ -55,7 +55,10 @@ mod tests {
         // Own feature values with mean 2 and std 4: {-2, 6}. After full restyle: mean −1, std 0.5.
         let (s, b) = restyle_coefficients(&[2.0], &[4.0], &[-1.0], &[0.5], 1.0, 0.0).unwrap();
         let y: Vec<f32> = [-2.0f32, 6.0].iter().map(|x| x * s[0] + b[0]).collect();
-        assert!((y[0] - -1.5).abs() < 1e-6 && (y[1] - -0.5).abs() < 1e-6, "{y:?}");
+        assert!(
+            (y[0] - -1.5).abs() < 1e-6 && (y[1] - -0.5).abs() < 1e-6,
+            "{y:?}"
+        );
     }
 
     #[test]

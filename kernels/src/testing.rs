@@ -165,10 +165,10 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: f32) -> Result<(), St
         let err = (g as f64 - w).abs();
         let bound = tol as f64 * (w.abs() + rms) + f64::MIN_POSITIVE;
         let ratio = err / bound;
-        // `!(x <= 1)` also catches NaN (poison that was never overwritten).
-        if !(ratio <= 1.0) {
+        // A NaN ratio (poison that was never overwritten) must fail too.
+        if ratio.is_nan() || ratio > 1.0 {
             bad += 1;
-            if worst.is_none_or(|(_, r)| !(ratio <= r)) {
+            if worst.is_none_or(|(_, r)| ratio.is_nan() || ratio > r) {
                 worst = Some((i, ratio));
             }
         }
@@ -232,7 +232,8 @@ pub mod reference {
                             // y[oy, ox] += w·x[oy + ky − pad, ox + kx − pad] where that is inside.
                             for oy in pad.saturating_sub(ky)..(h + pad).saturating_sub(ky).min(h) {
                                 let iy = oy + ky - pad;
-                                for ox in pad.saturating_sub(kx)..(wd + pad).saturating_sub(kx).min(wd)
+                                for ox in
+                                    pad.saturating_sub(kx)..(wd + pad).saturating_sub(kx).min(wd)
                                 {
                                     out[oy * wd + ox] += wv * plane[iy * wd + ox + kx - pad];
                                 }
@@ -276,7 +277,8 @@ pub mod reference {
                             let mut acc = 0.0;
                             for oy in pad.saturating_sub(ky)..(h + pad).saturating_sub(ky).min(h) {
                                 let iy = oy + ky - pad;
-                                for ox in pad.saturating_sub(kx)..(wd + pad).saturating_sub(kx).min(wd)
+                                for ox in
+                                    pad.saturating_sub(kx)..(wd + pad).saturating_sub(kx).min(wd)
                                 {
                                     let xi = base + iy * wd + ox + kx - pad;
                                     let gv = gp[oy * wd + ox];
@@ -299,7 +301,8 @@ pub mod reference {
         for p in 0..xs.n * xs.c {
             for oy in 0..ho {
                 for ox in 0..wo {
-                    let at = |dy: usize, dx: usize| x[(p * xs.h + 2 * oy + dy) * xs.w + 2 * ox + dx];
+                    let at =
+                        |dy: usize, dx: usize| x[(p * xs.h + 2 * oy + dy) * xs.w + 2 * ox + dx];
                     y[(p * ho + oy) * wo + ox] = at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1));
                 }
             }
@@ -498,10 +501,22 @@ fn conv_forward_case<B: Backend>(
 pub fn check_conv3_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
     for p in [Precision::Fp32, Precision::Tf32] {
-        conv_forward_case(&mut cx, Shape::new(2, 3, 7, 9), Conv::new(3, 5, 3), false, p)?;
+        conv_forward_case(
+            &mut cx,
+            Shape::new(2, 3, 7, 9),
+            Conv::new(3, 5, 3),
+            false,
+            p,
+        )?;
         conv_forward_case(&mut cx, Shape::new(3, 5, 9, 7), Conv::new(5, 3, 3), true, p)?;
         // A deeper reduction (c_in·9 = 306) and 1-pixel-wide planes.
-        conv_forward_case(&mut cx, Shape::new(1, 34, 5, 1), Conv::new(34, 7, 3), true, p)?;
+        conv_forward_case(
+            &mut cx,
+            Shape::new(1, 34, 5, 1),
+            Conv::new(34, 7, 3),
+            true,
+            p,
+        )?;
     }
     Ok(())
 }
@@ -510,8 +525,20 @@ pub fn check_conv3_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(),
 pub fn check_conv1_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
     for p in [Precision::Fp32, Precision::Tf32] {
-        conv_forward_case(&mut cx, Shape::new(2, 3, 7, 9), Conv::new(3, 5, 1), false, p)?;
-        conv_forward_case(&mut cx, Shape::new(1, 16, 5, 3), Conv::new(16, 3, 1), true, p)?;
+        conv_forward_case(
+            &mut cx,
+            Shape::new(2, 3, 7, 9),
+            Conv::new(3, 5, 1),
+            false,
+            p,
+        )?;
+        conv_forward_case(
+            &mut cx,
+            Shape::new(1, 16, 5, 3),
+            Conv::new(16, 3, 1),
+            true,
+            p,
+        )?;
     }
     Ok(())
 }
@@ -546,16 +573,21 @@ fn conv_backward_case<B: Backend>(
     ))?;
 
     let h = 1e-3; // L is linear in each of x, w, b: central differences are exact up to rounding.
-    let fd_x = finite_diff(&x64, h, |xp| dot(&g64, &r::conv(xp, xs, conv, &w64, &b64, false)));
-    let fd_w = finite_diff(&w64, h, |wp| dot(&g64, &r::conv(&x64, xs, conv, wp, &b64, false)));
-    let fd_b = finite_diff(&b64, h, |bp| dot(&g64, &r::conv(&x64, xs, conv, &w64, bp, false)));
+    let fd_x = finite_diff(&x64, h, |xp| {
+        dot(&g64, &r::conv(xp, xs, conv, &w64, &b64, false))
+    });
+    let fd_w = finite_diff(&w64, h, |wp| {
+        dot(&g64, &r::conv(&x64, xs, conv, wp, &b64, false))
+    });
+    let fd_b = finite_diff(&b64, h, |bp| {
+        dot(&g64, &r::conv(&x64, xs, conv, &w64, bp, false))
+    });
     let tag = format!("{conv:?} on {xs}, {precision:?}");
     // The reference backward (used by the large case) must agree with the differences too.
     let (rx, rw, rb) = r::conv_backward(&x64, xs, conv, &w64, &g64);
     for (name, a, b) in [("dx", &rx, &fd_x), ("dw", &rw, &fd_w), ("db", &rb, &fd_b)] {
         let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
-        compare(&format!("reference conv {name} {tag}"), &a32, b, 1e-6)
-            .map_err(|e| cx.fail(e))?;
+        compare(&format!("reference conv {name} {tag}"), &a32, b, 1e-6).map_err(|e| cx.fail(e))?;
     }
     cx.compare(&format!("conv dx {tag}"), &cx.down(&dx)?, &fd_x)?;
     cx.compare(&format!("conv dw {tag}"), &cx.down(&dw)?, &fd_w)?;
@@ -584,9 +616,25 @@ pub fn check_conv1_backward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<()
 /// A single image and a batch the thread count does not divide (other parallel paths).
 pub fn check_conv_batch_one<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
-    conv_forward_case(&mut cx, Shape::new(1, 4, 11, 13), Conv::new(4, 6, 3), true, Precision::Fp32)?;
-    conv_backward_case(&mut cx, Shape::new(1, 3, 6, 5), Conv::new(3, 2, 3), Precision::Fp32)?;
-    conv_backward_case(&mut cx, Shape::new(5, 2, 4, 3), Conv::new(2, 3, 3), Precision::Fp32)
+    conv_forward_case(
+        &mut cx,
+        Shape::new(1, 4, 11, 13),
+        Conv::new(4, 6, 3),
+        true,
+        Precision::Fp32,
+    )?;
+    conv_backward_case(
+        &mut cx,
+        Shape::new(1, 3, 6, 5),
+        Conv::new(3, 2, 3),
+        Precision::Fp32,
+    )?;
+    conv_backward_case(
+        &mut cx,
+        Shape::new(5, 2, 4, 3),
+        Conv::new(2, 3, 3),
+        Precision::Fp32,
+    )
 }
 
 /// Layers big enough that the CPU cuts each image into several row bands (and a GPU into many
@@ -608,7 +656,16 @@ pub fn check_conv_large<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), Ch
         let (xb, wb, gb) = (cx.up(&x)?, cx.up(&w)?, cx.up(&g)?);
         let tag = format!("{conv:?} on {xs}");
         let mut y = cx.poisoned(ys.len())?;
-        cx.k(b.conv2d_forward(&xb, xs, conv, &wb, &cx.up(&bias)?, true, Precision::Fp32, &mut y))?;
+        cx.k(b.conv2d_forward(
+            &xb,
+            xs,
+            conv,
+            &wb,
+            &cx.up(&bias)?,
+            true,
+            Precision::Fp32,
+            &mut y,
+        ))?;
         let want = r::conv(&x64, xs, conv, &w64, &to64(&bias), true);
         cx.compare(&format!("conv forward {tag}"), &cx.down(&y)?, &want)?;
         let (rx, rw, rb) = r::conv_backward(&x64, xs, conv, &w64, &g64);
@@ -667,7 +724,12 @@ pub fn check_maxpool<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), Check
     // Ties: the first maximum in row-major order takes the gradient.
     let tie_shape = Shape::new(1, 1, 2, 2);
     let mut dx = cx.poisoned(4)?;
-    cx.k(b.maxpool2_backward(&cx.up(&[0.0, 1.0, 1.0, 1.0])?, tie_shape, &cx.up(&[2.0])?, &mut dx))?;
+    cx.k(b.maxpool2_backward(
+        &cx.up(&[0.0, 1.0, 1.0, 1.0])?,
+        tie_shape,
+        &cx.up(&[2.0])?,
+        &mut dx,
+    ))?;
     cx.compare("maxpool tie", &cx.down(&dx)?, &[0.0, 2.0, 0.0, 0.0])
 }
 
@@ -785,7 +847,11 @@ pub fn check_soft_dice<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), Che
         &mut dl,
     ))?;
     let l64 = to64(&logits);
-    cx.compare("soft Dice value", &[loss], &[r::soft_dice(&l64, ls, &labels)])?;
+    cx.compare(
+        "soft Dice value",
+        &[loss],
+        &[r::soft_dice(&l64, ls, &labels)],
+    )?;
     let fd = finite_diff(&l64, 1e-5, |lp| r::soft_dice(lp, ls, &labels));
     let want: Vec<f64> = prior
         .iter()
@@ -827,8 +893,8 @@ pub fn check_channel_stats<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(),
         })
         .collect();
     let (mean, std) = cx.k(b.channel_stats(&cx.up(&x)?, xs))?;
-    let mut want_m = vec![0.0f64; 5];
-    let mut want_s = vec![0.0f64; 5];
+    let mut want_m = [0.0f64; 5];
+    let mut want_s = [0.0f64; 5];
     let count = (xs.n * hw) as f64;
     for (i, &v) in x.iter().enumerate() {
         want_m[(i / hw) % xs.c] += v as f64 / count;
@@ -840,8 +906,16 @@ pub fn check_channel_stats<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(),
     want_s.iter_mut().for_each(|s| *s = s.sqrt());
     // Means are compared relative to their own size; the std to its own (not the offsets').
     for c in 0..5 {
-        cx.compare(&format!("channel {c} mean"), &mean[c..c + 1], &want_m[c..c + 1])?;
-        cx.compare(&format!("channel {c} std"), &std[c..c + 1], &want_s[c..c + 1])?;
+        cx.compare(
+            &format!("channel {c} mean"),
+            &mean[c..c + 1],
+            &want_m[c..c + 1],
+        )?;
+        cx.compare(
+            &format!("channel {c} std"),
+            &std[c..c + 1],
+            &want_s[c..c + 1],
+        )?;
     }
     Ok(())
 }
@@ -885,11 +959,23 @@ pub fn check_sgd<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckErro
         cx.k(b.optimizer_step(s, &mut p, &cx.up(&g)?, &mut state))?;
         for i in 0..n {
             let gi = g[i] as f64 + wd as f64 * p64[i];
-            v64[i] = if step == 1 { gi } else { momentum as f64 * v64[i] + gi };
+            v64[i] = if step == 1 {
+                gi
+            } else {
+                momentum as f64 * v64[i] + gi
+            };
             p64[i] -= lr as f64 * v64[i];
         }
-        cx.compare(&format!("SGD parameters after step {step}"), &cx.down(&p)?, &p64)?;
-        cx.compare(&format!("SGD velocity after step {step}"), &cx.down(&state[0])?, &v64)?;
+        cx.compare(
+            &format!("SGD parameters after step {step}"),
+            &cx.down(&p)?,
+            &p64,
+        )?;
+        cx.compare(
+            &format!("SGD velocity after step {step}"),
+            &cx.down(&state[0])?,
+            &v64,
+        )?;
     }
     Ok(())
 }
@@ -927,9 +1013,21 @@ pub fn check_adamw<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckEr
             let vh = v64[i] / (1.0 - b2d.powi(t));
             p64[i] -= lr as f64 * mh / (vh.sqrt() + eps as f64);
         }
-        cx.compare(&format!("AdamW parameters after step {step}"), &cx.down(&p)?, &p64)?;
-        cx.compare(&format!("AdamW m after step {step}"), &cx.down(&state[0])?, &m64)?;
-        cx.compare(&format!("AdamW v after step {step}"), &cx.down(&state[1])?, &v64)?;
+        cx.compare(
+            &format!("AdamW parameters after step {step}"),
+            &cx.down(&p)?,
+            &p64,
+        )?;
+        cx.compare(
+            &format!("AdamW m after step {step}"),
+            &cx.down(&state[0])?,
+            &m64,
+        )?;
+        cx.compare(
+            &format!("AdamW v after step {step}"),
+            &cx.down(&state[1])?,
+            &v64,
+        )?;
     }
     Ok(())
 }
@@ -947,12 +1045,30 @@ pub fn check_shape_errors<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), 
         other => Err(cx.fail(format!("{what}: expected a shape error, got {other:?}"))),
     };
     expect_shape_err(
-        b.conv2d_forward(&x, xs, Conv::new(3, 5, 3), &w, &bias, true, Precision::Fp32, &mut short),
+        b.conv2d_forward(
+            &x,
+            xs,
+            Conv::new(3, 5, 3),
+            &w,
+            &bias,
+            true,
+            Precision::Fp32,
+            &mut short,
+        ),
         "conv with a short output",
     )?;
     let mut y = cx.up(&[0.0; 80])?;
     expect_shape_err(
-        b.conv2d_forward(&x, xs, Conv::new(4, 5, 3), &w, &bias, true, Precision::Fp32, &mut y),
+        b.conv2d_forward(
+            &x,
+            xs,
+            Conv::new(4, 5, 3),
+            &w,
+            &bias,
+            true,
+            Precision::Fp32,
+            &mut y,
+        ),
         "conv with mismatched channels",
     )?;
     expect_shape_err(
@@ -975,11 +1091,7 @@ pub fn check_shape_errors<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), 
 /// The U-Net's loss and gradients on a tiny input (`1×1×16×16`, 3 classes, class weights, Dice,
 /// ignored pixels) against the f64 reference network: the loss, the logits, and central differences
 /// for sampled scalars of every parameter tensor (every bias twice).
-pub fn check_unet_gradients<B: Backend>(
-    b: Arc<B>,
-    tol: f32,
-    seed: u64,
-) -> Result<(), CheckError> {
+pub fn check_unet_gradients<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<(), CheckError> {
     let mut cx = Ctx::new(&*b, tol, seed);
     let classes = 3;
     let xs = Shape::new(1, 1, 16, 16);
@@ -1016,7 +1128,11 @@ pub fn check_unet_gradients<B: Backend>(
     let h = 1e-5f64;
     for t in 0..params.tensors.len() {
         // Biases are cheap to get wrong in bulk (a missing batch or pixel sum): sample them twice.
-        let samples = if params.tensors[t].shape.len() == 1 { 2 } else { 1 };
+        let samples = if params.tensors[t].shape.len() == 1 {
+            2
+        } else {
+            1
+        };
         for _ in 0..samples {
             let i = cx.rng.random_range(0..params.tensors[t].data.len());
             // Params holds f32, so p ± h is rounded to f32; the quotient uses the step taken.
@@ -1087,7 +1203,8 @@ pub fn check_decoder_mode<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<
         .iter()
         .map(|s| (cx.uniform(s.c, 0.5, 1.5), cx.uniform(s.c, -0.2, 0.2)))
         .collect();
-    let restyled_loss = cx.k(net.decoder_loss_and_gradients(&feats, xs, &lb, &loss, Some(&styles)))?;
+    let restyled_loss =
+        cx.k(net.decoder_loss_and_gradients(&feats, xs, &lb, &loss, Some(&styles)))?;
     let restyled_grads = flat(&cx.k(net.gradients())?, first);
     let host_feats: Vec<B::Buffer> = feats
         .iter()
@@ -1103,7 +1220,11 @@ pub fn check_decoder_mode<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<
         })
         .collect::<Result<_, _>>()?;
     let host_loss = cx.k(net.decoder_loss_and_gradients(&host_feats, xs, &lb, &loss, None))?;
-    cx.compare("re-styled loss", &[restyled_loss.loss], &[host_loss.loss as f64])?;
+    cx.compare(
+        "re-styled loss",
+        &[restyled_loss.loss],
+        &[host_loss.loss as f64],
+    )?;
     cx.compare(
         "re-styled gradients",
         &restyled_grads,

@@ -58,7 +58,10 @@ pub fn layer_specs(classes: usize) -> Vec<(String, Conv)> {
         ));
         out.push((format!("decoder.{j}.conv2"), Conv::new(c, c, 3)));
     }
-    out.push(("decoder.head".to_string(), Conv::new(CHANNELS[0], classes, 1)));
+    out.push((
+        "decoder.head".to_string(),
+        Conv::new(CHANNELS[0], classes, 1),
+    ));
     out
 }
 
@@ -433,8 +436,14 @@ impl<B: Backend> Net<'_, B> {
         self.b
             .conv2d_backward_weight(x, xs, conv, dy, self.precision, &mut gw[0], &mut gb[0])?;
         if let Some(dx) = dx {
-            self.b
-                .conv2d_backward_data(dy, xs, conv, &self.params[2 * layer], self.precision, dx)?;
+            self.b.conv2d_backward_data(
+                dy,
+                xs,
+                conv,
+                &self.params[2 * layer],
+                self.precision,
+                dx,
+            )?;
         }
         Ok(())
     }
@@ -446,12 +455,19 @@ impl<B: Backend> Net<'_, B> {
                 xs
             } else {
                 let prev = level(xs, l - 1, CHANNELS[l - 1]);
-                self.b.maxpool2_forward(&ws.e[l - 1], prev, &mut ws.pool[l])?;
+                self.b
+                    .maxpool2_forward(&ws.e[l - 1], prev, &mut ws.pool[l])?;
                 level(xs, l, CHANNELS[l - 1])
             };
             let input = if l == 0 { x } else { &ws.pool[l] };
             self.conv(enc(l, 0), input, ins, true, &mut ws.a[l])?;
-            self.conv(enc(l, 1), &ws.a[l], ins.with_c(CHANNELS[l]), true, &mut ws.e[l])?;
+            self.conv(
+                enc(l, 1),
+                &ws.a[l],
+                ins.with_c(CHANNELS[l]),
+                true,
+                &mut ws.e[l],
+            )?;
         }
         Ok(())
     }
@@ -483,7 +499,11 @@ impl<B: Backend> Net<'_, B> {
             ));
         }
         for j in (0..DEPTH - 1).rev() {
-            let low = if j == DEPTH - 2 { &f[DEPTH - 1] } else { &d2[j + 1] };
+            let low = if j == DEPTH - 2 {
+                &f[DEPTH - 1]
+            } else {
+                &d2[j + 1]
+            };
             let low_shape = level(xs, j + 1, CHANNELS[j + 1]);
             self.b
                 .upsample2_concat_forward(low, low_shape, &f[j], CHANNELS[j], &mut cat[j])?;
@@ -555,7 +575,14 @@ impl<B: Backend> Net<'_, B> {
             let c = CHANNELS[l];
             let s = level(xs, l, c);
             self.b.relu_backward(&ws.e[l], &mut ws.ge[l])?;
-            self.conv_backward(enc(l, 1), &ws.a[l], s, &ws.ge[l], grads, Some(&mut ws.ga[l]))?;
+            self.conv_backward(
+                enc(l, 1),
+                &ws.a[l],
+                s,
+                &ws.ge[l],
+                grads,
+                Some(&mut ws.ga[l]),
+            )?;
             self.b.relu_backward(&ws.a[l], &mut ws.ga[l])?;
             if l == 0 {
                 // The image needs no gradient: skip conv1's backward-data pass.
@@ -777,7 +804,7 @@ impl<B: Backend> UNet<B> {
                 format!("input {xs}: expected a non-empty batch of 1-channel images"),
             ));
         }
-        if xs.h % SIZE_MULTIPLE != 0 || xs.w % SIZE_MULTIPLE != 0 {
+        if !xs.h.is_multiple_of(SIZE_MULTIPLE) || !xs.w.is_multiple_of(SIZE_MULTIPLE) {
             return Err(KernelError::shape(
                 "unet",
                 format!("input {xs}: height and width must be multiples of {SIZE_MULTIPLE}"),
@@ -1115,7 +1142,10 @@ mod tests {
             p.get("decoder.3.conv1.weight").unwrap().shape,
             vec![128, 384, 3, 3]
         );
-        assert_eq!(p.get("decoder.head.weight").unwrap().shape, vec![2, 16, 1, 1]);
+        assert_eq!(
+            p.get("decoder.head.weight").unwrap().shape,
+            vec![2, 16, 1, 1]
+        );
         p.validate().unwrap();
     }
 

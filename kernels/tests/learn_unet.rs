@@ -26,7 +26,10 @@ fn sample(rng: &mut impl Rng) -> (Vec<f32>, Vec<u8>) {
         }
     }
     for _ in 0..rng.random_range(1..4) {
-        let (cy, cx) = (rng.random_range(4.0..28.0f32), rng.random_range(4.0..28.0f32));
+        let (cy, cx) = (
+            rng.random_range(4.0..28.0f32),
+            rng.random_range(4.0..28.0f32),
+        );
         let r = rng.random_range(2.5..6.0f32);
         for y in 0..SIZE {
             for x in 0..SIZE {

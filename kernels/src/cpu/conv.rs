@@ -37,7 +37,7 @@ pub(crate) enum Plan {
 
 impl Plan {
     pub fn new(n: usize, threads: usize) -> Self {
-        if threads > 1 && n >= threads && n % threads == 0 {
+        if threads > 1 && n >= threads && n.is_multiple_of(threads) {
             Plan::Images
         } else {
             Plan::Inside(threads)
@@ -153,11 +153,31 @@ pub(crate) fn forward(
                         rs: hw,
                         cs: 1,
                     };
-                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, plan.gemm_par());
+                    matmul(
+                        conv.c_out,
+                        band,
+                        kk,
+                        dst,
+                        hw,
+                        false,
+                        lhs,
+                        rhs,
+                        plan.gemm_par(),
+                    );
                 } else {
                     im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
                     let rhs = MatRef::rows(&col[..kk * band], band);
-                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, plan.gemm_par());
+                    matmul(
+                        conv.c_out,
+                        band,
+                        kk,
+                        dst,
+                        hw,
+                        false,
+                        lhs,
+                        rhs,
+                        plan.gemm_par(),
+                    );
                 }
                 // Bias and ReLU on the band while it is still in cache.
                 for co in 0..conv.c_out {
@@ -198,14 +218,7 @@ pub(crate) fn backward_data(
 }
 
 /// `dx` as a forward convolution of `dy` with the rotated, channel-swapped 3×3 kernel.
-fn backward_data_rotated(
-    dy: &[f32],
-    xs: Shape,
-    conv: Conv,
-    w: &[f32],
-    dx: &mut [f32],
-    plan: Plan,
-) {
+fn backward_data_rotated(dy: &[f32], xs: Shape, conv: Conv, w: &[f32], dx: &mut [f32], plan: Plan) {
     // w_t[ci, co, ky, kx] = w[co, ci, 2 − ky, 2 − kx].
     let mut w_t = vec![0.0f32; w.len()];
     for co in 0..conv.c_out {
@@ -218,7 +231,16 @@ fn backward_data_rotated(
         }
     }
     let transposed = Conv::new(conv.c_out, conv.c_in, 3);
-    forward(dy, xs.with_c(conv.c_out), transposed, &w_t, None, false, dx, plan);
+    forward(
+        dy,
+        xs.with_c(conv.c_out),
+        transposed,
+        &w_t,
+        None,
+        false,
+        dx,
+        plan,
+    );
 }
 
 /// One image's `dw (+)= dy·colᵀ`, `db (+)= Σ dy` (overwrites when `first`).
@@ -286,7 +308,12 @@ pub(crate) fn backward_weight(
     let hw = xs.plane();
     let x_img = conv.c_in * hw;
     let dy_img = conv.c_out * hw;
-    let image = |i: usize| (&x[i * x_img..(i + 1) * x_img], &dy[i * dy_img..(i + 1) * dy_img]);
+    let image = |i: usize| {
+        (
+            &x[i * x_img..(i + 1) * x_img],
+            &dy[i * dy_img..(i + 1) * dy_img],
+        )
+    };
     match plan {
         Plan::Inside(_) => {
             for i in 0..xs.n {
@@ -357,14 +384,7 @@ pub(crate) fn col2im3_acc(
 }
 
 /// `dx = Wᵀ·dy`, then for 3×3 col2im in row bands onto the zeroed `dx` (1×1 needs no col2im).
-fn backward_data_col2im(
-    dy: &[f32],
-    xs: Shape,
-    conv: Conv,
-    w: &[f32],
-    dx: &mut [f32],
-    plan: Plan,
-) {
+fn backward_data_col2im(dy: &[f32], xs: Shape, conv: Conv, w: &[f32], dx: &mut [f32], plan: Plan) {
     let (h, wd) = (xs.h, xs.w);
     let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
@@ -373,7 +393,17 @@ fn backward_data_col2im(
         let lhs = MatRef::transposed(w, kk);
         if conv.k == 1 {
             let rhs = MatRef::rows(dyi, hw);
-            matmul(kk, hw, conv.c_out, dxi, hw, false, lhs, rhs, plan.gemm_par());
+            matmul(
+                kk,
+                hw,
+                conv.c_out,
+                dxi,
+                hw,
+                false,
+                lhs,
+                rhs,
+                plan.gemm_par(),
+            );
             return;
         }
         let rows = band_rows(kk, h, wd);
@@ -387,10 +417,19 @@ fn backward_data_col2im(
                     rs: hw,
                     cs: 1,
                 };
-                matmul(kk, band, conv.c_out, dcol, band, false, lhs, rhs, plan.gemm_par());
+                matmul(
+                    kk,
+                    band,
+                    conv.c_out,
+                    dcol,
+                    band,
+                    false,
+                    lhs,
+                    rhs,
+                    plan.gemm_par(),
+                );
                 col2im3_acc(dcol, conv.c_in, h, wd, (oy0, oy1), dxi);
             }
         });
     });
 }
-

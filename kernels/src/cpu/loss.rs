@@ -79,7 +79,9 @@ pub(crate) fn softmax_cross_entropy(
         return 0.0;
     }
     let inv = (1.0 / wsum) as f32;
-    super::ops::for_chunks(dlogits, 1 << 14, |_, c| c.iter_mut().for_each(|v| *v *= inv));
+    super::ops::for_chunks(dlogits, 1 << 14, |_, c| {
+        c.iter_mut().for_each(|v| *v *= inv)
+    });
     (loss / wsum) as f32
 }
 

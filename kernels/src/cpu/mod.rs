@@ -74,7 +74,10 @@ fn check_conv(op: &'static str, xs: Shape, conv: Conv) -> Result<(), KernelError
     if xs.c != conv.c_in {
         return Err(KernelError::shape(
             op,
-            format!("input {xs} has {} channels, the conv expects {}", xs.c, conv.c_in),
+            format!(
+                "input {xs} has {} channels, the conv expects {}",
+                xs.c, conv.c_in
+            ),
         ));
     }
     Ok(())
@@ -98,7 +101,7 @@ fn check_labels(op: &'static str, labels: &[u8], ls: Shape) -> Result<(), Kernel
 }
 
 fn check_even(op: &'static str, s: Shape) -> Result<(), KernelError> {
-    if s.h % 2 != 0 || s.w % 2 != 0 {
+    if !s.h.is_multiple_of(2) || !s.w.is_multiple_of(2) {
         return Err(KernelError::shape(
             op,
             format!("input {s} needs an even height and width"),
@@ -227,7 +230,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn maxpool2_forward(&self, x: &Vec<f32>, xs: Shape, y: &mut Vec<f32>) -> Result<(), KernelError> {
+    fn maxpool2_forward(
+        &self,
+        x: &Vec<f32>,
+        xs: Shape,
+        y: &mut Vec<f32>,
+    ) -> Result<(), KernelError> {
         const OP: &str = "maxpool2_forward";
         check_even(OP, xs)?;
         expect_len(OP, "x", x.len(), xs.len())?;
@@ -370,10 +378,7 @@ impl Backend for CpuBackend {
         if state.len() != want {
             return Err(KernelError::shape(
                 OP,
-                format!(
-                    "{step:?} needs {want} state buffers, got {}",
-                    state.len()
-                ),
+                format!("{step:?} needs {want} state buffers, got {}", state.len()),
             ));
         }
         expect_len(OP, "grad", grad.len(), param.len())?;

@@ -25,7 +25,9 @@ pub(crate) fn for_chunks(
             .enumerate()
             .for_each(|(i, c)| f(i, c));
     } else {
-        data.chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
+        data.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
     }
 }
 
