@@ -3,7 +3,8 @@
 //! rules, and the whole U-Net's gradients. The CPU and the CUDA test suites run the same bodies.
 //!
 //! Map of this module:
-//! - [`op_checks`]: the list of `(name, check)` pairs; [`run_op_checks`] runs them all.
+//! - [`op_checks`] (fp32) and [`tf32_checks`]: lists of `(name, check)` pairs; [`run_checks`] runs
+//!   a list with fresh seeds.
 //! - [`check_unet_gradients`], [`check_decoder_mode`]: whole-network checks.
 //! - `reference`: the f64 reference ops (and reference U-Net loss) the checks compare against.
 //!
@@ -48,7 +49,7 @@ pub fn fresh_seed() -> u64 {
         .unwrap_or(0x5eed)
 }
 
-/// Every op check, by name.
+/// Every fp32 op check, by name (run them at an fp32 tolerance).
 pub fn op_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
     vec![
         ("conv_convention", check_conv_convention::<B>),
@@ -73,10 +74,24 @@ pub fn op_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
     ]
 }
 
-/// Runs every op check with one fresh seed each; returns all failures, one per line.
-pub fn run_op_checks<B: Backend>(b: &B, tol: f32) -> Result<(), String> {
+/// The convolution checks in TF32 (run them at a TF32 tolerance; on the CPU TF32 is fp32).
+pub fn tf32_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
+    vec![
+        ("conv3_forward_tf32", check_conv3_forward_tf32::<B>),
+        ("conv1_forward_tf32", check_conv1_forward_tf32::<B>),
+        ("conv3_backward_tf32", check_conv3_backward_tf32::<B>),
+        ("conv1_backward_tf32", check_conv1_backward_tf32::<B>),
+    ]
+}
+
+/// Runs `checks` with one fresh seed each; returns all failures, one per line.
+pub fn run_checks<B: Backend>(
+    b: &B,
+    checks: &[(&'static str, CheckFn<B>)],
+    tol: f32,
+) -> Result<(), String> {
     let mut failures = Vec::new();
-    for (name, check) in op_checks::<B>() {
+    for &(name, check) in checks {
         let seed = fresh_seed();
         if let Err(e) = check(b, tol, seed) {
             failures.push(format!("{name}: {e}"));
@@ -165,10 +180,10 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: f32) -> Result<(), St
         let err = (g as f64 - w).abs();
         let bound = tol as f64 * (w.abs() + rms) + f64::MIN_POSITIVE;
         let ratio = err / bound;
-        // `!(x <= 1)` also catches NaN (poison that was never overwritten).
-        if !(ratio <= 1.0) {
+        // A NaN ratio (poison that was never overwritten) must fail too.
+        if ratio.is_nan() || ratio > 1.0 {
             bad += 1;
-            if worst.is_none_or(|(_, r)| !(ratio <= r)) {
+            if worst.is_none_or(|(_, r)| ratio.is_nan() || ratio > r) {
                 worst = Some((i, ratio));
             }
         }
@@ -496,11 +511,24 @@ fn conv_forward_case<B: Backend>(
     )
 }
 
-/// 3×3 forward with and without ReLU, odd sizes, both precisions (the tolerance must suit the
-/// least precise one the backend offers).
+/// 3×3 forward with and without ReLU, odd sizes, in fp32.
 pub fn check_conv3_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv3_forward_at(b, Precision::Fp32, tol, seed)
+}
+
+/// [`check_conv3_forward`] in TF32 (give it a TF32 tolerance).
+pub fn check_conv3_forward_tf32<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv3_forward_at(b, Precision::Tf32, tol, seed)
+}
+
+fn conv3_forward_at<B: Backend>(
+    b: &B,
+    p: Precision,
+    tol: f32,
+    seed: u64,
+) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
-    for p in [Precision::Fp32, Precision::Tf32] {
+    {
         conv_forward_case(
             &mut cx,
             Shape::new(2, 3, 7, 9),
@@ -521,10 +549,24 @@ pub fn check_conv3_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(),
     Ok(())
 }
 
-/// 1×1 forward (the head).
+/// 1×1 forward (the head), in fp32.
 pub fn check_conv1_forward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv1_forward_at(b, Precision::Fp32, tol, seed)
+}
+
+/// [`check_conv1_forward`] in TF32.
+pub fn check_conv1_forward_tf32<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv1_forward_at(b, Precision::Tf32, tol, seed)
+}
+
+fn conv1_forward_at<B: Backend>(
+    b: &B,
+    p: Precision,
+    tol: f32,
+    seed: u64,
+) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
-    for p in [Precision::Fp32, Precision::Tf32] {
+    {
         conv_forward_case(
             &mut cx,
             Shape::new(2, 3, 7, 9),
@@ -594,9 +636,24 @@ fn conv_backward_case<B: Backend>(
     cx.compare(&format!("conv db {tag}"), &cx.down(&db)?, &fd_b)
 }
 
+/// 3×3 backward data, weight and bias against finite differences, in fp32.
 pub fn check_conv3_backward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv3_backward_at(b, Precision::Fp32, tol, seed)
+}
+
+/// [`check_conv3_backward`] in TF32.
+pub fn check_conv3_backward_tf32<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv3_backward_at(b, Precision::Tf32, tol, seed)
+}
+
+fn conv3_backward_at<B: Backend>(
+    b: &B,
+    p: Precision,
+    tol: f32,
+    seed: u64,
+) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
-    for p in [Precision::Fp32, Precision::Tf32] {
+    {
         conv_backward_case(&mut cx, Shape::new(2, 3, 7, 9), Conv::new(3, 5, 3), p)?;
         conv_backward_case(&mut cx, Shape::new(3, 2, 5, 3), Conv::new(2, 4, 3), p)?;
         // More inputs than outputs (the CPU computes dx by another formulation then).
@@ -605,9 +662,24 @@ pub fn check_conv3_backward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<()
     Ok(())
 }
 
+/// 1×1 backward against finite differences, in fp32.
 pub fn check_conv1_backward<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv1_backward_at(b, Precision::Fp32, tol, seed)
+}
+
+/// [`check_conv1_backward`] in TF32.
+pub fn check_conv1_backward_tf32<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    conv1_backward_at(b, Precision::Tf32, tol, seed)
+}
+
+fn conv1_backward_at<B: Backend>(
+    b: &B,
+    p: Precision,
+    tol: f32,
+    seed: u64,
+) -> Result<(), CheckError> {
     let mut cx = Ctx::new(b, tol, seed);
-    for p in [Precision::Fp32, Precision::Tf32] {
+    {
         conv_backward_case(&mut cx, Shape::new(2, 3, 7, 9), Conv::new(3, 5, 1), p)?;
     }
     Ok(())
@@ -893,8 +965,8 @@ pub fn check_channel_stats<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(),
         })
         .collect();
     let (mean, std) = cx.k(b.channel_stats(&cx.up(&x)?, xs))?;
-    let mut want_m = vec![0.0f64; 5];
-    let mut want_s = vec![0.0f64; 5];
+    let mut want_m = [0.0f64; 5];
+    let mut want_s = [0.0f64; 5];
     let count = (xs.n * hw) as f64;
     for (i, &v) in x.iter().enumerate() {
         want_m[(i / hw) % xs.c] += v as f64 / count;

@@ -804,7 +804,7 @@ impl<B: Backend> UNet<B> {
                 format!("input {xs}: expected a non-empty batch of 1-channel images"),
             ));
         }
-        if xs.h % SIZE_MULTIPLE != 0 || xs.w % SIZE_MULTIPLE != 0 {
+        if !xs.h.is_multiple_of(SIZE_MULTIPLE) || !xs.w.is_multiple_of(SIZE_MULTIPLE) {
             return Err(KernelError::shape(
                 "unet",
                 format!("input {xs}: height and width must be multiples of {SIZE_MULTIPLE}"),
@@ -926,7 +926,12 @@ impl<B: Backend> UNet<B> {
                     .collect::<Result<_, _>>()?,
             );
         }
-        let out = ws.restyled.as_mut().unwrap_or_else(|| unreachable!());
+        let Some(out) = ws.restyled.as_mut() else {
+            return Err(KernelError::shape(
+                "decoder",
+                "re-styling buffers were not allocated",
+            ));
+        };
         for l in 0..DEPTH {
             let (scale, shift) = &styles[l];
             b.channel_affine(&features[l], shapes[l], scale, shift, &mut out[l])?;
@@ -1170,5 +1175,31 @@ mod tests {
         p.set_decoder_flat(&flat).unwrap();
         assert_eq!(p.decoder_flat(), flat);
         assert!(p.set_decoder_flat(&flat[1..]).is_err());
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_and_flops_add_up() {
+        let b = Arc::new(crate::cpu::CpuBackend::new());
+        let mut net = UNet::init(b.clone(), 2, 1).unwrap();
+        let x = b.upload(&vec![0.0; 24 * 24]).unwrap();
+        let err = net.forward(&x, Shape::new(1, 1, 24, 24)).unwrap_err();
+        assert!(err.to_string().contains("multiples of 16"), "{err}");
+        let x = b.upload(&[0.0; 10]).unwrap();
+        assert!(net.forward(&x, Shape::new(1, 1, 16, 16)).is_err());
+        let feats = vec![b.upload(&[0.0]).unwrap()];
+        let labels = b.upload_labels(&[0; 256]).unwrap();
+        let optim = Optim::sgd(0.1, 0.0);
+        let xs = Shape::new(1, 1, 16, 16);
+        assert!(
+            net.decoder_train_step(&feats, xs, &labels, &Loss::default(), &optim, None)
+                .is_err()
+        );
+
+        let xs = Shape::new(4, 1, 128, 128);
+        let fwd = net.forward_flops(xs);
+        // encoder.0.conv1: 2·16·9 flops per pixel; its backward-data pass is skipped.
+        let first = 2 * 16 * 9 * 4 * 128 * 128;
+        assert_eq!(net.full_step_flops(xs), 3 * fwd - first);
+        assert!(net.decoder_step_flops(xs) < net.full_step_flops(xs));
     }
 }

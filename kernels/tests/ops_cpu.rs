@@ -15,6 +15,7 @@ macro_rules! op_test {
             let b = CpuBackend::new();
             let check = testing::op_checks::<CpuBackend>()
                 .into_iter()
+                .chain(testing::tf32_checks::<CpuBackend>())
                 .find(|(n, _)| *n == stringify!($name))
                 .map(|(_, f)| f)
                 .expect("check is listed in testing::op_checks");
@@ -31,6 +32,10 @@ op_test!(conv3_forward);
 op_test!(conv1_forward);
 op_test!(conv3_backward);
 op_test!(conv1_backward);
+op_test!(conv3_forward_tf32);
+op_test!(conv1_forward_tf32);
+op_test!(conv3_backward_tf32);
+op_test!(conv1_backward_tf32);
 op_test!(conv_batch_one);
 op_test!(conv_large);
 op_test!(relu_backward);
@@ -50,10 +55,13 @@ op_test!(shape_errors);
 #[test]
 fn every_shared_check_has_a_test() {
     assert_eq!(testing::op_checks::<CpuBackend>().len(), 19);
+    assert_eq!(testing::tf32_checks::<CpuBackend>().len(), 4);
 }
 
-/// A fixed seed reproduces a run exactly (what the printed seed is for).
+/// The runner the CUDA suite uses; TF32 is plain fp32 on the CPU, so the fp32 tolerance holds.
 #[test]
 fn run_all_with_fresh_seeds() {
-    testing::run_op_checks(&CpuBackend::new(), TOL).unwrap();
+    let b = CpuBackend::new();
+    testing::run_checks(&b, &testing::op_checks::<CpuBackend>(), TOL).unwrap();
+    testing::run_checks(&b, &testing::tf32_checks::<CpuBackend>(), TOL).unwrap();
 }

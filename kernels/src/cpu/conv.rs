@@ -37,7 +37,7 @@ pub(crate) enum Plan {
 
 impl Plan {
     pub fn new(n: usize, threads: usize) -> Self {
-        if threads > 1 && n >= threads && n % threads == 0 {
+        if threads > 1 && n >= threads && n.is_multiple_of(threads) {
             Plan::Images
         } else {
             Plan::Inside(threads)

@@ -43,6 +43,7 @@ impl<'a> MatRef<'a> {
 ///
 /// Callers validate user-facing lengths first; the asserts here guard the `unsafe` call against
 /// internal mistakes and cannot be reached from bad input.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul(
     m: usize,
     n: usize,

@@ -101,7 +101,7 @@ fn check_labels(op: &'static str, labels: &[u8], ls: Shape) -> Result<(), Kernel
 }
 
 fn check_even(op: &'static str, s: Shape) -> Result<(), KernelError> {
-    if s.h % 2 != 0 || s.w % 2 != 0 {
+    if !s.h.is_multiple_of(2) || !s.w.is_multiple_of(2) {
         return Err(KernelError::shape(
             op,
             format!("input {s} needs an even height and width"),
