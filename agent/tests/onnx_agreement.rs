@@ -19,12 +19,17 @@ const SIZES: [(usize, usize, usize); 3] = [(1, 16, 16), (2, 32, 48), (1, 64, 80)
 
 fn random_input(n: usize, h: usize, w: usize, seed: u64) -> Vec<f32> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n * h * w).map(|_| rng.random_range(-2.0f32..2.0)).collect()
+    (0..n * h * w)
+        .map(|_| rng.random_range(-2.0f32..2.0))
+        .collect()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Parameters with larger-than-default biases, so that ReLUs are neither all on nor all off.
@@ -46,7 +51,10 @@ fn tract_logits_and_skip_features_equal_our_kernels() {
     let path = export_to(tmp.path(), &p);
     let report = onnx::check_contract(&path).unwrap();
     assert_eq!(report.num_classes, 3);
-    assert_eq!(report.decoder_parameters + report.encoder_parameters, p.len());
+    assert_eq!(
+        report.decoder_parameters + report.encoder_parameters,
+        p.len()
+    );
 
     let seg = Segmenter::load(&path).unwrap();
     let cpu = Arc::new(CpuBackend::new());
@@ -60,7 +68,10 @@ fn tract_logits_and_skip_features_equal_our_kernels() {
         let scale = ours.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         eprintln!("[{n},1,{h},{w}]: max |kernels − tract| = {d:.2e} (logits up to {scale:.3})");
         assert!(d <= 1e-4, "[{n},1,{h},{w}]: logits differ by {d}");
-        assert!(scale > 1e-3, "degenerate logits: the comparison would prove nothing");
+        assert!(
+            scale > 1e-3,
+            "degenerate logits: the comparison would prove nothing"
+        );
 
         let ours = net.encode(&x, xs).unwrap();
         let theirs = seg.run(&x, n, h, w, Outputs::Features).unwrap();
@@ -82,8 +93,12 @@ fn patched_decoder_weights_change_tract_exactly_like_our_kernels() {
     let mut proto = onnx::load(&path).unwrap();
     // A new global decoder: another initialisation's decoder tensors.
     let other = params(2, 99);
-    let decoder: Vec<(String, Vec<f32>)> =
-        other.tensors.iter().filter(|t| t.name.starts_with("decoder.")).map(|t| (t.name.clone(), t.data.clone())).collect();
+    let decoder: Vec<(String, Vec<f32>)> = other
+        .tensors
+        .iter()
+        .filter(|t| t.name.starts_with("decoder."))
+        .map(|t| (t.name.clone(), t.data.clone()))
+        .collect();
     onnx::patch_initializers(&mut proto, &decoder).unwrap();
     let seg = Segmenter::from_proto(&proto, &path).unwrap();
 
@@ -92,12 +107,15 @@ fn patched_decoder_weights_change_tract_exactly_like_our_kernels() {
     let cpu = Arc::new(CpuBackend::new());
     let mut net = UNet::new(cpu.clone(), &expected).unwrap();
     let x = random_input(1, 32, 32, 5);
-    let ours = cpu.download(net.forward(&x, Shape::new(1, 1, 32, 32)).unwrap()).unwrap();
+    let ours = cpu
+        .download(net.forward(&x, Shape::new(1, 1, 32, 32)).unwrap())
+        .unwrap();
     let d = max_abs_diff(&ours, &seg.logits(&x, 1, 32, 32).unwrap());
     assert!(d <= 1e-4, "patched model differs by {d}");
 
     // A patch of the wrong size is refused, naming the tensor.
-    let err = onnx::patch_initializers(&mut proto, &[("decoder.head.bias".into(), vec![0.0; 5])]).unwrap_err();
+    let err = onnx::patch_initializers(&mut proto, &[("decoder.head.bias".into(), vec![0.0; 5])])
+        .unwrap_err();
     assert!(err.to_string().contains("decoder.head.bias"), "{err}");
 }
 
@@ -108,7 +126,9 @@ fn contract_check_explains_every_mismatch() {
     let mut proto = onnx::load(&path).unwrap();
     let graph = proto.graph.as_mut().unwrap();
     graph.input[0].name = "input.1".into();
-    graph.initializer.retain(|t| t.name != "decoder.1.conv2.weight");
+    graph
+        .initializer
+        .retain(|t| t.name != "decoder.1.conv2.weight");
     for n in &mut graph.node {
         for o in &mut n.output {
             if o == "enc2" {
@@ -119,11 +139,23 @@ fn contract_check_explains_every_mismatch() {
     let bad = tmp.path().join("bad.onnx");
     onnx::save(&proto, &bad).unwrap();
     let err = onnx::check_contract(&bad).unwrap_err();
-    let OnnxError::Contract { problems, .. } = &err else { panic!("contract error expected, got {err}") };
+    let OnnxError::Contract { problems, .. } = &err else {
+        panic!("contract error expected, got {err}")
+    };
     let text = err.to_string();
     assert!(text.contains("bad.onnx"), "{text}");
-    assert!(problems.iter().any(|p| p.contains("input") && p.contains("input.1")), "{text}");
-    assert!(problems.iter().any(|p| p.contains("decoder.1.conv2.weight")), "{text}");
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("input") && p.contains("input.1")),
+        "{text}"
+    );
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.contains("decoder.1.conv2.weight")),
+        "{text}"
+    );
     assert!(problems.iter().any(|p| p.contains("enc2")), "{text}");
 
     std::fs::write(tmp.path().join("junk.onnx"), b"not a protobuf at all").unwrap();
@@ -137,7 +169,11 @@ fn onnxruntime_python() -> Option<String> {
         let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
         venv.exists().then(|| venv.display().to_string())
     })?;
-    let ok = Command::new(&python).args(["-c", "import onnxruntime"]).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new(&python)
+        .args(["-c", "import onnxruntime"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     ok.then_some(python)
 }
 
@@ -145,7 +181,10 @@ fn onnxruntime_python() -> Option<String> {
 fn onnxruntime_agrees_with_tract() {
     let Some(python) = onnxruntime_python() else {
         // In CI the set-up installs onnxruntime, so its absence there is a failure, not a skip.
-        assert!(std::env::var_os("CI").is_none(), "onnxruntime is missing in CI: tests/run.sh should install it");
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "onnxruntime is missing in CI: tests/run.sh should install it"
+        );
         eprintln!("skipped: no Python with onnxruntime (run ./tests/run.sh once to make .venv)");
         return;
     };
@@ -157,7 +196,11 @@ fn onnxruntime_agrees_with_tract() {
         let x = random_input(n, h, w, 200 + i as u64);
         let input = tmp.path().join("in.f32");
         let output = tmp.path().join("out.f32");
-        std::fs::write(&input, x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        std::fs::write(
+            &input,
+            x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )
+        .unwrap();
         let out = Command::new(&python)
             .arg(&script)
             .args(["run", path.to_str().unwrap(), input.to_str().unwrap()])
@@ -165,11 +208,21 @@ fn onnxruntime_agrees_with_tract() {
             .arg(&output)
             .output()
             .unwrap();
-        assert!(out.status.success(), "onnxruntime failed: {}", String::from_utf8_lossy(&out.stderr));
-        let theirs: Vec<f32> =
-            std::fs::read(&output).unwrap().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        assert!(
+            out.status.success(),
+            "onnxruntime failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let theirs: Vec<f32> = std::fs::read(&output)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         let d = max_abs_diff(&seg.logits(&x, n, h, w).unwrap(), &theirs);
         eprintln!("[{n},1,{h},{w}]: max |tract − onnxruntime| = {d:.2e}");
-        assert!(d <= 1e-4, "[{n},1,{h},{w}]: tract and onnxruntime differ by {d}");
+        assert!(
+            d <= 1e-4,
+            "[{n},1,{h},{w}]: tract and onnxruntime differ by {d}"
+        );
     }
 }

@@ -14,6 +14,9 @@ use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// One output of a run: its shape and its values, flattened row-major.
+pub type NamedOutput = (Vec<usize>, Vec<f32>);
+
 /// Errors of loading or running a model; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
@@ -119,7 +122,12 @@ impl Segmenter {
     }
 
     fn plan(&self, n: usize, h: usize, w: usize, outputs: Outputs) -> Result<Plan, RuntimeError> {
-        if h == 0 || w == 0 || h % INPUT_MULTIPLE != 0 || w % INPUT_MULTIPLE != 0 || n == 0 {
+        if h == 0
+            || w == 0
+            || n == 0
+            || !h.is_multiple_of(INPUT_MULTIPLE)
+            || !w.is_multiple_of(INPUT_MULTIPLE)
+        {
             return Err(RuntimeError::Shape { n, h, w });
         }
         let key = (n, h, w, outputs);
@@ -177,7 +185,7 @@ impl Segmenter {
         h: usize,
         w: usize,
         outputs: Outputs,
-    ) -> Result<Vec<(Vec<usize>, Vec<f32>)>, RuntimeError> {
+    ) -> Result<Vec<NamedOutput>, RuntimeError> {
         if input.len() != n * h * w {
             return Err(RuntimeError::Run {
                 path: self.path.clone(),
