@@ -50,6 +50,11 @@ fn tract_logits_and_skip_features_equal_our_kernels() {
     let p = params(3, 7);
     let path = export_to(tmp.path(), &p);
     let report = onnx::check_contract(&path).unwrap();
+    let back = onnx::load_params(&onnx::load(&path).unwrap(), &path).unwrap();
+    assert_eq!(
+        back, p,
+        "parameters must survive the ONNX round trip bit for bit"
+    );
     assert_eq!(report.num_classes, 3);
     assert_eq!(
         report.decoder_parameters + report.encoder_parameters,

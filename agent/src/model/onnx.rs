@@ -363,6 +363,56 @@ pub fn initializer_f32(t: &TensorProto) -> Option<Vec<f32>> {
     Some(t.float_data.clone())
 }
 
+/// Reads the U-Net's parameters back from a model that meets the contract (e.g. to fine-tune a
+/// shipped model's decoder).
+pub fn load_params(model: &ModelProto, label: &Path) -> Result<Params, OnnxError> {
+    let graph = model.graph.as_ref().ok_or_else(|| OnnxError::Param {
+        name: label.display().to_string(),
+        problem: "no graph".into(),
+    })?;
+    let k = graph
+        .initializer
+        .iter()
+        .find(|t| t.name == "decoder.head.bias")
+        .and_then(|t| t.dims.first())
+        .map(|&d| d as usize)
+        .ok_or_else(|| OnnxError::Param {
+            name: "decoder.head.bias".into(),
+            problem: format!("missing from {}", label.display()),
+        })?;
+    let mut tensors = Vec::new();
+    for (name, shape) in reference_layout(k) {
+        let t = graph
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| OnnxError::Param {
+                name: name.clone(),
+                problem: format!("missing from {}", label.display()),
+            })?;
+        let data = initializer_f32(t).ok_or_else(|| OnnxError::Param {
+            name: name.clone(),
+            problem: "not a float32 tensor".into(),
+        })?;
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(OnnxError::Param {
+                name,
+                problem: format!("has {} values, expected shape {shape:?}", data.len()),
+            });
+        }
+        tensors.push(microfed_kernels::unet::ParamTensor { name, shape, data });
+    }
+    let params = Params {
+        classes: k,
+        tensors,
+    };
+    params.validate().map_err(|e| OnnxError::Param {
+        name: label.display().to_string(),
+        problem: e.to_string(),
+    })?;
+    Ok(params)
+}
+
 /// Replaces the named initializers (e.g. every `decoder.*` weight of a new global decoder). Each replacement
 /// must keep the initializer's element count.
 pub fn patch_initializers(
