@@ -8,6 +8,7 @@ use crate::telemetry::LogFormat;
 pub mod dataset;
 pub mod eval;
 pub mod features;
+pub mod model;
 pub mod synth;
 
 /// microfed: federated segmentation of material micrographs.
@@ -26,6 +27,7 @@ pub mod synth;
   microfed dataset check data/sem-se
   microfed features data/sem-se/masks/*.png --pixel-size 0.25
   microfed eval --pred predicted/ --truth data/sem-se/masks
+  microfed model check models/grains/model.onnx
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
 pub struct Cli {
@@ -47,6 +49,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Measure microstructure figures from masks: grain size, ASTM E112 number, phase fractions.
     Features(features::Args),
+    /// Inspect segmentation models (ONNX): does a file meet the microfed U-Net contract?
+    Model(model::Args),
 }
 
 /// Runs the parsed command line.
@@ -56,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(args) => dataset::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Features(args) => features::run(args),
+        Command::Model(args) => model::run(args),
     }
 }
