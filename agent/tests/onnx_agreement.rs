@@ -231,3 +231,43 @@ fn onnxruntime_agrees_with_tract() {
         );
     }
 }
+
+#[test]
+fn model_check_command_accepts_our_export_and_explains_a_broken_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = export_to(tmp.path(), &params(2, 4));
+    let out = Command::new(env!("CARGO_BIN_EXE_microfed"))
+        .args(["model", "check", "--run"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("decoder parameters   783874"), "{text}");
+    assert!(text.contains("tract run            ok"), "{text}");
+
+    let mut proto = onnx::load(&good).unwrap();
+    proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .retain(|t| t.name != "decoder.head.weight");
+    let bad = tmp.path().join("no-head.onnx");
+    onnx::save(&proto, &bad).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_microfed"))
+        .args(["model", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-head.onnx") && err.contains("decoder.head.weight"),
+        "{err}"
+    );
+}
