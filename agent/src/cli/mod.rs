@@ -8,6 +8,7 @@ use crate::telemetry::LogFormat;
 pub mod dataset;
 pub mod eval;
 pub mod features;
+pub mod pretrain;
 pub mod synth;
 
 /// microfed: federated segmentation of material micrographs.
@@ -47,6 +48,8 @@ pub enum Command {
     Eval(eval::Args),
     /// Measure microstructure figures from masks: grain size, ASTM E112 number, phase fractions.
     Features(features::Args),
+    /// Train the reference U-Net on labelled datasets (a base model): model.onnx + manifest.toml.
+    Pretrain(pretrain::Args),
 }
 
 /// Runs the parsed command line.
@@ -56,5 +59,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dataset(args) => dataset::run(args),
         Command::Eval(args) => eval::run(args),
         Command::Features(args) => features::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     }
 }
