@@ -82,7 +82,11 @@ fn augmentation_keeps_image_and_mask_aligned_and_ignores_padding() {
         let mut l = vec![0u8; crop * crop];
         geometric.sample(&img, crop, &mut rng, &mut x, &mut l);
         let ignored = l.iter().filter(|&&v| v == 255).count();
-        assert_eq!(ignored, 8 * crop, "padding must be exactly 8 rows (or columns)");
+        assert_eq!(
+            ignored,
+            8 * crop,
+            "padding must be exactly 8 rows (or columns)"
+        );
         for (xi, li) in x.iter().zip(&l) {
             if *li != 255 {
                 assert_eq!(*xi, f32::from(*li));
@@ -228,7 +232,13 @@ fn loss_falls_and_the_manifest_matches_the_model() {
     assert_eq!(m.classes.len(), 2);
     assert_eq!(m.recipe.epochs_run, 5);
     assert_eq!(m.validation.images, 1);
-    assert!(m.training.datasets[0].source.as_deref().unwrap().contains("microfed synth"));
+    assert!(
+        m.training.datasets[0]
+            .source
+            .as_deref()
+            .unwrap()
+            .contains("microfed synth")
+    );
     let csv = std::fs::read_to_string(out.join("training_log.csv")).unwrap();
     assert_eq!(csv.lines().count(), 6, "{csv}");
     // The exported weights are the best epoch's.
@@ -250,7 +260,10 @@ fn loss_falls_and_the_manifest_matches_the_model() {
         .replace("opset = 17", "opset = 11");
     std::fs::write(&manifest_path, text).unwrap();
     let err = ModelManifest::load(&manifest_path).unwrap_err().to_string();
-    assert!(err.contains("manifest.toml") && err.contains("`opset`"), "{err}");
+    assert!(
+        err.contains("manifest.toml") && err.contains("`opset`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -277,7 +290,10 @@ fn resume_continues_after_the_last_epoch_and_matches_an_unbroken_run() {
     assert_eq!(second.state.history.len(), 2);
     let a = Checkpoint::load(&tmp.path().join("a/checkpoint/last.ckpt")).unwrap();
     let b = Checkpoint::load(&tmp.path().join("b/checkpoint/last.ckpt")).unwrap();
-    assert_eq!(a.params, b.params, "resumed weights differ from the unbroken run");
+    assert_eq!(
+        a.params, b.params,
+        "resumed weights differ from the unbroken run"
+    );
     assert_eq!(a.optimizer, b.optimizer);
 
     // 1 epoch, then the same folder with --epochs 2: only epoch 2 runs.
@@ -295,9 +311,13 @@ fn resume_continues_after_the_last_epoch_and_matches_an_unbroken_run() {
 
     // Other settings are refused; --fresh starts over.
     one.batch = 4;
-    let err = train::run(cpu(), &one, &mut |_: &EpochRecord| ControlFlow::Continue(()))
-        .unwrap_err()
-        .to_string();
+    let err = train::run(
+        cpu(),
+        &one,
+        &mut |_: &EpochRecord| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("batch") && err.contains("--fresh"), "{err}");
     one.fresh = true;
     one.epochs = 1;
@@ -329,9 +349,13 @@ fn bad_settings_are_refused_with_the_option_named() {
     let data = dataset(&tmp.path().join("d"), 2, 6);
     let mut cfg = tiny_config(data.clone(), tmp.path().join("out"));
     cfg.crop = 40;
-    let err = train::run(cpu(), &cfg, &mut |_: &EpochRecord| ControlFlow::Continue(()))
-        .unwrap_err()
-        .to_string();
+    let err = train::run(
+        cpu(),
+        &cfg,
+        &mut |_: &EpochRecord| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("--crop 40"), "{err}");
 
     // Folders with different classes.
@@ -347,8 +371,15 @@ fn bad_settings_are_refused_with_the_option_named() {
     write_dataset(&params, 2, OutputFormat::Png, &other, None).unwrap();
     let mut cfg = tiny_config(data, tmp.path().join("out2"));
     cfg.data.push(other.clone());
-    let err = train::run(cpu(), &cfg, &mut |_: &EpochRecord| ControlFlow::Continue(()))
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains(&other.display().to_string()) && err.contains("same classes"), "{err}");
+    let err = train::run(
+        cpu(),
+        &cfg,
+        &mut |_: &EpochRecord| ControlFlow::Continue(()),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(&other.display().to_string()) && err.contains("same classes"),
+        "{err}"
+    );
 }

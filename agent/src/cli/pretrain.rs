@@ -168,7 +168,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let outcome = match device {
         Device::Cpu => train::run(Arc::new(CpuBackend::new()), &cfg, &mut keep_going)?,
         Device::Cuda(n) => {
-            let backend = CudaBackend::new(n).with_context(|| format!("opening CUDA device {n}"))?;
+            let backend =
+                CudaBackend::new(n).with_context(|| format!("opening CUDA device {n}"))?;
             train::run(Arc::new(backend), &cfg, &mut keep_going)?
         }
     };

@@ -235,7 +235,11 @@ impl ModelManifest {
             return Err(("name", "must not be empty".into()));
         }
         let parts: Vec<&str> = self.version.split('.').collect();
-        if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || p.parse::<u64>().is_err()) {
+        if parts.len() != 3
+            || parts
+                .iter()
+                .any(|p| p.is_empty() || p.parse::<u64>().is_err())
+        {
             return Err((
                 "version",
                 format!("`{}` is not MAJOR.MINOR.PATCH", self.version),
@@ -299,10 +303,7 @@ impl ModelManifest {
             ));
         }
         let unit = |x: Option<f64>| x.is_none_or(|x| (0.0..=1.0).contains(&x));
-        if !unit(v.mean_iou)
-            || !unit(v.boundary_f1)
-            || !v.classes.iter().all(|c| unit(c.iou))
-        {
+        if !unit(v.mean_iou) || !unit(v.boundary_f1) || !v.classes.iter().all(|c| unit(c.iou)) {
             return Err(("validation", "metrics must lie in [0, 1]".into()));
         }
         if self.recipe.class_weights.len() != self.classes.len()

@@ -120,8 +120,18 @@ fn jitter<R: Rng>(rng: &mut R, half_width: f32) -> f32 {
 /// Source position in the untransformed `s × s` crop of output position `(i, j)` (row, column):
 /// rotation by `rot`·90° and then the flips. All eight maps are bijections of the square.
 #[inline]
-pub fn dihedral(rot: u8, flip_x: bool, flip_y: bool, i: usize, j: usize, s: usize) -> (usize, usize) {
-    let (i, j) = (if flip_y { s - 1 - i } else { i }, if flip_x { s - 1 - j } else { j });
+pub fn dihedral(
+    rot: u8,
+    flip_x: bool,
+    flip_y: bool,
+    i: usize,
+    j: usize,
+    s: usize,
+) -> (usize, usize) {
+    let (i, j) = (
+        if flip_y { s - 1 - i } else { i },
+        if flip_x { s - 1 - j } else { j },
+    );
     match rot & 3 {
         0 => (i, j),
         1 => (j, s - 1 - i),

@@ -177,7 +177,9 @@ impl Checkpoint {
             problem,
         };
         if bytes.len() < 20 || &bytes[..8] != MAGIC {
-            return Err(corrupt("not a microfed checkpoint (bad magic bytes)".into()));
+            return Err(corrupt(
+                "not a microfed checkpoint (bad magic bytes)".into(),
+            ));
         }
         let version = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
         if version != FORMAT_VERSION {
@@ -246,7 +248,9 @@ impl Checkpoint {
             Some(o) => {
                 if o.steps.len() != params.tensors.len() || o.buffers.len() != params.tensors.len()
                 {
-                    return Err(corrupt("optimiser state does not cover every tensor".into()));
+                    return Err(corrupt(
+                        "optimiser state does not cover every tensor".into(),
+                    ));
                 }
                 let buffers = o
                     .buffers

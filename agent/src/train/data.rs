@@ -90,7 +90,9 @@ impl TrainingSet {
         seed: u64,
     ) -> Result<Self, TrainError> {
         if dirs.is_empty() {
-            return Err(TrainError::Config("no dataset folder given (--data DIR)".into()));
+            return Err(TrainError::Config(
+                "no dataset folder given (--data DIR)".into(),
+            ));
         }
         if !(0.0..1.0).contains(&val_fraction) {
             return Err(TrainError::Config(format!(

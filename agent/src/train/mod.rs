@@ -100,7 +100,11 @@ pub enum TrainError {
         now: String,
     },
     #[error("training diverged: the loss is {loss} at epoch {epoch}, step {step}; lower --lr")]
-    Diverged { epoch: usize, step: usize, loss: f32 },
+    Diverged {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+    },
 }
 
 /// The optimiser family.
@@ -240,11 +244,16 @@ impl TrainConfig {
         if !(self.dice_weight.is_finite() && self.dice_weight >= 0.0) {
             return bad(format!("--dice-weight {} must be ≥ 0", self.dice_weight));
         }
-        if self.weight_decay.is_some_and(|w| !(w.is_finite() && w >= 0.0)) {
+        if self
+            .weight_decay
+            .is_some_and(|w| !(w.is_finite() && w >= 0.0))
+        {
             return bad("--weight-decay must be ≥ 0".into());
         }
         if self.decoder_only && self.init.is_none() {
-            return bad("--decoder-only needs --init MODEL.onnx (a trained encoder to freeze)".into());
+            return bad(
+                "--decoder-only needs --init MODEL.onnx (a trained encoder to freeze)".into(),
+            );
         }
         if self.patience == Some(0) {
             return bad("--patience must be at least 1".into());
@@ -540,7 +549,12 @@ pub fn run<B: Backend>(
         let eval = if set.validation.is_empty() {
             None
         } else {
-            Some(validate::evaluate(&*backend, &mut net, &set.validation, &class_names)?)
+            Some(validate::evaluate(
+                &*backend,
+                &mut net,
+                &set.validation,
+                &class_names,
+            )?)
         };
         let record = EpochRecord {
             epoch,
@@ -593,13 +607,23 @@ pub fn run<B: Backend>(
             optimizer: Some(net.optimizer_state()?),
         }
         .save(&last_path)?;
-        write_log(&cfg.out.join("training_log.csv"), &state.history, &class_names)?;
+        write_log(
+            &cfg.out.join("training_log.csv"),
+            &state.history,
+            &class_names,
+        )?;
         tracing::info!(
             epoch,
             of = cfg.epochs,
             loss = format!("{:.4}", record.loss),
-            val_miou = record.val_mean_iou.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
-            val_bf1 = record.val_boundary_f1.map(|v| format!("{v:.4}")).unwrap_or("-".into()),
+            val_miou = record
+                .val_mean_iou
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or("-".into()),
+            val_bf1 = record
+                .val_boundary_f1
+                .map(|v| format!("{v:.4}"))
+                .unwrap_or("-".into()),
             lr = format!("{lr:.2e}"),
             seconds = format!("{:.1}", record.seconds),
             "epoch done"
@@ -662,9 +686,10 @@ pub fn run<B: Backend>(
             crop: cfg.crop,
             optimizer: cfg.optimizer.name().into(),
             lr: f64::from(cfg.lr),
-            lr_schedule: "linear warm-up over 5 % of the steps (at most 200), then cosine to 1 % of \
+            lr_schedule:
+                "linear warm-up over 5 % of the steps (at most 200), then cosine to 1 % of \
                           the peak"
-                .into(),
+                    .into(),
             weight_decay: f64::from(cfg.weight_decay()),
             seed: cfg.seed,
             class_weights,
@@ -704,7 +729,11 @@ pub fn run<B: Backend>(
 }
 
 /// Rewrites `training_log.csv` from the history (so a resumed run's log has each epoch once).
-fn write_log(path: &Path, history: &[EpochRecord], class_names: &[String]) -> Result<(), TrainError> {
+fn write_log(
+    path: &Path,
+    history: &[EpochRecord],
+    class_names: &[String],
+) -> Result<(), TrainError> {
     let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
     let mut text = String::from("epoch,loss,cross_entropy,dice,lr,val_mean_iou,val_boundary_f1");
     for name in class_names {
@@ -727,7 +756,10 @@ fn write_log(path: &Path, history: &[EpochRecord], class_names: &[String]) -> Re
             opt(r.val_boundary_f1)
         ));
         for c in 0..class_names.len() {
-            text.push_str(&format!(",{}", opt(r.val_class_iou.get(c).copied().flatten())));
+            text.push_str(&format!(
+                ",{}",
+                opt(r.val_class_iou.get(c).copied().flatten())
+            ));
         }
         text.push_str(&format!(",{:.2}\n", r.seconds));
     }
