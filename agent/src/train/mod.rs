@@ -685,12 +685,12 @@ pub fn run<B: Backend>(
             batch: cfg.batch,
             crop: cfg.crop,
             optimizer: cfg.optimizer.name().into(),
-            lr: f64::from(cfg.lr),
+            lr: shortest_f64(cfg.lr),
             lr_schedule:
                 "linear warm-up over 5 % of the steps (at most 200), then cosine to 1 % of \
                           the peak"
                     .into(),
-            weight_decay: f64::from(cfg.weight_decay()),
+            weight_decay: shortest_f64(cfg.weight_decay()),
             seed: cfg.seed,
             class_weights,
             dice_weight: cfg.dice_weight,
@@ -726,6 +726,11 @@ pub fn run<B: Backend>(
         state,
         manifest: Some(manifest),
     })
+}
+
+/// An `f32` setting as the `f64` with the same shortest decimal form (2e-3, not 0.0020000000949949026).
+fn shortest_f64(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(f64::from(v))
 }
 
 /// Rewrites `training_log.csv` from the history (so a resumed run's log has each epoch once).
