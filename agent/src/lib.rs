@@ -10,6 +10,7 @@
 //! - [`features`]: microstructure figures from a mask: grain count and size, ASTM E112 number, phase
 //!   fractions and particle statistics.
 //! - [`model`]: the reference U-Net as ONNX (our own export, the contract check) and running it with tract.
+//! - [`train`]: pretraining the U-Net on dataset folders (checkpoints, resume, export with a manifest).
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod classes;
@@ -22,3 +23,4 @@ pub mod micrograph;
 pub mod model;
 pub mod synth;
 pub mod telemetry;
+pub mod train;

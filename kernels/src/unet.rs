@@ -6,7 +6,8 @@
 //! - [`Params`] / [`ParamTensor`]: the weights on the host, named as the ONNX export names them, with
 //!   PyTorch's default (Kaiming-uniform) initialisation and the flat decoder vector federated updates
 //!   work on.
-//! - [`Loss`], [`Optim`], [`OptimKind`], [`StepStats`]: what a training step minimises and how.
+//! - [`Loss`], [`Optim`], [`OptimKind`], [`StepStats`]: what a training step minimises and how;
+//!   [`OptimizerState`]: the optimiser's buffers on the host, for training checkpoints.
 //! - [`UNet`]: device parameters, gradients, optimiser state and per-input-shape activation buffers
 //!   (allocated once per shape and reused across steps).
 //!
@@ -297,6 +298,14 @@ impl Optim {
             },
         }
     }
+}
+
+/// The optimiser's per-tensor state on the host ([`UNet::optimizer_state`]): for each parameter
+/// tensor, the steps taken and its buffers (none before the first step; SGD one, AdamW two).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OptimizerState {
+    pub steps: Vec<u32>,
+    pub buffers: Vec<Vec<Vec<f32>>>,
 }
 
 /// The loss of one step (before the update), and its parts.
@@ -785,6 +794,65 @@ impl<B: Backend> UNet<B> {
         self.opt_state.iter_mut().for_each(Vec::clear);
         self.opt_steps.iter_mut().for_each(|s| *s = 0);
         self.opt_kind = None;
+    }
+
+    /// The optimiser's state on the host (momentum or moment estimates and step counts per tensor),
+    /// so a training checkpoint can resume exactly where it stopped.
+    pub fn optimizer_state(&self) -> Result<OptimizerState, KernelError> {
+        Ok(OptimizerState {
+            steps: self.opt_steps.clone(),
+            buffers: self
+                .opt_state
+                .iter()
+                .map(|bufs| bufs.iter().map(|b| self.backend.download(b)).collect())
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// Restores a state made by [`UNet::optimizer_state`] for the optimiser family of `optim`.
+    /// Each tensor must hold no buffers (not stepped yet) or exactly as many as the family uses,
+    /// each of the tensor's length.
+    pub fn set_optimizer_state(
+        &mut self,
+        optim: &Optim,
+        state: &OptimizerState,
+    ) -> Result<(), KernelError> {
+        let n = self.params.len();
+        if state.steps.len() != n || state.buffers.len() != n {
+            return Err(KernelError::Params(format!(
+                "optimiser state for {} / {} tensors, this U-Net has {n}",
+                state.steps.len(),
+                state.buffers.len()
+            )));
+        }
+        let want = optim.state_buffers();
+        let mut dev = Vec::with_capacity(n);
+        for (i, bufs) in state.buffers.iter().enumerate() {
+            let len = self.backend.len(&self.params[i]);
+            if !bufs.is_empty() && bufs.len() != want {
+                return Err(KernelError::Params(format!(
+                    "optimiser state of {}: {} buffers, this optimiser keeps {want}",
+                    self.names[i],
+                    bufs.len()
+                )));
+            }
+            if let Some(b) = bufs.iter().find(|b| b.len() != len) {
+                return Err(KernelError::Params(format!(
+                    "optimiser state of {}: a buffer of {} values, the tensor has {len}",
+                    self.names[i],
+                    b.len()
+                )));
+            }
+            dev.push(
+                bufs.iter()
+                    .map(|b| self.backend.upload(b))
+                    .collect::<Result<Vec<_>, _>>()?,
+            );
+        }
+        self.opt_state = dev;
+        self.opt_steps = state.steps.clone();
+        self.opt_kind = Some(std::mem::discriminant(&optim.kind));
+        Ok(())
     }
 
     /// Shapes of the skip features `enc0..enc4` for an input of shape `xs`.

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod eval;
 pub mod features;
 pub mod model;
+pub mod pretrain;
 pub mod synth;
 
 /// microfed: federated segmentation of material micrographs.
@@ -51,6 +52,8 @@ pub enum Command {
     Features(features::Args),
     /// Inspect segmentation models (ONNX): does a file meet the microfed U-Net contract?
     Model(model::Args),
+    /// Train the reference U-Net on labelled datasets (a base model): model.onnx + manifest.toml.
+    Pretrain(pretrain::Args),
 }
 
 /// Runs the parsed command line.
@@ -61,5 +64,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Features(args) => features::run(args),
         Command::Model(args) => model::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     }
 }
