@@ -31,7 +31,7 @@ cd "$ROOT"
 
 DEVICE="${DEVICE:-auto}"
 WORK="${WORK:-data/base-models}"
-NASA_SUPER="${NASA_SUPER:-/work/shared/data/nasa-super}"
+NASA_SUPER="${NASA_SUPER:-$ROOT/../shared/data/nasa-super}"
 QUICK="${QUICK:-0}"
 
 TRAIN_STYLES=(optical-etched sem-se sem-bse fast-scan)
@@ -46,13 +46,18 @@ if [[ "$QUICK" == 1 ]]; then
 else
     TRAIN_COUNT=48; TEST_COUNT=8; SIZE=512
     EPOCHS="${EPOCHS:-40}"; BATCH="${BATCH:-8}"; CROP="${CROP:-256}"; STEPS=()
+    # A CPU budget: cap the steps per epoch (e.g. STEPS_PER_EPOCH=50 with CROP=128).
+    [[ -n "${STEPS_PER_EPOCH:-}" ]] && STEPS=(--steps-per-epoch "$STEPS_PER_EPOCH")
     FT_EPOCHS="${FT_EPOCHS:-30}"
     OUT="models"
 fi
 
 # One release build; then the binary directly (cargo run would re-check the build each time).
-cargo build --release -q -p microfed
-MICROFED="${CARGO_TARGET_DIR:-$ROOT/target}/release/microfed"
+# MICROFED=path/to/microfed uses an existing build instead of making a release build.
+if [[ -z "${MICROFED:-}" ]]; then
+    cargo build --release -q -p microfed
+    MICROFED="${CARGO_TARGET_DIR:-$ROOT/target}/release/microfed"
+fi
 
 # synth STRUCTURE SPLIT STYLE COUNT SEED: one synthetic dataset folder, unless already there.
 synth() {
