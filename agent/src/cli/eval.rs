@@ -195,7 +195,7 @@ fn fmt(v: Option<f64>) -> String {
     v.map(|x| format!("{x:.4}")).unwrap_or_else(|| "—".into())
 }
 
-fn print_table(e: &Evaluation) {
+pub(crate) fn print_table(e: &Evaluation) {
     println!("{} image(s), {} labelled pixel(s)", e.images, e.pixels);
     println!(
         "{:>3}  {:<28} {:>8} {:>8} {:>12} {:>12}",

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use tract_onnx::prelude::*;
 
 use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
+use crate::mask::Mask;
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -212,6 +213,50 @@ impl Segmenter {
                 Ok((view.shape().to_vec(), view.iter().copied().collect()))
             })
             .collect()
+    }
+
+    /// Class per pixel of one whole normalised image of any size: padded on the right and bottom by
+    /// reflection to a multiple of 16, run once, cropped back. (Large images go through the agent's
+    /// tiling instead.)
+    pub fn predict_mask(
+        &self,
+        pixels: &[f32],
+        width: usize,
+        height: usize,
+    ) -> Result<Mask, RuntimeError> {
+        let pw = width.div_ceil(INPUT_MULTIPLE) * INPUT_MULTIPLE;
+        let ph = height.div_ceil(INPUT_MULTIPLE) * INPUT_MULTIPLE;
+        if pixels.len() != width * height || width == 0 || height == 0 {
+            return Err(RuntimeError::Shape {
+                n: 1,
+                h: height,
+                w: width,
+            });
+        }
+        let mut x = vec![0.0f32; pw * ph];
+        for y in 0..ph {
+            let sy = crate::train::augment::reflect(y as isize, height);
+            for xx in 0..pw {
+                x[y * pw + xx] =
+                    pixels[sy * width + crate::train::augment::reflect(xx as isize, width)];
+            }
+        }
+        let logits = self.logits(&x, 1, ph, pw)?;
+        let plane = pw * ph;
+        let mut labels = Vec::with_capacity(width * height);
+        for y in 0..height {
+            for xx in 0..width {
+                let at = y * pw + xx;
+                let mut best = 0;
+                for c in 1..self.classes {
+                    if logits[c * plane + at] > logits[best * plane + at] {
+                        best = c;
+                    }
+                }
+                labels.push(best as u8);
+            }
+        }
+        Ok(Mask::new(width as u32, height as u32, labels))
     }
 
     /// Logits of a batch, `[n, K, h, w]` flattened.
