@@ -6,7 +6,9 @@
 # 1. installs what the tests need and is not a Rust crate (Debian packages, a Python virtualenv with
 #    PyPI packages) — every step is skipped when already done, so a second run starts at once;
 # 2. checks formatting and lints (rustfmt, clippy with warnings as errors);
-# 3. runs every test of the workspace: unit, integration and end-to-end (tests/).
+# 3. checks the edge-board build (cross/check.sh): the aarch64 release binary with its glibc floor,
+#    the unit tests under qemu-aarch64, the Debian package and its test;
+# 4. runs every test of the workspace: unit, integration and end-to-end (tests/).
 #
 # .ci/run calls exactly this script. Set MICROFED_SKIP_SETUP=1 to skip step 1 on a machine you manage.
 set -euo pipefail
@@ -68,7 +70,15 @@ cargo fmt --all --check
 say "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-# ---- 3. tests ------------------------------------------------------------------------------------
+# ---- 3. the edge-board build ---------------------------------------------------------------------
+# The arm64 package is the board's; the amd64 one (MICROFED_CROSS_ARCHES="arm64 amd64") costs a second
+# release build of everything, so CI leaves it to a release job: cross/check.sh builds it by default.
+say "edge boards: aarch64 build, glibc floor, qemu tests, .deb (cross/check.sh)"
+export MICROFED_CROSS_ARCHES="${MICROFED_CROSS_ARCHES:-arm64}"
+cross/check.sh
+export MICROFED_DEB_DIR="${MICROFED_DEB_DIR:-${CARGO_TARGET_DIR:-$root/target}/debian}"
+
+# ---- 4. tests ------------------------------------------------------------------------------------
 say "cargo test"
 cargo test --workspace --locked --no-fail-fast
 
