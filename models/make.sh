@@ -3,7 +3,7 @@
 #
 #   models/make.sh                    # everything: data, grains, precipitates, nasa-super fine-tune
 #   models/make.sh grains             # one step: data-grains | grains | data-precipitates |
-#                                     #           precipitates | precipitates-nasa
+#                                     #           precipitates | precipitates-nasa | score
 #   QUICK=1 models/make.sh            # a short smoke version (small data, 2 epochs) into $WORK/quick
 #
 # Settings (environment): DEVICE (auto|cpu|cuda[:N], default auto), WORK (synthetic data and quick
@@ -111,8 +111,26 @@ step_precipitates_nasa() {
         --val-fraction 0.15 --patience 8 --seed 3 --device "$DEVICE" --out "$OUT/precipitates-nasa"
 }
 
+test_dirs() { for style in "${ALL_STYLES[@]}"; do echo "$WORK/$1/test/$style"; done; }
+
+# Scores of the shipped models through tract (the agent's runtime), for the model cards: every
+# synthetic style's test set (hazy never seen in training), and the real nasa-super images.
+step_score() {
+    local nasa=(--data "$NASA_SUPER" --classes models/nasa-super-classes.toml)
+    "$MICROFED" model score "$OUT/grains" --data $(test_dirs polycrystal) --json "$OUT/grains/scores.json"
+    "$MICROFED" model score "$OUT/precipitates" --data $(test_dirs precipitates) \
+        --json "$OUT/precipitates/scores-synthetic.json"
+    if [[ -d "$NASA_SUPER" ]]; then
+        "$MICROFED" model score "$OUT/precipitates" "${nasa[@]}" --images-from models/nasa-super-test.txt \
+            --json "$OUT/precipitates/scores-nasa-test-half.json"
+        "$MICROFED" model score "$OUT/precipitates-nasa" "${nasa[@]}" --images-from models/nasa-super-test.txt \
+            --json "$OUT/precipitates-nasa/scores-nasa-test-half.json"
+    fi
+}
+
 run_step() {
     case "$1" in
+        score) step_score ;;
         data-grains) data polycrystal 1000 ;;
         data-precipitates) data precipitates 2000 ;;
         grains) step_grains ;;
@@ -123,7 +141,7 @@ run_step() {
 }
 
 if [[ $# -eq 0 ]]; then
-    set -- data-grains grains data-precipitates precipitates precipitates-nasa
+    set -- data-grains grains data-precipitates precipitates precipitates-nasa score
 fi
 for step in "$@"; do
     echo "== $step" >&2
