@@ -5,10 +5,12 @@ use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
+pub mod agent;
 pub mod dataset;
 pub mod eval;
 pub mod features;
 pub mod model;
+pub mod segment;
 pub mod synth;
 
 /// microfed: federated segmentation of material micrographs.
@@ -28,6 +30,8 @@ pub mod synth;
   microfed features data/sem-se/masks/*.png --pixel-size 0.25
   microfed eval --pred predicted/ --truth data/sem-se/masks
   microfed model check models/grains/model.onnx
+  microfed segment images/ --model models/grains/model.onnx --out segmented/
+  microfed agent --config agent.toml
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
 pub struct Cli {
@@ -51,6 +55,10 @@ pub enum Command {
     Features(features::Args),
     /// Inspect segmentation models (ONNX): does a file meet the microfed U-Net contract?
     Model(model::Args),
+    /// Segment micrographs: files or folders, with a progress bar.
+    Segment(segment::Args),
+    /// Run the agent: watch the microscope's folder and segment every micrograph as it is captured.
+    Agent(agent::Args),
 }
 
 /// Runs the parsed command line.
@@ -61,5 +69,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => eval::run(args),
         Command::Features(args) => features::run(args),
         Command::Model(args) => model::run(args),
+        Command::Segment(args) => segment::run(args),
+        Command::Agent(args) => agent::run(args),
     }
 }
