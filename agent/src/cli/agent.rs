@@ -41,7 +41,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let summary = runtime.block_on(agent.run(LogPublisher, shutdown_signal()))?;
+    let summary = runtime.block_on(async {
+        // Listen before anything runs, so that a SIGTERM during start-up drains instead of killing.
+        let signals = Signals::new();
+        agent.run(LogPublisher, signals.shutdown()).await
+    })?;
     tracing::info!(
         segmented = summary.segmented,
         failed = summary.failed,
@@ -51,36 +55,67 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on the first SIGINT or SIGTERM; a second signal ends the process at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tokio::spawn(async {
-        wait_for_signal().await;
-        eprintln!(
-            "second signal: exiting without draining (unjournalled files are redone at the next start)"
-        );
-        std::process::exit(130);
-    });
+/// SIGINT and SIGTERM, registered when created.
+struct Signals {
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind| {
+                signal(kind)
+                    .inspect_err(
+                        |e| tracing::warn!(error = %e, ?kind, "cannot listen for a signal"),
+                    )
+                    .ok()
+            };
+            Self {
+                interrupt: listen(SignalKind::interrupt()),
+                terminate: listen(SignalKind::terminate()),
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the agent");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        #[cfg(not(unix))]
+        Self {}
     }
-}
 
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        match (&mut self.interrupt, &mut self.terminate) {
+            (Some(i), Some(t)) => {
+                tokio::select! {
+                    _ = i.recv() => {}
+                    _ = t.recv() => {}
+                }
+            }
+            (Some(i), None) => {
+                i.recv().await;
+            }
+            (None, Some(t)) => {
+                t.recv().await;
+            }
+            (None, None) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Completes on the first signal; a second one ends the process at once.
+    async fn shutdown(mut self) {
+        self.next().await;
+        tokio::spawn(async move {
+            self.next().await;
+            eprintln!(
+                "second signal: exiting without draining (unjournalled files are redone at the next start)"
+            );
+            std::process::exit(130);
+        });
+    }
 }
