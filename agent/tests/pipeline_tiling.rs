@@ -97,13 +97,14 @@ fn stitched_tiles_match_the_whole_image() {
             "difference must not grow with the overlap"
         );
         last = d;
+        // Measured: 3e-5 (overlap 32) and 1e-5 (48) of the largest logit; masks identical.
         if overlap >= 32 {
             assert!(
-                d / scale < 0.05,
+                d / scale < 1e-3,
                 "overlap {overlap}: relative difference {}",
                 d / scale
             );
-            assert!(agree > 0.99, "overlap {overlap}: masks agree on {agree}");
+            assert!(agree >= 0.999, "overlap {overlap}: masks agree on {agree}");
         }
     }
 }
