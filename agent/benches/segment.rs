@@ -30,7 +30,7 @@ use microfed_kernels::Shape;
 use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::unet::{Params, UNet};
 use rand::{Rng, SeedableRng};
-use tract_linalg::multithread::{Executor, multithread_tract_scope};
+use tract_linalg::multithread::multithread_tract_scope;
 
 fn arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();
@@ -121,6 +121,10 @@ fn main() {
         "reference U-Net, 3 classes: {gflop:.1} GFLOP per 512×512 image; {runs} runs, median\n"
     );
 
+    if std::env::args().any(|a| a == "--profile") {
+        profile(&model_path);
+        return;
+    }
     println!("| case | threads | tract ms | onnxruntime ms | tract GFLOP/s | ort / tract time |");
     println!("|---|---|---|---|---|---|");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -152,7 +156,7 @@ fn main() {
     let grid = tiling::TileGrid::new(w as usize, h as usize, 512, 32).unwrap();
     for batch in [1, 4] {
         let exec = tiling::executor(2).unwrap();
-        let big_runs = runs.min(3);
+        let big_runs = if quick { 1 } else { runs.min(3) };
         let tract = time_runs(big_runs, || {
             tiling::segment_logits(&seg, &img, 512, 32, batch, &exec).unwrap();
         });
@@ -173,7 +177,7 @@ fn main() {
         return;
     }
     println!("\ncapture → mask written, 512×512 PNGs, tile 512, 2 threads:\n");
-    println!("| arrivals / s | of capacity | p50 ms | p99 ms | queue at end |");
+    println!("| arrivals / s | of capacity | p50 ms | p99 ms | most in pipeline at an arrival |");
     println!("|---|---|---|---|---|");
     let inbox = tmp.path().join("arrivals");
     std::fs::create_dir_all(&inbox).unwrap();
@@ -284,4 +288,42 @@ fn run_arrivals(
     lat.sort();
     let p = |x: f64| microfed::pipeline::stats::percentile(&lat, x).unwrap_or_default();
     (t0.elapsed() / n as u32, p(0.5), p(0.99), q)
+}
+
+/// Time per operator kind of one 512×512 run through tract's optimised plan (single thread): where
+/// the time goes.
+fn profile(model: &Path) {
+    use std::collections::HashMap;
+    use tract_onnx::prelude::*;
+    let plan = tract_onnx::onnx()
+        .model_for_path(model)
+        .unwrap()
+        .with_input_fact(0, f32::fact([1, 1, 512, 512]).into())
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+    let input = Tensor::zero::<f32>(&[1, 1, 512, 512]).unwrap();
+    for round in 0..2 {
+        let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan).unwrap();
+        let mut times: HashMap<String, (Duration, usize)> = HashMap::new();
+        state
+            .run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, op_state, node, inputs| {
+                let t = Instant::now();
+                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                let e = times.entry(node.op().name().to_string()).or_default();
+                e.0 += t.elapsed();
+                e.1 += 1;
+                r
+            })
+            .unwrap();
+        if round == 1 {
+            let mut v: Vec<_> = times.into_iter().collect();
+            v.sort_by_key(|(_, (d, _))| std::cmp::Reverse(*d));
+            for (op, (d, n)) in v {
+                println!("{op:>24}: {:8.1} ms over {n} nodes", d.as_secs_f64() * 1e3);
+            }
+        }
+    }
 }

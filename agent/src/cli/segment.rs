@@ -186,6 +186,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     let summary = runtime.block_on(async {
         let (tx, rx) = mpsc::channel(QueueSection::default().captured);
+        let counted = stats.clone();
         let feeder = tokio::spawn(async move {
             for f in files {
                 let capture = Capture {
@@ -193,6 +194,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     path: f,
                     captured_at: std::time::Instant::now(),
                 };
+                counted
+                    .captured
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if tx.send(capture).await.is_err() {
                     break;
                 }

@@ -544,7 +544,16 @@ impl Writer<'_> {
                 } => match self.write(&capture, &sha256, &micrograph, &mask, &model) {
                     Ok(r) => Some(r),
                     Err(reason) => {
-                        self.fail(&capture, &sha256, &reason);
+                        // Not the micrograph's fault (a full disk, a removed folder): it is not
+                        // quarantined or journalled, so the next start tries it again.
+                        self.stats.failed.fetch_add(1, Ordering::Relaxed);
+                        self.summary.failed += 1;
+                        self.summary.failures.push((capture.key.clone(), reason.clone()));
+                        tracing::error!(
+                            file = %capture.key,
+                            error = %reason,
+                            "cannot write the outputs; the file is left in place for the next start"
+                        );
                         None
                     }
                 },
