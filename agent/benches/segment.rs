@@ -309,14 +309,17 @@ fn profile(model: &Path) {
         let mut state = tract_onnx::tract_core::plan::SimpleState::new(&plan).unwrap();
         let mut times: HashMap<String, (Duration, usize)> = HashMap::new();
         state
-            .run_plan_with_eval(tvec!(input.clone().into_tvalue()), |ctx, op_state, node, inputs| {
-                let t = Instant::now();
-                let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
-                let e = times.entry(node.op().name().to_string()).or_default();
-                e.0 += t.elapsed();
-                e.1 += 1;
-                r
-            })
+            .run_plan_with_eval(
+                tvec!(input.clone().into_tvalue()),
+                |ctx, op_state, node, inputs| {
+                    let t = Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs);
+                    let e = times.entry(node.op().name().to_string()).or_default();
+                    e.0 += t.elapsed();
+                    e.1 += 1;
+                    r
+                },
+            )
             .unwrap();
         if round == 1 {
             let mut v: Vec<_> = times.into_iter().collect();

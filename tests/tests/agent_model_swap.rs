@@ -1,7 +1,6 @@
 //! Replacing the model file while micrographs stream in: the agent swaps the new model in without an
 //! error, every micrograph gets a mask, and the journal shows both models at work.
 
-use std::path::Path;
 use std::time::Duration;
 
 use microfed_e2e::{AgentProcess, journal_entries, synth_png, wait_until, write_test_model};
@@ -39,7 +38,9 @@ fn replacing_the_model_file_mid_stream_swaps_without_losing_an_image() {
     write_test_model(&root.join("model.onnx.new"), 2, 22);
     std::fs::rename(root.join("model.onnx.new"), root.join("model.onnx")).unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || agent.log().contains("model swapped in")),
+        wait_until(Duration::from_secs(60), || agent
+            .log()
+            .contains("model swapped in")),
         "no swap:\n{}",
         agent.log()
     );
@@ -47,7 +48,9 @@ fn replacing_the_model_file_mid_stream_swaps_without_losing_an_image() {
         drop_image(i);
         std::thread::sleep(Duration::from_millis(50));
     }
-    let done = wait_until(Duration::from_secs(60), || journal_entries(&journal).len() >= 12);
+    let done = wait_until(Duration::from_secs(60), || {
+        journal_entries(&journal).len() >= 12
+    });
     agent.terminate();
     let status = agent.wait(Duration::from_secs(30));
     let log = agent.log();
@@ -56,8 +59,12 @@ fn replacing_the_model_file_mid_stream_swaps_without_losing_an_image() {
 
     let entries = journal_entries(&journal);
     assert_eq!(entries.len(), 12);
-    assert!(entries.iter().all(|e| e["outcome"] == "segmented"), "{entries:#?}");
-    let generation = |e: &serde_json::Value| e["model"].as_str().unwrap().ends_with("(generation 1)");
+    assert!(
+        entries.iter().all(|e| e["outcome"] == "segmented"),
+        "{entries:#?}"
+    );
+    let generation =
+        |e: &serde_json::Value| e["model"].as_str().unwrap().ends_with("(generation 1)");
     // Everything dropped after the swap was logged ran on the new model.
     for e in &entries {
         let i: u64 = e["file"].as_str().unwrap()[3..5].parse().unwrap();
@@ -69,5 +76,4 @@ fn replacing_the_model_file_mid_stream_swaps_without_losing_an_image() {
         let m = microfed::mask::Mask::load(&root.join(format!("out/img{i:02}.mask.png"))).unwrap();
         assert_eq!((m.width, m.height), (64, 64));
     }
-    let _ = Path::new("");
 }

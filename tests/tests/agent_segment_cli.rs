@@ -11,7 +11,11 @@ fn segment_writes_outputs_reports_bad_files_and_resumes_from_its_journal() {
     let images = root.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for i in 0..3 {
-        std::fs::write(images.join(format!("m{i}.png")), synth_png(64 + 16 * i as u32, 1, i)).unwrap();
+        std::fs::write(
+            images.join(format!("m{i}.png")),
+            synth_png(64 + 16 * i as u32, 1, i),
+        )
+        .unwrap();
     }
     let extra = root.join("extra.png");
     std::fs::write(&extra, synth_png(100, 1, 9)).unwrap();
@@ -19,10 +23,27 @@ fn segment_writes_outputs_reports_bad_files_and_resumes_from_its_journal() {
     let args = |paths: &[&std::path::Path]| {
         let mut v: Vec<String> = vec!["segment".into()];
         v.extend(paths.iter().map(|p| p.display().to_string()));
-        for a in ["--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()] {
+        for a in [
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ] {
             v.push(a.into());
         }
-        v.extend(["--tile", "64", "--overlap", "16", "--batch", "2", "--threads", "1"].map(String::from));
+        v.extend(
+            [
+                "--tile",
+                "64",
+                "--overlap",
+                "16",
+                "--batch",
+                "2",
+                "--threads",
+                "1",
+            ]
+            .map(String::from),
+        );
         v
     };
     let run = |paths: &[&std::path::Path], ok: bool| {
@@ -48,7 +69,11 @@ fn segment_writes_outputs_reports_bad_files_and_resumes_from_its_journal() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("bad.png") && err.contains("1 of 4"), "{err}");
     assert!(bad.exists());
-    assert_eq!(journal_entries(&out.join("journal.jsonl")).len(), 4, "nothing redone");
+    assert_eq!(
+        journal_entries(&out.join("journal.jsonl")).len(),
+        4,
+        "nothing redone"
+    );
     let csv = std::fs::read_to_string(out.join("features.csv")).unwrap();
     assert_eq!(csv.lines().count(), 5, "{csv}");
 }

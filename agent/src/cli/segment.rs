@@ -217,7 +217,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     );
     if !summary.failures.is_empty() {
         for (file, reason) in &summary.failures {
-            eprintln!("{file}: {reason}");
+            if reason.contains(file.as_str()) {
+                eprintln!("{reason}");
+            } else {
+                eprintln!("{file}: {reason}");
+            }
         }
         bail!(
             "{} of {} micrographs could not be segmented",

@@ -365,7 +365,10 @@ impl Pipeline {
         }
         decode.await.map_err(|_| PipelineError::Stage("decode"))?;
         segment.await.map_err(|_| PipelineError::Stage("segment"))?;
-        write.await.map_err(|_| PipelineError::Stage("write"))
+        let mut summary = write.await.map_err(|_| PipelineError::Stage("write"))?;
+        // Skips happen in the decode stage; the counter is the one record of them.
+        summary.skipped = stats.skipped.load(Ordering::Relaxed);
+        Ok(summary)
     }
 }
 
@@ -548,7 +551,9 @@ impl Writer<'_> {
                         // quarantined or journalled, so the next start tries it again.
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         self.summary.failed += 1;
-                        self.summary.failures.push((capture.key.clone(), reason.clone()));
+                        self.summary
+                            .failures
+                            .push((capture.key.clone(), reason.clone()));
                         tracing::error!(
                             file = %capture.key,
                             error = %reason,
