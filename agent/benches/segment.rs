@@ -10,6 +10,7 @@
 //!    onnxruntime on the same image in one piece.
 //! 3. The pipeline fed at steady arrival rates (fractions of its measured capacity): p50/p99 latency
 //!    from capture to mask written, and whether the queue grows.
+//!
 //! Results are printed as Markdown rows for docs/benchmarks.md. Without Python and onnxruntime the peer
 //! columns say so and the tract numbers are still printed.
 

@@ -29,7 +29,7 @@ fn image(w: u32, h: u32, seed: u64) -> Micrograph {
             (
                 rng.random_range(0.02..0.2),
                 rng.random_range(0.02..0.2),
-                rng.random_range(0.0..6.28),
+                rng.random_range(0.0..std::f32::consts::TAU),
             )
         })
         .collect();

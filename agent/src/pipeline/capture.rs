@@ -389,7 +389,7 @@ mod tests {
         f.check(t0 + Duration::from_millis(1900));
         assert!(f.ready.is_empty());
         f.check(t0 + Duration::from_millis(1950));
-        assert_eq!(f.ready, [p.clone()]);
+        assert_eq!(f.ready, std::slice::from_ref(&p));
         // Touched again without a change: not captured twice.
         f.ready.clear();
         f.touched(&p, t0 + Duration::from_secs(5));
@@ -404,7 +404,7 @@ mod tests {
         std::fs::write(&p, b"data").unwrap();
         let mut f = folder(60_000);
         f.renamed_in(&p);
-        assert_eq!(f.ready, [p.clone()]);
+        assert_eq!(f.ready, std::slice::from_ref(&p));
         f.renamed_in(&p);
         assert_eq!(f.ready.len(), 1);
         f.removed(&p);
