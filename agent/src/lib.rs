@@ -21,6 +21,7 @@ pub mod mask;
 pub mod metrics;
 pub mod micrograph;
 pub mod model;
+pub mod pipeline;
 pub mod synth;
 pub mod telemetry;
 pub mod train;

@@ -68,3 +68,124 @@ index = 2
 name = "tertiary gamma prime"
 color = [60, 170, 230]
 "#;
+
+/// Writes a randomly initialised reference U-Net with `classes` outputs as ONNX (a model that meets the
+/// contract; its masks are arbitrary but deterministic for a seed).
+pub fn write_test_model(path: &Path, classes: usize, seed: u64) {
+    let params = microfed_kernels::unet::Params::init(classes, seed).expect("U-Net parameters");
+    let model =
+        microfed::model::onnx::export(&params, &vec![("name".into(), format!("test-{seed}"))])
+            .expect("export");
+    microfed::model::onnx::save(&model, path).expect("save model");
+}
+
+/// PNG bytes of synthetic polycrystal micrograph `index` (8-bit grey, `size`×`size`).
+pub fn synth_png(size: u32, seed: u64, index: u64) -> Vec<u8> {
+    use microfed::synth::{Structure, Style, SynthParams, generate};
+    let params = SynthParams::new(
+        Structure::Polycrystal,
+        Style::preset("sem-se").expect("preset"),
+        size,
+        size,
+        seed,
+    )
+    .expect("synth parameters")
+    .with_feature_size(16.0)
+    .expect("feature size");
+    let sample = generate(&params, index);
+    let img = image::GrayImage::from_raw(size, size, sample.image_u8()).expect("image size");
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png)
+        .expect("encode PNG");
+    out.into_inner()
+}
+
+/// Waits until `done()` holds, checking every 50 ms; false after `timeout`.
+pub fn wait_until(timeout: std::time::Duration, mut done: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    done()
+}
+
+/// The journal's entries (JSON lines); a torn last line is ignored, as the agent does.
+pub fn journal_entries(path: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("journal line"))
+        .collect()
+}
+
+/// A running `microfed agent`, with its log in a file (read it with [`AgentProcess::log`]).
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `microfed agent --config CONFIG`, logging at debug level into `log`.
+    pub fn start(config: &Path, log: &Path) -> Self {
+        let file = std::fs::File::create(log).expect("log file");
+        let child = Command::new(microfed_bin())
+            .args(["agent", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start microfed agent");
+        Self {
+            child,
+            log: log.to_owned(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM (through `kill`, so the tests need no libc binding).
+    pub fn terminate(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, at most `timeout`; kills it and panics if it does not.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> std::process::ExitStatus {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            if std::time::Instant::now() > end {
+                let _ = self.child.kill();
+                panic!(
+                    "agent did not exit within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        // Never leave an agent running after a failed test.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -5,11 +5,13 @@ use clap::{Parser, Subcommand};
 
 use crate::telemetry::LogFormat;
 
+pub mod agent;
 pub mod dataset;
 pub mod eval;
 pub mod features;
 pub mod model;
 pub mod pretrain;
+pub mod segment;
 pub mod synth;
 
 /// microfed: federated segmentation of material micrographs.
@@ -29,6 +31,8 @@ pub mod synth;
   microfed features data/sem-se/masks/*.png --pixel-size 0.25
   microfed eval --pred predicted/ --truth data/sem-se/masks
   microfed model check models/grains/model.onnx
+  microfed segment images/ --model models/grains/model.onnx --out segmented/
+  microfed agent --config agent.toml
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
 pub struct Cli {
@@ -54,6 +58,10 @@ pub enum Command {
     Model(model::Args),
     /// Train the reference U-Net on labelled datasets (a base model): model.onnx + manifest.toml.
     Pretrain(pretrain::Args),
+    /// Segment micrographs: files or folders, with a progress bar.
+    Segment(segment::Args),
+    /// Run the agent: watch the microscope's folder and segment every micrograph as it is captured.
+    Agent(agent::Args),
 }
 
 /// Runs the parsed command line.
@@ -65,5 +73,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Features(args) => features::run(args),
         Command::Model(args) => model::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Segment(args) => segment::run(args),
+        Command::Agent(args) => agent::run(args),
     }
 }

@@ -1,0 +1,233 @@
+//! `microfed segment PATH...`: the agent's pipeline over a batch of files or folders, for users
+//! without a microscope attached.
+//!
+//! ```text
+//! microfed segment images/ extra.tif --model models/grains/model.onnx --out segmented/
+//! ```
+//! Folders are read one level deep (files with image extensions). Outputs are those of the agent
+//! (`STEM.mask.png`, `STEM.overlay.png`, `STEM.features.json`, `features.csv`, `journal.jsonl` in
+//! `--out`); files already in the journal are skipped, so an interrupted run can simply be repeated.
+//! Files that cannot be segmented are left in place and listed; the command then fails.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use tokio::sync::mpsc;
+
+use crate::classes::DatasetManifest;
+use crate::micrograph::Normalisation;
+use crate::model::runtime::Segmenter;
+use crate::pipeline::capture::{Capture, CaptureFilter};
+use crate::pipeline::config::{
+    self, CaptureSection, FeatureChoice, ModelSection, QueueSection, TilingSection,
+};
+use crate::pipeline::publish::{PublishError, Publisher, SegmentedImage};
+use crate::pipeline::{FailurePolicy, ModelInfo, ModelSlot, Pipeline, Settings, resolve_threads};
+
+/// Segment micrograph files or folders with a model.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Micrograph files, or folders of them.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// The ONNX U-Net.
+    #[arg(long, value_name = "FILE")]
+    pub model: PathBuf,
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// Tile side in pixels (a multiple of 16).
+    #[arg(long, default_value_t = 512)]
+    pub tile: usize,
+    /// Minimum overlap of neighbouring tiles in pixels.
+    #[arg(long, default_value_t = 32)]
+    pub overlap: usize,
+    /// Tiles per network run.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Threads for the network (0 = every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Classes file (dataset.toml form) naming the model's classes.
+    #[arg(long, value_name = "FILE")]
+    pub classes: Option<PathBuf>,
+    /// What to measure: grains, phases or auto.
+    #[arg(long, value_enum, default_value_t = FeatureArg::Auto)]
+    pub features: FeatureArg,
+    /// Micrometres per pixel (overrides TIFF resolution tags).
+    #[arg(long, value_name = "UM")]
+    pub pixel_size: Option<f64>,
+    /// Normalisation mean (grey level in [0, 1]) the model was trained with.
+    #[arg(long, default_value_t = Normalisation::default().mean)]
+    pub norm_mean: f32,
+    /// Normalisation standard deviation the model was trained with.
+    #[arg(long, default_value_t = Normalisation::default().std)]
+    pub norm_std: f32,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FeatureArg {
+    Auto,
+    Grains,
+    Phases,
+}
+
+/// Advances the progress bar as results are written.
+struct Progress(ProgressBar);
+
+impl Publisher for Progress {
+    async fn publish(&mut self, _: &SegmentedImage) -> Result<(), PublishError> {
+        self.0.inc(1);
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let filter = CaptureFilter::new(&CaptureSection::default().extensions);
+    let mut files = Vec::new();
+    for p in &args.paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)
+                .with_context(|| format!("cannot list {}", p.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|f| f.is_file() && filter.accepts(f))
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(p.clone());
+        }
+    }
+    if files.is_empty() {
+        bail!("no micrographs found in the given paths");
+    }
+    let mut stems: HashMap<String, &PathBuf> = HashMap::new();
+    for f in &files {
+        let stem = f
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(other) = stems.insert(stem.clone(), f) {
+            bail!(
+                "{} and {} would both write {stem}.mask.png: segment them into different --out folders",
+                other.display(),
+                f.display()
+            );
+        }
+    }
+
+    let model_section = ModelSection {
+        path: args.model.clone(),
+        reload_on_change: false,
+        classes: match &args.classes {
+            Some(c) => DatasetManifest::load(c)?.classes,
+            None => Vec::new(),
+        },
+        features: match args.features {
+            FeatureArg::Auto => FeatureChoice::Auto,
+            FeatureArg::Grains => FeatureChoice::Grains,
+            FeatureArg::Phases => FeatureChoice::Phases,
+        },
+        normalisation: Normalisation {
+            mean: args.norm_mean,
+            std: args.norm_std,
+        },
+        pixel_size_um: args.pixel_size,
+        device: config::Device::Auto,
+        threads: args.threads,
+    };
+    let tiling = TilingSection {
+        tile: args.tile,
+        overlap: args.overlap,
+        batch: args.batch,
+    };
+    tiling.validate()?;
+    let cfg = config::AgentConfig {
+        model: model_section.clone(),
+        tiling,
+        ..Default::default()
+    };
+    // Field checks shared with the agent (normalisation, pixel size, classes).
+    cfg.model.normalisation.validate()?;
+    if let Some(px) = args.pixel_size
+        && !(px.is_finite() && px > 0.0)
+    {
+        bail!("--pixel-size must be a positive number of micrometres, found {px}");
+    }
+    let segmenter = Segmenter::load(&args.model)?;
+    let settings = Settings {
+        output: args.out.clone(),
+        journal: args.out.join("journal.jsonl"),
+        failures: FailurePolicy::Report,
+        info: ModelInfo::resolve(&model_section, &segmenter)?,
+        pixel_size_um: args.pixel_size,
+        tile: args.tile,
+        overlap: args.overlap,
+        batch: args.batch,
+        threads: resolve_threads(args.threads),
+        queues: QueueSection::default(),
+    };
+    tracing::info!(
+        files = files.len(),
+        model = %args.model.display(),
+        threads = settings.threads,
+        features = ?settings.info.feature_kind,
+        "segmenting on the CPU with tract"
+    );
+    let pipeline = Pipeline::new(settings, ModelSlot::new(segmenter))?;
+    let stats = pipeline.stats();
+    let bar = crate::telemetry::progress_bar(files.len() as u64, "segmenting");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let summary = runtime.block_on(async {
+        let (tx, rx) = mpsc::channel(QueueSection::default().captured);
+        let counted = stats.clone();
+        let feeder = tokio::spawn(async move {
+            for f in files {
+                let capture = Capture {
+                    key: f.display().to_string(),
+                    path: f,
+                    captured_at: std::time::Instant::now(),
+                };
+                counted
+                    .captured
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if tx.send(capture).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let summary = pipeline.run(rx, Progress(bar.clone())).await;
+        let _ = feeder.await;
+        summary
+    })?;
+    bar.finish_and_clear();
+    let status = stats.status();
+    tracing::info!(
+        segmented = summary.segmented,
+        skipped = summary.skipped,
+        failed = summary.failed,
+        p50_ms = status.p50.map(|d| d.as_secs_f64() * 1e3),
+        "done"
+    );
+    if !summary.failures.is_empty() {
+        for (file, reason) in &summary.failures {
+            if reason.contains(file.as_str()) {
+                eprintln!("{reason}");
+            } else {
+                eprintln!("{file}: {reason}");
+            }
+        }
+        bail!(
+            "{} of {} micrographs could not be segmented",
+            summary.failed,
+            summary.failed + summary.segmented + summary.skipped
+        );
+    }
+    Ok(())
+}

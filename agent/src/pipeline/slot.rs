@@ -1,0 +1,103 @@
+//! [`ModelSlot`]: the runnable model, replaceable while the agent runs.
+//!
+//! The slot holds an `Arc` to the current [`LoadedModel`]. The segment stage takes a clone of that
+//! `Arc` when it starts an image and keeps it until the image is done, so a swap never changes the
+//! model under an image in flight: the old model lives until its last image finishes, then drops.
+//! Swaps come from the model file changing on disk (the agent watches it) and, later, from federated
+//! rounds and the fleet (they hold a clone of the slot and call [`ModelSlot::swap`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use crate::model::runtime::Segmenter;
+
+/// A model ready to run, with the generation it was swapped in as (0 for the first).
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub segmenter: Segmenter,
+    pub generation: u64,
+}
+
+impl LoadedModel {
+    /// "path (generation N)", for logs and the journal.
+    pub fn label(&self) -> String {
+        format!(
+            "{} (generation {})",
+            self.segmenter.path().display(),
+            self.generation
+        )
+    }
+}
+
+/// Why a model was not swapped in.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotError {
+    #[error(
+        "{path}: the new model predicts {found} classes but the agent segments into {expected}; \
+         keeping the running model"
+    )]
+    Classes {
+        path: std::path::PathBuf,
+        expected: usize,
+        found: usize,
+    },
+}
+
+/// Shared handle to the running model; clones share the same slot.
+#[derive(Debug, Clone)]
+pub struct ModelSlot {
+    current: Arc<RwLock<Arc<LoadedModel>>>,
+    generations: Arc<AtomicU64>,
+    classes: usize,
+}
+
+impl ModelSlot {
+    /// A slot holding `segmenter` as generation 0. Every later model must predict as many classes.
+    pub fn new(segmenter: Segmenter) -> Self {
+        let classes = segmenter.classes();
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(LoadedModel {
+                segmenter,
+                generation: 0,
+            }))),
+            generations: Arc::new(AtomicU64::new(0)),
+            classes,
+        }
+    }
+
+    /// The model to use for the next image.
+    pub fn current(&self) -> Arc<LoadedModel> {
+        // A poisoned lock only means a panic elsewhere while swapping an Arc: the Arc inside is whole.
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Number of classes every model in this slot predicts.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Replaces the model for images started from now on; returns the new generation.
+    pub fn swap(&self, segmenter: Segmenter) -> Result<u64, SlotError> {
+        if segmenter.classes() != self.classes {
+            return Err(SlotError::Classes {
+                path: segmenter.path().to_owned(),
+                expected: self.classes,
+                found: segmenter.classes(),
+            });
+        }
+        let generation = self.generations.fetch_add(1, Ordering::SeqCst) + 1;
+        let new = Arc::new(LoadedModel {
+            segmenter,
+            generation,
+        });
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+        tracing::info!(
+            generation,
+            "model swapped in; images in flight finish on the old one"
+        );
+        Ok(generation)
+    }
+}
