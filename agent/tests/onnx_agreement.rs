@@ -271,3 +271,92 @@ fn model_check_command_accepts_our_export_and_explains_a_broken_one() {
         "{err}"
     );
 }
+
+/// Every model shipped in `models/`: the manifest's sha256 matches, the file meets the contract, and
+/// tract, our kernels and onnxruntime agree on it within 1e-4.
+#[test]
+fn every_shipped_model_agrees_across_three_runtimes() {
+    use microfed::model::manifest::ModelManifest;
+    let models = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let mut manifests: Vec<_> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().path().join("manifest.toml"))
+        .filter(|p| p.is_file())
+        .collect();
+    manifests.sort();
+    assert!(
+        !manifests.is_empty(),
+        "no shipped model under {}",
+        models.display()
+    );
+    let python = onnxruntime_python();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/ort.py");
+    let cpu = Arc::new(CpuBackend::new());
+    for manifest_path in manifests {
+        let manifest = ModelManifest::load(&manifest_path).unwrap();
+        manifest.verify_model(&manifest_path).unwrap();
+        let path = manifest.model_path(&manifest_path);
+        let report = onnx::check_contract(&path).unwrap();
+        assert_eq!(
+            report.num_classes,
+            manifest.classes.len(),
+            "{}",
+            path.display()
+        );
+        let params = onnx::load_params(&onnx::load(&path).unwrap(), &path).unwrap();
+        let seg = Segmenter::load(&path).unwrap();
+        let mut net = UNet::new(cpu.clone(), &params).unwrap();
+        let (n, h, w) = (1, 64, 96);
+        let x = random_input(n, h, w, 300);
+        let ours = cpu
+            .download(net.forward(&x, Shape::new(n, 1, h, w)).unwrap())
+            .unwrap();
+        let tract = seg.logits(&x, n, h, w).unwrap();
+        let d = max_abs_diff(&ours, &tract);
+        eprintln!("{}: max |kernels − tract| = {d:.2e}", path.display());
+        assert!(
+            d <= 1e-4,
+            "{}: kernels and tract differ by {d}",
+            path.display()
+        );
+        let Some(python) = &python else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "onnxruntime is missing in CI"
+            );
+            continue;
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let (input, output) = (tmp.path().join("in.f32"), tmp.path().join("out.f32"));
+        std::fs::write(
+            &input,
+            x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        let out = Command::new(python)
+            .arg(&script)
+            .args(["run", path.to_str().unwrap(), input.to_str().unwrap()])
+            .args([n.to_string(), h.to_string(), w.to_string()])
+            .arg(&output)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "onnxruntime on {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ort: Vec<f32> = std::fs::read(&output)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let d = max_abs_diff(&tract, &ort);
+        eprintln!("{}: max |tract − onnxruntime| = {d:.2e}", path.display());
+        assert!(
+            d <= 1e-4,
+            "{}: tract and onnxruntime differ by {d}",
+            path.display()
+        );
+    }
+}
