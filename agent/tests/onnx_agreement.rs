@@ -182,6 +182,43 @@ fn onnxruntime_python() -> Option<String> {
     ok.then_some(python)
 }
 
+/// Runs `model` on `x` ([n, 1, h, w]) with onnxruntime (tests/peers/ort.py) and returns its logits.
+fn onnxruntime_logits(
+    python: &str,
+    model: &Path,
+    x: &[f32],
+    n: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/ort.py");
+    let tmp = tempfile::tempdir().unwrap();
+    let (input, output) = (tmp.path().join("in.f32"), tmp.path().join("out.f32"));
+    std::fs::write(
+        &input,
+        x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let out = Command::new(python)
+        .arg(&script)
+        .args(["run", model.to_str().unwrap(), input.to_str().unwrap()])
+        .args([n.to_string(), h.to_string(), w.to_string()])
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "onnxruntime on {}: {}",
+        model.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&output)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
 #[test]
 fn onnxruntime_agrees_with_tract() {
     let Some(python) = onnxruntime_python() else {
@@ -193,36 +230,12 @@ fn onnxruntime_agrees_with_tract() {
         eprintln!("skipped: no Python with onnxruntime (run ./tests/run.sh once to make .venv)");
         return;
     };
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/ort.py");
     let tmp = tempfile::tempdir().unwrap();
     let path = export_to(tmp.path(), &params(3, 11));
     let seg = Segmenter::load(&path).unwrap();
     for (i, &(n, h, w)) in SIZES.iter().enumerate() {
         let x = random_input(n, h, w, 200 + i as u64);
-        let input = tmp.path().join("in.f32");
-        let output = tmp.path().join("out.f32");
-        std::fs::write(
-            &input,
-            x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-        )
-        .unwrap();
-        let out = Command::new(&python)
-            .arg(&script)
-            .args(["run", path.to_str().unwrap(), input.to_str().unwrap()])
-            .args([n.to_string(), h.to_string(), w.to_string()])
-            .arg(&output)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "onnxruntime failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let theirs: Vec<f32> = std::fs::read(&output)
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let theirs = onnxruntime_logits(&python, &path, &x, n, h, w);
         let d = max_abs_diff(&seg.logits(&x, n, h, w).unwrap(), &theirs);
         eprintln!("[{n},1,{h},{w}]: max |tract − onnxruntime| = {d:.2e}");
         assert!(
@@ -290,7 +303,6 @@ fn every_shipped_model_agrees_across_three_runtimes() {
         models.display()
     );
     let python = onnxruntime_python();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers/ort.py");
     let cpu = Arc::new(CpuBackend::new());
     for manifest_path in manifests {
         let manifest = ModelManifest::load(&manifest_path).unwrap();
@@ -326,31 +338,7 @@ fn every_shipped_model_agrees_across_three_runtimes() {
             );
             continue;
         };
-        let tmp = tempfile::tempdir().unwrap();
-        let (input, output) = (tmp.path().join("in.f32"), tmp.path().join("out.f32"));
-        std::fs::write(
-            &input,
-            x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>(),
-        )
-        .unwrap();
-        let out = Command::new(python)
-            .arg(&script)
-            .args(["run", path.to_str().unwrap(), input.to_str().unwrap()])
-            .args([n.to_string(), h.to_string(), w.to_string()])
-            .arg(&output)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "onnxruntime on {}: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let ort: Vec<f32> = std::fs::read(&output)
-            .unwrap()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let ort = onnxruntime_logits(python, &path, &x, n, h, w);
         let d = max_abs_diff(&tract, &ort);
         eprintln!("{}: max |tract − onnxruntime| = {d:.2e}", path.display());
         assert!(
