@@ -1,8 +1,8 @@
 //! The agent through the real binary: micrographs dropped into the watched folder, some corrupt, some
 //! written slowly in pieces, while the agent runs; then SIGTERM.
 //!
-//! The model here has random weights (its masks are arbitrary but valid). Still to add once the
-//! shipped `grains` model exists: features of the masks it predicts agree with the generator's truth.
+//! The model here has random weights (its masks are arbitrary but valid); the shipped `grains` model's
+//! features are checked against the generator's truth in `agent_grains_model.rs`.
 
 use std::io::Write;
 use std::path::Path;
