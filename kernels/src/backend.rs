@@ -89,9 +89,47 @@ impl Conv {
     pub const fn weight_len(&self) -> usize {
         self.c_out * self.c_in * self.k * self.k
     }
+    /// The geometry every backend supports: a 1×1 or 3×3 kernel over an input with `c_in` channels.
+    pub(crate) fn check(&self, op: &'static str, xs: Shape) -> Result<(), KernelError> {
+        if self.k != 1 && self.k != 3 {
+            return Err(KernelError::shape(
+                op,
+                format!("kernel size {} is not supported (1 or 3)", self.k),
+            ));
+        }
+        if xs.c != self.c_in {
+            return Err(KernelError::shape(
+                op,
+                format!(
+                    "input {xs} has {} channels, the convolution expects {}",
+                    xs.c, self.c_in
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Multiply-adds times two for one forward pass over `x`.
     pub const fn forward_flops(&self, x: Shape) -> u64 {
         2 * (self.weight_len() * x.n * x.h * x.w) as u64
+    }
+}
+
+/// Fails with a [`KernelError::Shape`] naming `op` and `operand` unless `len == want`: every backend
+/// checks each buffer with it before touching memory.
+pub(crate) fn expect_len(
+    op: &'static str,
+    operand: &str,
+    len: usize,
+    want: usize,
+) -> Result<(), KernelError> {
+    if len == want {
+        Ok(())
+    } else {
+        Err(KernelError::shape(
+            op,
+            format!("{operand} has {len} elements, expected {want}"),
+        ))
     }
 }
 

@@ -47,7 +47,6 @@ pub enum KernelError {
 }
 
 impl KernelError {
-    #[allow(dead_code)]
     pub(crate) fn shape(op: &'static str, what: impl Into<String>) -> Self {
         Self::Shape {
             op,

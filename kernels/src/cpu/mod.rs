@@ -20,6 +20,7 @@ mod loss;
 mod ops;
 mod optim;
 
+use crate::backend::expect_len;
 use crate::{Backend, Conv, IGNORE_LABEL, KernelError, OptimStep, Precision, Shape};
 
 /// Tensor ops on the host's cores (rayon's global pool).
@@ -50,37 +51,6 @@ impl CpuBackend {
     fn plan(&self, n: usize) -> conv::Plan {
         conv::Plan::new(n, self.threads)
     }
-}
-
-/// Fails with a [`KernelError::Shape`] naming `op` and `operand` unless `len == want`.
-fn expect_len(op: &'static str, operand: &str, len: usize, want: usize) -> Result<(), KernelError> {
-    if len == want {
-        Ok(())
-    } else {
-        Err(KernelError::shape(
-            op,
-            format!("{operand} has {len} elements, expected {want}"),
-        ))
-    }
-}
-
-fn check_conv(op: &'static str, xs: Shape, conv: Conv) -> Result<(), KernelError> {
-    if conv.k != 1 && conv.k != 3 {
-        return Err(KernelError::shape(
-            op,
-            format!("kernel size {} is not supported (1 or 3)", conv.k),
-        ));
-    }
-    if xs.c != conv.c_in {
-        return Err(KernelError::shape(
-            op,
-            format!(
-                "input {xs} has {} channels, the conv expects {}",
-                xs.c, conv.c_in
-            ),
-        ));
-    }
-    Ok(())
 }
 
 fn check_labels(op: &'static str, labels: &[u8], ls: Shape) -> Result<(), KernelError> {
@@ -158,7 +128,7 @@ impl Backend for CpuBackend {
         y: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "conv2d_forward";
-        check_conv(OP, xs, conv)?;
+        conv.check(OP, xs)?;
         expect_len(OP, "x", x.len(), xs.len())?;
         expect_len(OP, "w", w.len(), conv.weight_len())?;
         expect_len(OP, "b", b.len(), conv.c_out)?;
@@ -188,7 +158,7 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "conv2d_backward_data";
-        check_conv(OP, xs, conv)?;
+        conv.check(OP, xs)?;
         expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
         expect_len(OP, "w", w.len(), conv.weight_len())?;
         expect_len(OP, "dx", dx.len(), xs.len())?;
@@ -210,7 +180,7 @@ impl Backend for CpuBackend {
         db: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
         const OP: &str = "conv2d_backward_weight";
-        check_conv(OP, xs, conv)?;
+        conv.check(OP, xs)?;
         expect_len(OP, "x", x.len(), xs.len())?;
         expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
         expect_len(OP, "dw", dw.len(), conv.weight_len())?;

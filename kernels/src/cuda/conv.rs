@@ -105,23 +105,10 @@ pub(crate) fn pick_tile(k: usize, m: usize, n: usize, sm_count: u32) -> Tile {
     tiles[best]
 }
 
-/// Validates a convolution's geometry against `xs`.
+/// Validates a convolution's geometry against `xs`, and that every index fits the kernels' 32-bit
+/// arithmetic.
 fn check_conv(op: &'static str, xs: Shape, conv: Conv) -> Result<(), KernelError> {
-    if conv.k != 1 && conv.k != 3 {
-        return Err(KernelError::shape(
-            op,
-            format!("kernel size {} (only 1 and 3 are supported)", conv.k),
-        ));
-    }
-    if xs.c != conv.c_in {
-        return Err(KernelError::shape(
-            op,
-            format!(
-                "input has {} channels, the convolution expects {}",
-                xs.c, conv.c_in
-            ),
-        ));
-    }
+    conv.check(op, xs)?;
     as_i32(op, "input length", xs.len())?;
     as_i32(op, "output length", xs.with_c(conv.c_out).len())?;
     as_i32(op, "weight length", conv.weight_len())?;

@@ -249,22 +249,7 @@ pub fn kernel_names(unit: &KernelSource) -> Vec<String> {
     }
 }
 
-/// Checks that a buffer has the length an operand needs.
-pub(crate) fn expect_len(
-    op: &'static str,
-    operand: &str,
-    got: usize,
-    want: usize,
-) -> Result<(), KernelError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(KernelError::shape(
-            op,
-            format!("{operand} has {got} elements, expected {want}"),
-        ))
-    }
-}
+pub(crate) use crate::backend::expect_len;
 
 /// A count as the kernels' `int`, or a shape error when it does not fit.
 pub(crate) fn as_i32(op: &'static str, what: &str, v: usize) -> Result<i32, KernelError> {
