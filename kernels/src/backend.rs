@@ -109,6 +109,55 @@ impl Conv {
         Ok(())
     }
 
+    /// Geometry and buffer lengths of [`Backend::conv2d_forward`] (lengths in elements).
+    pub(crate) fn check_forward(
+        &self,
+        xs: Shape,
+        x: usize,
+        w: usize,
+        b: usize,
+        y: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "conv2d_forward";
+        self.check(OP, xs)?;
+        expect_len(OP, "x", x, xs.len())?;
+        expect_len(OP, "w", w, self.weight_len())?;
+        expect_len(OP, "b", b, self.c_out)?;
+        expect_len(OP, "y", y, xs.with_c(self.c_out).len())
+    }
+
+    /// Geometry and buffer lengths of [`Backend::conv2d_backward_data`].
+    pub(crate) fn check_backward_data(
+        &self,
+        xs: Shape,
+        dy: usize,
+        w: usize,
+        dx: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "conv2d_backward_data";
+        self.check(OP, xs)?;
+        expect_len(OP, "dy", dy, xs.with_c(self.c_out).len())?;
+        expect_len(OP, "w", w, self.weight_len())?;
+        expect_len(OP, "dx", dx, xs.len())
+    }
+
+    /// Geometry and buffer lengths of [`Backend::conv2d_backward_weight`].
+    pub(crate) fn check_backward_weight(
+        &self,
+        xs: Shape,
+        x: usize,
+        dy: usize,
+        dw: usize,
+        db: usize,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "conv2d_backward_weight";
+        self.check(OP, xs)?;
+        expect_len(OP, "x", x, xs.len())?;
+        expect_len(OP, "dy", dy, xs.with_c(self.c_out).len())?;
+        expect_len(OP, "dw", dw, self.weight_len())?;
+        expect_len(OP, "db", db, self.c_out)
+    }
+
     /// Multiply-adds times two for one forward pass over `x`.
     pub const fn forward_flops(&self, x: Shape) -> u64 {
         2 * (self.weight_len() * x.n * x.h * x.w) as u64

@@ -127,12 +127,7 @@ impl Backend for CpuBackend {
         _precision: Precision,
         y: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
-        const OP: &str = "conv2d_forward";
-        conv.check(OP, xs)?;
-        expect_len(OP, "x", x.len(), xs.len())?;
-        expect_len(OP, "w", w.len(), conv.weight_len())?;
-        expect_len(OP, "b", b.len(), conv.c_out)?;
-        expect_len(OP, "y", y.len(), xs.with_c(conv.c_out).len())?;
+        conv.check_forward(xs, x.len(), w.len(), b.len(), y.len())?;
         if y.is_empty() {
             return Ok(());
         }
@@ -157,11 +152,7 @@ impl Backend for CpuBackend {
         _precision: Precision,
         dx: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
-        const OP: &str = "conv2d_backward_data";
-        conv.check(OP, xs)?;
-        expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
-        expect_len(OP, "w", w.len(), conv.weight_len())?;
-        expect_len(OP, "dx", dx.len(), xs.len())?;
+        conv.check_backward_data(xs, dy.len(), w.len(), dx.len())?;
         if dx.is_empty() {
             return Ok(());
         }
@@ -179,12 +170,7 @@ impl Backend for CpuBackend {
         dw: &mut Vec<f32>,
         db: &mut Vec<f32>,
     ) -> Result<(), KernelError> {
-        const OP: &str = "conv2d_backward_weight";
-        conv.check(OP, xs)?;
-        expect_len(OP, "x", x.len(), xs.len())?;
-        expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
-        expect_len(OP, "dw", dw.len(), conv.weight_len())?;
-        expect_len(OP, "db", db.len(), conv.c_out)?;
+        conv.check_backward_weight(xs, x.len(), dy.len(), dw.len(), db.len())?;
         if xs.plane() == 0 || xs.n == 0 {
             dw.fill(0.0);
             db.fill(0.0);

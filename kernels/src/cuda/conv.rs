@@ -18,7 +18,7 @@
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
-use super::{CudaBackend, THREADS, as_i32, driver_err, expect_len};
+use super::{CudaBackend, THREADS, as_i32, driver_err};
 use crate::KernelError;
 use crate::backend::{Conv, Precision, Shape};
 
@@ -105,10 +105,9 @@ pub(crate) fn pick_tile(k: usize, m: usize, n: usize, sm_count: u32) -> Tile {
     tiles[best]
 }
 
-/// Validates a convolution's geometry against `xs`, and that every index fits the kernels' 32-bit
-/// arithmetic.
-fn check_conv(op: &'static str, xs: Shape, conv: Conv) -> Result<(), KernelError> {
-    conv.check(op, xs)?;
+/// Every index of a convolution over `xs` must fit the kernels' 32-bit arithmetic (the geometry and
+/// buffer lengths are checked by the shared `Conv::check_*`).
+fn check_index_range(op: &'static str, xs: Shape, conv: Conv) -> Result<(), KernelError> {
     as_i32(op, "input length", xs.len())?;
     as_i32(op, "output length", xs.with_c(conv.c_out).len())?;
     as_i32(op, "weight length", conv.weight_len())?;
@@ -160,12 +159,9 @@ impl CudaBackend {
         precision: Precision,
         y: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
+        conv.check_forward(xs, x.len(), w.len(), b.len(), y.len())?;
         const OP: &str = "conv2d_forward";
-        check_conv(OP, xs, conv)?;
-        expect_len(OP, "x", x.len(), xs.len())?;
-        expect_len(OP, "w", w.len(), conv.weight_len())?;
-        expect_len(OP, "b", b.len(), conv.c_out)?;
-        expect_len(OP, "y", y.len(), xs.with_c(conv.c_out).len())?;
+        check_index_range(OP, xs, conv)?;
         if y.is_empty() {
             return Ok(());
         }
@@ -220,11 +216,9 @@ impl CudaBackend {
         precision: Precision,
         dx: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
+        conv.check_backward_data(xs, dy.len(), w.len(), dx.len())?;
         const OP: &str = "conv2d_backward_data";
-        check_conv(OP, xs, conv)?;
-        expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
-        expect_len(OP, "w", w.len(), conv.weight_len())?;
-        expect_len(OP, "dx", dx.len(), xs.len())?;
+        check_index_range(OP, xs, conv)?;
         if dx.is_empty() {
             return Ok(());
         }
@@ -284,12 +278,9 @@ impl CudaBackend {
         dw: &mut CudaSlice<f32>,
         db: &mut CudaSlice<f32>,
     ) -> Result<(), KernelError> {
+        conv.check_backward_weight(xs, x.len(), dy.len(), dw.len(), db.len())?;
         const OP: &str = "conv2d_backward_weight";
-        check_conv(OP, xs, conv)?;
-        expect_len(OP, "x", x.len(), xs.len())?;
-        expect_len(OP, "dy", dy.len(), xs.with_c(conv.c_out).len())?;
-        expect_len(OP, "dw", dw.len(), conv.weight_len())?;
-        expect_len(OP, "db", db.len(), conv.c_out)?;
+        check_index_range(OP, xs, conv)?;
         let pixels = xs.n * xs.h * xs.w;
         if dw.is_empty() && db.is_empty() {
             return Ok(());
