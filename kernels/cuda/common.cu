@@ -8,8 +8,9 @@
 //   mf_min / mf_max            integer helpers (no <algorithm> on the device)
 //   block_sum<T>               deterministic tree reduction over a block (fixed order, no atomics)
 //   to_tf32 / mma_tf32_16x8x8  TF32 tensor-core helpers (sm_80+): cvt.rna + mma.sync m16n8k8
-//   cp_async4 / cp_async_wait  4-byte asynchronous global->shared copies with zero fill (sm_80+),
-//                              plain loads on older chips
+//   cp_async4                  4-byte asynchronous global->shared copy with zero fill (sm_80+),
+//                              a plain load on older chips
+//   cp_async_commit / _wait_pending<N>  copy groups, for a pipeline several tiles deep
 
 #ifndef MICROFED_EMU
 #define MF_RESTRICT __restrict__
@@ -80,13 +81,13 @@ __device__ __forceinline__ void mma_tf32_16x8x8(float* d, const unsigned* a, con
 // ---- asynchronous copies ------------------------------------------------------------------------
 // Copies one float from global to shared memory, or writes 0 when `valid` is false (the "zero fill"
 // form: src-size 0 reads nothing, so `src` only has to be some valid address). On sm_80+ the copy is
-// asynchronous and completes at the next cp_async_wait(); before that it is an ordinary load + store.
+// asynchronous and completes with its group (cp_async_commit, cp_async_wait_pending); before that it
+// is an ordinary load + store.
 __device__ __forceinline__ void cp_async4(float* dst_smem, const float* src, bool valid) {
 #if !defined(MICROFED_EMU) && __CUDA_ARCH__ >= 800
-    unsigned long long generic = (unsigned long long)dst_smem;
-    unsigned long long shared_addr;
-    asm("cvta.to.shared.u64 %0, %1;\n" : "=l"(shared_addr) : "l"(generic));
-    const unsigned s = (unsigned)shared_addr;
+    // The compiler's own conversion (not inline cvta), so that it sees that dst_smem is a shared
+    // array plus an offset and folds each copy's address into an immediate.
+    const unsigned s = (unsigned)__cvta_generic_to_shared(dst_smem);
     const int bytes = valid ? 4 : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(src), "r"(bytes)
                  : "memory");
@@ -95,10 +96,19 @@ __device__ __forceinline__ void cp_async4(float* dst_smem, const float* src, boo
 #endif
 }
 
-// Waits until every cp_async4 this thread issued has landed (a __syncthreads() must follow before other
-// threads read the data).
-__device__ __forceinline__ void cp_async_wait() {
+// Closes the group of cp_async4 copies this thread issued since the last commit (a group may be empty).
+__device__ __forceinline__ void cp_async_commit() {
 #if !defined(MICROFED_EMU) && __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;\n" ::: "memory");
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+// Waits until at most N of this thread's committed groups are still in flight (N = 0: all landed). A
+// __syncthreads() must follow before other threads read the data. Before sm_80 the copies were
+// synchronous, so there is nothing to wait for.
+template <int N>
+__device__ __forceinline__ void cp_async_wait_pending() {
+#if !defined(MICROFED_EMU) && __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }

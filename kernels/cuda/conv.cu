@@ -32,7 +32,13 @@
 #define MODE_BWD_DATA 1
 #define MODE_BWD_WEIGHT 2
 
-template <int BM, int BN, int BK, int WM, int WN, int TM, int TN, int KS, int MODE, bool TF32>
+// One entry of a block's gather table (see conv_gemm): an offset and a tap index, read together.
+struct __align__(8) TapEntry {
+    unsigned off;
+    unsigned tap;
+};
+
+template <int BM, int BN, int BK, int WM, int WN, int TM, int TN, int KS, int MODE, bool TF32, int STAGES>
 __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (FWD, BWD_DATA) or dy
                                           const float* MF_RESTRICT bsrc,  // x (FWD, BWD_WEIGHT) or dy
                                           const float* MF_RESTRICT bias,  // FWD only
@@ -49,12 +55,27 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
     constexpr int B_PER = BK * BN / THREADS;
     static_assert(BM * BK % THREADS == 0 && BK * BN % THREADS == 0, "tile loads must divide evenly");
     static_assert(THREADS % BN == 0 || MODE == MODE_BWD_WEIGHT, "one pixel column per thread");
-    static_assert(THREADS % BK == 0, "one k row per thread (backward-weight)");
+    static_assert(THREADS % BK == 0, "one k column (A) / k row (backward-weight) per thread");
     static_assert((WM / TM) * (WN / TN) == 32, "FFMA lanes tile the warp tile");
     static_assert(WM % 16 == 0 && WN % 8 == 0 && BK % 8 == 0, "mma tile");
+    static_assert(STAGES >= 2, "at least double buffering");
+    static_assert(KK <= 9, "tap masks are 9 bits");
 
-    __shared__ __align__(16) float As[2][BK][LDA];
-    __shared__ __align__(16) float Bs[2][BK][LDB];
+    __shared__ __align__(16) float As[STAGES][BK][LDA];
+    __shared__ __align__(16) float Bs[STAGES][BK][LDB];
+    // Gather tables, filled once per block, so that the per-element work in the k loop is a table
+    // read, an add and a bit test instead of divisions by k·k and four bounds comparisons.
+    //   FWD / BWD_DATA, entry s in [0, KK + BK): the GEMM row k = k0 + bk with s = k0 % KK + bk lies
+    //     s / KK channels past c0 = k0 / KK, at tap s % KK. tab[s].off = its offset in the B source
+    //     relative to channel c0 at the pixel's own position, tab[s].tap = the tap; tab_a[s] (backward-
+    //     data) = its offset in w relative to w[c0][m][0].
+    //   BWD_WEIGHT, entry = block column bn (GEMM column j = n0 + bn = c·KK + tap): tab[bn].off = offset
+    //     of x[c] at the tap's shift, tab[bn].tap = the tap, or 31 (a bit no mask has) past the last
+    //     column.
+    constexpr int TAB = (MODE == MODE_BWD_WEIGHT) ? BN : KK + BK;
+    static_assert(MODE == MODE_BWD_WEIGHT || KK + BK <= 32, "row validity is a 32-bit mask");
+    __shared__ TapEntry tab[TAB];
+    __shared__ unsigned tab_a[TAB];
 
     const int tid = threadIdx.x;
     const int hw = h * w;
@@ -71,24 +92,76 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
     }
     const int k_tiles = k_end > k_begin ? (k_end - k_begin + BK - 1) / BK : 0;
 
+    // Offset of tap r's source pixel relative to the output pixel (the shift's sign flips for the data
+    // gradient, see the header).
+    auto tap_shift = [&](int r) {
+        const int kh = r / KS;
+        const int kw = r - kh * KS;
+        return MODE == MODE_BWD_DATA ? (PAD - kh) * w + (PAD - kw) : (kh - PAD) * w + (kw - PAD);
+    };
+    for (int s = tid; s < TAB; s += THREADS) {
+        if (MODE != MODE_BWD_WEIGHT) {
+            const int dc = s / KK;
+            const int r = s - dc * KK;
+            // Rows past the last channel are never valid (k < k_end fails): keep their entries small.
+            const bool in = dc < c_src;
+            tab[s].off = in ? (unsigned)(dc * hw + tap_shift(r)) : 0u;
+            tab[s].tap = (unsigned)r;
+            tab_a[s] = in ? (unsigned)(dc * c_dst * KK + r) : 0u;
+        } else {
+            const int j = n0 + s;
+            const int c = j / KK;
+            const int r = j - c * KK;
+            const bool in = j < Ngemm;
+            tab[s].off = in ? (unsigned)(c * hw + tap_shift(r)) : 0u;
+            tab[s].tap = in ? (unsigned)r : 31u;
+            tab_a[s] = 0u;
+        }
+    }
+
+    // Bit r of the mask: tap r of the output pixel (oh, ow) reads inside the image.
+    auto tap_mask = [&](int oh, int ow) {
+        unsigned rows = 0, cols = 0;
+#pragma unroll
+        for (int t = 0; t < KS; ++t) {
+            const int ih = MODE == MODE_BWD_DATA ? oh - t + PAD : oh + t - PAD;
+            const int iw = MODE == MODE_BWD_DATA ? ow - t + PAD : ow + t - PAD;
+            rows |= (ih >= 0 && ih < h) ? 1u << t : 0u;
+            cols |= (iw >= 0 && iw < w) ? 1u << t : 0u;
+        }
+        unsigned m = 0;
+#pragma unroll
+        for (int t = 0; t < KS; ++t) m |= (rows >> t & 1u) ? cols << (t * KS) : 0u;
+        return m;
+    };
+
     // ---- per-thread gather state ---------------------------------------------------------------
-    // FWD / BWD_DATA: the thread always gathers the same pixel column of B (THREADS % BN == 0).
+    // FWD / BWD_DATA: the thread always gathers the same pixel column of B (THREADS % BN == 0) and the
+    // same k column of A (THREADS % BK == 0).
     const int b_col = tid % BN;
-    const int b_row0 = tid / BN;
-    int px_valid = 0, px_oh = 0, px_ow = 0;
-    const float* px_base = bsrc;
+    const int b_row0 = THREADS == BN ? 0 : tid / BN;
+    // First A row of the thread (FWD / BWD_DATA), first A row and B column (BWD_WEIGHT).
+    const int a_row0 = tid / BK;
+    // Bit s: table row s (tap s % KK) reads inside the image at the thread's pixel (the pixel's tap
+    // mask repeated every KK bits); 0 past the last pixel.
+    unsigned px_rows = 0;
+    unsigned px_pos = 0;  // oh * w + ow
+    const float* px_img = bsrc;
     // BWD_WEIGHT: the thread always gathers the same k (= pixel) row of A and B, and walks it forward.
     const int k_lane = tid % BK;
     int wp_img = 0, wp_oh = 0, wp_ow = 0;
     if (MODE != MODE_BWD_WEIGHT) {
         const int p = n0 + b_col;
-        px_valid = p < P;
-        if (px_valid) {
+        if (p < P) {
             const int img = p / hw;
             const int rem = p - img * hw;
-            px_oh = rem / w;
-            px_ow = rem - px_oh * w;
-            px_base = bsrc + (long long)img * c_src * hw;
+            const int oh = rem / w;
+            const int ow = rem - oh * w;
+            const unsigned m = tap_mask(oh, ow);
+#pragma unroll
+            for (int j = 0; j * KK < KK + BK; ++j) px_rows |= m << (j * KK);
+            px_pos = (unsigned)rem;
+            px_img = bsrc + (long long)img * c_src * hw;
         }
     } else {
         const int p = k_begin + k_lane;
@@ -97,80 +170,85 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
         wp_oh = rem / w;
         wp_ow = rem - wp_oh * w;
     }
+    __syncthreads();  // the tables are complete
 
-    // Issues the gathers of k-tile `kt` into buffer `buf`.
+    // Issues the gathers of k-tile `kt` into buffer `buf`. Called for kt = 0, 1, 2, ... in order (the
+    // backward-weight pixel walk relies on it).
     auto stage = [&](int kt, int buf) {
         const int k0 = k_begin + kt * BK;
+        const int k_left = k_end - k0;  // rows bk >= k_left are past the end (last tile only)
+        // All offsets and predicates first, then the copies back to back: each copy is an asm statement
+        // with a memory clobber, so a table read between two copies would stay there (and sm_90 pads
+        // each shared load that precedes an LDGSTS with three dead instructions).
+        unsigned a_off[A_PER], b_off[B_PER];
+        bool a_ok[A_PER], b_ok[B_PER];
+        const float* a_ptr = asrc;
+        const float* b_ptr = bsrc;
         if (MODE != MODE_BWD_WEIGHT) {
+            const int c0 = k0 / KK;
+            const int r0 = k0 - c0 * KK;
+            const int ak = tid % BK;
+            const bool ak_ok = ak < k_left;
+            unsigned a_base;
+            if (MODE == MODE_FWD) {
+                a_base = (unsigned)k0 + ak;  // w[m][k]: row m at m * K
+            } else {
+                a_base = (unsigned)c0 * c_dst * KK + tab_a[r0 + ak];  // w[co][m][r]: row m at m * KK
+            }
+            const unsigned a_row = MODE == MODE_FWD ? (unsigned)k_end : (unsigned)KK;
 #pragma unroll
             for (int i = 0; i < A_PER; ++i) {
-                const int idx = tid + i * THREADS;
-                const int am = idx / BK;
-                const int ak = idx % BK;
-                const int m = m0 + am;
-                const int k = k0 + ak;
-                const bool ok = m < M && k < k_end;
-                long long off = 0;
-                if (ok) {
-                    if (MODE == MODE_FWD) {
-                        off = (long long)m * k_end + k;
-                    } else {
-                        const int co = k / KK;
-                        const int r = k - co * KK;
-                        off = ((long long)co * c_dst + m) * KK + r;
-                    }
-                }
-                cp_async4(&As[buf][ak][am], asrc + off, ok);
+                const int m = m0 + a_row0 + i * (THREADS / BK);
+                a_ok[i] = ak_ok && m < M;
+                a_off[i] = a_ok[i] ? a_base + (unsigned)m * a_row : 0u;
             }
+            // Bit i: the thread's row b_row0 + i·(THREADS / BN) of this tile is valid for its pixel
+            // (inside the image, and k < k_end).
+            const unsigned k_bits = k_left >= 32 ? ~0u : (1u << k_left) - 1u;
+            const unsigned rows = ((px_rows >> r0) & k_bits) >> b_row0;
+            const unsigned chan = (unsigned)c0 * hw + px_pos;
+            const TapEntry* t = &tab[r0 + b_row0];
 #pragma unroll
             for (int i = 0; i < B_PER; ++i) {
-                const int bk = b_row0 + i * (THREADS / BN);
-                const int k = k0 + bk;
-                const int c = k / KK;
-                const int r = k - c * KK;
-                const int kh = r / KS;
-                const int kw = r - kh * KS;
-                int ih, iw;
-                if (MODE == MODE_FWD) {
-                    ih = px_oh + kh - PAD;
-                    iw = px_ow + kw - PAD;
-                } else {
-                    ih = px_oh - kh + PAD;
-                    iw = px_ow - kw + PAD;
-                }
-                const bool ok = px_valid && k < k_end && ih >= 0 && ih < h && iw >= 0 && iw < w;
-                const long long off = ok ? ((long long)c * h + ih) * w + iw : 0;
-                cp_async4(&Bs[buf][bk][b_col], px_base + off, ok);
+                b_ok[i] = rows >> (i * (THREADS / BN)) & 1u;
+                b_off[i] = b_ok[i] ? chan + t[i * (THREADS / BN)].off : 0u;
             }
+            b_ptr = px_img;
+#pragma unroll
+            for (int i = 0; i < A_PER; ++i)
+                cp_async4(&As[buf][ak][a_row0 + i * (THREADS / BK)], a_ptr + a_off[i], a_ok[i]);
+#pragma unroll
+            for (int i = 0; i < B_PER; ++i)
+                cp_async4(&Bs[buf][b_row0 + i * (THREADS / BN)][b_col], b_ptr + b_off[i], b_ok[i]);
         } else {
-            // Pixel of this thread's k row in this tile: advance the walk to k0 + k_lane.
-            const int p = k0 + k_lane;
-            const bool p_ok = p < k_end;
-            const long long img_a = (long long)wp_img * c_dst * hw;
-            const long long img_b = (long long)wp_img * c_src * hw;
-            const int rem = wp_oh * w + wp_ow;
+            // Pixel of this thread's k row in this tile: the walk stands at k0 + k_lane.
+            const bool p_ok = k_lane < k_left;
+            const int pos = wp_oh * w + wp_ow;
+            if (p_ok) {
+                a_ptr = asrc + (long long)wp_img * c_dst * hw + pos;
+                b_ptr = bsrc + (long long)wp_img * c_src * hw + pos;
+            }
+            const unsigned mask = p_ok ? tap_mask(wp_oh, wp_ow) : 0u;
 #pragma unroll
             for (int i = 0; i < A_PER; ++i) {
-                const int am = tid / BK + i * (THREADS / BK);
-                const int m = m0 + am;
-                const bool ok = p_ok && m < M;
-                const long long off = ok ? img_a + (long long)m * hw + rem : 0;
-                cp_async4(&As[buf][k_lane][am], asrc + off, ok);
+                const int m = m0 + a_row0 + i * (THREADS / BK);
+                a_ok[i] = p_ok && m < M;
+                a_off[i] = a_ok[i] ? (unsigned)m * hw : 0u;
             }
 #pragma unroll
             for (int i = 0; i < B_PER; ++i) {
-                const int bn = tid / BK + i * (THREADS / BK);
-                const int j = n0 + bn;
-                const int c = j / KK;
-                const int r = j - c * KK;
-                const int kh = r / KS;
-                const int kw = r - kh * KS;
-                const int ih = wp_oh + kh - PAD;
-                const int iw = wp_ow + kw - PAD;
-                const bool ok = p_ok && j < Ngemm && ih >= 0 && ih < h && iw >= 0 && iw < w;
-                const long long off = ok ? img_b + ((long long)c * h + ih) * w + iw : 0;
-                cp_async4(&Bs[buf][k_lane][bn], bsrc + off, ok);
+                const TapEntry e = tab[a_row0 + i * (THREADS / BK)];
+                b_ok[i] = mask >> e.tap & 1u;
+                b_off[i] = b_ok[i] ? e.off : 0u;  // may be "negative" (a shift up or left): see below
             }
+#pragma unroll
+            for (int i = 0; i < A_PER; ++i)
+                cp_async4(&As[buf][k_lane][a_row0 + i * (THREADS / BK)], a_ptr + a_off[i], a_ok[i]);
+            // b_off holds c·hw + the tap's shift, which is negative for c = 0 and an upward or leftward
+            // tap; as an int it is exact, and b_ptr + it stays inside x whenever b_ok.
+#pragma unroll
+            for (int i = 0; i < B_PER; ++i)
+                cp_async4(&Bs[buf][k_lane][a_row0 + i * (THREADS / BK)], b_ptr + (int)b_off[i], b_ok[i]);
             // Walk to the next tile's pixel (BK further on), without a division.
             wp_ow += BK;
             while (wp_ow >= w) {
@@ -202,14 +280,21 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
     constexpr int MI = WM / 16;
     constexpr int NI = WN / 8;
 
-    if (k_tiles > 0) {
-        stage(0, 0);
-        cp_async_wait();
-        __syncthreads();
+    // Pipeline STAGES tiles deep: tiles t+1 .. t+STAGES-1 are in flight while tile t is multiplied.
+    // One copy group per tile (empty past the end, so that the group count stays uniform).
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < k_tiles) stage(s, s);
+        cp_async_commit();
     }
     for (int t = 0; t < k_tiles; ++t) {
-        const int buf = t & 1;
-        if (t + 1 < k_tiles) stage(t + 1, buf ^ 1);
+        const int buf = t % STAGES;
+        // Groups 0..t have landed (this thread's); the barrier makes every thread's copies visible and
+        // also says that all threads are done with tile t-1, whose buffer the next stage() overwrites.
+        cp_async_wait_pending<STAGES - 2>();
+        __syncthreads();
+        if (t + STAGES - 1 < k_tiles) stage(t + STAGES - 1, (t + STAGES - 1) % STAGES);
+        cp_async_commit();
         if (TF32) {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 8) {
@@ -260,12 +345,13 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
                     for (int j = 0; j < TN; ++j) acc[i * TN + j] = fmaf(a[i], b[j], acc[i * TN + j]);
             }
         }
-        cp_async_wait();
-        __syncthreads();
     }
 
     // ---- epilogue --------------------------------------------------------------------------------
-    // Writes C[m][n] (block-relative row/col) to its place in the output.
+    // Writes C[m][n] (block-relative row/col) to its place in the output. The image and position of
+    // pixel n0 + bn are found from those of n0 (one division per thread, not one per element).
+    const int img0 = MODE == MODE_BWD_WEIGHT ? 0 : n0 / hw;
+    const int rem0 = n0 - img0 * hw;
     auto emit = [&](int bm, int bn, float v) {
         const int m = m0 + bm;
         const int n = n0 + bn;
@@ -277,8 +363,12 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
                 v += bias[m];
                 if (relu && v < 0.0f) v = 0.0f;
             }
-            const int img = n / hw;
-            const int rem = n - img * hw;
+            int img = img0;
+            int rem = rem0 + bn;
+            while (rem >= hw) {  // at most once when an image has BN pixels or more
+                rem -= hw;
+                ++img;
+            }
             out[((long long)img * c_dst + m) * hw + rem] = v;
         }
     };
@@ -304,29 +394,37 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
 }
 
 // One extern "C" entry point per (mode, tile, kernel size, precision), so the host finds each by a
-// plain name. Tile shapes (BM, BN, BK, WM, WN, TM, TN): 256 threads for the 128-row tile, 128 for the
-// others; see kernels/src/cuda/conv.rs for which shape serves which layer.
-#define MF_CONV_ENTRY(NAME, BM, BN, BK, WM, WN, TM, TN, KS, MODE, TF32)                                \
-    extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32)                            \
+// plain name. Tile shapes (BM, BN, BK, WM, WN, TM, TN, STAGES, MIN_BLOCKS): 256 threads for the 128-row
+// tile, 128 for the others; see kernels/src/cuda/conv.rs for which shape serves which layer. MIN_BLOCKS
+// is __launch_bounds__'s "resident blocks per SM" hint, which caps the registers per thread.
+#define MF_CONV_ENTRY(NAME, BM, BN, BK, WM, WN, TM, TN, STAGES, MIN_BLOCKS, KS, MODE, TF32)            \
+    extern "C" __global__ void __launch_bounds__((BM / WM) * (BN / WN) * 32, MIN_BLOCKS)                \
         NAME(const float* MF_RESTRICT asrc, const float* MF_RESTRICT bsrc,                              \
              const float* MF_RESTRICT bias, float* MF_RESTRICT out, int n_img, int c_src, int c_dst,    \
              int h, int w, int relu, int k_chunk) {                                                     \
-        conv_gemm<BM, BN, BK, WM, WN, TM, TN, KS, MODE, TF32>(asrc, bsrc, bias, out, n_img, c_src,      \
-                                                              c_dst, h, w, relu, k_chunk);              \
+        conv_gemm<BM, BN, BK, WM, WN, TM, TN, KS, MODE, TF32, STAGES>(asrc, bsrc, bias, out, n_img,     \
+                                                                      c_src, c_dst, h, w, relu,         \
+                                                                      k_chunk);                         \
     }
 
 // 3x3 convolutions get every tile height; 1x1 convolutions (the segmentation head: 16 -> k classes)
-// only the two small ones, which keeps NVRTC's compile time down.
+// only the two small ones, which keeps NVRTC's compile time down. Static shared memory is capped at
+// 48 KiB, which leaves the 128-row tile two stages (35 KiB) and the others three (40, 34, 31 KiB).
 #define MF_CONV_TILES_K3(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k3_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, 3, MODE,     \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k3_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, 2, 1, 3,     \
+                  MODE, TF32)                                                                           \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k3_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 1, 3, MODE, \
                   TF32)                                                                                 \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k3_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, MODE, TF32) \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t32x128_k3_##PREC_NAME, 32, 128, 16, 32, 32, 8, 4, 3, MODE, TF32) \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k3_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 3, MODE, TF32)
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t32x128_k3_##PREC_NAME, 32, 128, 16, 32, 32, 8, 4, 3, 1, 3, MODE, \
+                  TF32)                                                                                 \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k3_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 3, 1, 3, MODE, \
+                  TF32)
 
 #define MF_CONV_TILES_K1(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k1_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 1, MODE, TF32) \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k1_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 1, MODE, TF32)
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k1_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 1, 1, MODE, \
+                  TF32)                                                                                 \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k1_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 3, 1, 1, MODE, \
+                  TF32)
 
 #define MF_CONV_ALL(PREC_NAME, TF32)                                                                    \
     MF_CONV_TILES_K3(fwd, MODE_FWD, PREC_NAME, TF32)                                                    \

@@ -56,8 +56,10 @@ int main() {
     const float NaN = std::nanf("");
     Tile tiles[] = {TILE3(t128x128, 128, 128, 256), TILE(t64x128, 64, 128, 128), TILE3(t32x128, 32, 128, 128),
                     TILE(t16x128, 16, 128, 128)};
-    struct Case { int n, ci, co, h, w; };
-    Case cases[] = {{2, 5, 7, 5, 9}, {1, 3, 19, 7, 3}, {2, 17, 33, 3, 11}};
+    // chunk: pixels per backward-weight split. The last case has images larger than a 128-pixel tile
+    // and five k-tiles per split, so the pipeline (three stages) wraps around its buffers there too.
+    struct Case { int n, ci, co, h, w, chunk; };
+    Case cases[] = {{2, 5, 7, 5, 9, 32}, {1, 3, 19, 7, 3, 32}, {2, 17, 33, 3, 11, 32}, {2, 6, 5, 13, 11, 80}};
     for (const Case& cs : cases)
         for (int ks : {1, 3})
             for (const Tile& tile : tiles)
@@ -116,7 +118,7 @@ int main() {
                     }
                     // backward weight, split-K with chunks of 32 pixels, then the fixed-order reduction
                     {
-                        const int chunk = 32, splits = (P + chunk - 1) / chunk, N = ci * KK, len = co * N;
+                        const int chunk = cs.chunk, splits = (P + chunk - 1) / chunk, N = ci * KK, len = co * N;
                         std::vector<float> ws((size_t)splits * len, NaN), dw(len, NaN);
                         dim3 grid{(unsigned)((N + tile.bn - 1) / tile.bn), (unsigned)((co + tile.bm - 1) / tile.bm), (unsigned)splits};
                         emu_launch(grid, dim3{(unsigned)tile.threads, 1, 1}, [&] {
