@@ -8,7 +8,9 @@
 //! fraction M / (BM·⌈M/BM⌉). E.g. the decoder's 16- and 32-channel layers get 16- and 32-row tiles,
 //! 64 and 128 channels 64- and 128-row tiles, the 48-channel data gradient a 64-row tile (25% of its
 //! rows idle, still ahead of a 32-row tile on intensity). When the
-//! best tile gives fewer than two blocks per SM, the next smaller tile is taken (small images).
+//! best tile gives fewer than two blocks per SM, the next smaller tile is taken (small images), except
+//! for the weight gradient: its split-K (below) makes as many blocks as the chip needs, and with a
+//! smaller tile each gathered x column would serve fewer output channels.
 //!
 //! Split-K for the weight gradient: the reduction runs over all n·h·w pixels, far more than the M x N
 //! output tiles need; the pixel range is cut into `splits` chunks (a multiple of BK = 16 pixels each)
@@ -83,8 +85,9 @@ pub(crate) fn kernel_names(p: Precision) -> Vec<String> {
     names
 }
 
-/// The tile for a GEMM with `m` rows and `n` columns (see the module docs).
-pub(crate) fn pick_tile(k: usize, m: usize, n: usize, sm_count: u32) -> Tile {
+/// The tile for a GEMM with `m` rows and `n` columns (see the module docs). `n = None` for the
+/// weight gradient, whose split-K fills the chip whatever the tile, so no smaller tile is taken.
+pub(crate) fn pick_tile(k: usize, m: usize, n: Option<usize>, sm_count: u32) -> Tile {
     let tiles: &[Tile] = if k == 1 { &TILES_K1 } else { &TILES_K3 };
     let score = |t: &Tile| {
         let intensity = (t.bm * t.bn) as f64 / (t.bm + t.bn) as f64;
@@ -98,9 +101,11 @@ pub(crate) fn pick_tile(k: usize, m: usize, n: usize, sm_count: u32) -> Tile {
         }
     }
     // Too few blocks to fill the chip: step down to smaller tiles while that helps.
-    let blocks = |t: &Tile| m.div_ceil(t.bm) * n.div_ceil(t.bn);
-    while best + 1 < tiles.len() && blocks(&tiles[best]) < 2 * sm_count as usize {
-        best += 1;
+    if let Some(n) = n {
+        let blocks = |t: &Tile| m.div_ceil(t.bm) * n.div_ceil(t.bn);
+        while best + 1 < tiles.len() && blocks(&tiles[best]) < 2 * sm_count as usize {
+            best += 1;
+        }
     }
     tiles[best]
 }
@@ -128,14 +133,9 @@ impl CudaBackend {
     pub(crate) fn conv_tile(&self, mode: &str, xs: Shape, conv: Conv) -> Tile {
         let p = xs.n * xs.h * xs.w;
         match mode {
-            "fwd" => pick_tile(conv.k, conv.c_out, p, self.sm_count),
-            "bwd_data" => pick_tile(conv.k, conv.c_in, p, self.sm_count),
-            _ => pick_tile(
-                conv.k,
-                conv.c_out,
-                conv.c_in * conv.k * conv.k,
-                self.sm_count,
-            ),
+            "fwd" => pick_tile(conv.k, conv.c_out, Some(p), self.sm_count),
+            "bwd_data" => pick_tile(conv.k, conv.c_in, Some(p), self.sm_count),
+            _ => pick_tile(conv.k, conv.c_out, None, self.sm_count),
         }
     }
 
@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn tiles_follow_the_channel_count() {
-        let big = 16 * 256 * 256;
+        let big = Some(16 * 256 * 256);
         assert_eq!(pick_tile(3, 16, big, 132).bm, 16);
         assert_eq!(pick_tile(3, 32, big, 132).bm, 32);
         assert_eq!(pick_tile(3, 64, big, 132).bm, 64);
@@ -421,7 +421,20 @@ mod tests {
         assert_eq!(pick_tile(3, 384, big, 132).bm, 128);
         assert_eq!(pick_tile(1, 2, big, 132).bm, 16);
         // 128 channels on a 16x16 image: the 128-row tile would leave SMs idle
-        assert!(pick_tile(3, 128, 256, 132).bm < 128);
+        assert!(pick_tile(3, 128, Some(256), 132).bm < 128);
+    }
+
+    #[test]
+    fn the_weight_gradient_keeps_its_tile_and_splits_instead() {
+        // dec3.conv1's weight gradient (128 x 3456 GEMM) has only 27 column tiles of 128-row blocks,
+        // yet takes the 128-row tile: split-K supplies the blocks. Before, it stepped down to 16 rows,
+        // so every x column was gathered 8 times per pixel instead of once.
+        assert_eq!(pick_tile(3, 128, None, 132).bm, 128);
+        assert_eq!(pick_tile(3, 64, None, 132).bm, 64);
+        assert_eq!(pick_tile(3, 32, None, 132).bm, 32);
+        assert_eq!(pick_tile(3, 16, None, 132).bm, 16);
+        assert_eq!(pick_tile(1, 2, None, 132).bm, 16);
+        assert_eq!(pick_tile(3, 128, Some(27 * 128), 132).bm, 16);
     }
 
     #[test]
