@@ -279,6 +279,12 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
     const int tig = lane % 4;
     constexpr int MI = WM / 16;
     constexpr int NI = WN / 8;
+    // A warp whose rows are all >= M or columns all >= N (e.g. in the last column tile of dec0.conv2's
+    // 144-column weight gradient, or of the head's 16 columns) skips the arithmetic: C row m needs
+    // only A row m and C column n only B column n, so nothing it would compute is written out. The
+    // branch is warp-uniform. (Skipping those rows' and columns' copies as well cost more branches
+    // in every tile than it saved in the few wasted ones.)
+    const bool warp_live = m0 + wm0 < M && n0 + wn0 < Ngemm;
 
     // Pipeline STAGES tiles deep: tiles t+1 .. t+STAGES-1 are in flight while tile t is multiplied.
     // One copy group per tile (empty past the end, so that the group count stays uniform).
@@ -295,7 +301,9 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
         __syncthreads();
         if (t + STAGES - 1 < k_tiles) stage(t + STAGES - 1, (t + STAGES - 1) % STAGES);
         cp_async_commit();
-        if (TF32) {
+        if (!warp_live) {
+            // Nothing of this warp's tile is written out (see the copies above).
+        } else if (TF32) {
 #pragma unroll
             for (int kk = 0; kk < BK; kk += 8) {
                 unsigned af[MI][4];
@@ -410,10 +418,12 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
 // 3x3 convolutions get every tile height; 1x1 convolutions (the segmentation head: 16 -> k classes)
 // only the two small ones, which keeps NVRTC's compile time down. Static shared memory is capped at
 // 48 KiB, which leaves the 128-row tile two stages (35 KiB) and the others three (40, 34, 31 KiB).
+// MIN_BLOCKS caps the two big tiles at 128 registers, so that 2 (128-row) or 4 (64-row) blocks fit
+// per SM instead of 1 or 3 (the 64-row weight gradient then spills 16 bytes, read from L1).
 #define MF_CONV_TILES_K3(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k3_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, 2, 1, 3,     \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t128x128_k3_##PREC_NAME, 128, 128, 16, 64, 32, 8, 8, 2, 2, 3,     \
                   MODE, TF32)                                                                           \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k3_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 1, 3, MODE, \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k3_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 4, 3, MODE, \
                   TF32)                                                                                 \
     MF_CONV_ENTRY(conv_##MODE_NAME##_t32x128_k3_##PREC_NAME, 32, 128, 16, 32, 32, 8, 4, 3, 1, 3, MODE, \
                   TF32)                                                                                 \
@@ -421,7 +431,7 @@ __device__ __forceinline__ void conv_gemm(const float* MF_RESTRICT asrc,  // w (
                   TF32)
 
 #define MF_CONV_TILES_K1(MODE_NAME, MODE, PREC_NAME, TF32)                                              \
-    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k1_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 1, 1, MODE, \
+    MF_CONV_ENTRY(conv_##MODE_NAME##_t64x128_k1_##PREC_NAME, 64, 128, 16, 32, 64, 8, 8, 3, 4, 1, MODE, \
                   TF32)                                                                                 \
     MF_CONV_ENTRY(conv_##MODE_NAME##_t16x128_k1_##PREC_NAME, 16, 128, 16, 16, 32, 4, 4, 3, 1, 1, MODE, \
                   TF32)
