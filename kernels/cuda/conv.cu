@@ -15,11 +15,13 @@
 // kernel (splitk_reduce in ops.cu) adds the slabs in a fixed order. No atomics anywhere, so the result
 // is deterministic run to run. The bias gradient is a per-channel sum of dy (ops.cu).
 //
-// Block tile BM x BN x BK in shared memory, k-major (As[k][m], Bs[k][n]) and double-buffered: the
-// gathers for tile t+1 are issued (cp.async on sm_80+, so they are in flight while the tile t
-// arithmetic runs) before computing tile t, with one __syncthreads() per tile. Rows are padded by 8
-// floats so that the tensor-core fragment reads (rows tig and tig+4, columns gid) hit 32 distinct
-// banks. Every gather checks its bounds (image edges, M, N, K), so any size works.
+// Block tile BM x BN x BK in shared memory, k-major (As[k][m], Bs[k][n]), STAGES tiles deep: the
+// gathers for tiles t+1 .. t+STAGES-1 are in flight (cp.async groups on sm_80+) while tile t is
+// multiplied, with one __syncthreads() per tile. Rows are padded by 8 floats so that the tensor-core
+// fragment reads (rows tig and tig+4, columns gid) hit 32 distinct banks. Every gather checks its
+// bounds (image edges, M, N, K), so any size works; to keep that cheap, a per-block table gives each
+// GEMM row's (or, for the weight gradient, column's) offset and tap, and a 9-bit mask per pixel says
+// which taps fall inside the image (see conv_gemm). kernels/cuda/PERF_NOTES.md has the numbers.
 //
 // Warp tile WM x WN. FFMA path: each lane owns a TM x TN register block of C and reads float4 runs
 // of As/Bs. TF32 path: each warp issues (WM/16) x (WN/8) mma.sync.m16n8k8 per 8-deep k-step, operands
