@@ -455,6 +455,12 @@ pub fn compress(
 /// sent nothing). Every length, index, code and value is checked; any inconsistency, truncation or
 /// trailing byte is a [`CompressError::Malformed`] naming the tensor, never a panic.
 pub fn decompress(bytes: &[u8], layout: &[TensorSpan]) -> Result<Vec<f32>, CompressError> {
+    if let Some(t) = layout.iter().find(|t| t.len > u32::MAX as usize) {
+        return Err(CompressError::TensorTooLarge {
+            tensor: t.name.clone(),
+            len: t.len,
+        });
+    }
     let mut r = Reader::new(bytes);
     if r.take(4, "magic")? != MAGIC {
         return Err(malformed("not a microfed update (bad magic)"));
@@ -1070,9 +1076,17 @@ mod tests {
                 cfg(Some(0.01), Quantize::Int8, Some(3)),
             ),
         ] {
+            let t0 = std::time::Instant::now();
             let bytes = compress(&u, &layout, &c, None).unwrap();
+            let t1 = std::time::Instant::now();
             let back = decompress(&bytes, &layout).unwrap();
+            let t2 = std::time::Instant::now();
             assert_eq!(back.len(), u.len());
+            println!(
+                "{label}: compress {:.1} ms, decompress {:.1} ms (test build)",
+                (t1 - t0).as_secs_f64() * 1e3,
+                (t2 - t1).as_secs_f64() * 1e3
+            );
             report.push((label, bytes.len()));
         }
         for (label, len) in &report {
@@ -1170,6 +1184,31 @@ mod tests {
         // The wrong layout is caught, not misread.
         let good = compress(&u, &layout, &configs[0], None).unwrap();
         assert!(decompress(&good, &decoder_layout(2)).is_err());
+    }
+
+    #[test]
+    fn config_reads_in_the_documented_names() {
+        let c: CompressionConfig = serde_json::from_str(
+            r#"{"top_k": 0.01, "error_feedback": true, "quantize": "int8", "zstd_level": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            CompressionConfig {
+                error_feedback: true,
+                ..cfg(Some(0.01), Quantize::Int8, Some(3))
+            }
+        );
+        c.validate().unwrap();
+        let c: CompressionConfig = toml::from_str("quantize = \"int4\"").unwrap();
+        assert_eq!(c.quantize, Quantize::Int4);
+        assert_eq!(c.top_k, None);
+        assert_eq!(
+            serde_json::from_str::<CompressionConfig>("{}").unwrap(),
+            CompressionConfig::default()
+        );
+        assert!(serde_json::from_str::<CompressionConfig>(r#"{"quantize": "int2"}"#).is_err());
+        assert!(serde_json::from_str::<CompressionConfig>(r#"{"topk": 0.1}"#).is_err());
     }
 
     #[test]

@@ -13,7 +13,9 @@
 //! Durability: each item is written to a temporary name, flushed to disk, renamed into place, and the
 //! directory is flushed, so after a crash an item is either whole or absent; [`Outbox::open`] deletes
 //! leftover temporaries. Each file holds a SHA-256 of its payload: a file damaged on disk is moved to
-//! `corrupt/` with a warning instead of being sent or crashing the agent.
+//! `corrupt/` with a warning instead of being sent or crashing the agent. One process owns a
+//! directory at a time (the agent); removals are not flushed, so a crash right after one can bring an
+//! already-sent item back, which the round logic drops by its round number.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
