@@ -11,12 +11,14 @@
 //!   fractions and particle statistics.
 //! - [`model`]: the reference U-Net as ONNX (our own export, the contract check) and running it with tract.
 //! - [`train`]: pretraining the U-Net on dataset folders (checkpoints, resume, export with a manifest).
+//! - [`federated`]: update compression, aggregation and the outbox of federated decoder fine-tuning.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod classes;
 pub mod cli;
 pub mod dataset;
 pub mod features;
+pub mod federated;
 pub mod mask;
 pub mod metrics;
 pub mod micrograph;
