@@ -747,12 +747,19 @@ fn read_values(
         Quantize::None => {
             let raw = r.take(4 * kept, name)?;
             raw.chunks_exact(4)
-                .map(|c| {
+                .enumerate()
+                .map(|(i, c)| {
                     let v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
                     if v.is_finite() {
                         Ok(v)
                     } else {
-                        Err(malformed(format!("{name}: value {v}")))
+                        // Well-formed but not a number: the aggregator counts these apart.
+                        Err(CompressError::NonFinite {
+                            what: "received update",
+                            tensor: name.to_owned(),
+                            index: i,
+                            value: v,
+                        })
                     }
                 })
                 .collect()
