@@ -33,8 +33,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let path = args.config.context("--config is required")?;
     let config = AgentConfig::load(&path)?;
-    let agent =
-        Agent::new(config).with_context(|| format!("starting the agent ({})", path.display()))?;
+    let federation = config.federation.clone();
+    let model_path = config.model.path.clone();
+    let agent = Agent::new(config.clone())
+        .with_context(|| format!("starting the agent ({})", path.display()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The async side only watches files and moves messages; the heavy stages have their own threads.
         .worker_threads(2)
@@ -44,7 +46,33 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let summary = runtime.block_on(async {
         // Listen before anything runs, so that a SIGTERM during start-up drains instead of killing.
         let signals = Signals::new();
-        agent.run(LogPublisher, signals.shutdown()).await
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        // Federated rounds run beside the pipeline and stop with it.
+        let rounds = federation.map(|f| {
+            let settings = agent.settings();
+            let model = crate::federated::participant::AgentModel {
+                path: model_path.clone(),
+                normalisation: settings.info.normalisation,
+                slot: agent.model_slot(),
+                batch: settings.batch,
+                tile: settings.tile,
+            };
+            tokio::spawn(crate::federated::participant::run(f, model, stop_rx))
+        });
+        let summary = agent
+            .run(LogPublisher, async move {
+                signals.shutdown().await;
+                let _ = stop_tx.send(true);
+            })
+            .await;
+        if let Some(r) = rounds {
+            match r.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "federation stopped"),
+                Err(e) => tracing::error!(error = %e, "federation task failed"),
+            }
+        }
+        summary
     })?;
     tracing::info!(
         segmented = summary.segmented,

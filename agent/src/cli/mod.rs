@@ -6,8 +6,10 @@ use clap::{Parser, Subcommand};
 use crate::telemetry::LogFormat;
 
 pub mod agent;
+pub mod aggregate;
 pub mod dataset;
 pub mod eval;
+pub mod experiment;
 pub mod features;
 pub mod model;
 pub mod pretrain;
@@ -33,6 +35,7 @@ pub mod synth;
   microfed model check models/grains/model.onnx
   microfed segment images/ --model models/grains/model.onnx --out segmented/
   microfed agent --config agent.toml
+  microfed aggregate --config aggregator.toml
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
 pub struct Cli {
@@ -62,6 +65,10 @@ pub enum Command {
     Segment(segment::Args),
     /// Run the agent: watch the microscope's folder and segment every micrograph as it is captured.
     Agent(agent::Args),
+    /// Run federated rounds for a fleet: announce, collect the labs' updates, publish the new decoder.
+    Aggregate(aggregate::Args),
+    /// Compare federation strategies, compression and aggregation in-process (no broker).
+    Experiment(experiment::Args),
 }
 
 /// Runs the parsed command line.
@@ -75,5 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pretrain(args) => pretrain::run(args),
         Command::Segment(args) => segment::run(args),
         Command::Agent(args) => agent::run(args),
+        Command::Aggregate(args) => aggregate::run(args),
+        Command::Experiment(args) => experiment::run(args),
     }
 }

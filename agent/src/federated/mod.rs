@@ -1,14 +1,23 @@
-//! Federated fine-tuning of the decoder: the pure pieces the round logic calls.
+//! Federated decoder fine-tuning over MQTT (docs/protocol.md, docs/architecture.md).
 //!
-//! Map:
-//! - [`compress`]: an update (local − global decoder, flat `f32`) to compact self-describing bytes and
-//!   back: top-k, int8/int4, zstd, and error feedback so that nothing dropped is lost for good.
-//! - [`aggregate`]: merging the labs' updates (FedAvg, trimmed mean, median, with norm clipping),
-//!   partial sums that several aggregator processes can combine, and the server optimiser (FedAvgM,
-//!   FedAdam) that applies the merged update to the global decoder.
-//! - [`outbox`]: store-and-forward on disk for updates that could not be sent yet (broker down, link
-//!   lost), bounded, surviving restarts.
+//! Map, from the wire inwards:
+//! - [`protocol`]: topics, CBOR envelopes and bodies, chunked frames and their reassembly.
+//! - [`link`]: one MQTT connection (rumqttc, TLS on rustls/ring) with confirmed QoS 1 publishes.
+//! - [`embedded`]: the zero-setup broker (rumqttd) on loopback.
+//! - [`compress`]: update compression (top-k with error feedback, int8/int4, zstd).
+//! - [`aggregate`]: merging updates (streaming FedAvg, trimmed mean, median, clipping, server momentum).
+//! - [`outbox`]: store-and-forward of updates that could not be sent.
+//! - [`local`]: the encoder-feature cache and local decoder fine-tuning with the kernels crate.
+//! - [`experiment`]: the same training, compression and aggregation in one process (no broker).
+//! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's.
 
 pub mod aggregate;
+pub mod aggregator;
 pub mod compress;
+pub mod embedded;
+pub mod experiment;
+pub mod link;
+pub mod local;
 pub mod outbox;
+pub mod participant;
+pub mod protocol;

@@ -63,6 +63,9 @@ pub struct AgentConfig {
     pub queues: QueueSection,
     #[serde(default)]
     pub status: StatusSection,
+    /// Federated rounds (absent: the agent only segments).
+    #[serde(default)]
+    pub federation: Option<crate::federated::participant::FederationSection>,
 }
 
 /// Where micrographs arrive and where everything the agent makes goes.
@@ -396,6 +399,15 @@ impl AgentConfig {
             fix(j);
         }
         fix(&mut self.model.path);
+        if let Some(f) = &mut self.federation {
+            fix(&mut f.labelled);
+            fix(&mut f.state);
+            if let Some(t) = &mut f.broker.tls {
+                fix(&mut t.ca);
+                fix(&mut t.cert);
+                fix(&mut t.key);
+            }
+        }
     }
 
     /// Checks every field that can be checked without touching the disk.

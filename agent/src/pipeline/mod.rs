@@ -756,6 +756,11 @@ impl Agent {
         Ok(Self { config, pipeline })
     }
 
+    /// The pipeline's settings (classes, normalisation, batch, tile).
+    pub fn settings(&self) -> &Settings {
+        self.pipeline.settings()
+    }
+
     /// The swappable model (for federated rounds, the fleet, and tests).
     pub fn model_slot(&self) -> ModelSlot {
         self.pipeline.slot()

@@ -1,0 +1,118 @@
+//! `microfed experiment`: an in-process federation comparing strategies, compression and aggregation
+//! settings on the same labs (see [`crate::federated::experiment`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use microfed_kernels::cpu::CpuBackend;
+use microfed_kernels::cuda::CudaBackend;
+use microfed_kernels::device::Device;
+
+use crate::federated::experiment::{self, ExperimentConfig, Lab, RunResult};
+use crate::federated::local::FeatureCache;
+use crate::micrograph::Normalisation;
+use crate::model::onnx;
+use crate::model::runtime::Segmenter;
+use crate::train::data::{TrainingSet, read_image_list};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The experiment (TOML): base model, labs, training settings, runs to compare.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = ExperimentConfig::load(&args.config).map_err(anyhow::Error::msg)?;
+    let proto = onnx::load(&cfg.model)?;
+    let params = onnx::load_params(&proto, &cfg.model)?;
+    let model_version = crate::model::manifest::sha256_file(&cfg.model)?;
+    let norm =
+        crate::model::manifest::ModelManifest::load(&cfg.model.with_file_name("manifest.toml"))
+            .map(|m| m.normalisation)
+            .unwrap_or_else(|_| Normalisation::default());
+    let segmenter = Segmenter::load(&cfg.model)?;
+    let cache_dir = cfg
+        .cache
+        .clone()
+        .unwrap_or_else(|| cfg.out.join("feature-cache"));
+    let mut labs = Vec::new();
+    for l in &cfg.labs {
+        let list = l
+            .images
+            .as_ref()
+            .map(|p| read_image_list(p).map(|s| (s, p.clone())))
+            .transpose()?;
+        let set = TrainingSet::load(
+            std::slice::from_ref(&l.data),
+            None,
+            list.as_ref().map(|(s, p)| (s, p.as_path())),
+            &norm,
+            l.holdout_fraction,
+            7,
+        )
+        .with_context(|| format!("lab {}", l.name))?;
+        anyhow::ensure!(
+            set.classes.len() == params.classes,
+            "lab {}: {} classes, the model predicts {}",
+            l.name,
+            set.classes.len(),
+            params.classes
+        );
+        let cache =
+            FeatureCache::build(&segmenter, &set, &cache_dir.join(&l.name), &model_version)?;
+        tracing::info!(lab = %l.name, train = cache.train.len(), holdout = cache.holdout.len(), "lab ready");
+        labs.push(Lab {
+            name: l.name.clone(),
+            cache,
+        });
+    }
+    let device = Device::parse(&cfg.device)?;
+    let mut results: Vec<Vec<RunResult>> = Vec::new();
+    for spec in &cfg.runs {
+        let mut per_seed = Vec::new();
+        for &seed in &cfg.seeds {
+            let t0 = std::time::Instant::now();
+            let r = match device {
+                Device::Cpu => experiment::run(
+                    Arc::new(CpuBackend::new()),
+                    &params,
+                    &labs,
+                    &cfg.train,
+                    spec,
+                    seed,
+                )?,
+                Device::Cuda(n) => experiment::run(
+                    Arc::new(
+                        CudaBackend::new(n).with_context(|| format!("opening CUDA device {n}"))?,
+                    ),
+                    &params,
+                    &labs,
+                    &cfg.train,
+                    spec,
+                    seed,
+                )?,
+            };
+            tracing::info!(run = %spec.name, seed, seconds = t0.elapsed().as_secs_f64(), final_mean_iou = ?r.rounds.last().and_then(|x| x.mean_iou), "run done");
+            per_seed.push(r);
+        }
+        results.push(per_seed);
+    }
+    std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
+    let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
+    let table = experiment::summary_table(&names, &results);
+    std::fs::write(cfg.out.join("results.md"), &table)?;
+    std::fs::write(
+        cfg.out.join("results.csv"),
+        experiment::csv(&names, &results, &cfg.seeds),
+    )?;
+    std::fs::write(
+        cfg.out.join("results.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    println!("{table}");
+    println!("results in {}", cfg.out.display());
+    Ok(())
+}

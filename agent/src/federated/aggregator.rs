@@ -1,0 +1,976 @@
+//! The aggregator: runs rounds over MQTT and merges the labs' updates into the next global decoder.
+//!
+//! A round: publish the global decoder (retained, chunked) and the announcement (retained); collect
+//! updates until a quorum (a count or a fraction of the known devices) or the deadline; merge them
+//! ([`crate::federated::aggregate`]: FedAvg weighted by samples, streaming, or a robust rule, then
+//! the server optimiser); publish the new version, the closed announcement and a [`RoundSummary`].
+//! Devices that sent nothing by the deadline are stragglers, not waited for.
+//!
+//! Every update is checked before it counts ([`Rejection`]): malformed, wrong fleet, base model,
+//! round or global version (a replay of an older round lands here), a sender that is not the topic's
+//! device, an unknown device, a duplicate (counted once), values that are not finite, a norm above the
+//! bound. Rejections are counted by reason in the summary.
+//!
+//! Crash safety: the round state is a JSON file written atomically after every change, and each
+//! accepted update's raw message is written (atomically) before it is counted. A restarted
+//! aggregator replays the accepted files of the open round into a fresh accumulator, so it finishes
+//! the round with every update, none lost and none counted twice (a re-delivered message is a
+//! duplicate). Globals are kept as `global-<version>.bin`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::aggregate::{Accumulator, AggregationConfig, ServerOptimizer};
+use super::compress::{self, CompressionConfig, TensorSpan};
+use super::link::{BrokerSettings, Link, Message};
+use super::protocol::{
+    self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, Reassembler, ReassemblyLimits,
+    RoundAnnouncement, RoundSummary, Topics, UpdateBody,
+};
+use crate::model::onnx;
+use crate::pipeline::journal::now_unix;
+use crate::pipeline::outputs::write_atomic;
+
+/// `aggregator.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Client id (and certificate CN): `aggregator`, `aggregator-1`, …
+    #[serde(default = "default_id")]
+    pub id: String,
+    pub fleet: String,
+    /// The base model (ONNX): its decoder is global version 0, its sha256 the model version.
+    pub model: PathBuf,
+    /// Round state, globals and accepted updates.
+    pub state: PathBuf,
+    /// Rounds to run (0 = until stopped).
+    #[serde(default)]
+    pub rounds: u64,
+    /// Devices allowed to take part (empty = any device id).
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub round: RoundSection,
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    /// The broker; none = start the embedded one on loopback.
+    #[serde(default)]
+    pub broker: Option<BrokerSettings>,
+    /// Largest accepted L2 norm of one update (after decompression).
+    #[serde(default = "default_max_norm")]
+    pub max_update_norm: f32,
+}
+
+fn default_id() -> String {
+    "aggregator".into()
+}
+fn default_max_norm() -> f32 {
+    1e3
+}
+
+/// How rounds run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSection {
+    pub deadline_s: f64,
+    /// Close early once this many updates are in (default: every known device, else 1).
+    pub quorum: Option<usize>,
+    /// … or this fraction of the known devices.
+    pub quorum_fraction: Option<f64>,
+    pub local_epochs: u32,
+    pub steps_per_epoch: u32,
+    pub learning_rate: f32,
+    pub prox_mu: f32,
+    /// Pause between rounds.
+    pub pause_s: f64,
+}
+
+impl Default for RoundSection {
+    fn default() -> Self {
+        Self {
+            deadline_s: 300.0,
+            quorum: None,
+            quorum_fraction: None,
+            local_epochs: 1,
+            steps_per_epoch: 0,
+            learning_rate: 0.01,
+            prox_mu: 0.0,
+            pause_s: 0.0,
+        }
+    }
+}
+
+/// Why the aggregator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregatorError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{path}: invalid configuration: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error(transparent)]
+    Link(#[from] super::link::LinkError),
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("aggregation: {0}")]
+    Aggregate(String),
+}
+
+/// Why an update was not counted (the summary's keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    Malformed,
+    WrongFleet,
+    WrongModel,
+    WrongRound,
+    WrongVersion,
+    SpoofedSender,
+    UnknownDevice,
+    Duplicate,
+    NotFinite,
+    Norm,
+}
+
+impl Rejection {
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::WrongFleet => "wrong_fleet",
+            Self::WrongModel => "wrong_model",
+            Self::WrongRound => "wrong_round",
+            Self::WrongVersion => "wrong_version",
+            Self::SpoofedSender => "spoofed_sender",
+            Self::UnknownDevice => "unknown_device",
+            Self::Duplicate => "duplicate",
+            Self::NotFinite => "not_finite",
+            Self::Norm => "norm",
+        }
+    }
+}
+
+/// The persisted round state.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RoundState {
+    pub round: u64,
+    pub global_version: u64,
+    pub open: bool,
+    pub deadline_unix: f64,
+    pub started_unix: f64,
+    /// Devices accepted in the open round, with their sample counts and message digests.
+    pub accepted: BTreeMap<String, (u64, String)>,
+    pub rejected: BTreeMap<String, u64>,
+    pub update_bytes: u64,
+    pub history: Vec<RoundSummary>,
+}
+
+impl AggregatorConfig {
+    pub fn load(path: &Path) -> Result<Self, AggregatorError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AggregatorError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| AggregatorError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        // Relative paths are resolved against the file's folder, as in agent.toml.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut cfg.model);
+        fix(&mut cfg.state);
+        if let Some(t) = cfg.broker.as_mut().and_then(|b| b.tls.as_mut()) {
+            fix(&mut t.ca);
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        cfg.validate().map_err(|message| AggregatorError::Config {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        Topics::new(&self.fleet)?;
+        if !protocol::valid_level(&self.id) {
+            return Err(format!("id {:?} is not a valid client id", self.id));
+        }
+        if let Some(d) = self.devices.iter().find(|d| !protocol::valid_level(d)) {
+            return Err(format!("devices: {d:?} is not a valid device id"));
+        }
+        if self.round.deadline_s.is_nan() || self.round.deadline_s <= 0.0 {
+            return Err("round.deadline_s must be > 0".into());
+        }
+        if let Some(f) = self.round.quorum_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err("round.quorum_fraction must be in (0, 1]".into());
+        }
+        if self.round.quorum_fraction.is_some() && self.devices.is_empty() {
+            return Err("round.quorum_fraction needs the list of devices".into());
+        }
+        if self.round.learning_rate.is_nan() || self.round.learning_rate <= 0.0 {
+            return Err("round.learning_rate must be > 0".into());
+        }
+        self.compression
+            .validate()
+            .map_err(|e| format!("compression: {e}"))?;
+        Ok(())
+    }
+
+    /// Updates that close a round early.
+    pub fn quorum(&self) -> usize {
+        if let Some(q) = self.round.quorum {
+            return q.max(1);
+        }
+        if let Some(f) = self.round.quorum_fraction {
+            return ((f * self.devices.len() as f64).ceil() as usize).max(1);
+        }
+        self.devices.len().max(1)
+    }
+}
+
+/// The running aggregator.
+pub struct Aggregator {
+    cfg: AggregatorConfig,
+    topics: Topics,
+    model_version: String,
+    layout: Vec<TensorSpan>,
+    classes: usize,
+    state: RoundState,
+    global: Vec<f32>,
+    acc: Accumulator,
+    server: ServerOptimizer,
+    reassembler: Reassembler,
+}
+
+impl std::fmt::Debug for Aggregator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Aggregator")
+            .field("fleet", &self.cfg.fleet)
+            .field("round", &self.state.round)
+            .field("global_version", &self.state.global_version)
+            .finish()
+    }
+}
+
+fn file_err(path: &Path, e: impl std::fmt::Display) -> AggregatorError {
+    AggregatorError::File {
+        path: path.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+impl Aggregator {
+    /// Loads the base model and the persisted state (a restart resumes the open round).
+    pub fn open(cfg: AggregatorConfig) -> Result<Self, AggregatorError> {
+        let topics = Topics::new(&cfg.fleet).map_err(|message| AggregatorError::Config {
+            path: cfg.state.clone(),
+            message,
+        })?;
+        std::fs::create_dir_all(&cfg.state).map_err(|e| file_err(&cfg.state, e))?;
+        let model_version =
+            crate::model::manifest::sha256_file(&cfg.model).map_err(|e| file_err(&cfg.model, e))?;
+        let proto = onnx::load(&cfg.model).map_err(|e| file_err(&cfg.model, e))?;
+        let params = onnx::load_params(&proto, &cfg.model).map_err(|e| file_err(&cfg.model, e))?;
+        let classes = params.classes;
+        let layout = compress::decoder_layout(classes);
+        let state_path = cfg.state.join("aggregator.json");
+        let state: RoundState = match std::fs::read(&state_path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| file_err(&state_path, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RoundState::default(),
+            Err(e) => return Err(file_err(&state_path, e)),
+        };
+        let global = if state.global_version == 0 {
+            params.decoder_flat()
+        } else {
+            let p = cfg
+                .state
+                .join(format!("global-{}.bin", state.global_version));
+            let b = std::fs::read(&p).map_err(|e| file_err(&p, e))?;
+            protocol::bytes_f32(&b).ok_or_else(|| file_err(&p, "not f32 values"))?
+        };
+        let server_path = cfg.state.join("server-optimizer.cbor");
+        let server = match std::fs::read(&server_path) {
+            Ok(b) => ciborium::from_reader::<ServerOptimizer, _>(b.as_slice())
+                .map_err(|e| file_err(&server_path, e))?,
+            Err(_) => ServerOptimizer::new(global.len(), &cfg.aggregation.server)
+                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?,
+        };
+        let acc = Accumulator::new(global.len(), &cfg.aggregation)
+            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        let mut me = Self {
+            topics,
+            model_version,
+            layout,
+            classes,
+            state,
+            global,
+            acc,
+            server,
+            reassembler: Reassembler::new(ReassemblyLimits::default()),
+            cfg,
+        };
+        if me.state.open {
+            me.replay_open_round()?;
+        }
+        Ok(me)
+    }
+
+    pub fn state(&self) -> &RoundState {
+        &self.state
+    }
+
+    pub fn global(&self) -> &[f32] {
+        &self.global
+    }
+
+    pub fn model_version(&self) -> &str {
+        &self.model_version
+    }
+
+    /// Updates held in memory (0 for streaming FedAvg: only the running sum is kept).
+    pub fn retained_updates(&self) -> usize {
+        self.acc.retained_updates()
+    }
+
+    fn round_dir(&self, round: u64) -> PathBuf {
+        self.cfg.state.join(format!("round-{round}"))
+    }
+
+    fn replay_open_round(&mut self) -> Result<(), AggregatorError> {
+        let dir = self.round_dir(self.state.round);
+        let accepted = self.state.accepted.clone();
+        for device in accepted.keys() {
+            let path = dir.join(format!("{device}.msg"));
+            let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
+            let env = Envelope::from_bytes(&bytes, usize::MAX)?;
+            let body: UpdateBody = env.body(Kind::Update)?;
+            let update = compress::decompress(&body.compressed, &self.layout)
+                .map_err(|e| file_err(&path, e))?;
+            self.acc
+                .add(device, &update, body.samples)
+                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        }
+        tracing::info!(
+            round = self.state.round,
+            replayed = self.state.accepted.len(),
+            "resumed the open round from disk"
+        );
+        Ok(())
+    }
+
+    fn save_state(&self) -> Result<(), AggregatorError> {
+        let path = self.cfg.state.join("aggregator.json");
+        let text = serde_json::to_vec_pretty(&self.state).map_err(|e| file_err(&path, e))?;
+        write_atomic(&path, &text).map_err(|e| file_err(&path, e))
+    }
+
+    fn header(&self) -> Header<'_> {
+        Header {
+            fleet: &self.cfg.fleet,
+            round: self.state.round,
+            model_version: &self.model_version,
+            sender: &self.cfg.id,
+        }
+    }
+
+    fn announcement(&self) -> RoundAnnouncement {
+        RoundAnnouncement {
+            round: self.state.round,
+            global_version: self.state.global_version,
+            global_digest: protocol::sha256_hex(&protocol::f32_bytes(&self.global)),
+            deadline_unix: self.state.deadline_unix,
+            local_epochs: self.cfg.round.local_epochs,
+            steps_per_epoch: self.cfg.round.steps_per_epoch,
+            learning_rate: self.cfg.round.learning_rate,
+            prox_mu: self.cfg.round.prox_mu,
+            compression: self.cfg.compression.clone(),
+            closed: !self.state.open,
+        }
+    }
+
+    /// Opens the next round (state saved before anything is announced).
+    pub fn open_round(&mut self) -> Result<(), AggregatorError> {
+        self.state.round += 1;
+        self.state.open = true;
+        self.state.started_unix = now_unix();
+        self.state.deadline_unix = self.state.started_unix + self.cfg.round.deadline_s;
+        self.state.accepted.clear();
+        self.state.rejected.clear();
+        self.state.update_bytes = 0;
+        self.acc = Accumulator::new(self.global.len(), &self.cfg.aggregation)
+            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        self.save_state()?;
+        tracing::info!(
+            round = self.state.round,
+            global_version = self.state.global_version,
+            "round open"
+        );
+        Ok(())
+    }
+
+    fn reject(&mut self, why: Rejection, detail: &str) {
+        *self
+            .state
+            .rejected
+            .entry(why.key().to_string())
+            .or_default() += 1;
+        tracing::warn!(round = self.state.round, reason = why.key(), "{detail}");
+    }
+
+    /// Handles one frame from an update topic: counts, rejects or (once whole) accepts it.
+    pub fn handle_update_frame(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+    ) -> Result<(), AggregatorError> {
+        let Some(device) = self.topics.device_of("update", topic).map(str::to_owned) else {
+            self.reject(
+                Rejection::Malformed,
+                &format!("update on unexpected topic {topic}"),
+            );
+            return Ok(());
+        };
+        let whole = match self.reassembler.push(topic, payload) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                self.reject(Rejection::Malformed, &format!("{topic}: {e}"));
+                return Ok(());
+            }
+        };
+        self.handle_update_message(&device, &whole)
+    }
+
+    /// Checks and counts one whole update message from `device` (the topic's device).
+    pub fn handle_update_message(
+        &mut self,
+        device: &str,
+        bytes: &[u8],
+    ) -> Result<(), AggregatorError> {
+        let env = match Envelope::from_bytes(bytes, 64 * 1024 * 1024) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(Rejection::Malformed, &format!("update from {device}: {e}"));
+                return Ok(());
+            }
+        };
+        let body: UpdateBody = match env.body(Kind::Update) {
+            Ok(b) => b,
+            Err(e) => {
+                self.reject(Rejection::Malformed, &format!("update from {device}: {e}"));
+                return Ok(());
+            }
+        };
+        if env.fleet != self.cfg.fleet {
+            self.reject(
+                Rejection::WrongFleet,
+                &format!("update from {device} for fleet {}", env.fleet),
+            );
+            return Ok(());
+        }
+        if env.model_version != self.model_version {
+            self.reject(
+                Rejection::WrongModel,
+                &format!("update from {device} for base model {}", env.model_version),
+            );
+            return Ok(());
+        }
+        if env.sender != device || body.device != device {
+            self.reject(
+                Rejection::SpoofedSender,
+                &format!(
+                    "update on {device}'s topic claims to be from {}",
+                    env.sender
+                ),
+            );
+            return Ok(());
+        }
+        if !self.cfg.devices.is_empty() && !self.cfg.devices.iter().any(|d| d == device) {
+            self.reject(
+                Rejection::UnknownDevice,
+                &format!("update from unknown device {device}"),
+            );
+            return Ok(());
+        }
+        if !self.state.open || env.round != self.state.round {
+            self.reject(
+                Rejection::WrongRound,
+                &format!(
+                    "update from {device} for round {} (open round: {})",
+                    env.round,
+                    if self.state.open {
+                        self.state.round.to_string()
+                    } else {
+                        "none".into()
+                    }
+                ),
+            );
+            return Ok(());
+        }
+        if body.global_version != self.state.global_version {
+            self.reject(
+                Rejection::WrongVersion,
+                &format!(
+                    "update from {device} trained from global version {}, the round's is {}",
+                    body.global_version, self.state.global_version
+                ),
+            );
+            return Ok(());
+        }
+        if self.state.accepted.contains_key(device) {
+            self.reject(
+                Rejection::Duplicate,
+                &format!("second update from {device} this round"),
+            );
+            return Ok(());
+        }
+        let update = match compress::decompress(&body.compressed, &self.layout) {
+            Ok(u) => u,
+            Err(e) => {
+                let why = if matches!(e, compress::CompressError::NonFinite { .. }) {
+                    Rejection::NotFinite
+                } else {
+                    Rejection::Malformed
+                };
+                self.reject(why, &format!("update from {device}: {e}"));
+                return Ok(());
+            }
+        };
+        if update.iter().any(|v| !v.is_finite()) || body.samples == 0 {
+            self.reject(
+                Rejection::NotFinite,
+                &format!("update from {device} is not finite or has no samples"),
+            );
+            return Ok(());
+        }
+        let norm = update
+            .iter()
+            .map(|v| f64::from(*v).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if norm > f64::from(self.cfg.max_update_norm) {
+            self.reject(
+                Rejection::Norm,
+                &format!(
+                    "update from {device} has norm {norm:.3e} > {}",
+                    self.cfg.max_update_norm
+                ),
+            );
+            return Ok(());
+        }
+        // Durable before counted: a restart replays this file.
+        let dir = self.round_dir(self.state.round);
+        std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e))?;
+        let path = dir.join(format!("{device}.msg"));
+        write_atomic(&path, bytes).map_err(|e| file_err(&path, e))?;
+        if let Err(e) = self.acc.add(device, &update, body.samples) {
+            self.reject(Rejection::Malformed, &format!("update from {device}: {e}"));
+            let _ = std::fs::remove_file(&path);
+            return Ok(());
+        }
+        self.state
+            .accepted
+            .insert(device.to_owned(), (body.samples, env.digest.clone()));
+        self.state.update_bytes += body.compressed.len() as u64;
+        self.save_state()?;
+        tracing::info!(
+            round = self.state.round,
+            %device,
+            samples = body.samples,
+            bytes = body.compressed.len(),
+            loss = body.metrics.train_loss,
+            accepted = self.state.accepted.len(),
+            "update accepted"
+        );
+        Ok(())
+    }
+
+    /// True when the open round may close: quorum reached or deadline passed.
+    pub fn round_due(&self) -> bool {
+        self.state.open
+            && (self.state.accepted.len() >= self.cfg.quorum()
+                || now_unix() >= self.state.deadline_unix)
+    }
+
+    /// Merges the accepted updates into the next global version and closes the round.
+    pub fn close_round(&mut self) -> Result<RoundSummary, AggregatorError> {
+        let accepted: Vec<String> = self.state.accepted.keys().cloned().collect();
+        let samples: u64 = self.state.accepted.values().map(|(s, _)| s).sum();
+        if !accepted.is_empty() {
+            let update = self
+                .acc
+                .finish()
+                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            self.server
+                .apply(&mut self.global, &update)
+                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            let version = self.state.global_version + 1;
+            let path = self.cfg.state.join(format!("global-{version}.bin"));
+            write_atomic(&path, &protocol::f32_bytes(&self.global))
+                .map_err(|e| file_err(&path, e))?;
+            let sp = self.cfg.state.join("server-optimizer.cbor");
+            let bytes = protocol::to_cbor("server optimizer", &self.server)?;
+            write_atomic(&sp, &bytes).map_err(|e| file_err(&sp, e))?;
+            self.state.global_version = version;
+        }
+        let expected: BTreeSet<&String> = self.cfg.devices.iter().collect();
+        let stragglers: Vec<String> = expected
+            .into_iter()
+            .filter(|d| !self.state.accepted.contains_key(*d))
+            .cloned()
+            .collect();
+        let summary = RoundSummary {
+            round: self.state.round,
+            global_version: self.state.global_version,
+            accepted,
+            stragglers,
+            rejected: self.state.rejected.clone(),
+            update_bytes: self.state.update_bytes,
+            samples,
+            seconds: now_unix() - self.state.started_unix,
+        };
+        self.state.open = false;
+        self.state.history.push(summary.clone());
+        self.save_state()?;
+        tracing::info!(
+            round = summary.round,
+            global_version = summary.global_version,
+            accepted = summary.accepted.len(),
+            stragglers = ?summary.stragglers,
+            rejected = ?summary.rejected,
+            bytes = summary.update_bytes,
+            "round closed"
+        );
+        Ok(summary)
+    }
+
+    async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
+        let g = GlobalDecoder::new(
+            self.state.global_version,
+            self.state.round,
+            self.classes,
+            &self.global,
+        );
+        let env = Envelope::seal(Kind::GlobalDecoder, &self.header(), &g)?;
+        let frames = protocol::split(&env.to_bytes()?, CHUNK_BYTES)?;
+        let topics = self.topics.clone();
+        link.publish_frames(|i| topics.global_chunk(i as u32), frames, true)
+            .await?;
+        Ok(())
+    }
+
+    async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
+        let env = Envelope::seal(
+            Kind::RoundAnnouncement,
+            &self.header(),
+            &self.announcement(),
+        )?;
+        link.publish(&self.topics.round(), env.to_bytes()?, true)
+            .await?;
+        Ok(())
+    }
+
+    async fn publish_summary(&self, link: &Link, s: &RoundSummary) -> Result<(), AggregatorError> {
+        let env = Envelope::seal(Kind::RoundSummary, &self.header(), s)?;
+        link.publish(&self.topics.summary(), env.to_bytes()?, true)
+            .await?;
+        Ok(())
+    }
+
+    /// Runs rounds on `link` until the configured number is done or `stop` turns true. Publishing
+    /// retries while the broker is away; updates keep arriving through `inbox`.
+    pub async fn run(
+        mut self,
+        link: &Link,
+        mut inbox: tokio::sync::mpsc::Receiver<Message>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<RoundState, AggregatorError> {
+        link.wait_connected(Duration::from_secs(30)).await?;
+        // The current global (version 0 = the base model's decoder), then the open round if any.
+        retry(|| self.publish_global(link), &mut stop).await?;
+        if self.state.open {
+            retry(|| self.publish_announcement(link), &mut stop).await?;
+        }
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            if !self.state.open {
+                if self.cfg.rounds > 0 && self.state.round >= self.cfg.rounds {
+                    break;
+                }
+                if self.state.round > 0 && self.cfg.round.pause_s > 0.0 {
+                    tokio::time::sleep(Duration::from_secs_f64(self.cfg.round.pause_s)).await;
+                }
+                self.open_round()?;
+                retry(|| self.publish_announcement(link), &mut stop).await?;
+            }
+            tokio::select! {
+                m = inbox.recv() => match m {
+                    Some(m) => self.handle_update_frame(&m.topic, &m.payload)?,
+                    None => break,
+                },
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = stop.changed() => {}
+            }
+            if self.round_due() {
+                let summary = self.close_round()?;
+                retry(|| self.publish_global(link), &mut stop).await?;
+                retry(|| self.publish_announcement(link), &mut stop).await?;
+                retry(|| self.publish_summary(link, &summary), &mut stop).await?;
+            }
+        }
+        Ok(self.state)
+    }
+}
+
+/// Retries a publish until it succeeds or `stop` turns true (the broker may be restarting).
+async fn retry<'a, F, Fut>(
+    mut f: F,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), AggregatorError>
+where
+    F: FnMut() -> Fut + 'a,
+    Fut: std::future::Future<Output = Result<(), AggregatorError>> + 'a,
+{
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match f().await {
+            Ok(()) => return Ok(()),
+            Err(AggregatorError::Link(e)) => {
+                tracing::warn!(error = %e, "publish failed; retrying");
+                if *stop.borrow() {
+                    return Err(AggregatorError::Link(e));
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Starts the link the aggregator listens on: the configured broker, or the embedded one.
+pub fn connect(
+    cfg: &AggregatorConfig,
+) -> Result<(Link, tokio::sync::mpsc::Receiver<Message>, BrokerSettings), AggregatorError> {
+    let settings = match &cfg.broker {
+        Some(b) => b.clone(),
+        None => {
+            let b = super::embedded::start(0).map_err(|e| AggregatorError::Config {
+                path: cfg.state.clone(),
+                message: e.to_string(),
+            })?;
+            BrokerSettings {
+                port: b.addr.port(),
+                ..BrokerSettings::default()
+            }
+        }
+    };
+    let topics = Topics::new(&cfg.fleet).map_err(|message| AggregatorError::Config {
+        path: cfg.state.clone(),
+        message,
+    })?;
+    let (link, inbox) = Link::start(
+        &settings,
+        &cfg.id,
+        vec![topics.update_shared_filter("aggregators")],
+        None,
+    )?;
+    Ok((link, inbox, settings))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federated::protocol::LocalMetrics;
+    use microfed_kernels::unet::Params;
+
+    struct Setup {
+        _dir: tempfile::TempDir,
+        cfg: AggregatorConfig,
+        layout: Vec<TensorSpan>,
+        version: String,
+    }
+
+    fn setup(rule: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("model.onnx");
+        let params = Params::init(2, 5).unwrap();
+        onnx::save(&onnx::export(&params, &vec![]).unwrap(), &model).unwrap();
+        let cfg: AggregatorConfig = toml::from_str(&format!(
+            "fleet = \"f\"\nmodel = {model:?}\nstate = {:?}\ndevices = [\"a\", \"b\", \"c\"]\n\
+             [round]\ndeadline_s = 60.0\nquorum = 3\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
+             learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
+             [aggregation]\nrule = {rule}\n",
+            dir.path().join("state")
+        ))
+        .unwrap();
+        let version = crate::model::manifest::sha256_file(&model).unwrap();
+        Setup {
+            _dir: dir,
+            cfg,
+            layout: compress::decoder_layout(2),
+            version,
+        }
+    }
+
+    fn update(
+        s: &Setup,
+        device: &str,
+        round: u64,
+        gv: u64,
+        values: &[f32],
+        samples: u64,
+    ) -> Vec<u8> {
+        let compressed =
+            compress::compress(values, &s.layout, &CompressionConfig::default(), None).unwrap();
+        update_raw(s, device, device, round, gv, compressed, samples)
+    }
+
+    fn update_raw(
+        s: &Setup,
+        sender: &str,
+        device: &str,
+        round: u64,
+        gv: u64,
+        compressed: Vec<u8>,
+        samples: u64,
+    ) -> Vec<u8> {
+        let body = UpdateBody {
+            device: device.into(),
+            global_version: gv,
+            samples,
+            metrics: LocalMetrics::default(),
+            compressed,
+            norm: 0.0,
+        };
+        let h = Header {
+            fleet: "f",
+            round,
+            model_version: &s.version,
+            sender,
+        };
+        Envelope::seal(Kind::Update, &h, &body)
+            .unwrap()
+            .to_bytes()
+            .unwrap()
+    }
+
+    fn filled(n: usize, v: f32) -> Vec<f32> {
+        vec![v; n]
+    }
+
+    #[test]
+    fn weighted_round_with_every_rejection_counted_and_a_restart_in_the_middle() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        let base = agg.global().to_vec();
+        agg.open_round().unwrap();
+        assert_eq!(agg.state().round, 1);
+
+        // a: 1 sample of +0.01; b: 3 samples of -0.01.
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.01), 1))
+            .unwrap();
+        // Rejections, each by its reason:
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.5), 1))
+            .unwrap(); // duplicate
+        agg.handle_update_message("b", b"\xa1garbage").unwrap(); // malformed
+        agg.handle_update_message("b", &update(&s, "b", 0, 0, &filled(n, 0.5), 1))
+            .unwrap(); // replay of round 0
+        agg.handle_update_message("b", &update(&s, "b", 1, 7, &filled(n, 0.5), 1))
+            .unwrap(); // wrong version
+        agg.handle_update_message("b", &update(&s, "c", 1, 0, &filled(n, 0.5), 1))
+            .unwrap(); // spoofed
+        agg.handle_update_message("z", &update(&s, "z", 1, 0, &filled(n, 0.5), 1))
+            .unwrap(); // unknown
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, 5.0), 1))
+            .unwrap(); // norm
+        // Our own compressor refuses NaN; a hostile sender can still send one (the dense format's last
+        // four bytes are the head's last bias): the aggregator must catch it.
+        let mut bad = compress::compress(
+            &filled(n, 0.0),
+            &s.layout,
+            &CompressionConfig::default(),
+            None,
+        )
+        .unwrap();
+        let end = bad.len();
+        bad[end - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        agg.handle_update_message("b", &update_raw(&s, "b", "b", 1, 0, bad, 1))
+            .unwrap();
+        assert_eq!(agg.state().accepted.len(), 1);
+
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.01), 3))
+            .unwrap();
+        assert_eq!(agg.state().accepted.len(), 2);
+        drop(agg);
+
+        // Killed here; a new process resumes the round from disk.
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        assert!(agg.state().open);
+        assert_eq!(agg.state().accepted.len(), 2);
+        // The same message delivered again after the restart counts once.
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.01), 3))
+            .unwrap();
+        assert!(!agg.round_due());
+        agg.handle_update_message("c", &update(&s, "c", 1, 0, &filled(n, 0.02), 2))
+            .unwrap();
+        assert!(agg.round_due());
+        let summary = agg.close_round().unwrap();
+        assert_eq!(summary.accepted, ["a", "b", "c"]);
+        assert_eq!(summary.global_version, 1);
+        assert_eq!(summary.samples, 6);
+        let r = &summary.rejected;
+        assert_eq!(r["duplicate"], 2, "{r:?}");
+        assert_eq!(r["malformed"], 1, "{r:?}");
+        assert_eq!(r["wrong_round"], 1, "{r:?}");
+        assert_eq!(r["wrong_version"], 1, "{r:?}");
+        assert_eq!(r["spoofed_sender"], 1, "{r:?}");
+        assert_eq!(r["unknown_device"], 1, "{r:?}");
+        assert_eq!(r["norm"], 1, "{r:?}");
+        assert_eq!(r["not_finite"], 1, "{r:?}");
+        // (1·0.01 + 3·(−0.01) + 2·0.02) / 6 = 0.02 / 6
+        let expect = 0.02f64 / 6.0;
+        for (g, b) in agg.global().iter().zip(&base).take(1000) {
+            assert!((f64::from(g - b) - expect).abs() < 1e-6, "{g} {b}");
+        }
+        // Streaming FedAvg keeps no update in memory.
+        assert_eq!(agg.retained_updates(), 0);
+        // Version 1 survives a restart.
+        let again = Aggregator::open(s.cfg.clone()).unwrap();
+        assert_eq!(again.state().global_version, 1);
+        assert_eq!(again.global(), agg.global());
+    }
+
+    #[test]
+    fn median_resists_a_poisoned_lab() {
+        let s = setup("{ kind = \"median\" }");
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        let base = agg.global().to_vec();
+        agg.open_round().unwrap();
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.01), 1))
+            .unwrap();
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, 0.012), 1))
+            .unwrap();
+        agg.handle_update_message("c", &update(&s, "c", 1, 0, &filled(n, -0.9), 1))
+            .unwrap();
+        agg.close_round().unwrap();
+        for (g, b) in agg.global().iter().zip(&base).take(100) {
+            assert!((g - b - 0.01).abs() < 1e-6);
+        }
+    }
+}
