@@ -49,6 +49,22 @@ async fn subscribe(client: &mut TestClient, filter: &str) {
     );
 }
 
+/// The next `n` messages (each within [`ARRIVE`]), and then nothing more within [`QUIET`].
+async fn exactly(client: &mut TestClient, n: usize) -> Vec<rumqttc::Publish> {
+    let mut got = Vec::new();
+    for i in 0..n {
+        got.push(
+            client
+                .expect_publish(&format!("message {} of {n}", i + 1), ARRIVE)
+                .await
+                .unwrap(),
+        );
+    }
+    let extra = client.drain(QUIET).await;
+    assert!(extra.is_empty(), "more than {n} messages: {extra:?}");
+    got
+}
+
 /// Lines of the broker log that report a refused publish from `client` on `topic`.
 fn denied(broker: &Mosquitto, client: &str, topic: &str) -> usize {
     broker
@@ -339,7 +355,7 @@ async fn retained_messages_reach_later_subscribers_that_may_read_them() {
     // dev-b's retained status (devices may not read status).
     let mut dev_a = connect(&broker, "dev-a").await;
     subscribe(&mut dev_a, &format!("microfed/{FLEET}/#")).await;
-    let mut got = dev_a.drain(Duration::from_millis(800)).await;
+    let mut got = exactly(&mut dev_a, 2).await;
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
     let topics: Vec<&str> = got.iter().map(|p| p.topic.as_str()).collect();
     assert_eq!(topics, [topic("global/0"), topic("round")]);
@@ -435,8 +451,7 @@ async fn sessions_and_retained_messages_survive_a_broker_restart() {
     // published, retained or not) and global/1; round was never subscribed.
     let mut dev = TestClient::connect(persistent(&broker)).await.unwrap();
     assert!(dev.session_present, "session restored from the database");
-    let got: Vec<(String, String)> = dev
-        .drain(Duration::from_millis(800))
+    let got: Vec<(String, String)> = exactly(&mut dev, 2)
         .await
         .into_iter()
         .map(|p| {
@@ -674,4 +689,58 @@ fn a_missing_broker_says_how_to_install_it() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("apt-get install mosquitto"), "{err}");
+}
+
+/// An aggregator that leaves the share group must leave on a clean session: Mosquitto keeps dealing
+/// turns to an offline member with a persistent session and queues them for its return, so the online
+/// aggregators miss those updates for the round. With a clean session the member is gone when its
+/// connection is, and the others get everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_aggregator_keeps_its_share_turns_only_with_a_persistent_session() {
+    let broker = Mosquitto::start(&["dev-a", "aggregator-1", "aggregator-2"]).unwrap();
+    let shared = format!("$share/aggregators/{}", topic("update/+"));
+    let mut agg2 = connect(&broker, "aggregator-2").await;
+    subscribe(&mut agg2, &shared).await;
+    let mut dev = connect(&broker, "dev-a").await;
+    let n = 6;
+
+    for clean in [true, false] {
+        let mut o = tls_options(&broker, "aggregator-1");
+        o.set_clean_session(clean);
+        let mut agg1 = TestClient::connect(o.clone()).await.unwrap();
+        subscribe(&mut agg1, &shared).await;
+        agg1.disconnect().await.unwrap();
+
+        for i in 0..n {
+            dev.publish_acked(&topic("update/dev-a"), false, format!("chunk {i}"))
+                .await
+                .unwrap();
+        }
+        let online = agg2.drain(Duration::from_millis(500)).await.len();
+        let mut agg1 = TestClient::connect(o).await.unwrap();
+        let held = agg1.drain(Duration::from_millis(500)).await.len();
+        if clean {
+            assert_eq!(
+                (online, held),
+                (n, 0),
+                "clean session: all to the online aggregator"
+            );
+        } else {
+            assert_eq!(online + held, n, "persistent session: nothing lost");
+            assert!(
+                held > 0,
+                "persistent session: the offline member kept turns ({held})"
+            );
+        }
+        // Leave no stored session behind for the next case.
+        let mut o = tls_options(&broker, "aggregator-1");
+        o.set_clean_session(true);
+        drop(agg1);
+        TestClient::connect(o)
+            .await
+            .unwrap()
+            .disconnect()
+            .await
+            .unwrap();
+    }
 }
