@@ -266,7 +266,8 @@ fn launch(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Child> {
                 logs()
             );
         }
-        // The listener opens after the persistence database is loaded: a connection means ready.
+        // The listener opens after the persistence database is loaded: a connection means ready. (This
+        // bare TCP probe shows in the broker log as a failed TLS connection.)
         if TcpStream::connect_timeout(&address, Duration::from_millis(100)).is_ok() {
             return Ok(child);
         }
