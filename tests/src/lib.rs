@@ -1,6 +1,8 @@
 //! Helpers for the end-to-end tests in `tests/tests/`: they drive the real `microfed` binary on real
 //! files, the way a user or an operator would.
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
