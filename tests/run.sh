@@ -18,7 +18,9 @@ root=$(pwd)
 say() { printf '\n== %s\n' "$*"; }
 
 # ---- 1. set-up ---------------------------------------------------------------------------------
-APT_PACKAGES=(python3-venv)
+# mosquitto: the real broker of the federation tests (started by the tests themselves, on free ports,
+# with broker-config/mosquitto/); openssl: broker-config/mosquitto/make-certs.sh makes their TLS CA.
+APT_PACKAGES=(python3-venv mosquitto openssl)
 PIP_PACKAGES=(
   # An independent ONNX runtime: checks that our ONNX files are valid, and the CPU peer in benchmarks.
   "onnxruntime>=1.20" numpy
