@@ -9,6 +9,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+use crate::federated::device::{DeviceLink, MqttPublisher};
 use crate::pipeline::{Agent, AgentConfig, LogPublisher};
 
 /// Watch a folder and segment every micrograph written into it.
@@ -47,32 +48,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         // Listen before anything runs, so that a SIGTERM during start-up drains instead of killing.
         let signals = Signals::new();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-        // Federated rounds run beside the pipeline and stop with it.
-        let rounds = federation.map(|f| {
-            let settings = agent.settings();
-            let model = crate::federated::participant::AgentModel {
-                path: model_path.clone(),
-                normalisation: settings.info.normalisation,
-                slot: agent.model_slot(),
-                batch: settings.batch,
-                tile: settings.tile,
-            };
-            tokio::spawn(crate::federated::participant::run(f, model, stop_rx))
-        });
+        let shutdown = async move {
+            signals.shutdown().await;
+            let _ = stop_tx.send(true);
+        };
+        let Some(f) = federation else {
+            return anyhow::Ok(agent.run(LogPublisher, shutdown).await?);
+        };
+        // One MQTT connection for the device: federated rounds, results and status share it.
+        let model_version = crate::model::manifest::sha256_file(&model_path)?;
+        let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)?;
+        let settings = agent.settings();
+        let model = crate::federated::participant::AgentModel {
+            path: model_path.clone(),
+            normalisation: settings.info.normalisation,
+            slot: agent.model_slot(),
+            batch: settings.batch,
+            tile: settings.tile,
+        };
+        let rounds = tokio::spawn(crate::federated::participant::run(
+            f,
+            model,
+            device.clone(),
+            routes.rounds,
+            stop_rx,
+        ));
         let summary = agent
-            .run(LogPublisher, async move {
-                signals.shutdown().await;
-                let _ = stop_tx.send(true);
-            })
+            .run(
+                MqttPublisher {
+                    device: device.clone(),
+                },
+                shutdown,
+            )
             .await;
-        if let Some(r) = rounds {
-            match r.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::error!(error = %e, "federation stopped"),
-                Err(e) => tracing::error!(error = %e, "federation task failed"),
-            }
+        match rounds.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "federation stopped"),
+            Err(e) => tracing::error!(error = %e, "federation task failed"),
         }
-        summary
+        device.close().await;
+        drop(routes.fleet);
+        anyhow::Ok(summary?)
     })?;
     tracing::info!(
         segmented = summary.segmented,

@@ -14,6 +14,7 @@
 pub mod aggregate;
 pub mod aggregator;
 pub mod compress;
+pub mod device;
 pub mod embedded;
 pub mod experiment;
 pub mod link;

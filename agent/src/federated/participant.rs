@@ -1,7 +1,7 @@
 //! The agent's side of federated rounds, running beside the segmentation pipeline.
 //!
-//! [`run`] connects to the broker (persistent session, last will "offline" on its status topic),
-//! follows the retained global decoder and round announcement, and for each open round it has not
+//! [`run`] uses the device's one connection ([`super::device`]), follows the retained global decoder
+//! and round announcement, and for each open round it has not
 //! yet trained: fine-tunes locally on the trainer thread ([`super::local`]), checks the update (finite,
 //! norm within bounds), compresses it (error feedback kept on disk), and puts it in the outbox. The
 //! outbox is flushed whenever the link is up; an update for a round that has closed is dropped with a
@@ -16,19 +16,20 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::cuda::CudaBackend;
 use microfed_kernels::device::Device;
 
 use super::compress::{self, Residual, TensorSpan};
-use super::link::{BrokerSettings, Link, Message, offline_will};
+use super::device::DeviceLink;
+use super::link::{BrokerSettings, Message};
 use super::local::{FeatureCache, LocalTrainer, RoundPlan};
 use super::outbox::{Outbox, OutboxItem};
 use super::protocol::{
     self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
-    ReassemblyLimits, RoundAnnouncement, StatusBody, Topics, UpdateBody,
+    ReassemblyLimits, RoundAnnouncement, UpdateBody,
 };
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
@@ -180,9 +181,11 @@ struct ParticipantState {
 pub async fn run(
     cfg: FederationSection,
     model: AgentModel,
+    device: DeviceLink,
+    mut inbox: mpsc::Receiver<Message>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ParticipantError> {
-    let topics = Topics::new(&cfg.fleet).map_err(setup)?;
+    let topics = device.topics.clone();
     if !protocol::valid_level(&cfg.device) {
         return Err(setup(format!(
             "device id {:?} is not a valid MQTT topic level",
@@ -238,30 +241,17 @@ pub async fn run(
     let mut residual =
         Residual::load(&residual_path, layout.iter().map(|t| t.len).sum()).map_err(setup)?;
 
-    let offline = status_bytes(
-        &cfg,
-        &topics,
-        &model_version,
-        false,
-        0,
-        None,
-        outbox.len() as u64,
-        None,
-    )?;
-    let (link, mut inbox) = Link::start(
-        &cfg.broker,
-        &cfg.device,
-        vec![topics.round(), topics.global_filter()],
-        Some(offline_will(topics.status(&cfg.device), offline)),
-    )?;
-    let link = Arc::new(link);
+    let link = device.link.clone();
+    let board = device.status.clone();
+    board.update(|st| {
+        st.model_version = model_version.clone();
+        st.last_round = (pstate.last_trained_round > 0).then_some(pstate.last_trained_round);
+        st.queue_depth = outbox.len() as u64;
+    });
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
     let mut global: Option<(u64, Vec<f32>)> = None;
     let mut announced: Option<RoundAnnouncement> = None;
-    let mut last_error: Option<String> = None;
-    let mut conn = link.connection();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut said_online = false;
     let decoder_len: usize = layout.iter().map(|t| t.len).sum();
     let header = |round: u64| Header {
         fleet: &cfg.fleet,
@@ -273,7 +263,6 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.changed() => { if *stop.borrow() { break; } }
-            _ = conn.changed() => { said_online = false; }
             _ = tick.tick() => {}
             m = inbox.recv() => {
                 let Some(Message { topic, payload, .. }) = m else { break };
@@ -308,6 +297,7 @@ pub async fn run(
                                     if version > 0 {
                                         swap_in(&proto, &layout, &values, version, &model).await;
                                     }
+                                    board.update(|st| st.global_version = version);
                                     global = Some((version, values));
                                 }
                             }
@@ -318,20 +308,6 @@ pub async fn run(
                     }
                 }
             }
-        }
-
-        if link.is_connected() && !said_online {
-            said_online = publish_status(
-                &link,
-                &cfg,
-                &topics,
-                &model_version,
-                &global,
-                &pstate,
-                &outbox,
-                &last_error,
-            )
-            .await;
         }
 
         // A round to train?
@@ -364,7 +340,7 @@ pub async fn run(
                 let trained = rx.await.map_err(|_| setup("the training thread stopped"))?;
                 pstate.last_trained_round = a.round;
                 save_state(&state_path, &pstate);
-                match trained.and_then(|t| {
+                let last_error = match trained.and_then(|t| {
                     make_update(
                         &cfg,
                         &layout,
@@ -400,14 +376,19 @@ pub async fn run(
                                 tracing::error!(error = %e, "cannot store the update in the outbox")
                             }
                         }
-                        last_error = None;
+                        None
                     }
                     Err(e) => {
                         tracing::error!(round = a.round, error = %e, "round failed locally");
-                        last_error = Some(e);
+                        Some(e)
                     }
-                }
-                said_online = false;
+                };
+                let (lr, le, q) = (pstate.last_trained_round, last_error, outbox.len() as u64);
+                board.update(|st| {
+                    st.last_round = Some(lr);
+                    st.last_error = le;
+                    st.queue_depth = q;
+                });
             }
         }
 
@@ -453,7 +434,8 @@ pub async fn run(
                     Ok(()) => {
                         tracing::info!(round = item.round, bytes = n, "update delivered");
                         outbox.remove(entry.id).ok();
-                        said_online = false;
+                        let q = outbox.len() as u64;
+                        board.update(|st| st.queue_depth = q);
                     }
                     Err(e) => {
                         tracing::warn!(round = item.round, error = %e, "update not delivered; kept in the outbox");
@@ -463,23 +445,6 @@ pub async fn run(
             }
         }
     }
-    let _ = link
-        .publish(
-            &topics.status(&cfg.device),
-            status_bytes(
-                &cfg,
-                &topics,
-                &model_version,
-                false,
-                global.as_ref().map_or(0, |g| g.0),
-                Some(pstate.last_trained_round),
-                outbox.len() as u64,
-                last_error.clone(),
-            )?,
-            true,
-        )
-        .await;
-    link.disconnect().await;
     Ok(())
 }
 
@@ -570,65 +535,6 @@ fn make_update(
     Envelope::seal(Kind::Update, header, &body)
         .and_then(|e| e.to_bytes())
         .map_err(|e| e.to_string())
-}
-
-#[allow(clippy::too_many_arguments)]
-fn status_bytes(
-    cfg: &FederationSection,
-    _topics: &Topics,
-    model_version: &str,
-    online: bool,
-    global_version: u64,
-    last_round: Option<u64>,
-    queue_depth: u64,
-    last_error: Option<String>,
-) -> Result<Vec<u8>, ParticipantError> {
-    let body = StatusBody {
-        device: cfg.device.clone(),
-        online,
-        model_version: model_version.to_owned(),
-        global_version,
-        last_round,
-        queue_depth,
-        last_error,
-    };
-    let h = Header {
-        fleet: &cfg.fleet,
-        round: last_round.unwrap_or(0),
-        model_version,
-        sender: &cfg.device,
-    };
-    Envelope::seal(Kind::Status, &h, &body)
-        .and_then(|e| e.to_bytes())
-        .map_err(setup)
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn publish_status(
-    link: &Link,
-    cfg: &FederationSection,
-    topics: &Topics,
-    model_version: &str,
-    global: &Option<(u64, Vec<f32>)>,
-    p: &ParticipantState,
-    outbox: &Outbox,
-    last_error: &Option<String>,
-) -> bool {
-    let Ok(bytes) = status_bytes(
-        cfg,
-        topics,
-        model_version,
-        true,
-        global.as_ref().map_or(0, |g| g.0),
-        (p.last_trained_round > 0).then_some(p.last_trained_round),
-        outbox.len() as u64,
-        last_error.clone(),
-    ) else {
-        return false;
-    };
-    link.publish(&topics.status(&cfg.device), bytes, true)
-        .await
-        .is_ok()
 }
 
 /// Patches the new global decoder into the base model and swaps it into the pipeline.
