@@ -59,12 +59,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let model_version = crate::model::manifest::sha256_file(&model_path)?;
         let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)?;
         let settings = agent.settings();
+        // The fleet task announces a new base model here; the participant follows it.
+        let (base_tx, base_rx) = tokio::sync::watch::channel(model_path.clone());
         let model = crate::federated::participant::AgentModel {
             path: model_path.clone(),
             normalisation: settings.info.normalisation,
             slot: agent.model_slot(),
             batch: settings.batch,
             tile: settings.tile,
+            base: base_rx,
         };
         let rounds = tokio::spawn(crate::federated::participant::run(
             f,
@@ -87,7 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => tracing::error!(error = %e, "federation task failed"),
         }
         device.close().await;
-        drop(routes.fleet);
+        drop((routes.fleet, base_tx));
         anyhow::Ok(summary?)
     })?;
     tracing::info!(

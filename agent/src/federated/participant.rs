@@ -168,6 +168,9 @@ pub struct AgentModel {
     /// Batch and tile of the running pipeline (to prepare a swapped-in model).
     pub batch: usize,
     pub tile: usize,
+    /// The base model's file: a new path (a fleet model version swapped in) restarts the participant
+    /// on it, with a new feature cache and the rounds of that base model only.
+    pub base: watch::Receiver<PathBuf>,
 }
 
 /// Persisted between restarts.
@@ -177,14 +180,35 @@ struct ParticipantState {
     last_trained_round: u64,
 }
 
-/// Connects and takes part in rounds until `stop` turns true.
+/// Takes part in rounds until `stop` turns true, starting again on each new base model.
 pub async fn run(
     cfg: FederationSection,
-    model: AgentModel,
+    mut model: AgentModel,
     device: DeviceLink,
     mut inbox: mpsc::Receiver<Message>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ParticipantError> {
+    loop {
+        match session(&cfg, &model, &device, &mut inbox, &mut stop).await? {
+            Some(path) => {
+                tracing::info!(model = %path.display(), "new base model: rebuilding the feature cache");
+                model.path = path;
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Rounds on one base model; returns the next base model's path when it changes, None on stop.
+async fn session(
+    cfg: &FederationSection,
+    model: &AgentModel,
+    device: &DeviceLink,
+    inbox: &mut mpsc::Receiver<Message>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Option<PathBuf>, ParticipantError> {
+    let mut base = model.base.clone();
+    base.mark_unchanged();
     let topics = device.topics.clone();
     if !protocol::valid_level(&cfg.device) {
         return Err(setup(format!(
@@ -224,7 +248,8 @@ pub async fn run(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
-    if pstate.model_version != model_version {
+    let new_base = pstate.model_version != model_version;
+    if new_base {
         // A new base model: rounds of the old one mean nothing.
         pstate = ParticipantState {
             model_version: model_version.clone(),
@@ -238,8 +263,12 @@ pub async fn run(
     )
     .map_err(setup)?;
     let residual_path = cfg.state.join("residual.bin");
-    let mut residual =
-        Residual::load(&residual_path, layout.iter().map(|t| t.len).sum()).map_err(setup)?;
+    let mut residual = if new_base {
+        // Error feedback of another decoder (maybe another class count) is meaningless here.
+        Residual::new(layout.iter().map(|t| t.len).sum())
+    } else {
+        Residual::load(&residual_path, layout.iter().map(|t| t.len).sum()).map_err(setup)?
+    };
 
     let link = device.link.clone();
     let board = device.status.clone();
@@ -263,6 +292,14 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = stop.changed() => { if *stop.borrow() { break; } }
+            r = base.changed() => {
+                if r.is_ok() {
+                    let next = base.borrow_and_update().clone();
+                    if next != model.path {
+                        return Ok(Some(next));
+                    }
+                }
+            }
             _ = tick.tick() => {}
             m = inbox.recv() => {
                 let Some(Message { topic, payload, .. }) = m else { break };
@@ -445,7 +482,7 @@ pub async fn run(
             }
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 fn check_env(
