@@ -332,7 +332,7 @@ async fn session(
                             Ok((version, values)) => {
                                 if global.as_ref().is_none_or(|(v, _)| version > *v) {
                                     if version > 0 {
-                                        swap_in(&proto, &layout, &values, version, &model).await;
+                                        swap_in(&proto, &layout, &values, version, model).await;
                                     }
                                     board.update(|st| st.global_version = version);
                                     global = Some((version, values));
@@ -379,7 +379,7 @@ async fn session(
                 save_state(&state_path, &pstate);
                 let last_error = match trained.and_then(|t| {
                     make_update(
-                        &cfg,
+                        cfg,
                         &layout,
                         &a.compression,
                         &mut residual,
