@@ -70,6 +70,11 @@ pub struct FederationSection {
     pub outbox_max_items: usize,
     #[serde(default = "default_outbox_bytes")]
     pub outbox_max_bytes: u64,
+    /// Signed base-model versions from the fleet manager (`crate::fleet`); absent: the model changes
+    /// only by hand.
+    /// (`[federation.fleet_models]`; `fleet` is already the fleet's name.)
+    #[serde(default)]
+    pub fleet_models: Option<crate::fleet::FleetSection>,
 }
 
 fn default_holdout() -> f64 {
@@ -168,6 +173,9 @@ pub struct AgentModel {
     /// Batch and tile of the running pipeline (to prepare a swapped-in model).
     pub batch: usize,
     pub tile: usize,
+    /// The base model's path, changed by the fleet when it installs a new version (rounds belong
+    /// to one base model; the feature cache is rebuilt for a new one).
+    pub base: watch::Receiver<PathBuf>,
 }
 
 /// Persisted between restarts.
