@@ -50,6 +50,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 tracing::info!(model = %running.display(), "running the fleet's current model version");
             }
             config.model.path = running;
+            // The fleet owns model changes: a file watcher on a store folder would only see versions
+            // being pruned.
+            config.model.reload_on_change = false;
             Some(store)
         }
         None => None,

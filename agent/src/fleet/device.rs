@@ -532,9 +532,11 @@ pub async fn run(
         return;
     }
     let command_topic = device.topics.command();
+    // One release at a time is being reassembled; a U-Net's ONNX file is tens of MB, so 256 MiB
+    // bounds the memory a board spends on it with room to spare.
     let mut reassembler = Reassembler::new(ReassemblyLimits {
-        max_message: 1 << 30,
-        max_pending: 1 << 30,
+        max_message: 256 << 20,
+        max_pending: 256 << 20,
         timeout: Duration::from_secs(600),
     });
     loop {
@@ -739,6 +741,7 @@ mod tests {
             .unwrap_err();
         match &e {
             InstallError::Holdout { new, current, .. } => {
+                eprintln!("{e}");
                 assert!(
                     *current > 0.5,
                     "grains model on its own kind of image: {current}"

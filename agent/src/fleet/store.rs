@@ -226,11 +226,10 @@ impl Store {
             });
             self.save()?;
         }
-        Ok(self
-            .state
-            .versions
-            .last()
-            .expect("a version was just added"))
+        self.state.versions.last().ok_or_else(|| StoreError::State {
+            path: self.dir.join("fleet.json"),
+            message: "no version after adopting the configured model".into(),
+        })
     }
 
     /// Writes a version's files (name, bytes) into its folder, atomically as a whole. An existing
