@@ -12,6 +12,7 @@
 //! - [`model`]: the reference U-Net as ONNX (our own export, the contract check) and running it with tract.
 //! - [`train`]: pretraining the U-Net on dataset folders (checkpoints, resume, export with a manifest).
 //! - [`federated`]: update compression, aggregation and the outbox of federated decoder fine-tuning.
+//! - [`fleet`]: signed base-model versions pushed to the agents, checked and swapped in, rolled back.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod classes;
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod dataset;
 pub mod features;
 pub mod federated;
+pub mod fleet;
 pub mod mask;
 pub mod metrics;
 pub mod micrograph;

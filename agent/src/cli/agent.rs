@@ -9,7 +9,9 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::federated::device::{DeviceLink, MqttPublisher};
+use crate::federated::device::{DeviceLink, MqttPublisher, Routes};
+use crate::fleet::device::{DeviceSettings, FleetDevice, PipelineShape};
+use crate::fleet::signing::TrustedKeys;
 use crate::pipeline::{Agent, AgentConfig, LogPublisher};
 
 /// Watch a folder and segment every micrograph written into it.
@@ -33,11 +35,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let path = args.config.context("--config is required")?;
-    let config = AgentConfig::load(&path)?;
+    let mut config = AgentConfig::load(&path)?;
+    // With a fleet, the model that runs is the store's current version (what the fleet installed
+    // last survives a restart); the configured model is adopted as the store's first version.
+    let fleet_store = match config
+        .federation
+        .as_ref()
+        .and_then(|f| Some((f, f.fleet_models.as_ref()?)))
+    {
+        Some((f, fleet)) => {
+            let (store, running) = crate::fleet::open_store(f, fleet, &config.model.path)
+                .context("opening the fleet's model store")?;
+            if running != config.model.path {
+                tracing::info!(model = %running.display(), "running the fleet's current model version");
+            }
+            config.model.path = running;
+            // The fleet owns model changes: a file watcher on a store folder would only see versions
+            // being pruned.
+            config.model.reload_on_change = false;
+            Some(store)
+        }
+        None => None,
+    };
     let federation = config.federation.clone();
     let model_path = config.model.path.clone();
     let agent = Agent::new(config.clone())
         .with_context(|| format!("starting the agent ({})", path.display()))?;
+    let fleet_holdout = match (&federation, &fleet_store) {
+        (Some(f), Some(_)) => Some(
+            crate::fleet::load_holdout(f, &agent.settings().info.normalisation)
+                .context("loading the hold-out that new model versions are scored on")?,
+        ),
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         // The async side only watches files and moves messages; the heavy stages have their own threads.
         .worker_threads(2)
@@ -69,11 +99,51 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tile: settings.tile,
             base: base_rx,
         };
+        let Routes {
+            rounds: rounds_rx,
+            fleet: fleet_rx,
+        } = routes;
+        let fleet_task = match (f.fleet_models.clone(), fleet_store, fleet_holdout) {
+            (Some(section), Some(store), Some(holdout)) => {
+                let fleet = FleetDevice::new(
+                    DeviceSettings {
+                        fleet: f.fleet.clone(),
+                        device: f.device.clone(),
+                        groups: section.groups.clone(),
+                        trusted: TrustedKeys::parse(&section.trusted_keys)?,
+                        holdout_margin: section.holdout_margin,
+                        max_runtime_failures: section.max_runtime_failures,
+                    },
+                    store,
+                    agent.model_slot(),
+                    PipelineShape {
+                        batch: settings.batch,
+                        tile: settings.tile,
+                        normalisation: settings.info.normalisation,
+                        classes: settings.info.classes.clone(),
+                    },
+                    holdout,
+                    device.status.clone(),
+                    base_tx,
+                );
+                Some(tokio::spawn(crate::fleet::device::run(
+                    fleet,
+                    device.clone(),
+                    fleet_rx,
+                    stop_rx.clone(),
+                )))
+            }
+            _ => {
+                // No fleet section: model versions and commands are not read.
+                drop(fleet_rx);
+                None
+            }
+        };
         let rounds = tokio::spawn(crate::federated::participant::run(
             f,
             model,
             device.clone(),
-            routes.rounds,
+            rounds_rx,
             stop_rx,
         ));
         let summary = agent
@@ -89,8 +159,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Ok(Err(e)) => tracing::error!(error = %e, "federation stopped"),
             Err(e) => tracing::error!(error = %e, "federation task failed"),
         }
+        if let Some(t) = fleet_task
+            && t.await.is_err()
+        {
+            tracing::error!("fleet task failed");
+        }
         device.close().await;
-        drop((routes.fleet, base_tx));
         anyhow::Ok(summary?)
     })?;
     tracing::info!(

@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod eval;
 pub mod experiment;
 pub mod features;
+pub mod fleet;
 pub mod model;
 pub mod pretrain;
 pub mod segment;
@@ -36,6 +37,7 @@ pub mod synth;
   microfed segment images/ --model models/grains/model.onnx --out segmented/
   microfed agent --config agent.toml
   microfed aggregate --config aggregator.toml
+  microfed fleet push models/grains --to all --key fleet.key --config fleet.toml
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
 pub struct Cli {
@@ -67,6 +69,8 @@ pub enum Command {
     Agent(agent::Args),
     /// Run federated rounds for a fleet: announce, collect the labs' updates, publish the new decoder.
     Aggregate(aggregate::Args),
+    /// Fleet model versions: sign and push base models, roll back, show every device's status.
+    Fleet(fleet::Args),
     /// Compare federation strategies, compression and aggregation in-process (no broker).
     Experiment(experiment::Args),
 }
@@ -84,5 +88,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent(args) => agent::run(args),
         Command::Aggregate(args) => aggregate::run(args),
         Command::Experiment(args) => experiment::run(args),
+        Command::Fleet(args) => fleet::run(args),
     }
 }

@@ -70,6 +70,11 @@ pub struct FederationSection {
     pub outbox_max_items: usize,
     #[serde(default = "default_outbox_bytes")]
     pub outbox_max_bytes: u64,
+    /// Signed base-model versions from the fleet manager (`crate::fleet`); absent: the model changes
+    /// only by hand.
+    /// (`[federation.fleet_models]`; `fleet` is already the fleet's name.)
+    #[serde(default)]
+    pub fleet_models: Option<crate::fleet::FleetSection>,
 }
 
 fn default_holdout() -> f64 {
@@ -423,7 +428,10 @@ async fn session(
                 let (lr, le, q) = (pstate.last_trained_round, last_error, outbox.len() as u64);
                 board.update(|st| {
                     st.last_round = Some(lr);
-                    st.last_error = le;
+                    // Only a failure is reported: a good round must not erase a fleet refusal.
+                    if le.is_some() {
+                        st.last_error = le;
+                    }
                     st.queue_depth = q;
                 });
             }

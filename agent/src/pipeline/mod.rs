@@ -475,6 +475,17 @@ fn segment_stage(
                     )
                     .and_then(|l| l.to_mask())
                 }));
+                // The slot keeps the running model's health (the fleet returns to the previous
+                // model when a new one keeps failing).
+                let outcome = match &result {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(panic) => Err(panic_message(panic)),
+                };
+                slot.record_outcome(
+                    model.generation,
+                    outcome.as_ref().map(|_| ()).map_err(String::as_str),
+                );
                 match result {
                     Ok(Ok(mask)) => Item::Segmented {
                         capture,

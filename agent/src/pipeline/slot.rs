@@ -5,11 +5,29 @@
 //! model under an image in flight: the old model lives until its last image finishes, then drops.
 //! Swaps come from the model file changing on disk (the agent watches it) and, later, from federated
 //! rounds and the fleet (they hold a clone of the slot and call [`ModelSlot::swap`]).
+//!
+//! The slot also keeps the run-time health of the running generation ([`RunHealth`]): the segment
+//! stage reports each image's outcome ([`ModelSlot::record_outcome`]), and whoever swapped a model in
+//! (the fleet) watches [`ModelSlot::health`] to return to the previous model when the new one keeps
+//! failing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use crate::model::runtime::Segmenter;
+
+/// How the running generation is doing: consecutive failed images since its last success.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunHealth {
+    /// The generation these figures are about (the newest one swapped in).
+    pub generation: u64,
+    /// Images in a row that failed to segment on it (0 after any success).
+    pub consecutive_failures: u64,
+    /// Why the last one failed.
+    pub last_error: Option<String>,
+}
 
 /// A model ready to run, with the generation it was swapped in as (0 for the first).
 #[derive(Debug)]
@@ -49,6 +67,7 @@ pub struct ModelSlot {
     current: Arc<RwLock<Arc<LoadedModel>>>,
     generations: Arc<AtomicU64>,
     classes: usize,
+    health: Arc<watch::Sender<RunHealth>>,
 }
 
 impl ModelSlot {
@@ -62,7 +81,35 @@ impl ModelSlot {
             }))),
             generations: Arc::new(AtomicU64::new(0)),
             classes,
+            health: Arc::new(watch::Sender::new(RunHealth::default())),
         }
+    }
+
+    /// Follows the run-time health of the running generation.
+    pub fn health(&self) -> watch::Receiver<RunHealth> {
+        self.health.subscribe()
+    }
+
+    /// Records how an image went on `generation`. Outcomes of older generations (images that were in
+    /// flight during a swap) are ignored: they say nothing about the running model.
+    pub fn record_outcome(&self, generation: u64, outcome: Result<(), &str>) {
+        self.health.send_if_modified(|h| {
+            if generation != h.generation {
+                return false;
+            }
+            match outcome {
+                Ok(()) if h.consecutive_failures == 0 => false,
+                Ok(()) => {
+                    h.consecutive_failures = 0;
+                    true
+                }
+                Err(e) => {
+                    h.consecutive_failures += 1;
+                    h.last_error = Some(e.to_owned());
+                    true
+                }
+            }
+        });
     }
 
     /// The model to use for the next image.
@@ -94,6 +141,10 @@ impl ModelSlot {
             generation,
         });
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = new;
+        self.health.send_replace(RunHealth {
+            generation,
+            ..RunHealth::default()
+        });
         tracing::info!(
             generation,
             "model swapped in; images in flight finish on the old one"

@@ -1,0 +1,133 @@
+//! Fleet model versions: signed push, verification on the device, staged swap, rollback and device
+//! status (docs/fleet.md).
+//!
+//! Map:
+//! - [`signing`]: Ed25519 keys (PKCS#8 PEM secret, hex public) and the trusted-key check.
+//! - [`package`]: the signed release (manifest + ONNX + sha256 + target + issue time) and commands,
+//!   and their envelopes on `model/<i>` (chunked, retained) and `command` (retained).
+//! - [`store`]: the device's last N versions on disk and which one runs.
+//! - [`device`]: the agent's fleet task: verify → contract → hold-out → swap, rollback, automatic
+//!   return from a model that fails at run time, reasons on the status topic.
+//! - [`manager`]: the fleet manager's side (`microfed fleet push|rollback|list|status`).
+//! - Here: [`FleetSection`] (`[federation.fleet_models]` in agent.toml) and the start-up helpers the agent
+//!   calls before its pipeline loads a model ([`open_store`]) and before the fleet task starts
+//!   ([`load_holdout`]).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::federated::participant::FederationSection;
+use crate::micrograph::Normalisation;
+use crate::train::data::{TrainingImage, TrainingSet};
+
+pub mod device;
+pub mod manager;
+pub mod package;
+pub mod signing;
+pub mod store;
+
+/// `[federation.fleet_models]` in agent.toml: who may change this device's model, and how carefully.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// Ed25519 public keys (64 hex digits each, `microfed fleet keygen` prints them) whose signed
+    /// model versions and commands this device accepts. No other key is trusted.
+    pub trusted_keys: Vec<String>,
+    /// Groups this device belongs to (`fleet push --to group:NAME`).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Model versions kept on disk, the running one included (at least 2).
+    #[serde(default = "default_keep")]
+    pub keep_versions: usize,
+    /// A new model is refused when its mean IoU on the local hold-out is more than this below the
+    /// running model's.
+    #[serde(default = "default_margin")]
+    pub holdout_margin: f64,
+    /// A version installed by the fleet that fails this many images in a row returns to the previous
+    /// version by itself.
+    #[serde(default = "default_failures")]
+    pub max_runtime_failures: u64,
+}
+
+fn default_keep() -> usize {
+    3
+}
+fn default_margin() -> f64 {
+    0.02
+}
+fn default_failures() -> u64 {
+    3
+}
+
+/// Why the fleet task could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Signing(#[from] signing::SigningError),
+    #[error("[federation.fleet_models]: {0}")]
+    Config(String),
+    #[error("the fleet's hold-out ({path}): {message}")]
+    Holdout { path: PathBuf, message: String },
+}
+
+/// The store's folder for a federation state folder.
+pub fn store_dir(federation: &FederationSection) -> PathBuf {
+    federation.state.join("models")
+}
+
+/// Opens the device's store (adopting `configured`, the model of the agent's configuration, as its
+/// first version) and returns it with the model the agent must run: the store's current version, so
+/// that a restart keeps what the fleet installed.
+pub fn open_store(
+    federation: &FederationSection,
+    fleet: &FleetSection,
+    configured: &Path,
+) -> Result<(store::Store, PathBuf), FleetError> {
+    if fleet.holdout_margin.is_nan() || fleet.holdout_margin < 0.0 {
+        return Err(FleetError::Config(format!(
+            "holdout_margin must be ≥ 0, got {}",
+            fleet.holdout_margin
+        )));
+    }
+    if let Some(g) = fleet
+        .groups
+        .iter()
+        .find(|g| !crate::federated::protocol::valid_level(g))
+    {
+        return Err(FleetError::Config(format!(
+            "group {g:?} must be a non-empty name without '/', '+', '#'"
+        )));
+    }
+    signing::TrustedKeys::parse(&fleet.trusted_keys)?;
+    let mut s = store::Store::open(&store_dir(federation), fleet.keep_versions)?;
+    s.adopt(configured)?;
+    let current = s
+        .current()
+        .map(|v| s.model_path(v))
+        .unwrap_or_else(|| configured.to_owned());
+    Ok((s, current))
+}
+
+/// The labelled hold-out images new models are scored on: the same split as federated rounds use
+/// (`holdout_fraction`, `seed`), so they are images local training never saw.
+pub fn load_holdout(
+    federation: &FederationSection,
+    normalisation: &Normalisation,
+) -> Result<Vec<TrainingImage>, FleetError> {
+    let set = TrainingSet::load(
+        std::slice::from_ref(&federation.labelled),
+        None,
+        None,
+        normalisation,
+        federation.holdout_fraction,
+        federation.seed,
+    )
+    .map_err(|e| FleetError::Holdout {
+        path: federation.labelled.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(set.validation)
+}
