@@ -35,6 +35,10 @@ use crate::model::onnx;
 use crate::pipeline::journal::now_unix;
 use crate::pipeline::outputs::write_atomic;
 
+/// Largest update message accepted (a dense fp32 decoder of 2 classes is 3.1 MB; 16 classes barely
+/// more): anything bigger is not an update of this model.
+pub const MAX_UPDATE_BYTES: usize = 16 * 1024 * 1024;
+
 /// `aggregator.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -134,6 +138,7 @@ pub enum Rejection {
     Duplicate,
     NotFinite,
     Norm,
+    Oversized,
 }
 
 impl Rejection {
@@ -149,6 +154,7 @@ impl Rejection {
             Self::Duplicate => "duplicate",
             Self::NotFinite => "not_finite",
             Self::Norm => "norm",
+            Self::Oversized => "oversized",
         }
     }
 }
@@ -317,7 +323,10 @@ impl Aggregator {
             global,
             acc,
             server,
-            reassembler: Reassembler::new(ReassemblyLimits::default()),
+            reassembler: Reassembler::new(ReassemblyLimits {
+                max_message: MAX_UPDATE_BYTES,
+                ..ReassemblyLimits::default()
+            }),
             cfg,
         };
         if me.state.open {
@@ -445,7 +454,12 @@ impl Aggregator {
             Ok(Some(w)) => w,
             Ok(None) => return Ok(()),
             Err(e) => {
-                self.reject(Rejection::Malformed, &format!("{topic}: {e}"));
+                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
+                    Rejection::Oversized
+                } else {
+                    Rejection::Malformed
+                };
+                self.reject(why, &format!("{topic}: {e}"));
                 return Ok(());
             }
         };
@@ -458,10 +472,15 @@ impl Aggregator {
         device: &str,
         bytes: &[u8],
     ) -> Result<(), AggregatorError> {
-        let env = match Envelope::from_bytes(bytes, 64 * 1024 * 1024) {
+        let env = match Envelope::from_bytes(bytes, MAX_UPDATE_BYTES) {
             Ok(e) => e,
             Err(e) => {
-                self.reject(Rejection::Malformed, &format!("update from {device}: {e}"));
+                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
+                    Rejection::Oversized
+                } else {
+                    Rejection::Malformed
+                };
+                self.reject(why, &format!("update from {device}: {e}"));
                 return Ok(());
             }
         };
@@ -911,6 +930,11 @@ mod tests {
         bad[end - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
         agg.handle_update_message("b", &update_raw(&s, "b", "b", 1, 0, bad, 1))
             .unwrap();
+        // A chunked message announcing more than MAX_UPDATE_BYTES is refused at its first frame.
+        let huge = vec![7u8; MAX_UPDATE_BYTES + 1];
+        let first = protocol::split(&huge, CHUNK_BYTES).unwrap().remove(0);
+        agg.handle_update_frame("microfed/f/update/b", &first)
+            .unwrap();
         assert_eq!(agg.state().accepted.len(), 1);
 
         agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.01), 3))
@@ -942,6 +966,7 @@ mod tests {
         assert_eq!(r["unknown_device"], 1, "{r:?}");
         assert_eq!(r["norm"], 1, "{r:?}");
         assert_eq!(r["not_finite"], 1, "{r:?}");
+        assert_eq!(r.get("oversized"), Some(&1), "{r:?}");
         // (1·0.01 + 3·(−0.01) + 2·0.02) / 6 = 0.02 / 6
         let expect = 0.02f64 / 6.0;
         for (g, b) in agg.global().iter().zip(&base).take(1000) {
