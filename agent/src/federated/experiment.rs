@@ -746,3 +746,85 @@ pub fn write_learning_curves(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(round: u64, iou: [f64; 2]) -> RoundRecord {
+        let s = |v: f64| {
+            Some(HoldoutScores {
+                iou: Some(v),
+                dice: Some(v + 0.1),
+                boundary_f1: None,
+            })
+        };
+        RoundRecord::new(round, &[s(iou[0]), s(iou[1])], vec![0, 0], vec![])
+    }
+
+    fn result(name: &str, last: [f64; 2]) -> RunResult {
+        RunResult {
+            name: name.into(),
+            strategy: Strategy::FedAvg,
+            rounds: vec![record(0, [0.5, 0.5]), record(1, last)],
+            dense_bytes: 100,
+            style_codes: vec![],
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn tables_give_mean_and_sample_sd_over_seeds_in_points() {
+        let labs = vec!["a".to_string(), "b".to_string()];
+        // Lab a over three seeds: 0.6, 0.7, 0.8 → 70.0 ± 10.0; means over labs 0.5, 0.6, 0.7.
+        let seeds = vec![
+            result("x", [0.6, 0.4]),
+            result("x", [0.7, 0.5]),
+            result("x", [0.8, 0.6]),
+        ];
+        let table = summary_table(&labs, &[seeds.clone()]);
+        assert!(
+            table.contains("| x | 70.0 ± 10.0 | 50.0 ± 10.0 | 60.0 ± 10.0 | 70.0 ± 10.0 | – |"),
+            "{table}"
+        );
+        let csv = csv(&labs, &[seeds.clone()], &[1, 2, 3]);
+        assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n"));
+        assert!(csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0\n"), "{csv}");
+        let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);
+        assert_eq!(chart.panels.len(), 3);
+        let mean = &chart.panels[0].series[0].points;
+        assert_eq!(mean.len(), 2);
+        assert!((mean[0].1 - 50.0).abs() < 1e-9 && (mean[1].1 - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn style_codes_need_a_federated_strategy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.toml");
+        let text = |strategy: &str, mix: f32| {
+            format!(
+                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
+                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
+                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
+                 strategy = \"{strategy}\"\n[runs.style]\nkind = \"fourier\"\nmix = {mix}\n"
+            )
+        };
+        std::fs::write(&path, text("fedavg", 0.5)).unwrap();
+        let c = ExperimentConfig::load(&path).unwrap();
+        let style = c.runs[0].style.unwrap();
+        assert_eq!(
+            (style.kind, style.probability, style.min_images),
+            (StyleKind::Fourier, 0.5, 3)
+        );
+        assert_eq!(c.model, dir.path().join("m.onnx"));
+        std::fs::write(&path, text("local", 0.5)).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(
+            err.contains("run r: style codes need strategy fedavg"),
+            "{err}"
+        );
+        std::fs::write(&path, text("fedprox", 2.0)).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(err.contains("mix"), "{err}");
+    }
+}
