@@ -1,6 +1,7 @@
 //! `microfed experiment`: an in-process federation comparing strategies, compression and aggregation
 //! settings on the same labs (see [`crate::federated::experiment`]).
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -45,15 +46,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .as_ref()
             .map(|p| read_image_list(p).map(|s| (s, p.clone())))
             .transpose()?;
-        let set = TrainingSet::load(
-            std::slice::from_ref(&l.data),
-            None,
-            list.as_ref().map(|(s, p)| (s, p.as_path())),
-            &norm,
-            l.holdout_fraction,
-            7,
-        )
-        .with_context(|| format!("lab {}", l.name))?;
+        let load = |list: Option<&(BTreeSet<String>, PathBuf)>, fraction: f64| {
+            TrainingSet::load(
+                std::slice::from_ref(&l.data),
+                l.classes.as_deref(),
+                list.map(|(s, p)| (s, p.as_path())),
+                &norm,
+                fraction,
+                7,
+            )
+            .with_context(|| format!("lab {}", l.name))
+        };
+        let set = match &l.holdout {
+            None => load(list.as_ref(), l.holdout_fraction)?,
+            Some(path) => {
+                let held = (read_image_list(path)?, path.clone());
+                let mut set = load(list.as_ref(), 0.0)?;
+                set.validation = load(Some(&held), 0.0)?.train;
+                anyhow::ensure!(
+                    set.train.iter().all(|t| !held.0.contains(&t.stem)),
+                    "lab {}: {} lists training images as hold-out images",
+                    l.name,
+                    path.display()
+                );
+                set
+            }
+        };
         anyhow::ensure!(
             set.classes.len() == params.classes,
             "lab {}: {} classes, the model predicts {}",
@@ -112,6 +130,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.out.join("results.json"),
         serde_json::to_vec_pretty(&results)?,
     )?;
+    let plots = cfg.plots.clone().unwrap_or_else(|| cfg.out.clone());
+    std::fs::create_dir_all(&plots).with_context(|| plots.display().to_string())?;
+    for path in experiment::write_learning_curves(
+        &plots,
+        &format!("results-{}", cfg.name),
+        &cfg.name,
+        &names,
+        &results,
+    )? {
+        tracing::info!(plot = %path.display(), "wrote learning curves");
+    }
     println!("{table}");
     println!("results in {}", cfg.out.display());
     Ok(())

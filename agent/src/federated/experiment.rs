@@ -6,7 +6,15 @@
 //! [`Strategy`] plus compression and aggregation settings; every run starts from the same base model
 //! and sees the same data and seeds, so runs differ only in what they are meant to compare. After
 //! each round every lab's hold-out images are scored with the global decoder (for `local`, with the
-//! lab's own), giving per-lab and mean IoU per round, and the bytes each lab sent.
+//! lab's own), giving per-lab and mean IoU, Dice and boundary F1 per round, and the bytes each lab
+//! sent.
+//!
+//! Style codes ([`super::style`]): a FedAvg or FedProx run with a `style` section has every lab
+//! publish its code once (subject to the privacy knobs; a lab with too few images publishes none),
+//! and every lab trains with the others' codes, as the MQTT participant does with the retained codes.
+//!
+//! Reporting: [`summary_table`] (markdown, final round, mean ± standard deviation over seeds),
+//! [`csv`] (every run, seed, round and lab) and [`learning_curves`] (a PNG chart per metric).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +26,9 @@ use microfed_kernels::unet::Params;
 
 use super::aggregate::{Accumulator, AggregationConfig, ServerOptimizer};
 use super::compress::{self, CompressionConfig, Residual, TensorSpan};
-use super::local::{FeatureCache, LocalError, LocalTrainer, RoundPlan};
+use super::local::{FeatureCache, HoldoutScores, LocalError, LocalTrainer, RoundPlan};
+use super::plot::{Chart, Panel, PlotError, Series};
+use super::style::{PrivacyKnobs, RestyleConfig, StyleCode, StyleKind, seeded_rng};
 
 /// How labs learn together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +56,50 @@ pub struct RunSpec {
     pub aggregation: AggregationConfig,
     #[serde(default)]
     pub prox_mu: f32,
+    /// Style codes (FedAvg and FedProx only).
+    #[serde(default)]
+    pub style: Option<StyleSpec>,
+}
+
+/// A run's use of style codes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StyleSpec {
+    #[serde(default)]
+    pub kind: StyleKind,
+    #[serde(default = "default_probability")]
+    pub probability: f32,
+    #[serde(default = "default_mix")]
+    pub mix: f32,
+    #[serde(default = "default_min_images")]
+    pub min_images: u32,
+    #[serde(default)]
+    pub noise_sigma: f32,
+}
+
+fn default_probability() -> f32 {
+    RestyleConfig::default().probability
+}
+fn default_mix() -> f32 {
+    RestyleConfig::default().mix
+}
+fn default_min_images() -> u32 {
+    PrivacyKnobs::default().min_images
+}
+
+impl StyleSpec {
+    pub fn restyle(&self) -> RestyleConfig {
+        RestyleConfig {
+            probability: self.probability,
+            mix: self.mix,
+        }
+    }
+    pub fn knobs(&self) -> PrivacyKnobs {
+        PrivacyKnobs {
+            min_images: self.min_images,
+            noise_sigma: self.noise_sigma,
+        }
+    }
 }
 
 /// Local training settings shared by every run.
@@ -58,6 +112,9 @@ pub struct TrainSpec {
     pub learning_rate: f32,
     pub batch: usize,
     pub crop: usize,
+    /// Soft-Dice weight of the local loss (see [`LocalTrainer::set_dice_weight`]).
+    #[serde(default)]
+    pub dice_weight: f32,
 }
 
 /// One round's outcome in one run.
@@ -68,6 +125,12 @@ pub struct RoundRecord {
     pub lab_iou: Vec<Option<f64>>,
     /// Mean over labs.
     pub mean_iou: Option<f64>,
+    /// Mean Dice (over classes) on each lab's hold-out images.
+    #[serde(default)]
+    pub lab_dice: Vec<Option<f64>>,
+    /// Boundary F1 (2 px tolerance) on each lab's hold-out images.
+    #[serde(default)]
+    pub lab_boundary_f1: Vec<Option<f64>>,
     /// Bytes each lab sent this round (compressed update).
     pub bytes: Vec<usize>,
     pub train_loss: Vec<f32>,
@@ -82,6 +145,35 @@ pub struct RunResult {
     pub rounds: Vec<RoundRecord>,
     /// Bytes of one dense fp32 update (the baseline).
     pub dense_bytes: usize,
+    /// Labs whose style code the others trained with (empty without style codes).
+    #[serde(default)]
+    pub style_codes: Vec<String>,
+    /// Wall time of the run.
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+impl RoundRecord {
+    fn new(
+        round: u64,
+        scores: &[Option<HoldoutScores>],
+        bytes: Vec<usize>,
+        loss: Vec<f32>,
+    ) -> Self {
+        let pick = |f: fn(&HoldoutScores) -> Option<f64>| -> Vec<Option<f64>> {
+            scores.iter().map(|s| s.as_ref().and_then(f)).collect()
+        };
+        let lab_iou = pick(|s| s.iou);
+        Self {
+            round,
+            mean_iou: mean(&lab_iou),
+            lab_iou,
+            lab_dice: pick(|s| s.dice),
+            lab_boundary_f1: pick(|s| s.boundary_f1),
+            bytes,
+            train_loss: loss,
+        }
+    }
 }
 
 /// A lab in the experiment: its name and its cached features.
@@ -108,6 +200,7 @@ pub fn run<B: Backend>(
     let layout: Vec<TensorSpan> = compress::decoder_layout(params.classes);
     let base = params.decoder_flat();
     let len = base.len();
+    let started = std::time::Instant::now();
     let err = |e: String| LocalError::Data(format!("run {}: {e}", spec.name));
     let mut trainers = labs
         .iter()
@@ -123,19 +216,59 @@ pub fn run<B: Backend>(
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
+    for t in &mut trainers {
+        t.set_dice_weight(train.dice_weight);
+    }
+    let mut style_codes = Vec::new();
+    if let Some(style) = spec
+        .style
+        .as_ref()
+        .filter(|_| matches!(spec.strategy, Strategy::FedAvg | Strategy::FedProx))
+    {
+        // Each lab publishes once; the noise is seeded so that runs are reproducible.
+        let mut codes = Vec::new();
+        for (i, lab) in labs.iter().enumerate() {
+            let mut rng = seeded_rng(seed.wrapping_mul(7919) + i as u64);
+            match StyleCode::from_cache_with_rng(
+                &lab.cache,
+                style.kind,
+                &style.knobs(),
+                &lab.name,
+                &mut rng,
+            ) {
+                Ok(code) => codes.push(code),
+                Err(e) => tracing::warn!(lab = %lab.name, error = %e, "no style code published"),
+            }
+        }
+        style_codes = codes.iter().map(|c| c.device.clone()).collect();
+        for (t, lab) in trainers.iter_mut().zip(labs) {
+            let others: Vec<StyleCode> = codes
+                .iter()
+                .filter(|c| c.device != lab.name)
+                .cloned()
+                .collect();
+            t.set_styles(others, style.restyle())?;
+        }
+    }
     // Centralised: one trainer on every lab's training images (hold-outs stay per lab).
     let mut pooled = if spec.strategy == Strategy::Centralised {
         let mut all = labs[0].cache.clone();
         all.train = labs.iter().flat_map(|l| l.cache.train.clone()).collect();
         all.holdout.clear();
-        Some(LocalTrainer::new(
-            backend.clone(),
-            params,
-            all,
-            train.batch,
-            train.crop,
-            seed.wrapping_mul(1000) + 999,
-        )?)
+        Some(
+            LocalTrainer::new(
+                backend.clone(),
+                params,
+                all,
+                train.batch,
+                train.crop,
+                seed.wrapping_mul(1000) + 999,
+            )
+            .map(|mut t| {
+                t.set_dice_weight(train.dice_weight);
+                t
+            })?,
+        )
     } else {
         None
     };
@@ -147,21 +280,15 @@ pub fn run<B: Backend>(
     let mut rounds = Vec::new();
     let score = |trainers: &mut [LocalTrainer<B>],
                  decoders: &[&[f32]]|
-     -> Result<Vec<Option<f64>>, LocalError> {
+     -> Result<Vec<Option<HoldoutScores>>, LocalError> {
         trainers
             .iter_mut()
             .zip(decoders)
-            .map(|(t, d)| t.holdout_iou(d))
+            .map(|(t, d)| t.holdout_scores(d))
             .collect()
     };
-    let lab_iou = score(&mut trainers, &vec![global.as_slice(); labs.len()])?;
-    rounds.push(RoundRecord {
-        round: 0,
-        mean_iou: mean(&lab_iou),
-        lab_iou,
-        bytes: vec![0; labs.len()],
-        train_loss: vec![],
-    });
+    let scores = score(&mut trainers, &vec![global.as_slice(); labs.len()])?;
+    rounds.push(RoundRecord::new(0, &scores, vec![0; labs.len()], vec![]));
     for round in 1..=train.rounds {
         let plan = RoundPlan {
             round,
@@ -227,27 +354,24 @@ pub fn run<B: Backend>(
         } else {
             vec![global.as_slice(); labs.len()]
         };
-        let lab_iou = score(&mut trainers, &decoders)?;
+        let scores = score(&mut trainers, &decoders)?;
+        let record = RoundRecord::new(round, &scores, bytes, losses);
         tracing::info!(
             run = %spec.name,
             round,
-            mean_iou = ?mean(&lab_iou),
-            bytes = ?bytes,
+            mean_iou = ?record.mean_iou,
+            bytes = ?record.bytes,
             "round"
         );
-        rounds.push(RoundRecord {
-            round,
-            mean_iou: mean(&lab_iou),
-            lab_iou,
-            bytes,
-            train_loss: losses,
-        });
+        rounds.push(record);
     }
     Ok(RunResult {
         name: spec.name.clone(),
         strategy: spec.strategy,
         rounds,
         dense_bytes: compress::dense_len(&layout),
+        style_codes,
+        seconds: started.elapsed().as_secs_f64(),
     })
 }
 
@@ -259,6 +383,12 @@ pub struct ExperimentConfig {
     pub model: PathBuf,
     /// Output folder: results.json, results.csv, results.md.
     pub out: PathBuf,
+    /// Name of the federation: chart titles and plot files `results-<name>-<metric>.png`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Folder of the plots (default: `out`).
+    #[serde(default)]
+    pub plots: Option<PathBuf>,
     /// Seeds; each run is repeated per seed (mean ± standard deviation reported).
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
@@ -273,6 +403,9 @@ pub struct ExperimentConfig {
     pub runs: Vec<RunSpec>,
 }
 
+fn default_name() -> String {
+    "experiment".into()
+}
 fn default_seeds() -> Vec<u64> {
     vec![1]
 }
@@ -286,9 +419,17 @@ fn default_device() -> String {
 pub struct LabSpec {
     pub name: String,
     pub data: PathBuf,
+    /// Classes (a dataset.toml) for a folder without its own, e.g. nasa-super.
+    #[serde(default)]
+    pub classes: Option<PathBuf>,
     /// Only these image stems (a file with one per line), e.g. one sample spot of nasa-super.
     #[serde(default)]
     pub images: Option<PathBuf>,
+    /// The hold-out images (an image list); when given, `images` are all training images and
+    /// `holdout_fraction` is unused (e.g. a whole sample spot held out: the 0° and 180° images of
+    /// one spot are too alike to test on each other).
+    #[serde(default)]
+    pub holdout: Option<PathBuf>,
     #[serde(default = "default_holdout")]
     pub holdout_fraction: f64,
 }
@@ -310,13 +451,22 @@ impl ExperimentConfig {
         };
         fix(&mut c.model);
         fix(&mut c.out);
+        if let Some(p) = &mut c.plots {
+            fix(p);
+        }
         if let Some(cache) = &mut c.cache {
             fix(cache);
         }
         for l in &mut c.labs {
             fix(&mut l.data);
+            if let Some(classes) = &mut l.classes {
+                fix(classes);
+            }
             if let Some(i) = &mut l.images {
                 fix(i);
+            }
+            if let Some(h) = &mut l.holdout {
+                fix(h);
             }
         }
         if c.labs.is_empty() || c.runs.is_empty() || c.seeds.is_empty() {
@@ -329,51 +479,134 @@ impl ExperimentConfig {
             r.compression
                 .validate()
                 .map_err(|e| format!("{}: run {}: {e}", path.display(), r.name))?;
+            if let Some(style) = &r.style {
+                if !matches!(r.strategy, Strategy::FedAvg | Strategy::FedProx) {
+                    return Err(format!(
+                        "{}: run {}: style codes need strategy fedavg or fedprox, not {:?}",
+                        path.display(),
+                        r.name,
+                        r.strategy
+                    ));
+                }
+                style
+                    .restyle()
+                    .validate()
+                    .and_then(|()| style.knobs().validate())
+                    .map_err(|e| format!("{}: run {}: style: {e}", path.display(), r.name))?;
+            }
         }
         Ok(c)
     }
 }
 
-/// Markdown table of the final round: per-lab IoU, mean, and bytes per round per device, with mean ±
-/// standard deviation over seeds.
+/// A hold-out score reported per lab and round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Iou,
+    Dice,
+    BoundaryF1,
+}
+
+impl Metric {
+    pub const ALL: [Metric; 3] = [Metric::Iou, Metric::Dice, Metric::BoundaryF1];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Iou => "IoU",
+            Metric::Dice => "Dice",
+            Metric::BoundaryF1 => "boundary F1",
+        }
+    }
+
+    /// File-name part (`results-<federation>-<slug>.png`).
+    pub fn slug(self) -> &'static str {
+        match self {
+            Metric::Iou => "iou",
+            Metric::Dice => "dice",
+            Metric::BoundaryF1 => "boundary-f1",
+        }
+    }
+
+    /// Lab `lab`'s value in a round.
+    pub fn of(self, r: &RoundRecord, lab: usize) -> Option<f64> {
+        let v = match self {
+            Metric::Iou => &r.lab_iou,
+            Metric::Dice => &r.lab_dice,
+            Metric::BoundaryF1 => &r.lab_boundary_f1,
+        };
+        v.get(lab).copied().flatten()
+    }
+
+    /// Mean over the labs that have a value.
+    pub fn mean(self, r: &RoundRecord, labs: usize) -> Option<f64> {
+        mean(&(0..labs).map(|l| self.of(r, l)).collect::<Vec<_>>())
+    }
+}
+
+/// Mean and sample standard deviation (None when empty; sd 0 for one value).
+pub fn mean_sd(v: &[f64]) -> Option<(f64, f64)> {
+    if v.is_empty() {
+        return None;
+    }
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let sd = if v.len() < 2 {
+        0.0
+    } else {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt()
+    };
+    Some((m, sd))
+}
+
+/// "m ± sd" in percent (points), "–" without values.
+fn pm(v: &[f64]) -> String {
+    match mean_sd(v) {
+        None => "–".into(),
+        Some((m, _)) if v.len() < 2 => format!("{:.1}", 100.0 * m),
+        Some((m, sd)) => format!("{:.1} ± {:.1}", 100.0 * m, 100.0 * sd),
+    }
+}
+
+/// Final-round values of lab `lab` (None = mean over labs) over the seeds of one run.
+pub fn final_values(
+    seeds: &[RunResult],
+    metric: Metric,
+    lab: Option<usize>,
+    labs: usize,
+) -> Vec<f64> {
+    seeds
+        .iter()
+        .filter_map(|r| {
+            let last = r.rounds.last()?;
+            match lab {
+                Some(l) => metric.of(last, l),
+                None => metric.mean(last, labs),
+            }
+        })
+        .collect()
+}
+
+/// Markdown tables of the final round, in points (×100), mean ± standard deviation over seeds:
+/// per-lab IoU with the means of IoU, Dice and boundary F1 and the bytes sent, then per-lab Dice and
+/// per-lab boundary F1.
 pub fn summary_table(labs: &[String], results: &[Vec<RunResult>]) -> String {
+    let n = labs.len();
     let mut out = String::from("| run | ");
     for l in labs {
         out += &format!("{l} IoU | ");
     }
-    out += "mean IoU | bytes / round / device | vs dense fp32 |\n|---|";
-    out += &"---|".repeat(labs.len() + 3);
+    out +=
+        "mean IoU | mean Dice | mean boundary F1 | bytes / round / device | vs dense fp32 |\n|---|";
+    out += &"---|".repeat(n + 5);
     out.push('\n');
-    let ms = |v: &[f64]| -> String {
-        if v.is_empty() {
-            return "–".into();
-        }
-        let m = v.iter().sum::<f64>() / v.len() as f64;
-        if v.len() < 2 {
-            return format!("{:.2}", 100.0 * m);
-        }
-        let sd = (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (v.len() - 1) as f64).sqrt();
-        format!("{:.2} ± {:.2}", 100.0 * m, 100.0 * sd)
-    };
     for seeds in results {
         let Some(first) = seeds.first() else { continue };
         out += &format!("| {} | ", first.name);
-        for l in 0..labs.len() {
-            let v: Vec<f64> = seeds
-                .iter()
-                .filter_map(|r| {
-                    r.rounds
-                        .last()
-                        .and_then(|x| x.lab_iou.get(l).copied().flatten())
-                })
-                .collect();
-            out += &format!("{} | ", ms(&v));
+        for l in 0..n {
+            out += &format!("{} | ", pm(&final_values(seeds, Metric::Iou, Some(l), n)));
         }
-        let v: Vec<f64> = seeds
-            .iter()
-            .filter_map(|r| r.rounds.last().and_then(|x| x.mean_iou))
-            .collect();
-        out += &format!("{} | ", ms(&v));
+        for m in Metric::ALL {
+            out += &format!("{} | ", pm(&final_values(seeds, m, None, n)));
+        }
         let sent: Vec<usize> = seeds
             .iter()
             .flat_map(|r| {
@@ -395,29 +628,44 @@ pub fn summary_table(labs: &[String], results: &[Vec<RunResult>]) -> String {
             );
         }
     }
+    for m in [Metric::Dice, Metric::BoundaryF1] {
+        out += &format!("\n{} per lab:\n\n| run | ", m.name());
+        for l in labs {
+            out += &format!("{l} | ");
+        }
+        out += "mean |\n|---|";
+        out += &"---|".repeat(n + 1);
+        out.push('\n');
+        for seeds in results {
+            let Some(first) = seeds.first() else { continue };
+            out += &format!("| {} | ", first.name);
+            for l in 0..n {
+                out += &format!("{} | ", pm(&final_values(seeds, m, Some(l), n)));
+            }
+            out += &format!("{} |\n", pm(&final_values(seeds, m, None, n)));
+        }
+    }
     out
 }
 
 /// One CSV row per run, seed, round and lab.
 pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String {
-    let mut out = String::from("run,strategy,seed,round,lab,iou,bytes\n");
+    let mut out = String::from("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n");
+    let f = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_default();
     for runs in results {
         for (r, seed) in runs.iter().zip(seeds) {
             for rec in &r.rounds {
                 for (l, name) in labs.iter().enumerate() {
                     out += &format!(
-                        "{},{:?},{},{},{},{},{}\n",
+                        "{},{:?},{},{},{},{},{},{},{}\n",
                         r.name,
                         r.strategy,
                         seed,
                         rec.round,
                         name,
-                        rec.lab_iou
-                            .get(l)
-                            .copied()
-                            .flatten()
-                            .map(|v| format!("{v:.5}"))
-                            .unwrap_or_default(),
+                        f(Metric::Iou.of(rec, l)),
+                        f(Metric::Dice.of(rec, l)),
+                        f(Metric::BoundaryF1.of(rec, l)),
                         rec.bytes.get(l).copied().unwrap_or(0)
                     );
                 }
@@ -425,4 +673,158 @@ pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String
         }
     }
     out
+}
+
+/// Learning curves of one metric: a panel for the mean over labs and one per lab, one line per run
+/// (mean over seeds, in points), x = round (0 = the base model).
+pub fn learning_curves(
+    title: &str,
+    labs: &[String],
+    results: &[Vec<RunResult>],
+    metric: Metric,
+) -> Chart {
+    let n = labs.len();
+    let curve = |seeds: &[RunResult], lab: Option<usize>| -> Vec<(f64, f64)> {
+        let rounds = seeds.iter().map(|r| r.rounds.len()).min().unwrap_or(0);
+        (0..rounds)
+            .filter_map(|i| {
+                let v: Vec<f64> = seeds
+                    .iter()
+                    .filter_map(|r| {
+                        let rec = &r.rounds[i];
+                        match lab {
+                            Some(l) => metric.of(rec, l),
+                            None => metric.mean(rec, n),
+                        }
+                    })
+                    .collect();
+                mean_sd(&v).map(|(m, _)| (seeds[0].rounds[i].round as f64, 100.0 * m))
+            })
+            .collect()
+    };
+    let panel = |name: String, lab: Option<usize>| Panel {
+        title: name,
+        series: results
+            .iter()
+            .filter(|s| !s.is_empty())
+            .map(|seeds| Series {
+                label: seeds[0].name.clone(),
+                points: curve(seeds, lab),
+            })
+            .collect(),
+    };
+    let mut panels = vec![panel("mean over labs".into(), None)];
+    panels.extend(
+        labs.iter()
+            .enumerate()
+            .map(|(l, name)| panel(name.clone(), Some(l))),
+    );
+    Chart {
+        title: format!(
+            "{title}: hold-out {} per round (mean over seeds)",
+            metric.name()
+        ),
+        x_label: "round".into(),
+        y_label: format!("{} (%)", metric.name()),
+        panels,
+    }
+}
+
+/// Writes the learning curves of every metric as `dir/<prefix>-<metric>.png`; returns the paths.
+pub fn write_learning_curves(
+    dir: &Path,
+    prefix: &str,
+    title: &str,
+    labs: &[String],
+    results: &[Vec<RunResult>],
+) -> Result<Vec<PathBuf>, PlotError> {
+    let mut out = Vec::new();
+    for m in Metric::ALL {
+        let path = dir.join(format!("{prefix}-{}.png", m.slug()));
+        learning_curves(title, labs, results, m).save(&path)?;
+        out.push(path);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(round: u64, iou: [f64; 2]) -> RoundRecord {
+        let s = |v: f64| {
+            Some(HoldoutScores {
+                iou: Some(v),
+                dice: Some(v + 0.1),
+                boundary_f1: None,
+            })
+        };
+        RoundRecord::new(round, &[s(iou[0]), s(iou[1])], vec![0, 0], vec![])
+    }
+
+    fn result(name: &str, last: [f64; 2]) -> RunResult {
+        RunResult {
+            name: name.into(),
+            strategy: Strategy::FedAvg,
+            rounds: vec![record(0, [0.5, 0.5]), record(1, last)],
+            dense_bytes: 100,
+            style_codes: vec![],
+            seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn tables_give_mean_and_sample_sd_over_seeds_in_points() {
+        let labs = vec!["a".to_string(), "b".to_string()];
+        // Lab a over three seeds: 0.6, 0.7, 0.8 → 70.0 ± 10.0; means over labs 0.5, 0.6, 0.7.
+        let seeds = vec![
+            result("x", [0.6, 0.4]),
+            result("x", [0.7, 0.5]),
+            result("x", [0.8, 0.6]),
+        ];
+        let table = summary_table(&labs, &[seeds.clone()]);
+        assert!(
+            table.contains("| x | 70.0 ± 10.0 | 50.0 ± 10.0 | 60.0 ± 10.0 | 70.0 ± 10.0 | – |"),
+            "{table}"
+        );
+        let csv = csv(&labs, &[seeds.clone()], &[1, 2, 3]);
+        assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n"));
+        assert!(csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0\n"), "{csv}");
+        let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);
+        assert_eq!(chart.panels.len(), 3);
+        let mean = &chart.panels[0].series[0].points;
+        assert_eq!(mean.len(), 2);
+        assert!((mean[0].1 - 50.0).abs() < 1e-9 && (mean[1].1 - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn style_codes_need_a_federated_strategy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.toml");
+        let text = |strategy: &str, mix: f32| {
+            format!(
+                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
+                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
+                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
+                 strategy = \"{strategy}\"\n[runs.style]\nkind = \"fourier\"\nmix = {mix}\n"
+            )
+        };
+        std::fs::write(&path, text("fedavg", 0.5)).unwrap();
+        let c = ExperimentConfig::load(&path).unwrap();
+        let style = c.runs[0].style.unwrap();
+        assert_eq!(
+            (style.kind, style.probability, style.min_images),
+            (StyleKind::Fourier, 0.5, 3)
+        );
+        assert_eq!(c.model, dir.path().join("m.onnx"));
+        std::fs::write(&path, text("local", 0.5)).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(
+            err.contains("run r: style codes need strategy fedavg"),
+            "{err}"
+        );
+        std::fs::write(&path, text("fedprox", 2.0)).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(err.contains("mix"), "{err}");
+    }
 }

@@ -9,7 +9,12 @@
 //!   [`LocalTrainer::train_round`] starts from the announced global decoder, trains E local epochs
 //!   of random crops cut from the cached features (crops aligned to 16 pixels, so every level's crop
 //!   is exact), optionally with FedProx, and returns the local decoder.
-//!   [`LocalTrainer::holdout_iou`] scores a decoder on the lab's hold-out images.
+//!   [`LocalTrainer::holdout_scores`] scores a decoder on the lab's hold-out images (mean IoU, mean
+//!   Dice, boundary F1); [`LocalTrainer::holdout_iou`] is its IoU.
+//! - Style codes ([`super::style`]): [`LocalTrainer::set_styles`] takes other labs' latest codes;
+//!   `train_round` then re-styles, with a configured chance, a batch's skip features with a
+//!   feature-stats code (one per-channel affine map per stage, on the device) or draws crops from
+//!   the lab's images re-styled with a Fourier code (re-encoded once, when the codes are set).
 //!
 //! No geometric augmentation here: flipping a feature map is not the features of a flipped image
 //! (the filters are not symmetric). Crops from whole-image features carry the context the decoder
@@ -23,12 +28,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use microfed_kernels::style::restyle_coefficients;
 use microfed_kernels::unet::{CHANNELS, DEPTH, Loss, Optim, Params, SIZE_MULTIPLE, UNet};
 use microfed_kernels::{Backend, KernelError, Shape};
 
+use super::style::{RestyleConfig, StyleCode, StyleError, StyleKind, restyle_image};
 use crate::dataset::IGNORE;
 use crate::mask::Mask;
-use crate::metrics::ConfusionMatrix;
+use crate::metrics::Evaluator;
 use crate::model::runtime::{Outputs, RuntimeError, Segmenter};
 use crate::train::augment::reflect;
 use crate::train::data::{TrainingImage, TrainingSet, auto_class_weights};
@@ -47,6 +54,8 @@ pub enum LocalError {
     Kernel(#[from] KernelError),
     #[error("{0}")]
     Data(String),
+    #[error(transparent)]
+    Style(#[from] StyleError),
     #[error("local training diverged in round {round} (loss {loss})")]
     Diverged { round: u64, loss: f32 },
 }
@@ -68,6 +77,10 @@ pub struct CachedImage {
     /// Class per padded pixel; the padding is IGNORE.
     #[serde(with = "serde_bytes")]
     pub labels: Vec<u8>,
+    /// The normalised pixels, padded like the features (`ph × pw`), for Fourier style codes and
+    /// re-styling. Kept in memory only: the image is at hand whenever the cache is built.
+    #[serde(skip, default)]
+    pub pixels: Vec<f32>,
 }
 
 impl CachedImage {
@@ -80,6 +93,8 @@ impl CachedImage {
 #[derive(Debug, Clone)]
 pub struct FeatureCache {
     pub classes: usize,
+    /// sha256 of the base model that made the features.
+    pub model_version: String,
     pub train: Vec<CachedImage>,
     pub holdout: Vec<CachedImage>,
     /// Images whose features were computed now (the rest came from disk).
@@ -125,7 +140,11 @@ impl FeatureCache {
             if let Ok(bytes) = std::fs::read(&path) {
                 match ciborium::from_reader::<CachedImage, _>(bytes.as_slice()) {
                     Ok(c) if c.pixels_sha256 == sha && c.pw == pw && c.ph == ph => {
-                        return Ok(CachedImage { labels, ..c });
+                        return Ok(CachedImage {
+                            labels,
+                            pixels: x,
+                            ..c
+                        });
                     }
                     Ok(_) => {
                         tracing::info!(file = %path.display(), "image changed: recomputing its features")
@@ -163,6 +182,7 @@ impl FeatureCache {
                 pixels_sha256: sha,
                 levels,
                 labels: Vec::new(),
+                pixels: Vec::new(),
             };
             let mut bytes = Vec::new();
             ciborium::into_writer(&c, &mut bytes)
@@ -170,7 +190,11 @@ impl FeatureCache {
             crate::pipeline::outputs::write_atomic(&path, &bytes)
                 .map_err(|e| LocalError::Data(e.to_string()))?;
             computed += 1;
-            Ok(CachedImage { labels, ..c })
+            Ok(CachedImage {
+                labels,
+                pixels: x,
+                ..c
+            })
         };
         let train = set.train.iter().map(&mut one).collect::<Result<_, _>>()?;
         let holdout = set
@@ -180,6 +204,7 @@ impl FeatureCache {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             classes: set.classes.len(),
+            model_version: model_version.to_owned(),
             train,
             holdout,
             computed,
@@ -203,6 +228,20 @@ pub struct RoundPlan {
     pub prox_mu: f32,
 }
 
+/// Per-channel `(scale, shift)` of one encoder stage (the kernels' re-styling argument).
+type Restyle = (Vec<f32>, Vec<f32>);
+
+/// Hold-out scores of a decoder (means over classes; boundary F1 at [`BOUNDARY_TOLERANCE_PX`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct HoldoutScores {
+    pub iou: Option<f64>,
+    pub dice: Option<f64>,
+    pub boundary_f1: Option<f64>,
+}
+
+/// Tolerance of the hold-out boundary F1, in pixels (as `microfed model score`).
+pub const BOUNDARY_TOLERANCE_PX: f64 = 2.0;
+
 /// The U-Net with a frozen encoder, training on cached features.
 pub struct LocalTrainer<B: Backend> {
     backend: Arc<B>,
@@ -212,6 +251,11 @@ pub struct LocalTrainer<B: Backend> {
     crop: usize,
     seed: u64,
     loss: Loss,
+    /// Other labs' feature-stats codes: a batch's features are re-styled with one of them.
+    feature_styles: Vec<StyleCode>,
+    /// Per training image, its features re-styled with each other lab's Fourier code.
+    fourier_variants: Vec<Vec<CachedImage>>,
+    restyle: RestyleConfig,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -265,11 +309,134 @@ impl<B: Backend> LocalTrainer<B> {
                 dice_weight: 0.0,
             },
             cache,
+            feature_styles: Vec::new(),
+            fourier_variants: Vec::new(),
+            restyle: RestyleConfig::default(),
         })
+    }
+
+    /// Other labs' latest style codes (replacing any given before) and how to use them.
+    ///
+    /// Feature-stats codes re-style, with chance `probability`, a whole batch's skip features
+    /// (per-channel affine map from the batch's statistics towards the code's, `mix` of the way).
+    /// Fourier codes re-style each training image once here (its low-frequency amplitudes moved
+    /// `mix` of the way to the code's) and run it through the frozen encoder; a crop then comes from
+    /// a randomly chosen re-styled version with chance `probability`. Codes of another base model
+    /// are skipped (their feature statistics are not comparable); an invalid code is an error.
+    pub fn set_styles(
+        &mut self,
+        codes: Vec<StyleCode>,
+        config: RestyleConfig,
+    ) -> Result<(), LocalError> {
+        config.validate()?;
+        let mut feature = Vec::new();
+        let mut fourier = Vec::new();
+        for code in codes {
+            code.validate()?;
+            if code.model_version != self.cache.model_version {
+                tracing::warn!(
+                    device = %code.device,
+                    code_model = %code.model_version,
+                    "style code of another base model: skipped"
+                );
+                continue;
+            }
+            match code.kind {
+                StyleKind::FeatureStats => feature.push(code),
+                StyleKind::Fourier => fourier.push(code),
+            }
+        }
+        let mut variants = Vec::with_capacity(self.cache.train.len());
+        if !fourier.is_empty() {
+            for i in 0..self.cache.train.len() {
+                let mut per_code = Vec::with_capacity(fourier.len());
+                for code in &fourier {
+                    per_code.push(self.restyled_features(i, code, config.mix)?);
+                }
+                variants.push(per_code);
+            }
+        }
+        self.feature_styles = feature;
+        self.fourier_variants = variants;
+        self.restyle = config;
+        Ok(())
+    }
+
+    /// Training image `i` re-styled with a Fourier code, through the (frozen) encoder.
+    fn restyled_features(
+        &mut self,
+        i: usize,
+        code: &StyleCode,
+        mix: f32,
+    ) -> Result<CachedImage, LocalError> {
+        let img = &self.cache.train[i];
+        let (w, h, pw, ph) = (img.width, img.height, img.pw, img.ph);
+        if img.pixels.len() != pw * ph {
+            return Err(LocalError::Data(format!(
+                "{}: no pixels in the feature cache for Fourier re-styling",
+                img.stem
+            )));
+        }
+        let styled = restyle_image(&img.pixels, pw, w, h, code, mix)?;
+        // Padded by reflection exactly as the cache pads the original.
+        let mut x = vec![0.0f32; pw * ph];
+        for y in 0..ph {
+            let sy = reflect(y as isize, h);
+            for xx in 0..pw {
+                x[y * pw + xx] = styled[sy * w + reflect(xx as isize, w)];
+            }
+        }
+        let input = self.backend.upload(&x)?;
+        let feats = self.net.encode(&input, Shape::new(1, 1, ph, pw))?;
+        let levels = feats
+            .iter()
+            .map(|f| {
+                self.backend
+                    .download(f)
+                    .map(|v| v.iter().map(|&v| f16::from_f32(v).to_bits()).collect())
+            })
+            .collect::<Result<Vec<Vec<u16>>, _>>()?;
+        let img = &self.cache.train[i];
+        Ok(CachedImage {
+            stem: format!("{}@{}", img.stem, code.device),
+            width: w,
+            height: h,
+            pw,
+            ph,
+            pixels_sha256: String::new(),
+            levels,
+            labels: Vec::new(),
+            pixels: Vec::new(),
+        })
+    }
+
+    /// Per-stage `(scale, shift)` moving this batch's feature statistics towards `code`'s.
+    fn feature_restyle(
+        &self,
+        feats: &[B::Buffer],
+        xs: Shape,
+        code: &StyleCode,
+        mix: f32,
+    ) -> Result<Vec<Restyle>, LocalError> {
+        let shapes = UNet::<B>::feature_shapes(xs);
+        (0..DEPTH)
+            .map(|l| {
+                let (mu, sd) = self.backend.channel_stats(&feats[l], shapes[l])?;
+                let (mu_o, sd_o) = code.stage(l);
+                Ok(restyle_coefficients(&mu, &sd, mu_o, sd_o, mix, 1e-5)?)
+            })
+            .collect()
     }
 
     pub fn samples(&self) -> u64 {
         self.cache.samples()
+    }
+
+    /// Weight of the soft-Dice term added to the (class-weighted) cross-entropy; 0 by default. The
+    /// base models were trained with 0.5: fine-tuning with the same objective keeps their
+    /// calibration of the thin boundary class.
+    pub fn set_dice_weight(&mut self, weight: f32) {
+        self.loss.dice_weight = weight;
     }
 
     pub fn has_holdout(&self) -> bool {
@@ -303,9 +470,23 @@ impl<B: Backend> LocalTrainer<B> {
             let mut sum = 0.0f64;
             for _ in 0..steps {
                 let (feats, labels) = self.batch_from_cache(&mut rng)?;
-                let stats = self
-                    .net
-                    .decoder_train_step(&feats, xs, &labels, &self.loss, &optim, None)?;
+                // No draws without codes: runs without styles see the same batches as before.
+                let restyle = if !self.feature_styles.is_empty()
+                    && rng.random::<f32>() < self.restyle.probability
+                {
+                    let code = &self.feature_styles[rng.random_range(0..self.feature_styles.len())];
+                    Some(self.feature_restyle(&feats, xs, code, self.restyle.mix)?)
+                } else {
+                    None
+                };
+                let stats = self.net.decoder_train_step(
+                    &feats,
+                    xs,
+                    &labels,
+                    &self.loss,
+                    &optim,
+                    restyle.as_deref(),
+                )?;
                 if !stats.loss.is_finite() {
                     return Err(LocalError::Diverged {
                         round: plan.round,
@@ -333,11 +514,11 @@ impl<B: Backend> LocalTrainer<B> {
         for s in 0..b {
             // Images drawn in proportion to their area.
             let mut u = rng.random_range(0..total);
-            let img = self
+            let index = self
                 .cache
                 .train
                 .iter()
-                .find(|i| {
+                .position(|i| {
                     let a = i.pw * i.ph;
                     if u < a {
                         true
@@ -346,14 +527,22 @@ impl<B: Backend> LocalTrainer<B> {
                         false
                     }
                 })
-                .unwrap_or(&self.cache.train[0]);
+                .unwrap_or(0);
+            let img = &self.cache.train[index];
             let y0 = rng.random_range(0..=(img.ph - c) / SIZE_MULTIPLE) * SIZE_MULTIPLE;
             let x0 = rng.random_range(0..=(img.pw - c) / SIZE_MULTIPLE) * SIZE_MULTIPLE;
+            // Fourier re-styling: the same crop from a re-styled version of the image.
+            let source = match self.fourier_variants.get(index) {
+                Some(v) if !v.is_empty() && rng.random::<f32>() < self.restyle.probability => {
+                    &v[rng.random_range(0..v.len())]
+                }
+                _ => img,
+            };
             for (l, out) in levels.iter_mut().enumerate() {
                 let (ch, lh, lw) = img.level(l);
                 let cl = c >> l;
                 let (ly, lx) = (y0 >> l, x0 >> l);
-                let src = &img.levels[l];
+                let src = &source.levels[l];
                 for k in 0..ch {
                     for y in 0..cl {
                         let from = (k * lh + ly + y) * lw + lx;
@@ -379,12 +568,19 @@ impl<B: Backend> LocalTrainer<B> {
 
     /// Mean IoU of `decoder` on the hold-out images (None without hold-out images).
     pub fn holdout_iou(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError> {
+        Ok(self.holdout_scores(decoder)?.and_then(|s| s.iou))
+    }
+
+    /// Mean IoU, mean Dice and boundary F1 of `decoder` on the hold-out images, pooled over them
+    /// (None without hold-out images).
+    pub fn holdout_scores(&mut self, decoder: &[f32]) -> Result<Option<HoldoutScores>, LocalError> {
         if self.cache.holdout.is_empty() {
             return Ok(None);
         }
         self.net.set_decoder_flat(decoder)?;
         let k = self.cache.classes;
-        let mut cm = ConfusionMatrix::new(k).map_err(|e| LocalError::Data(e.to_string()))?;
+        let mut ev = Evaluator::new(k, BOUNDARY_TOLERANCE_PX)
+            .map_err(|e| LocalError::Data(e.to_string()))?;
         for i in 0..self.cache.holdout.len() {
             let img = &self.cache.holdout[i];
             let (pw, ph, w, h) = (img.pw, img.ph, img.width, img.height);
@@ -418,12 +614,212 @@ impl<B: Backend> LocalTrainer<B> {
                     pred[y * w + x] = best as u8;
                 }
             }
-            cm.add(
+            ev.add(
+                &img.stem,
                 &Mask::new(w as u32, h as u32, truth),
                 &Mask::new(w as u32, h as u32, pred),
             )
-            .map_err(|e| LocalError::Data(e.to_string()))?;
+            .map_err(|e| LocalError::Data(format!("{}: {e}", img.stem)))?;
         }
-        Ok(cm.mean_iou())
+        let m = ev.matrix();
+        let boundary = ev.finish(&[]).boundary;
+        Ok(Some(HoldoutScores {
+            iou: m.mean_iou(),
+            dice: m.mean_dice(),
+            boundary_f1: boundary.f1,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federated::style::{PrivacyKnobs, seeded_rng};
+    use microfed_kernels::cpu::CpuBackend;
+
+    const SIDE: usize = 32;
+
+    /// Two 32×32 images whose features are the kernels encoder's own (as tract's would be), with
+    /// left-half/right-half labels.
+    fn setup(classes: usize) -> (Arc<CpuBackend>, Params, FeatureCache) {
+        let backend = Arc::new(CpuBackend::new());
+        let params = Params::init(classes, 11).unwrap();
+        let mut net = UNet::new(backend.clone(), &params).unwrap();
+        let mut rng = seeded_rng(5);
+        let mut make = |stem: &str| -> CachedImage {
+            let pixels: Vec<f32> = (0..SIDE * SIDE)
+                .map(|i| ((i % SIDE) as f32 * 0.3).sin() + rng.random::<f32>() * 0.2)
+                .collect();
+            let x = backend.upload(&pixels).unwrap();
+            let feats = net.encode(&x, Shape::new(1, 1, SIDE, SIDE)).unwrap();
+            CachedImage {
+                stem: stem.into(),
+                width: SIDE,
+                height: SIDE,
+                pw: SIDE,
+                ph: SIDE,
+                pixels_sha256: String::new(),
+                levels: feats
+                    .iter()
+                    .map(|f| {
+                        backend
+                            .download(f)
+                            .unwrap()
+                            .iter()
+                            .map(|&v| f16::from_f32(v).to_bits())
+                            .collect()
+                    })
+                    .collect(),
+                labels: (0..SIDE * SIDE)
+                    .map(|i| u8::from(i % SIDE >= SIDE / 2))
+                    .collect(),
+                pixels,
+            }
+        };
+        let cache = FeatureCache {
+            classes,
+            model_version: "v1".into(),
+            train: vec![make("a"), make("b")],
+            holdout: vec![make("c")],
+            computed: 3,
+        };
+        (backend, params, cache)
+    }
+
+    fn plan() -> RoundPlan {
+        RoundPlan {
+            round: 1,
+            epochs: 1,
+            steps_per_epoch: 2,
+            learning_rate: 0.01,
+            prox_mu: 0.0,
+        }
+    }
+
+    fn code_of(cache: &FeatureCache, kind: StyleKind, device: &str) -> StyleCode {
+        let knobs = PrivacyKnobs {
+            min_images: 1,
+            noise_sigma: 0.0,
+        };
+        StyleCode::from_cache(cache, kind, &knobs, device).unwrap()
+    }
+
+    #[test]
+    fn feature_restyle_gives_the_batch_the_codes_statistics() {
+        let (backend, params, cache) = setup(2);
+        let mut t = LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 32, 1).unwrap();
+        let mut other = code_of(&cache, StyleKind::FeatureStats, "other");
+        // Another lab: shifted means, doubled spreads.
+        let mut start = 0;
+        for &c in &CHANNELS {
+            for k in 0..c {
+                other.values[start + k] += 0.5;
+                other.values[start + c + k] = 2.0 * other.values[start + c + k] + 0.1;
+            }
+            start += 2 * c;
+        }
+        let (feats, _) = t
+            .batch_from_cache(&mut ChaCha8Rng::seed_from_u64(1))
+            .unwrap();
+        let xs = Shape::new(2, 1, 32, 32);
+        let shapes = UNet::<CpuBackend>::feature_shapes(xs);
+        let coeffs = t.feature_restyle(&feats, xs, &other, 1.0).unwrap();
+        for l in 0..DEPTH {
+            let mut y = backend.zeros(shapes[l].len()).unwrap();
+            backend
+                .channel_affine(&feats[l], shapes[l], &coeffs[l].0, &coeffs[l].1, &mut y)
+                .unwrap();
+            let (mu, sd) = backend.channel_stats(&y, shapes[l]).unwrap();
+            let (mu_o, sd_o) = other.stage(l);
+            for k in 0..CHANNELS[l] {
+                // Channels the ReLU left dead (σ = 0) cannot take a spread: only their mean moves.
+                let (_, sd_b) = backend.channel_stats(&feats[l], shapes[l]).unwrap();
+                if sd_b[k] > 1e-3 {
+                    assert!(
+                        (sd[k] - sd_o[k]).abs() < 1e-2 * sd_o[k].max(1.0),
+                        "stage {l} ch {k}"
+                    );
+                }
+                assert!(
+                    (mu[k] - mu_o[k]).abs() < 1e-2 * mu_o[k].abs().max(1.0),
+                    "stage {l} ch {k}"
+                );
+            }
+        }
+        // Styles change training; codes of another base model are skipped; bad codes refused.
+        let (base, _) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
+        let mut stale = other.clone();
+        stale.model_version = "v0".into();
+        t.set_styles(
+            vec![other.clone(), stale],
+            RestyleConfig {
+                probability: 1.0,
+                mix: 1.0,
+            },
+        )
+        .unwrap();
+        assert_eq!(t.feature_styles.len(), 1);
+        let (styled, loss) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
+        assert!(loss.is_finite());
+        assert_ne!(base, styled);
+        let mut bad = other;
+        bad.values.pop();
+        assert!(matches!(
+            t.set_styles(vec![bad], RestyleConfig::default()),
+            Err(LocalError::Style(_))
+        ));
+    }
+
+    #[test]
+    fn fourier_variants_at_mix_zero_are_the_cached_features() {
+        let (backend, params, cache) = setup(2);
+        let code = code_of(&cache, StyleKind::Fourier, "other");
+        let mut t = LocalTrainer::new(backend, &params, cache.clone(), 2, 32, 1).unwrap();
+        t.set_styles(
+            vec![code.clone()],
+            RestyleConfig {
+                probability: 1.0,
+                mix: 0.0,
+            },
+        )
+        .unwrap();
+        assert_eq!(t.fourier_variants.len(), 2);
+        for (variants, img) in t.fourier_variants.iter().zip(&cache.train) {
+            for (a, b) in variants[0].levels.iter().zip(&img.levels) {
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(&x, &y)| (f16::from_bits(x).to_f32() - f16::from_bits(y).to_f32()).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(worst < 2e-2, "{worst}");
+            }
+        }
+        // At mix 1 the features change.
+        t.set_styles(
+            vec![StyleCode {
+                values: code.values.iter().map(|v| v * 3.0 + 0.5).collect(),
+                ..code
+            }],
+            RestyleConfig {
+                probability: 1.0,
+                mix: 1.0,
+            },
+        )
+        .unwrap();
+        assert_ne!(t.fourier_variants[0][0].levels, cache.train[0].levels);
+    }
+
+    #[test]
+    fn holdout_scores_agree_with_the_iou_and_are_fractions() {
+        let (backend, params, cache) = setup(2);
+        let mut t = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
+        let d = params.decoder_flat();
+        let s = t.holdout_scores(&d).unwrap().unwrap();
+        assert_eq!(s.iou, t.holdout_iou(&d).unwrap());
+        for v in [s.iou, s.dice, s.boundary_f1].into_iter().flatten() {
+            assert!((0.0..=1.0).contains(&v), "{v}");
+        }
+        // Dice ≥ IoU for every class, so for their means.
+        assert!(s.dice.unwrap() >= s.iou.unwrap());
     }
 }

@@ -8,7 +8,9 @@
 //! - [`aggregate`]: merging updates (streaming FedAvg, trimmed mean, median, clipping, server momentum).
 //! - [`outbox`]: store-and-forward of updates that could not be sent.
 //! - [`local`]: the encoder-feature cache and local decoder fine-tuning with the kernels crate.
-//! - [`experiment`]: the same training, compression and aggregation in one process (no broker).
+//! - [`style`]: style codes (feature statistics, Fourier amplitudes) for training on non-IID labs.
+//! - [`experiment`]: the same training, compression and aggregation in one process (no broker);
+//!   [`plot`]: its learning curves as PNG.
 //! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's.
 
 pub mod aggregate;
@@ -21,4 +23,6 @@ pub mod link;
 pub mod local;
 pub mod outbox;
 pub mod participant;
+pub mod plot;
 pub mod protocol;
+pub mod style;

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Reproduces docs/results.md: makes the synthetic labs with `microfed synth`, then runs both
+# federations (6 strategies × 3 seeds each) with `microfed experiment`.
+#
+#   experiments/run.sh                 # both federations
+#   experiments/run.sh synthetic       # one of them (synthetic | nasa-super)
+#
+# MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
+# Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
+# The synthetic labs and the feature caches go to experiments/data and experiments/cache (ignored
+# by git). nasa-super is read from shared/data/nasa-super beside the repository (never copied).
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+cd "$here"
+MICROFED="${MICROFED:-${CARGO_TARGET_DIR:-$here/../target}/release/microfed}"
+[[ -x "$MICROFED" ]] || { echo "no microfed binary at $MICROFED (cargo build --release -p microfed, or set MICROFED)" >&2; exit 1; }
+
+# One lab per imaging style: 12 images of 256² (8 training, 4 hold-out); hazy, the style the base
+# model never saw, has only 7 (3 training, 4 hold-out). Seeds differ from the base model's (2000+).
+make_lab() { # style count seed
+    local out="data/synthetic/$1"
+    if [[ -f "$out/dataset.toml" && $(ls "$out/images" | wc -l) -eq $2 ]]; then return; fi
+    rm -rf "$out"
+    "$MICROFED" synth --structure polycrystal --style "$1" --count "$2" --size 256 --seed "$3" --out "$out"
+}
+
+which=("${@:-synthetic nasa-super}")
+for fed in ${which[*]}; do
+    case "$fed" in
+        synthetic)
+            make_lab sem-se 12 5101
+            make_lab optical-etched 12 5102
+            make_lab sem-bse 12 5103
+            make_lab hazy 7 5104
+            ;;
+        nasa-super)
+            [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
+            ;;
+        *) echo "unknown federation $fed (synthetic | nasa-super)" >&2; exit 2 ;;
+    esac
+    start=$SECONDS
+    "$MICROFED" experiment --config "$fed.toml"
+    echo "$fed: $((SECONDS - start)) s"
+done
