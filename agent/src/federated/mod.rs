@@ -10,11 +10,15 @@
 //! - [`local`]: the encoder-feature cache and local decoder fine-tuning with the kernels crate.
 //! - [`experiment`]: the same training, compression and aggregation in one process (no broker).
 //! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's.
+//! - [`secagg`]: secure aggregation (pairwise masks, Shamir dropout recovery); [`dp`]: clipping,
+//!   Gaussian noise and the RDP accountant; [`attack`]: what an honest-but-curious aggregator learns.
 
 pub mod aggregate;
 pub mod aggregator;
+pub mod attack;
 pub mod compress;
 pub mod device;
+pub mod dp;
 pub mod embedded;
 pub mod experiment;
 pub mod link;
@@ -22,3 +26,4 @@ pub mod local;
 pub mod outbox;
 pub mod participant;
 pub mod protocol;
+pub mod secagg;
