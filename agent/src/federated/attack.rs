@@ -219,12 +219,14 @@ impl Ridge {
                     "ridge: singular system (lambda = 0?)".into(),
                 ));
             }
-            for r in 0..d {
+            let pivot = a[c].clone();
+            for (r, row) in a.iter_mut().enumerate() {
                 if r != c {
-                    let f = a[r][c] / a[c][c];
-                    for k in c..=d {
-                        a[r][k] -= f * a[c][k];
-                    }
+                    let f = row[c] / pivot[c];
+                    row.iter_mut()
+                        .zip(&pivot)
+                        .skip(c)
+                        .for_each(|(x, &p)| *x -= f * p);
                 }
             }
         }

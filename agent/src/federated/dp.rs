@@ -305,7 +305,7 @@ pub fn noise_multiplier_for(epsilon: f64, delta: f64, q: f64, steps: u64) -> Res
         Ok(a.epsilon(delta).0)
     };
     let (mut lo, mut hi) = (0.05, 500.0);
-    if eps_of(hi)? > epsilon || !(epsilon > 0.0) {
+    if epsilon.is_nan() || epsilon <= 0.0 || eps_of(hi)? > epsilon {
         return Err(DpError::Unreachable {
             epsilon,
             delta,

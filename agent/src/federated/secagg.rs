@@ -742,7 +742,7 @@ impl SecAggClient {
                 })
             }
         };
-        let result = match (state, &msg) {
+        match (state, &msg) {
             // A new Start restarts the device whatever it was doing (a new round).
             (_, ServerMessage::Start { round, config }) => self.on_start(*round, config.clone()),
             (
@@ -785,8 +785,7 @@ impl SecAggClient {
             (ClientState::KeysSent { .. }, _) => Err(phase_err("roster")),
             (ClientState::SharesSent { .. }, _) => Err(phase_err("shares")),
             (ClientState::MaskedSent { .. }, _) => Err(phase_err("survivors")),
-        };
-        result
+        }
     }
 
     fn on_start(
@@ -1209,30 +1208,22 @@ impl SecAggServer {
 
     /// Devices of the current step's set that have not answered yet.
     pub fn waiting_for(&self) -> Vec<String> {
-        let (members, answered): (Vec<&String>, Box<dyn Fn(&String) -> bool>) = match self.step {
-            Step::Keys => (
-                self.expected.iter().collect(),
-                Box::new(|d| self.keys.contains_key(d)),
-            ),
-            Step::Shares => (
-                self.keys.keys().collect(),
-                Box::new(|d| self.sealed.contains_key(d)),
-            ),
-            Step::Masked => (
-                self.sealed.keys().collect(),
-                Box::new(|d| self.masked.contains_key(d)),
-            ),
-            Step::Unmask => (
-                self.masked.keys().collect(),
-                Box::new(|d| self.unmask.contains_key(d)),
-            ),
-            Step::Done => (Vec::new(), Box::new(|_| true)),
-        };
-        members
-            .into_iter()
-            .filter(|d| !answered(d))
-            .cloned()
-            .collect()
+        fn missing<'a, V>(
+            members: impl Iterator<Item = &'a String>,
+            answered: &BTreeMap<String, V>,
+        ) -> Vec<String> {
+            members
+                .filter(|d| !answered.contains_key(*d))
+                .cloned()
+                .collect()
+        }
+        match self.step {
+            Step::Keys => missing(self.expected.iter(), &self.keys),
+            Step::Shares => missing(self.keys.keys(), &self.sealed),
+            Step::Masked => missing(self.sealed.keys(), &self.masked),
+            Step::Unmask => missing(self.masked.keys(), &self.unmask),
+            Step::Done => Vec::new(),
+        }
     }
 
     /// Takes a message from `device` (the sender as the broker authenticated it: the topic's device).
@@ -1565,7 +1556,7 @@ impl SecAggServer {
                 let pk = public_key(v, "mask_pk", &self.keys[v].mask_pk)?;
                 let shared = agree(&sk, &pk, v, "mask_pk")?;
                 // v added +PRG when v < u, −PRG otherwise: take it back.
-                apply_mask(&mut acc, &mask_seed(&shared, round, v, u), !(v < u));
+                apply_mask(&mut acc, &mask_seed(&shared, round, v, u), v >= u);
             }
             keys_done.insert(u.clone());
         }
