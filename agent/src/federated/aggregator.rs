@@ -658,6 +658,8 @@ impl Aggregator {
             update_bytes: self.state.update_bytes,
             samples,
             seconds: now_unix() - self.state.started_unix,
+            // DP-FedAvg is not wired into this aggregator yet (federated::dp has the accountant).
+            privacy: None,
         };
         self.state.open = false;
         self.state.history.push(summary.clone());

@@ -12,11 +12,15 @@
 //! - [`experiment`]: the same training, compression and aggregation in one process (no broker);
 //!   [`plot`]: its learning curves as PNG.
 //! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's.
+//! - [`secagg`]: secure aggregation (pairwise masks, Shamir dropout recovery); [`dp`]: clipping,
+//!   Gaussian noise and the RDP accountant; [`attack`]: what an honest-but-curious aggregator learns.
 
 pub mod aggregate;
 pub mod aggregator;
+pub mod attack;
 pub mod compress;
 pub mod device;
+pub mod dp;
 pub mod embedded;
 pub mod experiment;
 pub mod link;
@@ -26,3 +30,4 @@ pub mod participant;
 pub mod plot;
 pub mod protocol;
 pub mod style;
+pub mod secagg;

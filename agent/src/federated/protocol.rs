@@ -67,6 +67,9 @@ pub enum Kind {
     RoundSummary,
     ModelVersion,
     Command,
+    /// A secure-aggregation step ([`crate::federated::secagg`]): device → aggregator on `update/<device>`,
+    /// aggregator → device on `secagg/<device>`.
+    SecAgg,
 }
 
 /// Every topic of one fleet.
@@ -124,6 +127,10 @@ impl Topics {
     }
     pub fn model_chunk(&self, index: u32) -> String {
         format!("{}/model/{index}", self.prefix)
+    }
+    /// Secure aggregation, aggregator → one device (sealed shares and rosters are per device).
+    pub fn secagg(&self, device: &str) -> String {
+        format!("{}/secagg/{device}", self.prefix)
     }
     pub fn command(&self) -> String {
         format!("{}/command", self.prefix)
@@ -363,6 +370,9 @@ pub struct RoundSummary {
     pub update_bytes: u64,
     pub samples: u64,
     pub seconds: f64,
+    /// The privacy spent so far (ε at δ) when the fleet runs DP-FedAvg (docs/privacy.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::federated::dp::PrivacyReport>,
 }
 
 /// One MQTT payload: a whole message (`total == 1`) or one chunk of one.
