@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run -p microfed --example privacy -- secagg        # secure-aggregation cost, n = 5, 100, 1024
+//! cargo run -p microfed --example privacy -- secagg-large  # only the 1,024-lab rows
 //! cargo run -p microfed --example privacy -- accountant    # ε per round for the noise levels used
 //! cargo run -p microfed --example privacy -- attack        # property inference from one update
 //! cargo run -p microfed --example privacy -- dp            # IoU cost of DP-FedAvg at ε = 1, 4, 8
@@ -31,7 +32,7 @@ fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
-fn secagg_costs() -> anyhow::Result<()> {
+fn secagg_costs(only_large: bool) -> anyhow::Result<()> {
     println!(
         "| devices | coordinates | ring bits | t | dropped | masked B | sent B / device | received B / device | plain int8 B | sent / plain | (sent + received) / plain | device s | server s |"
     );
@@ -44,6 +45,9 @@ fn secagg_costs() -> anyhow::Result<()> {
         (1024, 1_000, 0),
         (1024, 1_000, 100),
     ] {
+        if only_large && n < 1024 {
+            continue;
+        }
         let x = inputs(n, len, n as u64);
         // Half of the dropped vanish before their masked input, half after.
         let dropouts = Dropouts {
@@ -269,7 +273,15 @@ fn dp_run() -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    println!("| secure aggregation, no DP | – | {} |", fmt(&plain));
+    let note = |r: &attack::DpRun| match r.diverged_in {
+        Some(k) => format!(" (local training diverged in round {k} on the noised decoder)"),
+        None => String::new(),
+    };
+    println!(
+        "| secure aggregation, no DP | – | {}{} |",
+        fmt(&plain.iou),
+        note(&plain)
+    );
     for eps in [8.0, 4.0, 1.0] {
         let z = dp::noise_multiplier_for(eps, 1e-5, 1.0, rounds)?;
         let cfg = DpConfig {
@@ -289,7 +301,7 @@ fn dp_run() -> anyhow::Result<()> {
             Some(&cfg),
             1,
         )?;
-        println!("| ε = {eps} | {z:.3} | {} |", fmt(&r));
+        println!("| ε = {eps} | {z:.3} | {}{} |", fmt(&r.iou), note(&r));
     }
     Ok(())
 }
@@ -297,8 +309,8 @@ fn dp_run() -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let all = what == "all";
-    if all || what == "secagg" {
-        secagg_costs().context("secagg")?;
+    if all || what == "secagg" || what == "secagg-large" {
+        secagg_costs(what == "secagg-large").context("secagg")?;
         println!();
     }
     if all || what == "accountant" {

@@ -419,6 +419,16 @@ pub fn property_inference(
     Ok(rows)
 }
 
+/// What [`dp_fedavg`] measured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DpRun {
+    /// Hold-out mean IoU after each round (round 0 = the base model).
+    pub iou: Vec<f64>,
+    /// The round in which a lab's local training diverged on the noised global decoder (the run
+    /// stops there).
+    pub diverged_in: Option<u64>,
+}
+
 /// Hold-out mean IoU after each round of distributed DP-FedAvg with secure-aggregation quantisation.
 /// `dp = None` runs the same rounds without clipping or noise (quantisation only, `quant_clip` wide);
 /// round 0 is the base model.
@@ -433,7 +443,7 @@ pub fn dp_fedavg<B: Backend>(
     crop: usize,
     dp_cfg: Option<&DpConfig>,
     seed: u64,
-) -> Result<Vec<f64>, AttackError> {
+) -> Result<DpRun, AttackError> {
     let mut trainers = labs
         .iter()
         .enumerate()
@@ -466,7 +476,16 @@ pub fn dp_fedavg<B: Backend>(
         let plan = RoundPlan { round, ..*plan };
         let mut updates = Vec::with_capacity(n);
         for t in trainers.iter_mut() {
-            let (local, _) = t.train_round(&global, &plan)?;
+            let (local, _) = match t.train_round(&global, &plan) {
+                Ok(x) => x,
+                Err(LocalError::Diverged { round, .. }) => {
+                    return Ok(DpRun {
+                        iou: out,
+                        diverged_in: Some(round),
+                    });
+                }
+                Err(e) => return Err(e.into()),
+            };
             let mut u: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
             if let Some(cfg) = dp_cfg {
                 dp::privatise_update(&mut u, cfg, n, &mut rng)?;
@@ -500,7 +519,10 @@ pub fn dp_fedavg<B: Backend>(
         out.push(score(&mut trainers, &global)?);
         tracing::info!(round, mean_iou = out[out.len() - 1], "dp-fedavg round");
     }
-    Ok(out)
+    Ok(DpRun {
+        iou: out,
+        diverged_in: None,
+    })
 }
 
 #[cfg(test)]
