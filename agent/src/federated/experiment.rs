@@ -782,12 +782,12 @@ mod tests {
             result("x", [0.7, 0.5]),
             result("x", [0.8, 0.6]),
         ];
-        let table = summary_table(&labs, &[seeds.clone()]);
+        let table = summary_table(&labs, std::slice::from_ref(&seeds));
         assert!(
             table.contains("| x | 70.0 ± 10.0 | 50.0 ± 10.0 | 60.0 ± 10.0 | 70.0 ± 10.0 | – |"),
             "{table}"
         );
-        let csv = csv(&labs, &[seeds.clone()], &[1, 2, 3]);
+        let csv = csv(&labs, std::slice::from_ref(&seeds), &[1, 2, 3]);
         assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n"));
         assert!(csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0\n"), "{csv}");
         let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);
