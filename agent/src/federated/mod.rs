@@ -29,5 +29,5 @@ pub mod outbox;
 pub mod participant;
 pub mod plot;
 pub mod protocol;
-pub mod style;
 pub mod secagg;
+pub mod style;
