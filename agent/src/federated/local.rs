@@ -600,20 +600,7 @@ impl<B: Backend> LocalTrainer<B> {
                 let out = self.net.decode(&feats, Shape::new(1, 1, ph, pw), None)?;
                 self.backend.download(out)?
             };
-            let plane = pw * ph;
-            let mut pred = vec![0u8; w * h];
-            for y in 0..h {
-                for x in 0..w {
-                    let at = y * pw + x;
-                    let mut best = 0;
-                    for c in 1..k {
-                        if logits[c * plane + at] > logits[best * plane + at] {
-                            best = c;
-                        }
-                    }
-                    pred[y * w + x] = best as u8;
-                }
-            }
+            let pred = crate::train::validate::argmax_crop(&logits, k, pw, ph, w, h);
             ev.add(
                 &img.stem,
                 &Mask::new(w as u32, h as u32, truth),

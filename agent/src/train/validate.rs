@@ -37,7 +37,13 @@ pub fn predict<B: Backend>(
     let buf = backend.upload(&x)?;
     let xs = Shape::new(1, 1, ph, pw);
     let logits = backend.download(net.forward(&buf, xs)?)?;
-    let k = net.classes();
+    let labels = argmax_crop(&logits, net.classes(), pw, ph, w, h);
+    Ok(Mask::new(w as u32, h as u32, labels))
+}
+
+/// Class of highest logit per pixel of the top-left `w × h` corner of `[k, ph, pw]` logits (the image
+/// before its padding to a multiple of 16), row-major.
+pub fn argmax_crop(logits: &[f32], k: usize, pw: usize, ph: usize, w: usize, h: usize) -> Vec<u8> {
     let plane = pw * ph;
     let mut labels = vec![0u8; w * h];
     for y in 0..h {
@@ -52,7 +58,7 @@ pub fn predict<B: Backend>(
             labels[y * w + xx] = best as u8;
         }
     }
-    Ok(Mask::new(w as u32, h as u32, labels))
+    labels
 }
 
 /// Per-class IoU, mean IoU and boundary F1 over `images`.
