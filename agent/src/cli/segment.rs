@@ -50,6 +50,10 @@ pub struct Args {
     /// Threads for the network (0 = every core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// Where the network runs: auto (the GPU through tract-cuda when it can run, else the CPU), cpu,
+    /// cuda (the GPU or an error).
+    #[arg(long, value_enum, default_value_t = config::Device::Auto)]
+    pub device: config::Device,
     /// Classes file (dataset.toml form) naming the model's classes.
     #[arg(long, value_name = "FILE")]
     pub classes: Option<PathBuf>,
@@ -136,7 +140,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             std: args.norm_std,
         },
         pixel_size_um: args.pixel_size,
-        device: config::Device::Auto,
+        device: args.device,
         threads: args.threads,
     };
     let tiling = TilingSection {
@@ -157,7 +161,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     {
         bail!("--pixel-size must be a positive number of micrometres, found {px}");
     }
+    let choice = crate::model::runtime::select_engine(args.device)?;
+    crate::model::runtime::set_process_engine(choice.engine);
     let segmenter = Segmenter::load(&args.model)?;
+    tracing::info!(engine = segmenter.engine().name(), reason = %choice.reason, "inference engine");
     let settings = Settings {
         output: args.out.clone(),
         journal: args.out.join("journal.jsonl"),

@@ -3,17 +3,124 @@
 //!
 //! tract optimises a graph for concrete shapes, so a [`Segmenter`] holds one runnable plan per input shape
 //! it has seen (tiles are all the same size, so in practice one or two plans).
+//!
+//! Where the network runs ([`Engine`]): tract's CPU runtime, or tract's own CUDA runtime (`tract-cuda`:
+//! cuDNN convolutions, cuBLAS matrix products, its own kernels for the rest) on a board with a GPU.
+//! [`select_engine`] decides once at start from `[model] device` (auto, cpu, cuda) and says why; the
+//! choice is made the process's ([`set_process_engine`]), so that every model loaded later — a new
+//! global decoder, a fleet model version — runs where the first one did.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
+use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::runtime::{Runnable, Runtime, runtime_for_name};
 
 use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
 use crate::mask::Mask;
 
-type Plan = Arc<TypedRunnableModel>;
+type Plan = Arc<dyn Runnable>;
+
+/// Where inference should run, as configured (`[model] device`, `--device`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InferenceDevice {
+    /// The GPU through tract-cuda when its libraries load and a device answers, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// The GPU or an error: for a board that must not silently fall back to its CPU.
+    Cuda,
+}
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy)]
+pub enum Engine {
+    /// tract's CPU runtime (multithreaded matrix products, see `model.threads`).
+    Cpu,
+    /// tract's CUDA runtime.
+    Cuda(&'static dyn Runtime),
+}
+
+impl Engine {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Cpu => "cpu",
+            Self::Cuda(_) => "cuda",
+        }
+    }
+}
+
+/// An engine and the reason it was chosen (logged at start).
+#[derive(Debug, Clone)]
+pub struct EngineChoice {
+    pub engine: Engine,
+    pub reason: String,
+}
+
+/// tract-cuda's runtime when it can run here, or why not. tract-cuda loads libcuda, cudart, cuBLAS,
+/// cuDNN and NVRTC at run time and checks the driver first, so this is safe on any machine; a panic
+/// inside a probe (a library that loads but misbehaves) is caught and reported as a reason too.
+pub fn cuda_runtime() -> Result<&'static dyn Runtime, String> {
+    // A reference into the crate links it, and with it the runtime it registers with tract (an
+    // unreferenced crate would be dropped by the linker, and "cuda" would silently not exist).
+    std::hint::black_box(
+        tract_cuda::utils::ensure_cuda_runtime_dependencies as fn(&'static str) -> TractResult<()>,
+    );
+    let probe = std::panic::catch_unwind(|| {
+        // Registered and checked: the check loads the CUDA libraries and validates the driver.
+        match runtime_for_name("cuda") {
+            Ok(Some(rt)) => Ok(rt),
+            Ok(None) => Err("tract-cuda's runtime is not registered in this build".to_string()),
+            Err(e) => Err(format!("{e:#}")),
+        }
+    });
+    probe.unwrap_or_else(|_| Err("tract-cuda panicked while probing the GPU".into()))
+}
+
+/// Decides where inference runs, once, at start.
+pub fn select_engine(requested: InferenceDevice) -> Result<EngineChoice, RuntimeError> {
+    match requested {
+        InferenceDevice::Cpu => Ok(EngineChoice {
+            engine: Engine::Cpu,
+            reason: "the configuration asks for the CPU".into(),
+        }),
+        InferenceDevice::Cuda => match cuda_runtime() {
+            Ok(rt) => Ok(EngineChoice {
+                engine: Engine::Cuda(rt),
+                reason: "the configuration asks for CUDA and tract-cuda found its libraries".into(),
+            }),
+            Err(why) => Err(RuntimeError::Engine(format!(
+                "device = \"cuda\" but tract-cuda cannot run here: {why}"
+            ))),
+        },
+        InferenceDevice::Auto => Ok(match cuda_runtime() {
+            Ok(rt) => EngineChoice {
+                engine: Engine::Cuda(rt),
+                reason: "a CUDA driver, cuBLAS and cuDNN were found (tract-cuda)".into(),
+            },
+            Err(why) => EngineChoice {
+                engine: Engine::Cpu,
+                reason: format!("no usable GPU: {why}"),
+            },
+        }),
+    }
+}
+
+static PROCESS_ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// Makes `engine` the one every [`Segmenter::load`] of this process uses. The first call wins (the
+/// engine is a property of the machine, decided once); later calls return false.
+pub fn set_process_engine(engine: Engine) -> bool {
+    PROCESS_ENGINE.set(engine).is_ok()
+}
+
+/// The process's engine: the CPU unless [`set_process_engine`] said otherwise.
+pub fn process_engine() -> Engine {
+    PROCESS_ENGINE.get().copied().unwrap_or(Engine::Cpu)
+}
 
 /// One output of a run: its shape and its values, flattened row-major.
 pub type NamedOutput = (Vec<usize>, Vec<f32>);
@@ -33,6 +140,8 @@ pub enum RuntimeError {
     },
     #[error("input [{n}, 1, {h}, {w}]: H and W must be positive multiples of {INPUT_MULTIPLE}")]
     Shape { n: usize, h: usize, w: usize },
+    #[error("inference engine: {0}")]
+    Engine(String),
 }
 
 /// What to ask the network for.
@@ -51,6 +160,7 @@ pub struct Segmenter {
     model: InferenceModel,
     plans: Mutex<HashMap<(usize, usize, usize, Outputs), Plan>>,
     classes: usize,
+    engine: Engine,
 }
 
 impl std::fmt::Debug for Segmenter {
@@ -58,6 +168,7 @@ impl std::fmt::Debug for Segmenter {
         f.debug_struct("Segmenter")
             .field("path", &self.path)
             .field("classes", &self.classes)
+            .field("engine", &self.engine.name())
             .finish()
     }
 }
@@ -81,7 +192,19 @@ impl Segmenter {
             model,
             plans: Mutex::new(HashMap::new()),
             classes: report.num_classes,
+            engine: process_engine(),
         })
+    }
+
+    /// The same model on another engine (plans are made again, lazily).
+    pub fn on_engine(mut self, engine: Engine) -> Self {
+        self.engine = engine;
+        self.plans = Mutex::new(HashMap::new());
+        self
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
     }
 
     /// Builds from an in-memory protobuf (e.g. after patching a new global decoder in).
@@ -110,6 +233,7 @@ impl Segmenter {
             model,
             plans: Mutex::new(HashMap::new()),
             classes,
+            engine: process_engine(),
         })
     }
 
@@ -151,14 +275,28 @@ impl Segmenter {
             Outputs::Logits => vec![OUTPUT.to_string()],
             Outputs::Features => (0..5).map(onnx::skip_name).collect(),
         };
-        let plan = self
+        let model = self
             .model
             .clone()
             .with_input_fact(0, f32::fact([n, 1, h, w]).into())
             .and_then(|m| m.with_outputs_by_name(names.iter().map(String::as_str)))
-            .and_then(|m| m.into_optimized())
-            .and_then(|m| m.into_runnable())
             .map_err(err)?;
+        let plan: Plan = match self.engine {
+            Engine::Cpu => Arc::new(
+                model
+                    .into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .map_err(err)?,
+            ),
+            // tract-cuda translates the decluttered graph to its GPU ops and optimises it itself.
+            Engine::Cuda(rt) => {
+                let typed = model
+                    .into_typed()
+                    .and_then(|m| m.into_decluttered())
+                    .map_err(err)?;
+                Arc::from(rt.prepare(typed).map_err(err)?)
+            }
+        };
         self.plans
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -269,5 +407,42 @@ impl Segmenter {
     ) -> Result<Vec<f32>, RuntimeError> {
         let mut out = self.run(input, n, h, w, Outputs::Logits)?;
         Ok(out.remove(0).1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On a machine where tract-cuda cannot run (no driver: this CI), `auto` falls back to the CPU and
+    /// says why, and `cuda` is refused with the same reason; where it can run, both pick CUDA. Either
+    /// way tract-cuda's runtime must be registered in this build (a probe that reports "not
+    /// registered" would mean the GPU path silently vanished from the binary).
+    #[test]
+    fn engine_choice_follows_what_the_machine_has() {
+        match cuda_runtime() {
+            Ok(rt) => {
+                assert_eq!(rt.name(), "cuda");
+                assert!(matches!(
+                    select_engine(InferenceDevice::Auto).unwrap().engine,
+                    Engine::Cuda(_)
+                ));
+                assert!(select_engine(InferenceDevice::Cuda).is_ok());
+            }
+            Err(why) => {
+                assert!(!why.contains("not registered"), "{why}");
+                let auto = select_engine(InferenceDevice::Auto).unwrap();
+                assert!(matches!(auto.engine, Engine::Cpu));
+                assert!(auto.reason.contains(&why), "{}", auto.reason);
+                let e = select_engine(InferenceDevice::Cuda)
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("device = \"cuda\"") && e.contains(&why), "{e}");
+            }
+        }
+        assert!(matches!(
+            select_engine(InferenceDevice::Cpu).unwrap().engine,
+            Engine::Cpu
+        ));
     }
 }

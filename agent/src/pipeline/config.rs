@@ -3,7 +3,7 @@
 //! run before anything starts.
 //!
 //! Map: [`AgentConfig`] (the file) → sections [`Folders`], [`ModelSection`], [`TilingSection`],
-//! [`CaptureSection`], [`QueueSection`], [`StatusSection`]; [`Device`] and [`Device::resolve`] (which
+//! [`CaptureSection`], [`QueueSection`], [`StatusSection`]; [`Device`] (which
 //! processor runs the model, and why); [`ConfigError`].
 //!
 //! Seam for the model manifest: the classes and the normalisation come from `[model]` here. When a
@@ -103,38 +103,9 @@ impl Folders {
     }
 }
 
-/// Which processor runs the network.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Device {
-    /// The best available: today always the CPU (see [`Device::resolve`]).
-    #[default]
-    Auto,
-    Cpu,
-    /// Not yet supported (tract-cuda is a later step): refused by validation.
-    Cuda,
-}
-
-impl Device {
-    /// The processor that will run the model and the reason, for the log. `cuda` is refused here
-    /// rather than silently replaced, because an operator who asks for the GPU should know they do
-    /// not get it.
-    pub fn resolve(self) -> Result<(Device, &'static str), ConfigError> {
-        match self {
-            Device::Auto => Ok((
-                Device::Cpu,
-                "device = \"auto\": this build runs models with tract on the CPU \
-                 (GPU inference through tract-cuda is not built in yet)",
-            )),
-            Device::Cpu => Ok((Device::Cpu, "device = \"cpu\" in the configuration")),
-            Device::Cuda => Err(invalid(
-                "model.device",
-                "\"cuda\" is not supported yet: segmentation runs with tract on the CPU \
-                 (GPU inference through tract-cuda is a later step); use \"auto\" or \"cpu\"",
-            )),
-        }
-    }
-}
+/// Which processor runs the network: `auto` (the GPU through tract-cuda when it can run, else the CPU),
+/// `cpu`, or `cuda` (the GPU or an error). Decided at start by [`crate::model::runtime::select_engine`].
+pub use crate::model::runtime::InferenceDevice as Device;
 
 /// The network and how to read its inputs and outputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,7 +129,7 @@ pub struct ModelSection {
     /// when unset, the tags are used if the file has them, else lengths are in pixels.
     #[serde(default)]
     pub pixel_size_um: Option<f64>,
-    /// "auto", "cpu" or "cuda" (not yet supported).
+    /// "auto", "cpu" or "cuda": where tract runs the network (see [`Device`]).
     #[serde(default)]
     pub device: Device,
     /// Threads for tract's matrix products; 0 = every core.
@@ -444,7 +415,6 @@ impl AgentConfig {
             };
             m.validate().map_err(|p| invalid("model.classes", p))?;
         }
-        self.model.device.resolve()?;
         if self.capture.settle_ms > 600_000 {
             return Err(invalid(
                 "capture.settle_ms",
@@ -498,7 +468,6 @@ mod tests {
         bad("[tiling]\ntile = 500\n", "tiling.tile");
         bad("[tiling]\noverlap = 256\n", "tiling.overlap");
         bad("[tiling]\nbatch = 0\n", "tiling.batch");
-        bad("[model]\npath = \"m\"\ndevice = \"cuda\"\n", "model.device");
         bad(
             "[model]\npath = \"m\"\npixel_size_um = -1\n",
             "model.pixel_size_um",

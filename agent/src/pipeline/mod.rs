@@ -741,12 +741,17 @@ impl Agent {
     /// optimises the model here): call it before the runtime starts or from a blocking thread.
     pub fn new(config: AgentConfig) -> Result<Self, PipelineError> {
         config.validate()?;
-        let (device, why) = config.model.device.resolve()?;
+        // Where the network runs is decided once per process (every later model — a new global
+        // decoder, a fleet version — runs there too), with the reason logged.
+        let choice = crate::model::runtime::select_engine(config.model.device)?;
+        if !crate::model::runtime::set_process_engine(choice.engine) {
+            tracing::debug!("the inference engine was already chosen for this process");
+        }
         let segmenter = Segmenter::load(&config.model.path)?;
         let settings = Settings::from_config(&config, &segmenter)?;
         tracing::info!(
-            ?device,
-            reason = why,
+            engine = segmenter.engine().name(),
+            reason = %choice.reason,
             threads = settings.threads,
             model = %config.model.path.display(),
             classes = settings.info.classes.len(),
