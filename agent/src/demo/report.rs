@@ -291,7 +291,9 @@ fn csv_fields(line: &str) -> Vec<String> {
         match (c, quoted) {
             ('"', true) if chars.peek() == Some(&'"') => {
                 chars.next();
-                fields.last_mut().map(|f| f.push('"'));
+                if let Some(f) = fields.last_mut() {
+                    f.push('"');
+                }
             }
             ('"', _) => quoted = !quoted,
             (',', false) => fields.push(String::new()),
@@ -527,7 +529,7 @@ mod tests {
         let e = round_row(&summary(&["lab-b"], 0), &labs, tmp.path()).unwrap_err();
         assert!(e.to_string().contains("round 1"), "{e}");
 
-        let csv = rounds_csv(&[row.clone()], &labs);
+        let csv = rounds_csv(std::slice::from_ref(&row), &labs);
         let lines: Vec<&str> = csv.lines().collect();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1], format!("1,1,0.5,0.6,{la},4,,,0,0,{la},2.500"));
