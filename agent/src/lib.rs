@@ -13,11 +13,13 @@
 //! - [`train`]: pretraining the U-Net on dataset folders (checkpoints, resume, export with a manifest).
 //! - [`federated`]: update compression, aggregation and the outbox of federated decoder fine-tuning.
 //! - [`fleet`]: signed base-model versions pushed to the agents, checked and swapped in, rolled back.
+//! - [`demo`]: `microfed demo`, everything above in one process on synthetic labs.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod classes;
 pub mod cli;
 pub mod dataset;
+pub mod demo;
 pub mod features;
 pub mod federated;
 pub mod fleet;

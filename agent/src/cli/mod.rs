@@ -8,6 +8,7 @@ use crate::telemetry::LogFormat;
 pub mod agent;
 pub mod aggregate;
 pub mod dataset;
+pub mod demo;
 pub mod eval;
 pub mod experiment;
 pub mod features;
@@ -29,6 +30,7 @@ pub mod synth;
     max_term_width = 100
 )]
 #[command(after_help = "Examples:
+  microfed demo
   microfed synth --structure polycrystal --style sem-se --count 8 --size 512 --seed 1 --out data/sem-se
   microfed dataset check data/sem-se
   microfed features data/sem-se/masks/*.png --pixel-size 0.25
@@ -73,6 +75,8 @@ pub enum Command {
     Fleet(fleet::Args),
     /// Compare federation strategies, compression and aggregation in-process (no broker).
     Experiment(experiment::Args),
+    /// The whole product on this machine: broker, aggregator and labs, with federated rounds.
+    Demo(demo::Args),
 }
 
 /// Runs the parsed command line.
@@ -89,5 +93,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Aggregate(args) => aggregate::run(args),
         Command::Experiment(args) => experiment::run(args),
         Command::Fleet(args) => fleet::run(args),
+        Command::Demo(args) => demo::run(args),
     }
 }

@@ -1,0 +1,106 @@
+//! `microfed demo`: broker, aggregator and one agent per lab in one command (see [`crate::demo`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::demo::{self, DemoConfig};
+
+/// Run the whole product on this machine: labs of synthetic micrographs (and real SEM images when
+/// nasa-super is present) segmented as they are captured, with federated rounds between the labs.
+#[derive(Debug, clap::Args)]
+#[command(after_help = "Examples:
+  cargo run --release -- demo
+  microfed demo --out /tmp/demo --labs 4 --rounds 8
+  microfed demo --quick              (the CI configuration: 2 labs, 2 rounds, tiny images)
+
+Output (printed at the start and the end): per lab LAB/segmented/ (masks, overlays, features JSON,
+features.csv), rounds.csv, iou-per-round.png and report.md.")]
+pub struct Args {
+    /// Output folder; a previous demo's output there is replaced.
+    #[arg(long, value_name = "DIR", default_value = "demo-out")]
+    pub out: PathBuf,
+    /// Synthetic labs (1..=5), one imaging style each.
+    #[arg(long)]
+    pub labs: Option<usize>,
+    /// Federated rounds.
+    #[arg(long)]
+    pub rounds: Option<u64>,
+    /// Micrographs captured per synthetic lab.
+    #[arg(long)]
+    pub captures: Option<usize>,
+    /// The CI configuration: 2 labs, 2 rounds, 3 captures of 96 px, 2 training steps per round.
+    #[arg(long)]
+    pub quick: bool,
+    /// nasa-super (real SEM micrographs) to segment as one more lab; default: MICROFED_NASA_SUPER,
+    /// else ../shared/data/nasa-super beside the repository, when present.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_real")]
+    pub real: Option<PathBuf>,
+    /// Leave the real SEM images out even when they are present.
+    #[arg(long)]
+    pub no_real: bool,
+    /// Folder with grains/ and precipitates/ (default: ./models, else the source tree's models/).
+    #[arg(long, value_name = "DIR")]
+    pub models: Option<PathBuf>,
+    /// Give up after this many seconds (default: 300 with --quick, else 1800).
+    #[arg(long, value_name = "S")]
+    pub timeout: Option<u64>,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let models = args.models.unwrap_or_else(demo::default_models);
+    let mut cfg = if args.quick {
+        DemoConfig::quick(args.out, models.clone())
+    } else {
+        DemoConfig::full(args.out, models.clone())
+    };
+    if let Some(n) = args.labs {
+        cfg.labs = n;
+    }
+    if let Some(n) = args.rounds {
+        cfg.rounds = n;
+    }
+    if let Some(n) = args.captures {
+        cfg.captures = n;
+    }
+    if let Some(s) = args.timeout {
+        cfg.timeout = Duration::from_secs(s);
+    }
+    cfg.real = match (args.no_real, args.real) {
+        (true, _) => None,
+        (false, Some(dir)) => {
+            anyhow::ensure!(
+                dir.join("images").is_dir(),
+                "--real {}: no images/ folder there",
+                dir.display()
+            );
+            Some(dir)
+        }
+        (false, None) => demo::default_real(&models),
+    };
+    let shown = std::path::absolute(&cfg.out).unwrap_or_else(|_| cfg.out.clone());
+    println!("microfed demo: outputs go to {}", shown.display());
+    let outcome = demo::run(&cfg, &mut |line| println!("{line}")).context("microfed demo")?;
+    println!();
+    for l in &outcome.labs {
+        println!(
+            "{}: {} of {} captures segmented{} -> {}",
+            l.name,
+            l.captures.segmented,
+            l.captures.captures,
+            l.captures
+                .mean_iou
+                .map(|v| format!(", mean IoU {v:.3} against the truth"))
+                .unwrap_or_default(),
+            l.output.display()
+        );
+    }
+    println!(
+        "done in {:.1} s. Report: {}\nOutputs in {}",
+        outcome.seconds,
+        outcome.report.display(),
+        shown.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,931 @@
+//! `microfed demo`: the whole product in one process — an embedded broker, an aggregator and one
+//! agent per lab, all the real components talking MQTT, on synthetic labs (and real SEM images when
+//! nasa-super is on the machine).
+//!
+//! ```text
+//!  synth ─▶ lab-a/labelled   lab-a/microscope ─(rename)─▶ lab-a/incoming ─▶ Agent ─▶ lab-a/segmented
+//!                 │                                                          ▲ swap
+//!                 └──────────────▶ participant ──update──▶ broker ◀──global── aggregator
+//!                                                           │ summary
+//!                                                        monitor ─▶ round table, rounds.csv, plot
+//! ```
+//! Map:
+//! - Here: [`DemoConfig`] (sizes; [`DemoConfig::full`] and [`DemoConfig::quick`]), [`DemoError`]
+//!   (every error names the lab or the part that failed), [`run`] (prepare, run, shut down, report).
+//! - [`labs`]: each lab's data and captures. [`report`]: the round table, rounds.csv, the plot,
+//!   capture scores, features summary and report.md.
+//!
+//! Each lab runs exactly what `microfed agent` runs (see `cli/agent.rs`): a [`crate::pipeline::Agent`]
+//! on a watched folder, its [`DeviceLink`] and [`participant::run`]; the aggregator is
+//! [`Aggregator::run`] as in `microfed aggregate`. Every wait is bounded: a part that fails or stalls
+//! ends the demo with an error naming it.
+//!
+//! The embedded broker (rumqttd) has no shutdown call: its thread ends with the process.
+
+pub mod labs;
+pub mod report;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::federated::aggregate::AggregationConfig;
+use crate::federated::aggregator::{self, Aggregator, AggregatorConfig, RoundSection};
+use crate::federated::compress::{self, CompressionConfig, Quantize};
+use crate::federated::device::{DeviceLink, MqttPublisher, Routes};
+use crate::federated::link::{BrokerSettings, Link};
+use crate::federated::participant::{self, AgentModel, FederationSection};
+use crate::federated::protocol::{Envelope, Kind, RoundSummary, Topics};
+use crate::model::manifest::ModelManifest;
+use crate::pipeline::config::{
+    CaptureSection, Device, FeatureChoice, Folders, ModelSection, QueueSection, StatusSection,
+    TilingSection,
+};
+use crate::pipeline::{Agent, AgentConfig, LogPublisher, Stats};
+
+use labs::{Capture, LAB_STYLES, REAL_LAB, SyntheticLab};
+use report::{LabReport, RoundRow};
+
+/// The fleet name of the demo's labs.
+pub const FLEET: &str = "demo";
+
+/// A file in the output folder that marks it as the demo's (only such a folder is cleared).
+const MARKER: &str = ".microfed-demo";
+
+/// Why the demo failed; each names the lab or the part.
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("{lab}: {part}: {message}")]
+    Lab {
+        lab: String,
+        part: &'static str,
+        message: String,
+    },
+    #[error("{part}: {message}")]
+    Part { part: &'static str, message: String },
+    #[error("round {round}: {message}")]
+    Round { round: u64, message: String },
+    #[error("{path}: {message}")]
+    Output { path: PathBuf, message: String },
+    #[error("{0}")]
+    Config(String),
+    #[error("the demo did not finish within {seconds} s: still waiting for {waiting_for}")]
+    Timeout { seconds: u64, waiting_for: String },
+}
+
+fn lab_err<'a>(lab: &'a str, part: &'static str) -> impl Fn(String) -> DemoError + 'a {
+    move |message| DemoError::Lab {
+        lab: lab.to_owned(),
+        part,
+        message,
+    }
+}
+
+fn part_err(part: &'static str) -> impl Fn(String) -> DemoError {
+    move |message| DemoError::Part { part, message }
+}
+
+/// Everything the demo does, sized.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    /// Output folder (created; a previous demo's output there is replaced).
+    pub out: PathBuf,
+    /// Folder with `grains/` and `precipitates/` (model.onnx + manifest.toml each).
+    pub models: PathBuf,
+    /// Synthetic labs, 1..=5 (one imaging style each, [`LAB_STYLES`]).
+    pub labs: usize,
+    /// Federated rounds.
+    pub rounds: u64,
+    /// Captures per synthetic lab.
+    pub captures: usize,
+    /// Labelled images per lab (a fifth are kept aside as its hold-out).
+    pub labelled: u64,
+    /// Side of the synthetic micrographs in px.
+    pub image_size: u32,
+    /// Segmentation tile side (a multiple of 16).
+    pub tile: usize,
+    /// Local training: crop side, batch, steps per round, learning rate (SGD with momentum).
+    pub crop: usize,
+    pub batch: usize,
+    pub steps_per_round: u32,
+    pub learning_rate: f32,
+    /// Time between two captures of a lab.
+    pub capture_interval: Duration,
+    /// A round closes when every lab has sent its update, or at this deadline.
+    pub round_deadline: Duration,
+    /// Bound on the whole run (after data preparation).
+    pub timeout: Duration,
+    /// nasa-super (real SEM images): segmented by a lab of their own with the precipitates model.
+    pub real: Option<PathBuf>,
+    /// How many of its images are captured.
+    pub real_captures: usize,
+    pub seed: u64,
+}
+
+impl DemoConfig {
+    /// The README's demo: 3 labs, 5 rounds, 256 px images; a few minutes on 2 cores (release).
+    pub fn full(out: PathBuf, models: PathBuf) -> Self {
+        Self {
+            out,
+            models,
+            labs: 3,
+            rounds: 5,
+            captures: 6,
+            labelled: 10,
+            image_size: 256,
+            tile: 256,
+            crop: 128,
+            batch: 4,
+            steps_per_round: 8,
+            learning_rate: 0.01,
+            capture_interval: Duration::from_secs(4),
+            round_deadline: Duration::from_secs(600),
+            timeout: Duration::from_secs(1800),
+            real: None,
+            real_captures: 18,
+            seed: 7,
+        }
+    }
+
+    /// CI: 2 labs, 2 rounds, tiny images; well under a minute in a debug build.
+    pub fn quick(out: PathBuf, models: PathBuf) -> Self {
+        Self {
+            labs: 2,
+            rounds: 2,
+            captures: 3,
+            labelled: 5,
+            image_size: 96,
+            tile: 96,
+            crop: 64,
+            batch: 2,
+            steps_per_round: 2,
+            capture_interval: Duration::from_millis(300),
+            round_deadline: Duration::from_secs(180),
+            timeout: Duration::from_secs(300),
+            real_captures: 2,
+            ..Self::full(out, models)
+        }
+    }
+
+    /// The size checks, before anything is written.
+    pub fn validate(&self) -> Result<(), DemoError> {
+        let bad = |m: String| Err(DemoError::Config(m));
+        if !(1..=LAB_STYLES.len()).contains(&self.labs) {
+            return bad(format!("--labs must be 1..={}", LAB_STYLES.len()));
+        }
+        if self.rounds == 0 {
+            return bad("--rounds must be at least 1".into());
+        }
+        if self.captures == 0 {
+            return bad("--captures must be at least 1".into());
+        }
+        if self.labelled < 3 {
+            return bad("at least 3 labelled images per lab (training and hold-out)".into());
+        }
+        if self.crop > self.image_size as usize || !self.crop.is_multiple_of(16) {
+            return bad(format!(
+                "crop {} must be a multiple of 16 no larger than the images ({} px)",
+                self.crop, self.image_size
+            ));
+        }
+        Ok(())
+    }
+
+    /// One line per setting, for the report.
+    fn describe(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            ("output".to_string(), self.out.display().to_string()),
+            (
+                "synthetic labs".into(),
+                LAB_STYLES[..self.labs]
+                    .iter()
+                    .map(|(l, s)| format!("{l} ({s})"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ),
+            ("rounds".into(), self.rounds.to_string()),
+            (
+                "labelled images per lab".into(),
+                format!("{} ({} px)", self.labelled, self.image_size),
+            ),
+            ("captures per lab".into(), self.captures.to_string()),
+            (
+                "local training per round".into(),
+                format!(
+                    "{} steps, batch {}, crop {} px, SGD lr {}",
+                    self.steps_per_round, self.batch, self.crop, self.learning_rate
+                ),
+            ),
+            (
+                "update compression".into(),
+                "top-10 % per tensor, int8, zstd, error feedback".into(),
+            ),
+        ];
+        v.push((
+            "real SEM lab".into(),
+            match &self.real {
+                Some(p) => format!("{} ({} images)", p.display(), self.real_captures),
+                None => "none (nasa-super not found or --no-real)".into(),
+            },
+        ));
+        v
+    }
+}
+
+/// What the demo produced.
+#[derive(Debug, Clone)]
+pub struct DemoOutcome {
+    pub rows: Vec<RoundRow>,
+    pub labs: Vec<LabReport>,
+    pub rounds_csv: PathBuf,
+    pub plot: PathBuf,
+    pub report: PathBuf,
+    pub seconds: f64,
+}
+
+/// The compression the demo's aggregator asks for: what a bandwidth-limited fleet would use.
+fn demo_compression() -> CompressionConfig {
+    CompressionConfig {
+        top_k: Some(0.1),
+        error_feedback: true,
+        quantize: Quantize::Int8,
+        zstd_level: Some(3),
+    }
+}
+
+/// One lab as the orchestration sees it.
+struct LabPlan {
+    name: String,
+    style: String,
+    model: PathBuf,
+    manifest: ModelManifest,
+    dir: PathBuf,
+    captures: Vec<Capture>,
+    /// The labelled set, for federated labs.
+    labelled: Option<PathBuf>,
+}
+
+impl LabPlan {
+    fn watch(&self) -> PathBuf {
+        self.dir.join("incoming")
+    }
+    fn output(&self) -> PathBuf {
+        self.dir.join("segmented")
+    }
+    fn state(&self) -> PathBuf {
+        self.dir.join("federation")
+    }
+}
+
+fn load_manifest(models: &Path, name: &str) -> Result<(PathBuf, ModelManifest), DemoError> {
+    let path = models.join(name).join("manifest.toml");
+    let m = ModelManifest::load(&path).map_err(|e| DemoError::Part {
+        part: "models",
+        message: format!(
+            "{e} (run the demo from the repository root, or pass --models DIR with {name}/)"
+        ),
+    })?;
+    Ok((m.model_path(&path), m))
+}
+
+/// Empties `out` when it is a previous demo's folder; refuses a non-empty folder that is not.
+fn prepare_out(out: &Path) -> Result<(), DemoError> {
+    let err = |e: std::io::Error| DemoError::Output {
+        path: out.to_owned(),
+        message: e.to_string(),
+    };
+    if out.exists() {
+        let empty = std::fs::read_dir(out).map_err(err)?.next().is_none();
+        if !empty {
+            if !out.join(MARKER).is_file() {
+                return Err(DemoError::Output {
+                    path: out.to_owned(),
+                    message: "not empty and not a previous demo's output; choose another --out"
+                        .into(),
+                });
+            }
+            std::fs::remove_dir_all(out).map_err(err)?;
+        }
+    }
+    std::fs::create_dir_all(out).map_err(err)?;
+    std::fs::write(
+        out.join(MARKER),
+        b"written by microfed demo; removed by the next run\n",
+    )
+    .map_err(err)
+}
+
+/// The `[federation]` section of one lab, as agent.toml would give it. Built as TOML so that every
+/// field the participant gains later takes its default here.
+fn federation_section(
+    cfg: &DemoConfig,
+    lab: &LabPlan,
+    index: usize,
+    broker: &BrokerSettings,
+) -> Result<FederationSection, DemoError> {
+    let path = |p: &Path| -> Result<toml::Value, DemoError> {
+        p.to_str()
+            .map(|s| toml::Value::String(s.to_owned()))
+            .ok_or_else(|| DemoError::Output {
+                path: p.to_owned(),
+                message: "not valid UTF-8".into(),
+            })
+    };
+    let labelled = lab.labelled.as_deref().ok_or_else(|| DemoError::Lab {
+        lab: lab.name.clone(),
+        part: "federation",
+        message: "no labelled set".into(),
+    })?;
+    let mut broker_t = toml::Table::new();
+    broker_t.insert("host".into(), broker.host.clone().into());
+    broker_t.insert("port".into(), i64::from(broker.port).into());
+    broker_t.insert("ack_timeout_s".into(), 30i64.into());
+    let mut t = toml::Table::new();
+    t.insert("fleet".into(), FLEET.into());
+    t.insert("device".into(), lab.name.clone().into());
+    t.insert("labelled".into(), path(labelled)?);
+    t.insert("holdout_fraction".into(), 0.2.into());
+    t.insert("state".into(), path(&lab.state())?);
+    t.insert("batch".into(), (cfg.batch as i64).into());
+    t.insert("crop".into(), (cfg.crop as i64).into());
+    t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
+    t.insert("broker".into(), toml::Value::Table(broker_t));
+    // STYLE CODES — the one place to enable them once the participant publishes them (its
+    // `FederationSection` gains `style`): insert that table here, e.g.
+    //     t.insert("style".into(), toml::Value::Table(style_table));
+    // and every lab shares its style code through the same broker.
+    toml::Value::Table(t)
+        .try_into::<FederationSection>()
+        .map_err(|e| DemoError::Lab {
+            lab: lab.name.clone(),
+            part: "federation",
+            message: e.to_string(),
+        })
+}
+
+fn agent_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> AgentConfig {
+    AgentConfig {
+        folders: Folders {
+            watch: lab.watch(),
+            output: lab.output(),
+            quarantine: lab.dir.join("quarantine"),
+            journal: None,
+        },
+        model: ModelSection {
+            path: lab.model.clone(),
+            // The participant swaps global decoders in through the model slot.
+            reload_on_change: false,
+            classes: lab.manifest.classes.clone(),
+            features: FeatureChoice::Auto,
+            normalisation: lab.manifest.normalisation,
+            pixel_size_um: None,
+            device: Device::Auto,
+            // Labs share the machine: one thread each for the network's matrix products.
+            threads: 1,
+        },
+        tiling: TilingSection {
+            tile,
+            overlap: (tile / 8).min(32),
+            batch: 1,
+        },
+        capture: CaptureSection {
+            // Files arrive by rename (complete at once); a short settle keeps quick captures quick.
+            settle_ms: (cfg.capture_interval.as_millis().min(1000) as u64 / 2).max(50),
+            ..CaptureSection::default()
+        },
+        queues: QueueSection::default(),
+        status: StatusSection { interval_s: 0 },
+        federation: None,
+    }
+}
+
+/// Runs the demo: prepares the labs, runs broker, aggregator and agents until every round has
+/// closed and every capture is segmented, shuts them down and writes the report. `say` receives
+/// the lines meant for the user (the round table as rounds close). Blocking.
+pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, DemoError> {
+    let t0 = Instant::now();
+    cfg.validate()?;
+    prepare_out(&cfg.out)?;
+    let (grains, grains_manifest) = load_manifest(&cfg.models, "grains")?;
+
+    // The labs' data (image generation runs in parallel inside write_dataset).
+    let mut plans = Vec::new();
+    for (i, (name, style)) in LAB_STYLES[..cfg.labs].iter().enumerate() {
+        let dir = cfg.out.join(name);
+        let lab = SyntheticLab::prepare(
+            name,
+            style,
+            &dir,
+            cfg.image_size,
+            cfg.labelled,
+            cfg.captures,
+            cfg.seed * 100 + i as u64,
+        )?;
+        plans.push(LabPlan {
+            name: lab.name,
+            style: lab.style,
+            model: grains.clone(),
+            manifest: grains_manifest.clone(),
+            dir,
+            captures: lab.captures,
+            labelled: Some(lab.labelled),
+        });
+    }
+    let federated = plans.len();
+    if let Some(real) = &cfg.real {
+        let (model, manifest) = load_manifest(&cfg.models, "precipitates")?;
+        plans.push(LabPlan {
+            name: REAL_LAB.into(),
+            style: "nasa-super SEM".into(),
+            model,
+            manifest,
+            dir: cfg.out.join(REAL_LAB),
+            captures: labs::real_captures(real, cfg.real_captures)?,
+            labelled: None,
+        });
+    }
+    say(&format!(
+        "labs ready in {:.1} s: {}",
+        t0.elapsed().as_secs_f64(),
+        plans
+            .iter()
+            .map(|p| format!("{} ({}, {} captures)", p.name, p.style, p.captures.len()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| part_err("async runtime")(e.to_string()))?;
+    let rows = runtime.block_on(orchestrate(cfg, &plans, federated, say))?;
+    // Tasks still parked on the broker (none should be) must not keep the process alive.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+
+    // Report.
+    let lab_names: Vec<String> = plans[..federated].iter().map(|p| p.name.clone()).collect();
+    let rounds_csv = cfg.out.join("rounds.csv");
+    std::fs::write(&rounds_csv, report::rounds_csv(&rows, &lab_names)).map_err(|e| {
+        DemoError::Output {
+            path: rounds_csv.clone(),
+            message: e.to_string(),
+        }
+    })?;
+    let plot = cfg.out.join("iou-per-round.png");
+    report::write_plot(&rows, &lab_names, &plot)?;
+    let mut lab_reports = Vec::new();
+    for (i, p) in plans.iter().enumerate() {
+        let features_csv = p.output().join("features.csv");
+        lab_reports.push(LabReport {
+            name: p.name.clone(),
+            style: p.style.clone(),
+            model: p.model.clone(),
+            output: p.output(),
+            federated: i < federated,
+            captures: report::score_captures(&p.output(), &p.captures, p.manifest.classes.len()),
+            features: report::summarise_features(&features_csv).ok(),
+        });
+    }
+    let labs_styles: Vec<(String, String)> = plans[..federated]
+        .iter()
+        .map(|p| (p.name.clone(), p.style.clone()))
+        .collect();
+    let mut table = vec![report::table_header(&labs_styles)];
+    table.extend(rows.iter().map(report::table_line));
+    let mut files = vec![
+        ("round table (CSV)".to_string(), rounds_csv.clone()),
+        ("hold-out IoU per lab per round (PNG)".into(), plot.clone()),
+        (
+            "aggregator state, globals and accepted updates".into(),
+            cfg.out.join("aggregator"),
+        ),
+    ];
+    for p in &plans {
+        files.push((
+            format!(
+                "{}: masks, overlays, features (JSON per image, features.csv)",
+                p.name
+            ),
+            p.output(),
+        ));
+    }
+    let dense = compress::dense_len(&compress::decoder_layout(grains_manifest.classes.len()));
+    let md = report::report_markdown(
+        &cfg.describe(),
+        &table,
+        &lab_reports,
+        dense,
+        &files,
+        "off: the participant does not publish style codes yet (see the STYLE CODES comment in \
+         agent/src/demo/mod.rs for the one line that turns them on).",
+    );
+    let report_path = cfg.out.join("report.md");
+    std::fs::write(&report_path, md).map_err(|e| DemoError::Output {
+        path: report_path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(DemoOutcome {
+        rows,
+        labs: lab_reports,
+        rounds_csv,
+        plot,
+        report: report_path,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
+/// Broker, agents, aggregator, captures; returns the rows of every closed round.
+async fn orchestrate(
+    cfg: &DemoConfig,
+    plans: &[LabPlan],
+    federated: usize,
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<RoundRow>, DemoError> {
+    let broker = crate::federated::embedded::start(0)
+        .map_err(|e| part_err("embedded broker")(e.to_string()))?;
+    let settings = BrokerSettings {
+        port: broker.addr.port(),
+        ack_timeout_s: 30,
+        ..BrokerSettings::default()
+    };
+    say(&format!("embedded broker (rumqttd) on {}", broker.addr));
+    let (stop_tx, stop_rx) = watch::channel(false);
+
+    // Agents: load (blocking: tract optimises the model) and start.
+    let mut lab_tasks: Vec<(String, JoinHandle<Result<(), DemoError>>)> = Vec::new();
+    let mut stats: Vec<Arc<Stats>> = Vec::new();
+    let started = async {
+        for (i, p) in plans.iter().enumerate() {
+            let tile = if i < federated { cfg.tile } else { 256 };
+            let config = agent_config(cfg, p, tile);
+            let name = p.name.clone();
+            let agent = tokio::task::spawn_blocking(move || Agent::new(config))
+                .await
+                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?
+                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?;
+            stats.push(agent.stats());
+            let fed = if i < federated {
+                Some(federation_section(cfg, p, i, &settings)?)
+            } else {
+                None
+            };
+            lab_tasks.push((
+                p.name.clone(),
+                tokio::spawn(run_lab(
+                    p.name.clone(),
+                    agent,
+                    fed,
+                    p.model.clone(),
+                    stop_rx.clone(),
+                )),
+            ));
+        }
+        Ok::<(), DemoError>(())
+    }
+    .await;
+
+    // The monitor: reads each round summary as the aggregator publishes it.
+    let topics = Topics::new(FLEET).map_err(part_err("monitor"))?;
+    let (monitor, mut summaries) =
+        Link::start(&settings, "demo-monitor", vec![topics.summary()], None)
+            .map_err(|e| part_err("monitor")(e.to_string()))?;
+
+    // The aggregator, as `microfed aggregate` runs it, on the same broker.
+    let state = cfg.out.join("aggregator");
+    let agg_cfg = AggregatorConfig {
+        id: "aggregator".into(),
+        fleet: FLEET.into(),
+        model: plans[0].model.clone(),
+        state: state.clone(),
+        rounds: cfg.rounds,
+        devices: plans[..federated].iter().map(|p| p.name.clone()).collect(),
+        round: RoundSection {
+            deadline_s: cfg.round_deadline.as_secs_f64(),
+            quorum: None,
+            quorum_fraction: None,
+            local_epochs: 1,
+            steps_per_epoch: cfg.steps_per_round,
+            learning_rate: cfg.learning_rate,
+            prox_mu: 0.0,
+            pause_s: 0.0,
+        },
+        compression: demo_compression(),
+        aggregation: AggregationConfig::default(),
+        broker: Some(settings.clone()),
+        max_update_norm: 1e3,
+    };
+    let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
+    let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;
+    let result = match started {
+        Err(e) => Err(e),
+        Ok(()) => {
+            let agg = Aggregator::open(agg_cfg.clone())
+                .map_err(|e| part_err("aggregator")(e.to_string()));
+            match agg.and_then(|a| {
+                let (link, inbox, _) = aggregator::connect(&agg_cfg)
+                    .map_err(|e| part_err("aggregator")(e.to_string()))?;
+                Ok((a, link, inbox))
+            }) {
+                Err(e) => Err(e),
+                Ok((agg, link, inbox)) => {
+                    agg_task = Some(tokio::spawn(async move {
+                        let r = agg.run(&link, inbox, agg_stop_rx).await;
+                        link.disconnect().await;
+                        r.map_err(|e| part_err("aggregator")(e.to_string()))
+                    }));
+                    // Captures: each lab's microscope writes its files over time.
+                    let feeders: Vec<JoinHandle<Result<(), DemoError>>> = plans
+                        .iter()
+                        .map(|p| {
+                            let (caps, watch_dir, name) =
+                                (p.captures.clone(), p.watch(), p.name.clone());
+                            let every = cfg.capture_interval;
+                            tokio::spawn(async move {
+                                for c in caps {
+                                    tokio::time::sleep(every).await;
+                                    let (c2, w) = (c.clone(), watch_dir.clone());
+                                    tokio::task::spawn_blocking(move || labs::deliver(&c2, &w))
+                                        .await
+                                        .map_err(|e| lab_err(&name, "microscope")(e.to_string()))?
+                                        .map_err(|e| {
+                                            lab_err(&name, "microscope")(format!("{}: {e}", c.name))
+                                        })?;
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    let r = wait_for_the_end(
+                        cfg,
+                        plans,
+                        federated,
+                        &stats,
+                        &mut lab_tasks,
+                        agg_task.as_mut().expect("just set"),
+                        &mut summaries,
+                        &state,
+                        say,
+                    )
+                    .await;
+                    for f in feeders {
+                        f.abort();
+                    }
+                    r
+                }
+            }
+        }
+    };
+
+    // Shutdown, on success and on failure alike: agents drain, the aggregator stops.
+    let _ = stop_tx.send(true);
+    let _ = agg_stop_tx.send(true);
+    let mut shutdown_error = None;
+    for (name, task) in lab_tasks {
+        match tokio::time::timeout(Duration::from_secs(60), task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                shutdown_error.get_or_insert(e);
+            }
+            Ok(Err(e)) => {
+                shutdown_error.get_or_insert(lab_err(&name, "agent")(format!("task failed: {e}")));
+            }
+            Err(_) => {
+                shutdown_error.get_or_insert(lab_err(&name, "shutdown")(
+                    "did not stop within 60 s".into(),
+                ));
+            }
+        }
+    }
+    if let Some(t) = agg_task
+        && !t.is_finished()
+        && tokio::time::timeout(Duration::from_secs(15), t)
+            .await
+            .is_err()
+    {
+        shutdown_error.get_or_insert(part_err("aggregator")("did not stop within 15 s".into()));
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), monitor.disconnect()).await;
+    let rows = result?;
+    match shutdown_error {
+        Some(e) => Err(e),
+        None => Ok(rows),
+    }
+}
+
+/// Prints each round as it closes and waits until the aggregator has run every round and every
+/// capture has been segmented; fails at once when a lab or the aggregator stops early.
+#[allow(clippy::too_many_arguments)]
+async fn wait_for_the_end(
+    cfg: &DemoConfig,
+    plans: &[LabPlan],
+    federated: usize,
+    stats: &[Arc<Stats>],
+    lab_tasks: &mut [(String, JoinHandle<Result<(), DemoError>>)],
+    agg_task: &mut JoinHandle<Result<aggregator::RoundState, DemoError>>,
+    summaries: &mut tokio::sync::mpsc::Receiver<crate::federated::link::Message>,
+    state: &Path,
+    say: &mut dyn FnMut(&str),
+) -> Result<Vec<RoundRow>, DemoError> {
+    let lab_names: Vec<String> = plans[..federated].iter().map(|p| p.name.clone()).collect();
+    let labs_styles: Vec<(String, String)> = plans[..federated]
+        .iter()
+        .map(|p| (p.name.clone(), p.style.clone()))
+        .collect();
+    say(&report::table_header(&labs_styles));
+    let mut rows: Vec<RoundRow> = Vec::new();
+    let add_row = |s: &RoundSummary, rows: &mut Vec<RoundRow>, say: &mut dyn FnMut(&str)| {
+        if rows.iter().any(|r| r.round == s.round) {
+            return Ok(());
+        }
+        let row = report::round_row(s, &lab_names, state)?;
+        say(&report::table_line(&row));
+        rows.push(row);
+        Ok::<(), DemoError>(())
+    };
+    let deadline = Instant::now() + cfg.timeout;
+    let mut agg_done: Option<aggregator::RoundState> = None;
+    loop {
+        tokio::select! {
+            m = summaries.recv() => {
+                if let Some(m) = m {
+                    match Envelope::from_bytes(&m.payload, usize::MAX)
+                        .and_then(|e| e.body::<RoundSummary>(Kind::RoundSummary))
+                    {
+                        Ok(s) => add_row(&s, &mut rows, say)?,
+                        Err(e) => tracing::warn!(error = %e, "monitor: unreadable round summary"),
+                    }
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+        // A lab that stops before the demo stops it has failed.
+        for (name, task) in lab_tasks.iter_mut() {
+            if task.is_finished() {
+                return Err(match task.await {
+                    Ok(Err(e)) => e,
+                    Ok(Ok(())) => lab_err(name, "agent")("stopped before the demo ended".into()),
+                    Err(e) => lab_err(name, "agent")(format!("task failed: {e}")),
+                });
+            }
+        }
+        if agg_done.is_none() && agg_task.is_finished() {
+            let st = (&mut *agg_task)
+                .await
+                .map_err(|e| part_err("aggregator")(e.to_string()))??;
+            // The summaries are also the aggregator's history: print any the monitor missed.
+            for s in &st.history {
+                add_row(s, &mut rows, say)?;
+            }
+            agg_done = Some(st);
+        }
+        let pending: Vec<String> = plans
+            .iter()
+            .zip(stats)
+            .filter(|(p, s)| {
+                let done = s.segmented.load(Ordering::Relaxed) + s.failed.load(Ordering::Relaxed);
+                done < p.captures.len() as u64
+            })
+            .map(|(p, _)| p.name.clone())
+            .collect();
+        if agg_done.is_some() && pending.is_empty() {
+            rows.sort_by_key(|r| r.round);
+            return Ok(rows);
+        }
+        if Instant::now() >= deadline {
+            let mut waiting = Vec::new();
+            if agg_done.is_none() {
+                waiting.push(format!(
+                    "the aggregator (round {} of {})",
+                    rows.len() + 1,
+                    cfg.rounds
+                ));
+            }
+            if !pending.is_empty() {
+                waiting.push(format!("captures of {}", pending.join(", ")));
+            }
+            return Err(DemoError::Timeout {
+                seconds: cfg.timeout.as_secs(),
+                waiting_for: waiting.join(" and "),
+            });
+        }
+    }
+}
+
+/// One lab: the same wiring as `microfed agent` — pipeline on the watched folder and, for a
+/// federated lab, the device link and the participant — until `stop` turns true.
+async fn run_lab(
+    name: String,
+    agent: Agent,
+    federation: Option<FederationSection>,
+    model_path: PathBuf,
+    stop: watch::Receiver<bool>,
+) -> Result<(), DemoError> {
+    let shutdown = {
+        let mut s = stop.clone();
+        async move {
+            let _ = s.wait_for(|v| *v).await;
+        }
+    };
+    let Some(f) = federation else {
+        agent
+            .run(LogPublisher, shutdown)
+            .await
+            .map_err(|e| lab_err(&name, "pipeline")(e.to_string()))?;
+        return Ok(());
+    };
+    let model_version = crate::model::manifest::sha256_file(&model_path)
+        .map_err(|e| lab_err(&name, "model")(e.to_string()))?;
+    let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)
+        .map_err(|e| lab_err(&name, "device link")(e.to_string()))?;
+    let settings = agent.settings();
+    // No fleet manager in the demo: the base model never changes, but the sender must live as long
+    // as the participant (a closed channel would end its wait).
+    let (_base_tx, base_rx) = watch::channel(model_path.clone());
+    let model = AgentModel {
+        path: model_path.clone(),
+        normalisation: settings.info.normalisation,
+        slot: agent.model_slot(),
+        batch: settings.batch,
+        tile: settings.tile,
+        base: base_rx,
+    };
+    let Routes {
+        rounds: rounds_rx,
+        fleet: fleet_rx,
+    } = routes;
+    drop(fleet_rx);
+    let mut rounds = tokio::spawn(participant::run(
+        f,
+        model,
+        device.clone(),
+        rounds_rx,
+        stop.clone(),
+    ));
+    let pipeline = agent.run(
+        MqttPublisher {
+            device: device.clone(),
+        },
+        shutdown,
+    );
+    tokio::pin!(pipeline);
+    let (summary, federation_result) = tokio::select! {
+        s = &mut pipeline => {
+            let r = tokio::time::timeout(Duration::from_secs(60), &mut rounds).await;
+            (s, r.map_err(|_| "did not stop within 60 s".to_string()))
+        }
+        r = &mut rounds => {
+            if !*stop.borrow() {
+                // Federation ended on its own: that is a failure of this lab.
+                let why = match r {
+                    Ok(Ok(())) => "stopped before the demo ended".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                device.close().await;
+                return Err(lab_err(&name, "federation")(why));
+            }
+            (pipeline.await, Ok(r))
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), device.close()).await;
+    summary.map_err(|e| lab_err(&name, "pipeline")(e.to_string()))?;
+    match federation_result {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(lab_err(&name, "federation")(e.to_string())),
+        Ok(Err(e)) => Err(lab_err(&name, "federation")(format!("task failed: {e}"))),
+        Err(e) => Err(lab_err(&name, "federation")(e)),
+    }
+}
+
+/// Where `models/` is: `./models` when the demo runs from the repository root, else the source
+/// tree this binary was built from.
+pub fn default_models() -> PathBuf {
+    let here = PathBuf::from("models");
+    if here.join("grains").join("manifest.toml").is_file() {
+        return here;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("models")
+}
+
+/// nasa-super, when present: `MICROFED_NASA_SUPER`, else `../shared/data/nasa-super` beside the
+/// repository (the repository being the folder above `models`).
+pub fn default_real(models: &Path) -> Option<PathBuf> {
+    let dir = std::env::var_os("MICROFED_NASA_SUPER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            models
+                .join("..")
+                .join("..")
+                .join("shared")
+                .join("data")
+                .join("nasa-super")
+        });
+    dir.join("images").is_dir().then_some(dir)
+}
