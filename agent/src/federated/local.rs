@@ -256,6 +256,8 @@ pub struct LocalTrainer<B: Backend> {
     /// Per training image, its features re-styled with each other lab's Fourier code.
     fourier_variants: Vec<Vec<CachedImage>>,
     restyle: RestyleConfig,
+    /// Batches of the last `train_round` that were re-styled (features or at least one crop).
+    restyled_batches: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -312,6 +314,7 @@ impl<B: Backend> LocalTrainer<B> {
             feature_styles: Vec::new(),
             fourier_variants: Vec::new(),
             restyle: RestyleConfig::default(),
+            restyled_batches: 0,
         })
     }
 
@@ -432,6 +435,12 @@ impl<B: Backend> LocalTrainer<B> {
         self.cache.samples()
     }
 
+    /// Batches of the last [`LocalTrainer::train_round`] that were re-styled with another lab's code
+    /// (a feature-stats map, or at least one crop from a Fourier re-styled image).
+    pub fn restyled_batches(&self) -> u64 {
+        self.restyled_batches
+    }
+
     /// Weight of the soft-Dice term added to the (class-weighted) cross-entropy; 0 by default. The
     /// base models were trained with 0.5: fine-tuning with the same objective keeps their
     /// calibration of the thin boundary class.
@@ -466,10 +475,11 @@ impl<B: Backend> LocalTrainer<B> {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x9e37_79b9));
         let mut last = 0.0f32;
+        self.restyled_batches = 0;
         for _ in 0..plan.epochs.max(1) {
             let mut sum = 0.0f64;
             for _ in 0..steps {
-                let (feats, labels) = self.batch_from_cache(&mut rng)?;
+                let (feats, labels, fourier_crops) = self.batch_from_cache(&mut rng)?;
                 // No draws without codes: runs without styles see the same batches as before.
                 let restyle = if !self.feature_styles.is_empty()
                     && rng.random::<f32>() < self.restyle.probability
@@ -479,6 +489,9 @@ impl<B: Backend> LocalTrainer<B> {
                 } else {
                     None
                 };
+                if restyle.is_some() || fourier_crops > 0 {
+                    self.restyled_batches += 1;
+                }
                 let stats = self.net.decoder_train_step(
                     &feats,
                     xs,
@@ -504,13 +517,14 @@ impl<B: Backend> LocalTrainer<B> {
     fn batch_from_cache(
         &self,
         rng: &mut ChaCha8Rng,
-    ) -> Result<(Vec<B::Buffer>, B::Labels), LocalError> {
+    ) -> Result<(Vec<B::Buffer>, B::Labels, usize), LocalError> {
         let (b, c) = (self.batch, self.crop);
         let mut levels: Vec<Vec<f32>> = (0..DEPTH)
             .map(|l| vec![0.0f32; b * CHANNELS[l] * (c >> l) * (c >> l)])
             .collect();
         let mut labels = vec![IGNORE; b * c * c];
         let total: usize = self.cache.train.iter().map(|i| i.pw * i.ph).sum();
+        let mut restyled = 0;
         for s in 0..b {
             // Images drawn in proportion to their area.
             let mut u = rng.random_range(0..total);
@@ -534,6 +548,7 @@ impl<B: Backend> LocalTrainer<B> {
             // Fourier re-styling: the same crop from a re-styled version of the image.
             let source = match self.fourier_variants.get(index) {
                 Some(v) if !v.is_empty() && rng.random::<f32>() < self.restyle.probability => {
+                    restyled += 1;
                     &v[rng.random_range(0..v.len())]
                 }
                 _ => img,
@@ -563,7 +578,7 @@ impl<B: Backend> LocalTrainer<B> {
             .iter()
             .map(|v| self.backend.upload(v))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((feats, self.backend.upload_labels(&labels)?))
+        Ok((feats, self.backend.upload_labels(&labels)?, restyled))
     }
 
     /// Mean IoU of `decoder` on the hold-out images (None without hold-out images).
@@ -705,7 +720,7 @@ mod tests {
             }
             start += 2 * c;
         }
-        let (feats, _) = t
+        let (feats, _, _) = t
             .batch_from_cache(&mut ChaCha8Rng::seed_from_u64(1))
             .unwrap();
         let xs = Shape::new(2, 1, 32, 32);
@@ -735,6 +750,7 @@ mod tests {
         }
         // Styles change training; codes of another base model are skipped; bad codes refused.
         let (base, _) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
+        assert_eq!(t.restyled_batches(), 0, "no codes: nothing re-styled");
         let mut stale = other.clone();
         stale.model_version = "v0".into();
         t.set_styles(
@@ -749,6 +765,8 @@ mod tests {
         let (styled, loss) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
         assert!(loss.is_finite());
         assert_ne!(base, styled);
+        // Probability 1: each of the plan's 1 × 2 batches was re-styled.
+        assert_eq!(t.restyled_batches(), 2);
         let mut bad = other;
         bad.values.pop();
         assert!(matches!(
