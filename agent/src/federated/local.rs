@@ -242,6 +242,10 @@ pub struct HoldoutScores {
 /// Tolerance of the hold-out boundary F1, in pixels (as `microfed model score`).
 pub const BOUNDARY_TOLERANCE_PX: f64 = 2.0;
 
+/// A batch cut from the cache: the features of each stage, the labels, and how many of its crops
+/// came from Fourier re-styled images.
+type CachedBatch<B> = (Vec<<B as Backend>::Buffer>, <B as Backend>::Labels, usize);
+
 /// The U-Net with a frozen encoder, training on cached features.
 pub struct LocalTrainer<B: Backend> {
     backend: Arc<B>,
@@ -514,10 +518,7 @@ impl<B: Backend> LocalTrainer<B> {
         Ok((self.net.decoder_flat()?, last))
     }
 
-    fn batch_from_cache(
-        &self,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<(Vec<B::Buffer>, B::Labels, usize), LocalError> {
+    fn batch_from_cache(&self, rng: &mut ChaCha8Rng) -> Result<CachedBatch<B>, LocalError> {
         let (b, c) = (self.batch, self.crop);
         let mut levels: Vec<Vec<f32>> = (0..DEPTH)
             .map(|l| vec![0.0f32; b * CHANNELS[l] * (c >> l) * (c >> l)])
