@@ -411,7 +411,7 @@ async fn session(
             }
             _ = tick.tick() => {}
             _ = data_check.tick() => {
-                match fingerprint_of(&cfg.labelled).await {
+                match fingerprint_of(&cfg.labelled, &cfg.state).await {
                     Ok(now) if now != fingerprint => {
                         if changed_seen.as_deref() == Some(now.as_str()) {
                             return Ok(Next::Data);
@@ -508,7 +508,7 @@ async fn session(
                     round = a.round,
                     "global decoder digest differs from the announcement; waiting"
                 );
-            } else if fingerprint_of(&cfg.labelled)
+            } else if fingerprint_of(&cfg.labelled, &cfg.state)
                 .await
                 .is_ok_and(|now| now != fingerprint)
             {
@@ -722,17 +722,21 @@ fn show_styles(
 }
 
 /// [`labelled_fingerprint`] on a blocking thread.
-async fn fingerprint_of(dir: &Path) -> Result<String, String> {
-    let dir = dir.to_owned();
-    tokio::task::spawn_blocking(move || labelled_fingerprint(&dir).map_err(|e| e.to_string()))
-        .await
-        .map_err(|e| e.to_string())?
+async fn fingerprint_of(dir: &Path, skip: &Path) -> Result<String, String> {
+    let (dir, skip) = (dir.to_owned(), skip.to_owned());
+    tokio::task::spawn_blocking(move || {
+        labelled_fingerprint(&dir, &skip).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// A digest of the labelled folder: every file's relative path, size and modification time
 /// (symbolic links followed, at most 8 folders deep). It changes when an image or mask is added,
-/// removed or rewritten, without reading the images.
-pub fn labelled_fingerprint(dir: &Path) -> std::io::Result<String> {
+/// removed or rewritten, without reading the images. Folder `skip` is left out: a federation state
+/// folder inside the labelled one changes at every round.
+pub fn labelled_fingerprint(dir: &Path, skip: &Path) -> std::io::Result<String> {
+    let skip = std::fs::canonicalize(skip).ok();
     let mut files = Vec::new();
     let mut folders = vec![(dir.to_path_buf(), 0usize)];
     while let Some((folder, depth)) = folders.pop() {
@@ -743,7 +747,7 @@ pub fn labelled_fingerprint(dir: &Path) -> std::io::Result<String> {
                 continue;
             };
             if meta.is_dir() {
-                if depth < 8 {
+                if depth < 8 && std::fs::canonicalize(&path).ok() != skip {
                     folders.push((path, depth + 1));
                 }
                 continue;
@@ -964,7 +968,7 @@ struct Prepared {
 fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, ParticipantError> {
     let model_version = crate::model::manifest::sha256_file(&model.path).map_err(setup)?;
     // Taken before reading: a change while loading shows at the next check.
-    let fingerprint = labelled_fingerprint(&cfg.labelled)
+    let fingerprint = labelled_fingerprint(&cfg.labelled, &cfg.state)
         .map_err(|e| setup(format!("{}: {e}", cfg.labelled.display())))?;
     let proto = onnx::load(&model.path).map_err(setup)?;
     let params = onnx::load_params(&proto, &model.path).map_err(setup)?;
@@ -1056,20 +1060,26 @@ mod tests {
         std::fs::create_dir_all(dir.join("images")).unwrap();
         std::fs::write(dir.join("images/a.png"), b"aaaa").unwrap();
         std::fs::write(dir.join("dataset.toml"), b"name = 'x'").unwrap();
-        let first = labelled_fingerprint(dir).unwrap();
-        assert_eq!(labelled_fingerprint(dir).unwrap(), first);
+        let state = dir.join("no-such-state");
+        let first = labelled_fingerprint(dir, &state).unwrap();
+        assert_eq!(labelled_fingerprint(dir, &state).unwrap(), first);
         // A new file in a sub-folder.
         std::fs::write(dir.join("images/b.png"), b"bb").unwrap();
-        let second = labelled_fingerprint(dir).unwrap();
+        let second = labelled_fingerprint(dir, &state).unwrap();
         assert_ne!(second, first);
         // A rewritten file of another size.
         std::fs::write(dir.join("images/b.png"), b"bbb").unwrap();
-        let third = labelled_fingerprint(dir).unwrap();
+        let third = labelled_fingerprint(dir, &state).unwrap();
         assert_ne!(third, second);
         // Removed again: back to a listing like the first (the mtime of a.png is unchanged).
         std::fs::remove_file(dir.join("images/b.png")).unwrap();
-        assert_eq!(labelled_fingerprint(dir).unwrap(), first);
-        assert!(labelled_fingerprint(&dir.join("missing")).is_err());
+        assert_eq!(labelled_fingerprint(dir, &state).unwrap(), first);
+        assert!(labelled_fingerprint(&dir.join("missing"), &state).is_err());
+        // The federation's state inside the labelled folder does not count.
+        std::fs::create_dir_all(dir.join("fed")).unwrap();
+        std::fs::write(dir.join("fed/participant.json"), b"{}").unwrap();
+        assert_eq!(labelled_fingerprint(dir, &dir.join("fed")).unwrap(), first);
+        assert_ne!(labelled_fingerprint(dir, &state).unwrap(), first);
     }
 
     #[test]
