@@ -5,7 +5,8 @@
 //! owns it and hands each task what it needs:
 //! - [`DeviceLink`]: the [`Link`] (for publishing), the fleet's [`Topics`], the device id, and the
 //!   [`StatusBoard`] every task reports into;
-//! - [`Routes`]: incoming messages split by topic: rounds, global decoders and style codes go to the
+//! - [`Routes`]: incoming messages split by topic: rounds, global decoders and style codes
+//!   (`style/+`, every device's retained code, this device's own included) go to the
 //!   federated-rounds task ([`super::participant`]); model versions and commands to the fleet task.
 //! - A status task publishes the board (retained) whenever it changes or the link comes back; the
 //!   link's last will marks the device offline.
@@ -81,6 +82,8 @@ impl DeviceLink {
             last_round: None,
             queue_depth: 0,
             last_error: None,
+            style_codes: Vec::new(),
+            style_rejected: 0,
         };
         let offline = seal_status(
             fleet,

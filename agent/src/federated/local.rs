@@ -242,6 +242,10 @@ pub struct HoldoutScores {
 /// Tolerance of the hold-out boundary F1, in pixels (as `microfed model score`).
 pub const BOUNDARY_TOLERANCE_PX: f64 = 2.0;
 
+/// A batch cut from the cache: the features of each stage, the labels, and how many of its crops
+/// came from Fourier re-styled images.
+type CachedBatch<B> = (Vec<<B as Backend>::Buffer>, <B as Backend>::Labels, usize);
+
 /// The U-Net with a frozen encoder, training on cached features.
 pub struct LocalTrainer<B: Backend> {
     backend: Arc<B>,
@@ -256,6 +260,8 @@ pub struct LocalTrainer<B: Backend> {
     /// Per training image, its features re-styled with each other lab's Fourier code.
     fourier_variants: Vec<Vec<CachedImage>>,
     restyle: RestyleConfig,
+    /// Batches of the last `train_round` that were re-styled (features or at least one crop).
+    restyled_batches: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -312,6 +318,7 @@ impl<B: Backend> LocalTrainer<B> {
             feature_styles: Vec::new(),
             fourier_variants: Vec::new(),
             restyle: RestyleConfig::default(),
+            restyled_batches: 0,
         })
     }
 
@@ -432,6 +439,12 @@ impl<B: Backend> LocalTrainer<B> {
         self.cache.samples()
     }
 
+    /// Batches of the last [`LocalTrainer::train_round`] that were re-styled with another lab's code
+    /// (a feature-stats map, or at least one crop from a Fourier re-styled image).
+    pub fn restyled_batches(&self) -> u64 {
+        self.restyled_batches
+    }
+
     /// Weight of the soft-Dice term added to the (class-weighted) cross-entropy; 0 by default. The
     /// base models were trained with 0.5: fine-tuning with the same objective keeps their
     /// calibration of the thin boundary class.
@@ -466,10 +479,11 @@ impl<B: Backend> LocalTrainer<B> {
         };
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x9e37_79b9));
         let mut last = 0.0f32;
+        self.restyled_batches = 0;
         for _ in 0..plan.epochs.max(1) {
             let mut sum = 0.0f64;
             for _ in 0..steps {
-                let (feats, labels) = self.batch_from_cache(&mut rng)?;
+                let (feats, labels, fourier_crops) = self.batch_from_cache(&mut rng)?;
                 // No draws without codes: runs without styles see the same batches as before.
                 let restyle = if !self.feature_styles.is_empty()
                     && rng.random::<f32>() < self.restyle.probability
@@ -479,6 +493,9 @@ impl<B: Backend> LocalTrainer<B> {
                 } else {
                     None
                 };
+                if restyle.is_some() || fourier_crops > 0 {
+                    self.restyled_batches += 1;
+                }
                 let stats = self.net.decoder_train_step(
                     &feats,
                     xs,
@@ -501,16 +518,14 @@ impl<B: Backend> LocalTrainer<B> {
         Ok((self.net.decoder_flat()?, last))
     }
 
-    fn batch_from_cache(
-        &self,
-        rng: &mut ChaCha8Rng,
-    ) -> Result<(Vec<B::Buffer>, B::Labels), LocalError> {
+    fn batch_from_cache(&self, rng: &mut ChaCha8Rng) -> Result<CachedBatch<B>, LocalError> {
         let (b, c) = (self.batch, self.crop);
         let mut levels: Vec<Vec<f32>> = (0..DEPTH)
             .map(|l| vec![0.0f32; b * CHANNELS[l] * (c >> l) * (c >> l)])
             .collect();
         let mut labels = vec![IGNORE; b * c * c];
         let total: usize = self.cache.train.iter().map(|i| i.pw * i.ph).sum();
+        let mut restyled = 0;
         for s in 0..b {
             // Images drawn in proportion to their area.
             let mut u = rng.random_range(0..total);
@@ -534,6 +549,7 @@ impl<B: Backend> LocalTrainer<B> {
             // Fourier re-styling: the same crop from a re-styled version of the image.
             let source = match self.fourier_variants.get(index) {
                 Some(v) if !v.is_empty() && rng.random::<f32>() < self.restyle.probability => {
+                    restyled += 1;
                     &v[rng.random_range(0..v.len())]
                 }
                 _ => img,
@@ -563,7 +579,7 @@ impl<B: Backend> LocalTrainer<B> {
             .iter()
             .map(|v| self.backend.upload(v))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((feats, self.backend.upload_labels(&labels)?))
+        Ok((feats, self.backend.upload_labels(&labels)?, restyled))
     }
 
     /// Mean IoU of `decoder` on the hold-out images (None without hold-out images).
@@ -705,7 +721,7 @@ mod tests {
             }
             start += 2 * c;
         }
-        let (feats, _) = t
+        let (feats, _, _) = t
             .batch_from_cache(&mut ChaCha8Rng::seed_from_u64(1))
             .unwrap();
         let xs = Shape::new(2, 1, 32, 32);
@@ -735,6 +751,7 @@ mod tests {
         }
         // Styles change training; codes of another base model are skipped; bad codes refused.
         let (base, _) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
+        assert_eq!(t.restyled_batches(), 0, "no codes: nothing re-styled");
         let mut stale = other.clone();
         stale.model_version = "v0".into();
         t.set_styles(
@@ -749,6 +766,8 @@ mod tests {
         let (styled, loss) = t.train_round(&params.decoder_flat(), &plan()).unwrap();
         assert!(loss.is_finite());
         assert_ne!(base, styled);
+        // Probability 1: each of the plan's 1 × 2 batches was re-styled.
+        assert_eq!(t.restyled_batches(), 2);
         let mut bad = other;
         bad.values.pop();
         assert!(matches!(

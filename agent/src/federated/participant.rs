@@ -10,8 +10,17 @@
 //!
 //! Training runs on its own OS thread (it is seconds to minutes of CPU or GPU work) and talks to the
 //! async task through channels; a failed round is reported on the status topic and the agent goes on.
+//!
+//! Style codes (`[federation.style]`, [`super::style`]): once the feature cache is built, the agent
+//! computes its lab's code (nothing below `min_images` training images) and publishes it retained on
+//! `style/<device>`, again only when the base model, the labelled data or the style settings
+//! change. The labelled folder's fingerprint is checked at each round start and every
+//! [`DATA_CHECK`]: a change reloads the data (a new session on the same base model, rounds and
+//! global decoder carried over). Other devices' codes go into a [`StyleBook`]; refused ones are
+//! counted on the status board. Before each round, the trainer gets the codes of the current base
+//! model, so local batches are re-styled.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +40,7 @@ use super::protocol::{
     self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
     ReassemblyLimits, RoundAnnouncement, UpdateBody,
 };
+use super::style::{Received, RestyleConfig, StyleBook, StyleCode, StyleError, StyleSection};
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
 use crate::model::runtime::{Outputs, Segmenter};
@@ -75,7 +85,24 @@ pub struct FederationSection {
     /// (`[federation.fleet_models]`; `fleet` is already the fleet's name.)
     #[serde(default)]
     pub fleet_models: Option<crate::fleet::FleetSection>,
+    /// Style codes (`[federation.style]`); absent: none published, none used.
+    #[serde(default)]
+    pub style: Option<StyleSection>,
 }
+
+impl FederationSection {
+    /// Checks what can be checked without the disk (today: `[federation.style]`).
+    pub fn validate(&self) -> Result<(), StyleError> {
+        match &self.style {
+            Some(s) => s.validate(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// How often the labelled folder's fingerprint is checked between rounds. A change must be seen
+/// twice in a row (files may still be arriving) before the data are reloaded.
+pub const DATA_CHECK: Duration = Duration::from_secs(3);
 
 fn default_holdout() -> f64 {
     0.2
@@ -119,11 +146,14 @@ struct Trained {
     iou_before: Option<f64>,
     iou_after: Option<f64>,
     seconds: f32,
+    restyled_batches: u64,
 }
 
 struct Job {
     global: Vec<f32>,
     plan: RoundPlan,
+    /// Other labs' codes, when they changed since the last job (the trainer keeps them).
+    styles: Option<(Vec<StyleCode>, RestyleConfig)>,
     reply: oneshot::Sender<Result<Trained, String>>,
 }
 
@@ -137,6 +167,10 @@ impl AnyTrainer {
         let t0 = std::time::Instant::now();
         macro_rules! go {
             ($t:expr) => {{
+                if let Some((codes, config)) = &job.styles {
+                    $t.set_styles(codes.clone(), *config)
+                        .map_err(|e| e.to_string())?;
+                }
                 let iou_before = $t.holdout_iou(&job.global).map_err(|e| e.to_string())?;
                 let (local, loss) = $t
                     .train_round(&job.global, &job.plan)
@@ -148,6 +182,7 @@ impl AnyTrainer {
                     iou_before,
                     iou_after,
                     seconds: t0.elapsed().as_secs_f32(),
+                    restyled_batches: $t.restyled_batches(),
                 })
             }};
         }
@@ -185,7 +220,26 @@ struct ParticipantState {
     last_trained_round: u64,
 }
 
-/// Takes part in rounds until `stop` turns true, starting again on each new base model.
+/// Why a session ended.
+enum Next {
+    /// A new base model (its path).
+    Base(PathBuf),
+    /// The labelled data changed: same base model, data reloaded.
+    Data,
+    Stop,
+}
+
+/// What outlives a session: retained messages arrive once per subscription, not once per session.
+struct Carried {
+    book: StyleBook,
+    /// Key ([`style_key`]) of the code this process last published; None: none (or withdrawn).
+    published: Option<String>,
+    announced: Option<RoundAnnouncement>,
+    global: Option<(u64, Vec<f32>)>,
+}
+
+/// Takes part in rounds until `stop` turns true, starting again on each new base model and when the
+/// labelled data change.
 pub async fn run(
     cfg: FederationSection,
     mut model: AgentModel,
@@ -193,27 +247,59 @@ pub async fn run(
     mut inbox: mpsc::Receiver<Message>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ParticipantError> {
+    cfg.validate()
+        .map_err(|e| setup(format!("[federation.style]: {e}")))?;
+    let mut carried = Carried {
+        book: StyleBook::new(&cfg.fleet, &cfg.device).map_err(setup)?,
+        published: None,
+        announced: None,
+        global: None,
+    };
+    let mut reloading = false;
     loop {
-        match session(&cfg, &model, &device, &mut inbox, &mut stop).await? {
-            Some(path) => {
+        match session(&cfg, &model, &device, &mut inbox, &mut stop, &mut carried).await {
+            Ok(Next::Base(path)) => {
                 tracing::info!(model = %path.display(), "new base model: rebuilding the feature cache");
                 model.path = path;
+                // Rounds and decoders of the old base model mean nothing on the new one.
+                carried.announced = None;
+                carried.global = None;
+                reloading = false;
             }
-            None => return Ok(()),
+            Ok(Next::Data) => {
+                tracing::info!(labelled = %cfg.labelled.display(), "labelled data changed: reloading them");
+                reloading = true;
+            }
+            Ok(Next::Stop) => return Ok(()),
+            // A folder being edited may be half-copied (an image without its mask): try again soon
+            // rather than stop taking part.
+            Err(e) if reloading => {
+                tracing::error!(error = %e, "cannot reload the labelled data; trying again");
+                tokio::select! {
+                    _ = tokio::time::sleep(DATA_CHECK) => {}
+                    r = stop.changed() => if r.is_err() || *stop.borrow() { return Ok(()) },
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }
 
-/// Rounds on one base model; returns the next base model's path when it changes, None on stop.
+/// Rounds on one base model and one state of the labelled data.
 async fn session(
     cfg: &FederationSection,
     model: &AgentModel,
     device: &DeviceLink,
     inbox: &mut mpsc::Receiver<Message>,
     stop: &mut watch::Receiver<bool>,
-) -> Result<Option<PathBuf>, ParticipantError> {
+    carried: &mut Carried,
+) -> Result<Next, ParticipantError> {
     let mut base = model.base.clone();
-    base.mark_unchanged();
+    // A base model announced while the previous session was ending is not lost.
+    let current = base.borrow_and_update().clone();
+    if current != model.path {
+        return Ok(Next::Base(current));
+    }
     let topics = device.topics.clone();
     if !protocol::valid_level(&cfg.device) {
         return Err(setup(format!(
@@ -235,6 +321,8 @@ async fn session(
         model_version,
         layout,
         samples,
+        fingerprint,
+        own_code,
     } = prepared;
     let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
     std::thread::Builder::new()
@@ -283,8 +371,24 @@ async fn session(
         st.queue_depth = outbox.len() as u64;
     });
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
-    let mut global: Option<(u64, Vec<f32>)> = None;
-    let mut announced: Option<RoundAnnouncement> = None;
+    let style_prefix = format!("microfed/{}/style/", cfg.fleet);
+    // This lab's code: publish it unless this process already did; withdraw one published before
+    // when there is none now (too few images, codes turned off).
+    let mut pending_code: Option<PendingCode> = match &own_code {
+        Some((key, code)) if carried.published.as_ref() != Some(key) => Some(PendingCode::Code {
+            key: key.clone(),
+            bytes: super::style::seal_code(&cfg.fleet, pstate.last_trained_round, code)
+                .map_err(setup)?,
+        }),
+        Some(_) => None,
+        None => carried.published.is_some().then_some(PendingCode::Withdraw),
+    };
+    let mut styles_given: Option<u64> = None;
+    show_styles(&board, &carried.book, &model_version, cfg.style.is_some());
+    let mut data_check = tokio::time::interval(DATA_CHECK);
+    data_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    data_check.reset();
+    let mut changed_seen: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let decoder_len: usize = layout.iter().map(|t| t.len).sum();
     let header = |round: u64| Header {
@@ -301,14 +405,54 @@ async fn session(
                 if r.is_ok() {
                     let next = base.borrow_and_update().clone();
                     if next != model.path {
-                        return Ok(Some(next));
+                        return Ok(Next::Base(next));
                     }
                 }
             }
             _ = tick.tick() => {}
+            _ = data_check.tick() => {
+                match fingerprint_of(&cfg.labelled, &cfg.state).await {
+                    Ok(now) if now != fingerprint => {
+                        if changed_seen.as_deref() == Some(now.as_str()) {
+                            return Ok(Next::Data);
+                        }
+                        changed_seen = Some(now);
+                    }
+                    Ok(_) => changed_seen = None,
+                    Err(e) => tracing::debug!(error = %e, "cannot fingerprint the labelled data"),
+                }
+            }
             m = inbox.recv() => {
                 let Some(Message { topic, payload, .. }) = m else { break };
-                if topic == topics.round() {
+                if topic.starts_with(&style_prefix) {
+                    let own_topic = topic == topics.style(&cfg.device);
+                    if cfg.style.is_none() {
+                        // Codes are off: only withdraw a code this device left on the broker.
+                        if own_topic && !payload.is_empty() {
+                            pending_code = Some(PendingCode::Withdraw);
+                        }
+                        continue;
+                    }
+                    match carried.book.receive(&topic, &payload) {
+                        Ok(Received::Stored { device }) => {
+                            tracing::info!(%device, "style code received");
+                            show_styles(&board, &carried.book, &model_version, true);
+                        }
+                        Ok(Received::Removed { device }) => {
+                            tracing::info!(%device, "style code withdrawn");
+                            show_styles(&board, &carried.book, &model_version, true);
+                        }
+                        // The broker still holds a code of ours that we no longer stand by.
+                        Ok(Received::Own { empty: false }) if own_code.is_none() => {
+                            pending_code = Some(PendingCode::Withdraw);
+                        }
+                        Ok(Received::Own { .. }) => {}
+                        Err(e) => {
+                            tracing::warn!(%topic, reason = %e, "style message dropped");
+                            show_styles(&board, &carried.book, &model_version, true);
+                        }
+                    }
+                } else if topic == topics.round() {
                     match Envelope::from_bytes(&payload, protocol::MAX_PACKET_BYTES)
                         .and_then(|e| check_env(e, &cfg.fleet, &model_version))
                         .and_then(|e| e.body::<RoundAnnouncement>(Kind::RoundAnnouncement))
@@ -323,7 +467,7 @@ async fn session(
                                     tracing::warn!(round = d.round, "round closed before the update was delivered; dropping it");
                                 }
                             }
-                            announced = Some(a);
+                            carried.announced = Some(a);
                         }
                         Err(e) => tracing::warn!(%topic, error = %e, "ignoring a round announcement"),
                     }
@@ -335,12 +479,12 @@ async fn session(
                             .and_then(|g| Ok((g.version, g.decoder(decoder_len)?)))
                         {
                             Ok((version, values)) => {
-                                if global.as_ref().is_none_or(|(v, _)| version > *v) {
+                                if carried.global.as_ref().is_none_or(|(v, _)| version > *v) {
                                     if version > 0 {
                                         swap_in(&proto, &layout, &values, version, model).await;
                                     }
                                     board.update(|st| st.global_version = version);
-                                    global = Some((version, values));
+                                    carried.global = Some((version, values));
                                 }
                             }
                             Err(e) => tracing::warn!(error = %e, "ignoring a global decoder"),
@@ -353,7 +497,7 @@ async fn session(
         }
 
         // A round to train?
-        if let (Some(a), Some((gv, g))) = (&announced, &global)
+        if let (Some(a), Some((gv, g))) = (&carried.announced, &carried.global)
             && !a.closed
             && a.round > pstate.last_trained_round
             && a.global_version == *gv
@@ -364,7 +508,25 @@ async fn session(
                     round = a.round,
                     "global decoder digest differs from the announcement; waiting"
                 );
+            } else if fingerprint_of(&cfg.labelled, &cfg.state)
+                .await
+                .is_ok_and(|now| now != fingerprint)
+            {
+                // Train on the data as they are now (and publish their style code).
+                return Ok(Next::Data);
             } else {
+                let styles = match &cfg.style {
+                    Some(s) if styles_given != Some(carried.book.generation()) => {
+                        styles_given = Some(carried.book.generation());
+                        let codes = carried.book.codes_for(&model_version);
+                        tracing::info!(
+                            devices = ?carried.book.devices_for(&model_version),
+                            "style codes for local training"
+                        );
+                        Some((codes, s.restyle))
+                    }
+                    _ => None,
+                };
                 let plan = RoundPlan {
                     round: a.round,
                     epochs: a.local_epochs,
@@ -377,9 +539,14 @@ async fn session(
                 let _ = job_tx.send(Job {
                     global: g.clone(),
                     plan,
+                    styles,
                     reply: tx,
                 });
                 let trained = rx.await.map_err(|_| setup("the training thread stopped"))?;
+                if trained.is_err() {
+                    // The trainer may not hold the codes: give them again next round.
+                    styles_given = None;
+                }
                 pstate.last_trained_round = a.round;
                 save_state(&state_path, &pstate);
                 let last_error = match trained.and_then(|t| {
@@ -437,9 +604,41 @@ async fn session(
             }
         }
 
+        // This lab's style code, retained (or its withdrawal: an empty retained message).
+        if link.is_connected()
+            && let Some(p) = pending_code.take()
+        {
+            let (bytes, key) = match &p {
+                PendingCode::Code { key, bytes } => (bytes.clone(), Some(key.clone())),
+                PendingCode::Withdraw => (Vec::new(), None),
+            };
+            match link.publish(&topics.style(&cfg.device), bytes, true).await {
+                Ok(()) => {
+                    match (&own_code, &key) {
+                        (Some((_, code)), Some(_)) => tracing::info!(
+                            kind = %code.kind,
+                            images = code.images,
+                            noise_sigma = code.noise_sigma,
+                            "style code published"
+                        ),
+                        _ => tracing::info!("style code withdrawn from the broker"),
+                    }
+                    carried.published = key;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "style code not published yet; will retry");
+                    pending_code = Some(p);
+                }
+            }
+        }
+
         // Send what waits, oldest first, while the round it belongs to is open.
         if link.is_connected() && !outbox.is_empty() {
-            let open_round = announced.as_ref().filter(|a| !a.closed).map(|a| a.round);
+            let open_round = carried
+                .announced
+                .as_ref()
+                .filter(|a| !a.closed)
+                .map(|a| a.round);
             let stale = outbox
                 .drop_where(|e| {
                     e.model_version != model_version || open_round.is_some_and(|r| e.round < r)
@@ -490,7 +689,131 @@ async fn session(
             }
         }
     }
-    Ok(None)
+    Ok(Next::Stop)
+}
+
+/// This lab's style code waiting for the link.
+enum PendingCode {
+    Code {
+        key: String,
+        bytes: Vec<u8>,
+    },
+    /// An empty retained message: the broker forgets the code.
+    Withdraw,
+}
+
+/// The style figures of the status board.
+fn show_styles(
+    board: &super::device::StatusBoard,
+    book: &StyleBook,
+    model_version: &str,
+    on: bool,
+) {
+    let devices = if on {
+        book.devices_for(model_version)
+    } else {
+        Vec::new()
+    };
+    let rejected = book.rejected();
+    board.update(|st| {
+        st.style_codes = devices;
+        st.style_rejected = rejected;
+    });
+}
+
+/// [`labelled_fingerprint`] on a blocking thread.
+async fn fingerprint_of(dir: &Path, skip: &Path) -> Result<String, String> {
+    let (dir, skip) = (dir.to_owned(), skip.to_owned());
+    tokio::task::spawn_blocking(move || {
+        labelled_fingerprint(&dir, &skip).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+/// A digest of the labelled folder: every file's relative path, size and modification time
+/// (symbolic links followed, at most 8 folders deep). It changes when an image or mask is added,
+/// removed or rewritten, without reading the images. Folder `skip` is left out: a federation state
+/// folder inside the labelled one changes at every round.
+pub fn labelled_fingerprint(dir: &Path, skip: &Path) -> std::io::Result<String> {
+    let skip = std::fs::canonicalize(skip).ok();
+    let mut files = Vec::new();
+    let mut folders = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((folder, depth)) = folders.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let path = entry?.path();
+            // A file removed while we look is simply not there.
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if depth < 8 && std::fs::canonicalize(&path).ok() != skip {
+                    folders.push((path, depth + 1));
+                }
+                continue;
+            }
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let rel = path.strip_prefix(dir).unwrap_or(&path);
+            files.push(format!("{}\0{}\0{mtime}\n", rel.display(), meta.len()));
+        }
+    }
+    files.sort();
+    Ok(protocol::sha256_hex(files.concat().as_bytes()))
+}
+
+/// What identifies this lab's code: base model, labelled data and style settings. The same key
+/// republishes the same code (the same noise draw: fresh noise on unchanged data would let anyone
+/// average it away).
+fn style_key(model_version: &str, fingerprint: &str, style: &StyleSection) -> String {
+    protocol::sha256_hex(format!("{model_version}\n{fingerprint}\n{style:?}").as_bytes())
+}
+
+/// This lab's code as last computed, with its key (`state/style-code.json`).
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedCode {
+    key: String,
+    code: StyleCode,
+}
+
+/// This lab's code for `key`: the saved one when the key matches, else computed (and saved). None,
+/// with a log line saying why, when no code may be published.
+fn own_style_code(
+    cfg: &FederationSection,
+    style: &StyleSection,
+    cache: &FeatureCache,
+    key: String,
+) -> Option<(String, StyleCode)> {
+    let path = cfg.state.join("style-code.json");
+    if let Some(saved) = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<SavedCode>(&b).ok())
+        .filter(|s| s.key == key && s.code.validate().is_ok())
+    {
+        return Some((key, saved.code));
+    }
+    match StyleCode::from_cache(cache, style.kind, &style.knobs(), &cfg.device) {
+        Ok(code) => {
+            let saved = SavedCode { key, code };
+            if let Ok(b) = serde_json::to_vec(&saved)
+                && let Err(e) = crate::pipeline::outputs::write_atomic(&path, &b)
+            {
+                tracing::warn!(error = %e, "cannot save the style code");
+            }
+            Some((saved.key, saved.code))
+        }
+        Err(e @ StyleError::TooFewImages { .. }) => {
+            tracing::info!(reason = %e, "style code not published");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "style code not published");
+            None
+        }
+    }
 }
 
 fn check_env(
@@ -560,6 +883,7 @@ fn make_update(
         holdout_iou_before = ?t.iou_before,
         holdout_iou_after = ?t.iou_after,
         seconds = t.seconds,
+        restyled_batches = t.restyled_batches,
         bytes = compressed.len(),
         dense_bytes = compress::dense_len(layout),
         "local round done"
@@ -573,6 +897,7 @@ fn make_update(
             holdout_mean_iou: t.iou_after.map(|v| v as f32),
             holdout_mean_iou_before: t.iou_before.map(|v| v as f32),
             seconds: t.seconds,
+            restyled_batches: t.restyled_batches,
         },
         compressed,
         norm,
@@ -634,10 +959,17 @@ struct Prepared {
     model_version: String,
     layout: Vec<TensorSpan>,
     samples: u64,
+    /// [`labelled_fingerprint`] of the data loaded.
+    fingerprint: String,
+    /// This lab's style code and its [`style_key`] (None: codes off, or none may be published).
+    own_code: Option<(String, StyleCode)>,
 }
 
 fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, ParticipantError> {
     let model_version = crate::model::manifest::sha256_file(&model.path).map_err(setup)?;
+    // Taken before reading: a change while loading shows at the next check.
+    let fingerprint = labelled_fingerprint(&cfg.labelled, &cfg.state)
+        .map_err(|e| setup(format!("{}: {e}", cfg.labelled.display())))?;
     let proto = onnx::load(&model.path).map_err(setup)?;
     let params = onnx::load_params(&proto, &model.path).map_err(setup)?;
     let layout = compress::decoder_layout(params.classes);
@@ -676,6 +1008,10 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         "encoder features ready"
     );
     let samples = cache.samples();
+    let own_code = cfg.style.as_ref().and_then(|style| {
+        let key = style_key(&model_version, &fingerprint, style);
+        own_style_code(cfg, style, &cache, key)
+    });
     let device = Device::parse(&cfg.device_kind).map_err(setup)?;
     let trainer = match device {
         Device::Cpu => AnyTrainer::Cpu(
@@ -708,5 +1044,90 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         model_version,
         layout,
         samples,
+        fingerprint,
+        own_code,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_labelled_fingerprint_changes_with_the_files_and_only_then() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        std::fs::create_dir_all(dir.join("images")).unwrap();
+        std::fs::write(dir.join("images/a.png"), b"aaaa").unwrap();
+        std::fs::write(dir.join("dataset.toml"), b"name = 'x'").unwrap();
+        let state = dir.join("no-such-state");
+        let first = labelled_fingerprint(dir, &state).unwrap();
+        assert_eq!(labelled_fingerprint(dir, &state).unwrap(), first);
+        // A new file in a sub-folder.
+        std::fs::write(dir.join("images/b.png"), b"bb").unwrap();
+        let second = labelled_fingerprint(dir, &state).unwrap();
+        assert_ne!(second, first);
+        // A rewritten file of another size.
+        std::fs::write(dir.join("images/b.png"), b"bbb").unwrap();
+        let third = labelled_fingerprint(dir, &state).unwrap();
+        assert_ne!(third, second);
+        // Removed again: back to a listing like the first (the mtime of a.png is unchanged).
+        std::fs::remove_file(dir.join("images/b.png")).unwrap();
+        assert_eq!(labelled_fingerprint(dir, &state).unwrap(), first);
+        assert!(labelled_fingerprint(&dir.join("missing"), &state).is_err());
+        // The federation's state inside the labelled folder does not count.
+        std::fs::create_dir_all(dir.join("fed")).unwrap();
+        std::fs::write(dir.join("fed/participant.json"), b"{}").unwrap();
+        assert_eq!(labelled_fingerprint(dir, &dir.join("fed")).unwrap(), first);
+        assert_ne!(labelled_fingerprint(dir, &state).unwrap(), first);
+    }
+
+    #[test]
+    fn the_example_style_section_parses_and_a_bad_one_is_refused_at_load() {
+        // The commented [federation.style] of agent.example.toml, uncommented.
+        let example = include_str!("../../agent.example.toml");
+        let start = example.find("# [federation.style]").unwrap();
+        let text: String = example[start..]
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches("# ")))
+            .collect();
+        let table: toml::Table = toml::from_str(&text).unwrap();
+        let style: StyleSection = table["federation"]["style"].clone().try_into().unwrap();
+        assert_eq!(style, StyleSection::default());
+        // At config load, a bad knob names its field.
+        let config = |style: &str| {
+            format!(
+                "[model]\npath = \"m.onnx\"\n[federation]\nfleet = \"f\"\ndevice = \"d\"\n\
+                 labelled = \"l\"\nstate = \"s\"\n[federation.style]\n{style}"
+            )
+        };
+        let ok: crate::pipeline::config::AgentConfig =
+            toml::from_str(&config("kind = \"fourier\"\n")).unwrap();
+        ok.validate().unwrap();
+        let bad: crate::pipeline::config::AgentConfig =
+            toml::from_str(&config("min_images = 0\n")).unwrap();
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("federation.style") && err.contains("min_images"),
+            "{err}"
+        );
+        assert!(
+            toml::from_str::<crate::pipeline::config::AgentConfig>(&config("colour = 1\n"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_style_key_follows_model_data_and_settings() {
+        let s = StyleSection::default();
+        let k = style_key("m", "d", &s);
+        assert_eq!(k, style_key("m", "d", &s));
+        assert_ne!(k, style_key("m2", "d", &s));
+        assert_ne!(k, style_key("m", "d2", &s));
+        let noisy = StyleSection {
+            noise_sigma: 0.1,
+            ..s
+        };
+        assert_ne!(k, style_key("m", "d", &noisy));
+    }
 }

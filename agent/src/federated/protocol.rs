@@ -311,6 +311,10 @@ pub struct LocalMetrics {
     /// Mean IoU of the global model it started from, on the same images.
     pub holdout_mean_iou_before: Option<f32>,
     pub seconds: f32,
+    /// Local batches re-styled with another lab's style code ([`crate::federated::style`]); 0 when
+    /// the device has no codes or style codes are off. Absent in older senders' updates.
+    #[serde(default)]
+    pub restyled_batches: u64,
 }
 
 /// A device's update for a round (on `update/<device>`).
@@ -341,6 +345,14 @@ pub struct StatusBody {
     /// Updates waiting in the outbox.
     pub queue_depth: u64,
     pub last_error: Option<String>,
+    /// The other devices whose style codes this device holds for its base model (sorted); empty when
+    /// style codes are off. Absent in older senders' status.
+    #[serde(default)]
+    pub style_codes: Vec<String>,
+    /// Messages on `style/+` dropped since start: malformed, wrong kind, forged sender (the sender is
+    /// not the topic's device), or an invalid code.
+    #[serde(default)]
+    pub style_rejected: u64,
 }
 
 /// One segmented micrograph (on `result/<device>`): the figures, never the image.

@@ -13,12 +13,18 @@
 //! - [`StyleCode`]: the code itself (serde; [`StyleCode::to_cbor`] / [`StyleCode::from_cbor`] for the
 //!   wire), made by [`StyleCode::from_cache`] from a lab's [`FeatureCache`].
 //! - [`RestyleConfig`]: how often and how strongly local training re-styles a batch.
+//! - [`StyleSection`]: `[federation.style]` in agent.toml (kind, privacy knobs, re-styling).
+//! - [`StyleBook`]: the latest code of every other device as they arrive on `style/+` (an empty
+//!   retained payload withdraws one); malformed, wrong-kind, forged-sender and invalid codes are
+//!   refused ([`CodeRejected`]) and counted. [`seal_code`] makes the message a device publishes.
 //! - [`restyle_image`]: the Fourier re-styling of one image (amplitude interpolation in the
 //!   low-frequency band, phase kept), tile by tile with overlapping sin² windows so that images of any
 //!   size work and no seams appear. Feature re-styling is the kernels crate's per-channel affine map
 //!   ([`microfed_kernels::style::restyle_coefficients`]), applied by
 //!   [`super::local::LocalTrainer::train_round`].
 //! - A small radix-2 FFT ([`fft2`]) for the Fourier codes (windows are powers of two).
+
+use std::collections::BTreeMap;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -28,6 +34,7 @@ use serde::{Deserialize, Serialize};
 use microfed_kernels::unet::{CHANNELS, DEPTH};
 
 use super::local::{CachedImage, FeatureCache};
+use super::protocol::{Envelope, Header, Kind, MAX_PACKET_BYTES, ProtocolError, Topics};
 use crate::train::augment::reflect;
 
 /// Side of the square analysis window of Fourier codes, in pixels (a power of two).
@@ -375,6 +382,243 @@ impl StyleCode {
         code.validate()?;
         Ok(code)
     }
+}
+
+/// `[federation.style]` in agent.toml: this lab publishes its style code and re-styles its local
+/// training with the other labs' codes. Absent: style codes are off (nothing published or used).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StyleSection {
+    /// `feature-stats` (default) or `fourier`.
+    #[serde(default)]
+    pub kind: StyleKind,
+    /// See [`PrivacyKnobs::min_images`]: with fewer training images, no code is published.
+    #[serde(default = "default_min_images")]
+    pub min_images: u32,
+    /// See [`PrivacyKnobs::noise_sigma`].
+    #[serde(default)]
+    pub noise_sigma: f32,
+    /// `[federation.style.restyle]`: how local training uses the other labs' codes.
+    #[serde(default)]
+    pub restyle: RestyleConfig,
+}
+
+impl Default for StyleSection {
+    fn default() -> Self {
+        let k = PrivacyKnobs::default();
+        Self {
+            kind: StyleKind::default(),
+            min_images: k.min_images,
+            noise_sigma: k.noise_sigma,
+            restyle: RestyleConfig::default(),
+        }
+    }
+}
+
+impl StyleSection {
+    pub fn knobs(&self) -> PrivacyKnobs {
+        PrivacyKnobs {
+            min_images: self.min_images,
+            noise_sigma: self.noise_sigma,
+        }
+    }
+
+    /// Checks the knobs; errors name the field as written in `[federation.style]`.
+    pub fn validate(&self) -> Result<(), StyleError> {
+        self.knobs().validate()?;
+        self.restyle.validate().map_err(|e| match e {
+            StyleError::Knob { field, rule, value } => StyleError::Knob {
+                field: match field {
+                    "probability" => "restyle.probability",
+                    "mix" => "restyle.mix",
+                    other => other,
+                },
+                rule,
+                value,
+            },
+            other => other,
+        })
+    }
+}
+
+/// Why a message on `style/<device>` was dropped (each is counted on the status board).
+#[derive(Debug, thiserror::Error)]
+pub enum CodeRejected {
+    #[error("{topic}: not a style topic of this fleet")]
+    Topic { topic: String },
+    #[error("{topic}: {source}")]
+    Envelope {
+        topic: String,
+        source: ProtocolError,
+    },
+    #[error("{topic}: a message of fleet {found:?}, this device is in fleet {expected:?}")]
+    Fleet {
+        topic: String,
+        found: String,
+        expected: String,
+    },
+    #[error("{topic}: sent by {sender:?} for a code of {code_device:?} (forged sender)")]
+    Sender {
+        topic: String,
+        sender: String,
+        code_device: String,
+    },
+    #[error("{topic}: the code was made by base model {code}, the envelope says {envelope}")]
+    ModelVersion {
+        topic: String,
+        code: String,
+        envelope: String,
+    },
+    #[error("{topic}: {source}")]
+    Code { topic: String, source: StyleError },
+}
+
+/// What a style message did to the [`StyleBook`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// Another device's code, new or replacing its previous one.
+    Stored { device: String },
+    /// An empty (retained) payload: that device withdrew its code.
+    Removed { device: String },
+    /// This device's own code, as the broker holds it (`empty`: none is held).
+    Own { empty: bool },
+}
+
+/// The latest style code of every other device of the fleet, as they arrive on `style/+`.
+///
+/// Codes of every base model are kept (a device's retained code arrives once, maybe before this
+/// device has moved to the same base model); [`StyleBook::codes_for`] hands out only those of one
+/// base model, since features of another encoder are not comparable.
+#[derive(Debug)]
+pub struct StyleBook {
+    topics: Topics,
+    fleet: String,
+    device: String,
+    codes: BTreeMap<String, StyleCode>,
+    rejected: u64,
+    generation: u64,
+}
+
+impl StyleBook {
+    /// The book of `device` in `fleet`.
+    pub fn new(fleet: &str, device: &str) -> Result<Self, String> {
+        Ok(Self {
+            topics: Topics::new(fleet)?,
+            fleet: fleet.to_owned(),
+            device: device.to_owned(),
+            codes: BTreeMap::new(),
+            rejected: 0,
+            generation: 0,
+        })
+    }
+
+    /// Takes one message of `microfed/<fleet>/style/+`. A refused message is counted
+    /// ([`StyleBook::rejected`]) and leaves the book as it was.
+    pub fn receive(&mut self, topic: &str, payload: &[u8]) -> Result<Received, CodeRejected> {
+        let r = self.check(topic, payload);
+        match &r {
+            Ok(Received::Stored { .. } | Received::Removed { .. }) => self.generation += 1,
+            Ok(Received::Own { .. }) => {}
+            Err(_) => self.rejected += 1,
+        }
+        r
+    }
+
+    fn check(&mut self, topic: &str, payload: &[u8]) -> Result<Received, CodeRejected> {
+        let Some(device) = self.topics.device_of("style", topic) else {
+            return Err(CodeRejected::Topic {
+                topic: topic.to_owned(),
+            });
+        };
+        if payload.is_empty() {
+            if device == self.device {
+                return Ok(Received::Own { empty: true });
+            }
+            self.codes.remove(device);
+            return Ok(Received::Removed {
+                device: device.to_owned(),
+            });
+        }
+        let bad = |source| CodeRejected::Envelope {
+            topic: topic.to_owned(),
+            source,
+        };
+        let env = Envelope::from_bytes(payload, MAX_PACKET_BYTES).map_err(bad)?;
+        if env.fleet != self.fleet {
+            return Err(CodeRejected::Fleet {
+                topic: topic.to_owned(),
+                found: env.fleet,
+                expected: self.fleet.clone(),
+            });
+        }
+        let code: StyleCode = env.body(Kind::StyleCode).map_err(bad)?;
+        // The ACL lets a device write only its own topic; the sender and the code must say the same
+        // device, or one lab could pass its code off as another's.
+        if env.sender != device || code.device != device {
+            return Err(CodeRejected::Sender {
+                topic: topic.to_owned(),
+                sender: env.sender,
+                code_device: code.device,
+            });
+        }
+        if code.model_version != env.model_version {
+            return Err(CodeRejected::ModelVersion {
+                topic: topic.to_owned(),
+                code: code.model_version,
+                envelope: env.model_version,
+            });
+        }
+        code.validate().map_err(|source| CodeRejected::Code {
+            topic: topic.to_owned(),
+            source,
+        })?;
+        if device == self.device {
+            return Ok(Received::Own { empty: false });
+        }
+        self.codes.insert(device.to_owned(), code);
+        Ok(Received::Stored {
+            device: device.to_owned(),
+        })
+    }
+
+    /// The other devices' codes made by base model `model_version`, by device id.
+    pub fn codes_for(&self, model_version: &str) -> Vec<StyleCode> {
+        self.codes
+            .values()
+            .filter(|c| c.model_version == model_version)
+            .cloned()
+            .collect()
+    }
+
+    /// The devices whose codes [`StyleBook::codes_for`] returns (sorted).
+    pub fn devices_for(&self, model_version: &str) -> Vec<String> {
+        self.codes
+            .values()
+            .filter(|c| c.model_version == model_version)
+            .map(|c| c.device.clone())
+            .collect()
+    }
+
+    /// Messages refused so far.
+    pub fn rejected(&self) -> u64 {
+        self.rejected
+    }
+
+    /// Changes with every stored or removed code: the trainer needs the codes again.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+}
+
+/// A code as it goes on `style/<device>`: an envelope of kind `style_code` from `code.device`.
+pub fn seal_code(fleet: &str, round: u64, code: &StyleCode) -> Result<Vec<u8>, ProtocolError> {
+    let header = Header {
+        fleet,
+        round,
+        model_version: &code.model_version,
+        sender: &code.device,
+    };
+    Envelope::seal(Kind::StyleCode, &header, code)?.to_bytes()
 }
 
 /// Per stage and channel, mean and population standard deviation of the features over the original
@@ -1002,5 +1246,167 @@ mod tests {
         .validate()
         .unwrap_err();
         assert!(err.to_string().contains("probability"), "{err}");
+    }
+
+    fn wire_code(device: &str, model: &str, value: f32) -> StyleCode {
+        StyleCode {
+            device: device.into(),
+            kind: StyleKind::FeatureStats,
+            model_version: model.into(),
+            images: 4,
+            noise_sigma: 0.0,
+            window: 0,
+            band: 0,
+            values: vec![value; feature_stats_len()],
+        }
+    }
+
+    const TOPIC: &str = "microfed/f/style/";
+
+    #[test]
+    fn the_style_book_keeps_the_latest_code_per_device_and_hands_out_the_current_models() {
+        let mut book = StyleBook::new("f", "me").unwrap();
+        let seal = |c: &StyleCode| seal_code("f", 0, c).unwrap();
+        let a1 = wire_code("lab-a", "m1", 1.0);
+        let a2 = wire_code("lab-a", "m1", 2.0);
+        let b0 = wire_code("lab-b", "m0", 3.0);
+        assert_eq!(
+            book.receive(&format!("{TOPIC}lab-a"), &seal(&a1)).unwrap(),
+            Received::Stored {
+                device: "lab-a".into()
+            }
+        );
+        book.receive(&format!("{TOPIC}lab-a"), &seal(&a2)).unwrap();
+        book.receive(&format!("{TOPIC}lab-b"), &seal(&b0)).unwrap();
+        assert_eq!(book.generation(), 3);
+        // Latest per device; only the codes of the asked base model.
+        assert_eq!(book.codes_for("m1"), vec![a2.clone()]);
+        assert_eq!(book.devices_for("m0"), ["lab-b"]);
+        assert!(book.codes_for("m2").is_empty());
+        // This device's own code is not kept (it does not re-style towards itself).
+        let own = wire_code("me", "m1", 5.0);
+        assert_eq!(
+            book.receive(&format!("{TOPIC}me"), &seal(&own)).unwrap(),
+            Received::Own { empty: false }
+        );
+        assert_eq!(book.devices_for("m1"), ["lab-a"]);
+        assert_eq!(book.generation(), 3);
+        // An empty retained payload withdraws the device's code.
+        assert_eq!(
+            book.receive(&format!("{TOPIC}lab-a"), b"").unwrap(),
+            Received::Removed {
+                device: "lab-a".into()
+            }
+        );
+        assert!(book.codes_for("m1").is_empty());
+        assert_eq!(book.devices_for("m0"), ["lab-b"]);
+        assert_eq!(
+            book.receive(&format!("{TOPIC}me"), b"").unwrap(),
+            Received::Own { empty: true }
+        );
+        assert_eq!((book.generation(), book.rejected()), (4, 0));
+    }
+
+    #[test]
+    fn the_style_book_counts_and_drops_bad_messages_without_changing() {
+        let mut book = StyleBook::new("f", "me").unwrap();
+        let good = wire_code("lab-a", "m1", 1.0);
+        book.receive(&format!("{TOPIC}lab-a"), &seal_code("f", 0, &good).unwrap())
+            .unwrap();
+        let topic_x = format!("{TOPIC}lab-x");
+        // lab-x passes lab-a's code off as its own: envelope sender, or the code's device, differs.
+        let forged_sender = seal_code("f", 0, &good).unwrap();
+        let mut renamed = good.clone();
+        renamed.values[0] = 9.0;
+        let header = |sender: &'static str, model: &'static str| Header {
+            fleet: "f",
+            round: 0,
+            model_version: model,
+            sender,
+        };
+        let forged_code = Envelope::seal(Kind::StyleCode, &header("lab-x", "m1"), &renamed)
+            .and_then(|e| e.to_bytes())
+            .unwrap();
+        let wrong_kind = Envelope::seal(Kind::Status, &header("lab-x", "m1"), &good)
+            .and_then(|e| e.to_bytes())
+            .unwrap();
+        let mut short = wire_code("lab-x", "m1", 1.0);
+        short.values.truncate(10);
+        let invalid = seal_code("f", 0, &short).unwrap();
+        let other_fleet = seal_code("g", 0, &wire_code("lab-x", "m1", 1.0)).unwrap();
+        let model_mismatch = Envelope::seal(
+            Kind::StyleCode,
+            &header("lab-x", "m0"),
+            &wire_code("lab-x", "m1", 1.0),
+        )
+        .and_then(|e| e.to_bytes())
+        .unwrap();
+        let cases: [(&str, &[u8], &str); 8] = [
+            (&topic_x, b"not cbor", "not valid CBOR"),
+            (&topic_x, &forged_sender, "forged sender"),
+            (&topic_x, &forged_code, "forged sender"),
+            (&topic_x, &wrong_kind, "expected a StyleCode message"),
+            (&topic_x, &invalid, "values has 10 numbers"),
+            (&topic_x, &other_fleet, "fleet \"g\""),
+            (&topic_x, &model_mismatch, "base model m1"),
+            ("microfed/g/style/lab-x", &invalid, "not a style topic"),
+        ];
+        for (i, (topic, payload, why)) in cases.iter().enumerate() {
+            let err = book.receive(topic, payload).unwrap_err();
+            assert!(err.to_string().contains(why), "{err}");
+            assert!(err.to_string().contains(topic), "{err}");
+            assert_eq!(book.rejected(), i as u64 + 1);
+        }
+        assert_eq!(book.codes_for("m1"), vec![good]);
+        assert_eq!(book.generation(), 1);
+    }
+
+    #[test]
+    fn the_style_section_parses_with_defaults_and_names_bad_fields() {
+        let s: StyleSection = toml::from_str("").unwrap();
+        assert_eq!(s, StyleSection::default());
+        assert_eq!(
+            (s.kind, s.min_images, s.restyle.mix),
+            (StyleKind::FeatureStats, 3, 1.0)
+        );
+        let s: StyleSection = toml::from_str(
+            "kind = \"fourier\"\nmin_images = 8\nnoise_sigma = 0.05\n\
+             [restyle]\nprobability = 0.25\nmix = 0.5\n",
+        )
+        .unwrap();
+        assert_eq!(s.kind, StyleKind::Fourier);
+        assert_eq!(
+            s.knobs(),
+            PrivacyKnobs {
+                min_images: 8,
+                noise_sigma: 0.05
+            }
+        );
+        assert_eq!(
+            s.restyle,
+            RestyleConfig {
+                probability: 0.25,
+                mix: 0.5
+            }
+        );
+        s.validate().unwrap();
+        assert!(toml::from_str::<StyleSection>("min_image = 3").is_err());
+        assert!(toml::from_str::<StyleSection>("kind = \"histogram\"").is_err());
+        let bad = StyleSection {
+            restyle: RestyleConfig {
+                probability: 0.5,
+                mix: 2.0,
+            },
+            ..s
+        };
+        let err = bad.validate().unwrap_err().to_string();
+        assert!(err.contains("restyle.mix"), "{err}");
+        let bad = StyleSection { min_images: 0, ..s };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("min_images")
+        );
     }
 }

@@ -348,6 +348,8 @@ mod tests {
             last_round: Some(4),
             queue_depth: 1,
             last_error: err.map(str::to_owned),
+            style_codes: Vec::new(),
+            style_rejected: 0,
         }
     }
 

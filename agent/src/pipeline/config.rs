@@ -428,6 +428,10 @@ impl AgentConfig {
         if [q.captured, q.decoded, q.segmented, q.written].contains(&0) {
             return Err(invalid("queues", "every capacity must be at least 1"));
         }
+        if let Some(f) = &self.federation {
+            f.validate()
+                .map_err(|e| invalid("federation.style", e.to_string()))?;
+        }
         Ok(())
     }
 }
