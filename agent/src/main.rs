@@ -5,7 +5,12 @@ use microfed::cli::{self, Cli};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    microfed::telemetry::init(cli.log_format);
+    match cli.command {
+        cli::Command::Demo(_) => {
+            microfed::telemetry::init_with_default(cli.log_format, "warn,rumqttd=off")
+        }
+        _ => microfed::telemetry::init(cli.log_format),
+    }
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {

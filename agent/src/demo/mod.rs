@@ -321,6 +321,9 @@ fn prepare_out(out: &Path) -> Result<(), DemoError> {
 
 /// The `[federation]` section of one lab, as agent.toml would give it. Built as TOML so that every
 /// field the participant gains later takes its default here.
+/// A lab publishes a style code only when computed over at least this many training images.
+const DEMO_STYLE_MIN_IMAGES: u32 = 3;
+
 fn federation_section(
     cfg: &DemoConfig,
     lab: &LabPlan,
@@ -354,10 +357,18 @@ fn federation_section(
     t.insert("crop".into(), (cfg.crop as i64).into());
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
-    // STYLE CODES — the one place to enable them once the participant publishes them (its
-    // `FederationSection` gains `style`): insert that table here, e.g.
-    //     t.insert("style".into(), toml::Value::Table(style_table));
-    // and every lab shares its style code through the same broker.
+    // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
+    // retained, and trains on its labels re-styled with the other labs' codes half of the time. The
+    // demo's labs have a handful of training images, so the privacy floor is lowered to 3 (agent.toml's
+    // default is higher; docs/privacy.md says why a floor matters).
+    let mut restyle = toml::Table::new();
+    restyle.insert("probability".into(), 0.5.into());
+    restyle.insert("mix".into(), 1.0.into());
+    let mut style = toml::Table::new();
+    style.insert("kind".into(), "feature-stats".into());
+    style.insert("min_images".into(), (DEMO_STYLE_MIN_IMAGES as i64).into());
+    style.insert("restyle".into(), toml::Value::Table(restyle));
+    t.insert("style".into(), toml::Value::Table(style));
     toml::Value::Table(t)
         .try_into::<FederationSection>()
         .map_err(|e| DemoError::Lab {
@@ -521,8 +532,12 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         &lab_reports,
         dense,
         &files,
-        "off: the participant does not publish style codes yet (see the STYLE CODES comment in \
-         agent/src/demo/mod.rs for the one line that turns them on).",
+        &format!(
+            "feature-stats codes (992 numbers per lab, published retained on \
+             microfed/{FLEET}/style/<lab>, at least {DEMO_STYLE_MIN_IMAGES} training images); each \
+             lab's local training re-styles half of its batches with another lab's code. The \
+             re-styled batch counts are in each lab's agent log."
+        ),
     );
     let report_path = cfg.out.join("report.md");
     std::fs::write(&report_path, md).map_err(|e| DemoError::Output {
