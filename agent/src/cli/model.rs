@@ -4,6 +4,9 @@
 //! exports a U-Net from PyTorch can fix all of them in one go (see `models/README.md`). With
 //! `--run`, it also runs the model once through tract on a blank 64×64 image, which catches graphs that
 //! parse but cannot execute.
+//!
+//! `microfed model bench FILE`: inference time per batch on this machine, on the CPU or the GPU
+//! (tract-cuda), with the GPU's logits checked against the CPU's on the same input.
 
 use std::path::PathBuf;
 
@@ -33,6 +36,40 @@ pub enum ModelCommand {
         after_help = "Example:\n  microfed model score models/grains --data data/test/hazy data/test/sem-se --json grains.json"
     )]
     Score(ScoreArgs),
+    /// Time inference (logits of a batch) through tract on the CPU or the GPU: median and p90 over
+    /// repeated runs after a warm-up, per input shape; with a GPU, the logits are also compared with
+    /// the CPU's on the first shape.
+    #[command(
+        after_help = "Example:\n  microfed model bench models/grains/model.onnx --device cuda --shape 1x512x512 --shape 1x2048x2048 --json bench.json"
+    )]
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// The ONNX file.
+    pub file: PathBuf,
+    /// Where the network runs.
+    #[arg(long, value_enum, default_value_t = crate::model::runtime::InferenceDevice::Auto)]
+    pub device: crate::model::runtime::InferenceDevice,
+    /// Input shapes as NxHxW (batch, height, width; H and W multiples of 16). Repeatable.
+    #[arg(long = "shape", value_name = "NxHxW", default_values_t = vec!["1x512x512".to_string()])]
+    pub shapes: Vec<String>,
+    /// Timed runs per shape (after the warm-up).
+    #[arg(long, default_value_t = 20)]
+    pub runs: usize,
+    /// Untimed runs first (plan building, GPU kernel compilation, caches).
+    #[arg(long, default_value_t = 3)]
+    pub warmup: usize,
+    /// CPU threads for tract's matrix products (0 = every core).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Skip the CPU comparison of the GPU's logits.
+    #[arg(long)]
+    pub no_check: bool,
+    /// Also write the results as JSON.
+    #[arg(long, value_name = "OUT.json")]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -69,6 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     match args.command {
         ModelCommand::Check(a) => check(a),
         ModelCommand::Score(a) => score(a),
+        ModelCommand::Bench(a) => bench(a),
     }
 }
 
@@ -144,6 +182,156 @@ fn score(args: ScoreArgs) -> anyhow::Result<()> {
     report.insert("all".into(), serde_json::to_value(&e)?);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)? + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+fn parse_shape(text: &str) -> anyhow::Result<(usize, usize, usize)> {
+    let parts: Vec<&str> = text.split('x').collect();
+    let bad = || anyhow::anyhow!("--shape {text:?}: expected NxHxW, e.g. 1x512x512");
+    if parts.len() != 3 {
+        return Err(bad());
+    }
+    let v: Vec<usize> = parts
+        .iter()
+        .map(|p| p.trim().parse::<usize>().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    anyhow::ensure!(
+        v[0] > 0
+            && v[1] > 0
+            && v[2] > 0
+            && v[1] % onnx::INPUT_MULTIPLE == 0
+            && v[2] % onnx::INPUT_MULTIPLE == 0,
+        "--shape {text:?}: N positive, H and W positive multiples of {}",
+        onnx::INPUT_MULTIPLE
+    );
+    Ok((v[0], v[1], v[2]))
+}
+
+/// A reproducible input: smooth blobs plus noise, in the normalised range of a micrograph.
+fn bench_input(n: usize, h: usize, w: usize) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut x = Vec::with_capacity(n * h * w);
+    for b in 0..n {
+        for y in 0..h {
+            for xx in 0..w {
+                let s = ((y as f32 * 0.05 + b as f32).sin() * (xx as f32 * 0.037).cos()) * 1.5;
+                x.push(s + rng.random_range(-0.3f32..0.3));
+            }
+        }
+    }
+    x
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    use crate::model::runtime::{Engine, Outputs, select_engine};
+    use std::time::Instant;
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let shapes: Vec<_> = args
+        .shapes
+        .iter()
+        .map(|s| parse_shape(s))
+        .collect::<anyhow::Result<_>>()?;
+    let choice = select_engine(args.device)?;
+    println!("engine: {} ({})", choice.engine.name(), choice.reason);
+    let threads = crate::pipeline::resolve_threads(args.threads);
+    let executor = crate::pipeline::tiling::executor(threads)
+        .unwrap_or(tract_linalg::multithread::Executor::SingleThread);
+    let seg = Segmenter::load(&args.file)?.on_engine(choice.engine);
+    let mut rows = Vec::new();
+    println!("| shape | prepare ms | median ms | p90 ms | images/s |");
+    println!("|---|---|---|---|---|");
+    for (i, &(n, h, w)) in shapes.iter().enumerate() {
+        let input = bench_input(n, h, w);
+        let t0 = Instant::now();
+        seg.prepare(n, h, w, Outputs::Logits)
+            .with_context(|| format!("preparing {n}x{h}x{w}"))?;
+        let prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let run = || {
+            tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
+                seg.logits(&input, n, h, w)
+            })
+        };
+        let mut logits = Vec::new();
+        for _ in 0..args.warmup {
+            logits = run().with_context(|| format!("running {n}x{h}x{w}"))?;
+        }
+        let mut ms = Vec::with_capacity(args.runs);
+        for _ in 0..args.runs {
+            let t = Instant::now();
+            logits = run().with_context(|| format!("running {n}x{h}x{w}"))?;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        anyhow::ensure!(
+            logits.iter().all(|v| v.is_finite()),
+            "{}: non-finite logits for {n}x{h}x{w}",
+            args.file.display()
+        );
+        ms.sort_by(f64::total_cmp);
+        let median = percentile(&ms, 0.5);
+        let p90 = percentile(&ms, 0.9);
+        println!(
+            "| {n}x{h}x{w} | {prepare_ms:.0} | {median:.2} | {p90:.2} | {:.1} |",
+            n as f64 * 1e3 / median
+        );
+        let mut row = serde_json::json!({
+            "shape": [n, h, w], "prepare_ms": prepare_ms, "median_ms": median, "p90_ms": p90,
+            "runs": args.runs, "engine": choice.engine.name(), "threads": threads,
+        });
+        // The GPU's answer against the CPU's, on the first shape: tract-cuda may use TF32 or other
+        // reduced-precision paths, so say how far the logits move and whether the classes change.
+        if i == 0 && !args.no_check && matches!(choice.engine, Engine::Cuda(_)) {
+            let cpu = Segmenter::load(&args.file)?.on_engine(Engine::Cpu);
+            let reference =
+                tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
+                    cpu.logits(&input, n, h, w)
+                })?;
+            let max_abs = reference
+                .iter()
+                .zip(&logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let k = seg.classes();
+            let plane = h * w;
+            let mut same = 0usize;
+            for b in 0..n {
+                for p in 0..plane {
+                    let arg = |v: &[f32]| {
+                        (0..k)
+                            .max_by(|&c, &d| {
+                                v[(b * k + c) * plane + p].total_cmp(&v[(b * k + d) * plane + p])
+                            })
+                            .unwrap_or(0)
+                    };
+                    same += usize::from(arg(&reference) == arg(&logits));
+                }
+            }
+            let agree = same as f64 / (n * plane) as f64;
+            println!(
+                "GPU vs CPU logits on {n}x{h}x{w}: max |diff| {max_abs:.3e}, same class for {:.4}% of pixels",
+                agree * 100.0
+            );
+            row["gpu_vs_cpu_max_abs"] = serde_json::json!(max_abs);
+            row["gpu_vs_cpu_class_agreement"] = serde_json::json!(agree);
+        }
+        rows.push(row);
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "model": args.file.display().to_string(),
+            "engine": choice.engine.name(),
+            "reason": choice.reason,
+            "results": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
             .with_context(|| format!("cannot write {}", path.display()))?;
         println!("wrote {}", path.display());
     }
