@@ -280,7 +280,11 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         assert_eq!(p["steps"], r as u64 + 1, "{h:#}");
         let eps = p["epsilon"].as_f64().expect("ε in the summary");
         let want = accountant.epsilon(1e-5).0;
-        assert!((eps - want).abs() <= 1e-9 * want, "round {}: ε {eps}, want {want}", r + 1);
+        assert!(
+            (eps - want).abs() <= 1e-9 * want,
+            "round {}: ε {eps}, want {want}",
+            r + 1
+        );
         assert!(eps > last_epsilon, "ε grows: {last_epsilon} then {eps}");
         last_epsilon = eps;
         assert_eq!(h["round"], r as u64 + 1);

@@ -40,6 +40,7 @@ use super::protocol::{
     self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, Reassembler, ReassemblyLimits,
     RoundAnnouncement, RoundSummary, Topics, UpdateBody,
 };
+use super::scaleout::{Role, ScaleOutSection};
 use crate::model::onnx;
 use crate::pipeline::journal::now_unix;
 use crate::pipeline::outputs::write_atomic;
@@ -81,6 +82,9 @@ pub struct AggregatorConfig {
     /// Server-side DP-FedAvg; none = plain aggregation.
     #[serde(default)]
     pub dp: Option<DpSection>,
+    /// Several aggregator processes sharing the update stream; none = this one does everything.
+    #[serde(default)]
+    pub scale_out: Option<ScaleOutSection>,
 }
 
 /// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
@@ -316,6 +320,9 @@ impl AggregatorConfig {
                 return Err("dp: use dp.clip_norm, not aggregation.clip_norm".into());
             }
         }
+        if let Some(so) = &self.scale_out {
+            so.validate(&self.id, &self.compression)?;
+        }
         Ok(())
     }
 
@@ -333,14 +340,15 @@ impl AggregatorConfig {
 
 /// The running aggregator.
 pub struct Aggregator {
-    cfg: AggregatorConfig,
-    topics: Topics,
-    model_version: String,
+    // `pub(super)`: the scale-out roles (federated::scaleout) drive the same state.
+    pub(super) cfg: AggregatorConfig,
+    pub(super) topics: Topics,
+    pub(super) model_version: String,
     layout: Vec<TensorSpan>,
     classes: usize,
-    state: RoundState,
+    pub(super) state: RoundState,
     global: Vec<f32>,
-    acc: Accumulator,
+    pub(super) acc: Accumulator,
     server: ServerOptimizer,
     reassembler: Reassembler,
 }
@@ -382,7 +390,12 @@ impl Aggregator {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RoundState::default(),
             Err(e) => return Err(file_err(&state_path, e)),
         };
-        let global = if state.global_version == 0 {
+        // A scale-out worker only sums updates: it never holds the global decoder's files.
+        let worker = cfg
+            .scale_out
+            .as_ref()
+            .is_some_and(|s| s.role == Role::Worker);
+        let global = if state.global_version == 0 || worker {
             params.decoder_flat()
         } else {
             let p = cfg
@@ -438,11 +451,11 @@ impl Aggregator {
         self.acc.retained_updates()
     }
 
-    fn round_dir(&self, round: u64) -> PathBuf {
+    pub(super) fn round_dir(&self, round: u64) -> PathBuf {
         self.cfg.state.join(format!("round-{round}"))
     }
 
-    fn replay_open_round(&mut self) -> Result<(), AggregatorError> {
+    pub(super) fn replay_open_round(&mut self) -> Result<(), AggregatorError> {
         let dir = self.round_dir(self.state.round);
         let accepted = self.state.accepted.clone();
         for device in accepted.keys() {
@@ -463,13 +476,13 @@ impl Aggregator {
         Ok(())
     }
 
-    fn save_state(&self) -> Result<(), AggregatorError> {
+    pub(super) fn save_state(&self) -> Result<(), AggregatorError> {
         let path = self.cfg.state.join("aggregator.json");
         let text = serde_json::to_vec_pretty(&self.state).map_err(|e| file_err(&path, e))?;
         write_atomic(&path, &text).map_err(|e| file_err(&path, e))
     }
 
-    fn header(&self) -> Header<'_> {
+    pub(super) fn header(&self) -> Header<'_> {
         Header {
             fleet: &self.cfg.fleet,
             round: self.state.round,
@@ -499,7 +512,12 @@ impl Aggregator {
             return Err(AggregatorError::PrivacyBudget {
                 round: self.state.round + 1,
                 epsilon,
-                max: self.cfg.dp.as_ref().and_then(|d| d.max_epsilon).unwrap_or(0.0),
+                max: self
+                    .cfg
+                    .dp
+                    .as_ref()
+                    .and_then(|d| d.max_epsilon)
+                    .unwrap_or(0.0),
             });
         }
         self.state.round += 1;
@@ -520,7 +538,7 @@ impl Aggregator {
         Ok(())
     }
 
-    fn reject(&mut self, why: Rejection, detail: &str) {
+    pub(super) fn reject(&mut self, why: Rejection, detail: &str) {
         *self
             .state
             .rejected
@@ -715,15 +733,14 @@ impl Aggregator {
         mut update: Vec<f32>,
         samples: u64,
     ) -> Result<(), String> {
-        match &self.cfg.dp {
+        let added = match &self.cfg.dp {
             None => self.acc.add(device, &update, samples),
             Some(d) => {
                 dp::clip(&mut update, d.clip_norm).map_err(|e| e.to_string())?;
                 self.acc.add(device, &update, 1)
             }
-        }
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+        };
+        added.map(|_| ()).map_err(|e| e.to_string())
     }
 
     /// The accountant's sampling rate for a round with `participants` accepted updates.
@@ -731,7 +748,9 @@ impl Aggregator {
         match self.cfg.dp.as_ref().and_then(|d| d.sampling_rate) {
             Some(q) => q,
             None if self.cfg.devices.is_empty() => 1.0,
-            None => (participants as f64 / self.cfg.devices.len() as f64).clamp(f64::MIN_POSITIVE, 1.0),
+            None => {
+                (participants as f64 / self.cfg.devices.len() as f64).clamp(f64::MIN_POSITIVE, 1.0)
+            }
         }
     }
 
@@ -853,7 +872,7 @@ impl Aggregator {
         Ok(summary)
     }
 
-    async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
         let g = GlobalDecoder::new(
             self.state.global_version,
             self.state.round,
@@ -868,7 +887,7 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
         let env = Envelope::seal(
             Kind::RoundAnnouncement,
             &self.header(),
@@ -879,7 +898,11 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn publish_summary(&self, link: &Link, s: &RoundSummary) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_summary(
+        &self,
+        link: &Link,
+        s: &RoundSummary,
+    ) -> Result<(), AggregatorError> {
         let env = Envelope::seal(Kind::RoundSummary, &self.header(), s)?;
         link.publish(&self.topics.summary(), env.to_bytes()?, true)
             .await?;
@@ -943,7 +966,7 @@ impl Aggregator {
 }
 
 /// Retries a publish until it succeeds or `stop` turns true (the broker may be restarting).
-async fn retry<'a, F, Fut>(
+pub(super) async fn retry<'a, F, Fut>(
     mut f: F,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), AggregatorError>
@@ -989,12 +1012,20 @@ pub fn connect(
         path: cfg.state.clone(),
         message,
     })?;
-    let (link, inbox) = Link::start(
-        &settings,
-        &cfg.id,
-        vec![topics.update_shared_filter("aggregators")],
-        None,
-    )?;
+    // A coordinator takes no updates (it would take a share); it hears its workers. A worker hears
+    // its share of the updates, the coordinator's announcements and its close requests.
+    let subscriptions = match &cfg.scale_out {
+        None => vec![topics.update_shared_filter("aggregators")],
+        Some(so) => match so.role {
+            Role::Coordinator => vec![topics.partial_filter()],
+            Role::Worker => vec![
+                topics.update_shared_filter("aggregators"),
+                topics.round(),
+                topics.partial(so.coordinator.as_deref().unwrap_or_default()),
+            ],
+        },
+    };
+    let (link, inbox) = Link::start(&settings, &cfg.id, subscriptions, None)?;
     Ok((link, inbox, settings))
 }
 
@@ -1236,7 +1267,10 @@ mod tests {
         let std = (resid.iter().map(|r| (r - m).powi(2)).sum::<f64>() / n as f64).sqrt();
         let want = z * c / 2.0;
         // n ≈ 784k coordinates: the std estimate is good to ~0.1 %; its mean to ~want/885.
-        assert!((std / want - 1.0).abs() < 0.01, "noise std {std}, want {want}");
+        assert!(
+            (std / want - 1.0).abs() < 0.01,
+            "noise std {std}, want {want}"
+        );
         assert!(m.abs() < 5.0 * want / (n as f64).sqrt(), "noise mean {m}");
         drop(agg);
 
@@ -1254,7 +1288,12 @@ mod tests {
         independent.step(1.0, z, 1).unwrap();
         assert_eq!(p2.steps, 2);
         assert_eq!(p2.epsilon, independent.epsilon(1e-5).0);
-        assert!(p2.epsilon > p1.epsilon, "ε grows: {} then {}", p1.epsilon, p2.epsilon);
+        assert!(
+            p2.epsilon > p1.epsilon,
+            "ε grows: {} then {}",
+            p1.epsilon,
+            p2.epsilon
+        );
         // A round in which nothing arrived releases nothing: ε stays.
         agg.open_round().unwrap();
         agg.state.deadline_unix = 0.0;
