@@ -113,6 +113,8 @@ fn update_values(i: usize, n: usize) -> Vec<f32> {
 struct Run {
     /// From the first update published to the summary on disk.
     seconds: f64,
+    /// Of which the test's devices took to publish (one after the other, each PUBACKed).
+    publish_seconds: f64,
     summary: serde_json::Value,
     /// Accepted devices per worker (empty for the one-process run).
     per_worker: BTreeMap<String, Vec<String>>,
@@ -189,7 +191,7 @@ fn run_round(devices: usize, workers: usize) -> Run {
     let n = base.len();
     let mut expected = vec![0.0f64; n];
     let mut total_samples = 0u64;
-    let seconds = rt.block_on(async {
+    let (seconds, publish_seconds) = rt.block_on(async {
         // Every device waits for the open round, then all send their update.
         let mut clients = Vec::new();
         for name in &names {
@@ -254,13 +256,14 @@ fn run_round(devices: usize, workers: usize) -> Run {
                 .await
                 .unwrap();
         }
+        let published = t0.elapsed().as_secs_f64();
         let done = wait_until(Duration::from_secs(60), || {
             state(dir, "aggregator")["history"]
                 .as_array()
                 .is_some_and(|h| !h.is_empty())
         });
         assert!(done, "no round summary:\n{}", logs(&procs, &coord));
-        t0.elapsed().as_secs_f64()
+        (t0.elapsed().as_secs_f64(), published)
     });
     expected.iter_mut().for_each(|e| *e /= total_samples as f64);
 
@@ -291,6 +294,7 @@ fn run_round(devices: usize, workers: usize) -> Run {
     let global = protocol::bytes_f32(&g).unwrap();
     Run {
         seconds,
+        publish_seconds,
         summary,
         per_worker,
         expected,
@@ -350,15 +354,20 @@ fn coordinator_and_two_workers_compute_the_fedavg_of_every_update_once() {
 #[test]
 #[ignore = "benchmark: cargo test -p microfed-e2e --test scaleout_mosquitto -- --ignored --nocapture"]
 fn scale_out_throughput() {
-    let devices = 24;
+    let devices: usize = std::env::var("MICROFED_BENCH_DEVICES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24);
     let one = run_round(devices, 0);
     let two = run_round(devices, 2);
     for (what, r) in [("1 process", &one), ("coordinator + 2 workers", &two)] {
         assert_eq!(r.summary["accepted"].as_array().unwrap().len(), devices);
         println!(
-            "{what}: {devices} updates merged in {:.3} s = {:.1} updates/s (shares {:?})",
+            "{what}: {devices} updates merged in {:.3} s = {:.1} updates/s (devices publishing: \
+             {:.3} s; shares {:?})",
             r.seconds,
             devices as f64 / r.seconds,
+            r.publish_seconds,
             r.per_worker.values().map(Vec::len).collect::<Vec<_>>()
         );
     }

@@ -66,6 +66,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         link.disconnect().await;
         anyhow::Ok(state)
     })?;
+    if cfg.scale_out.as_ref().map(|s| s.role) == Some(Role::Worker) {
+        // A worker keeps no history: the coordinator's summaries are the record.
+        println!(
+            "worker {}: round {}, {} updates summed here ({}), rejected {:?}",
+            cfg.id,
+            state.round,
+            state.accepted.len(),
+            state.accepted.keys().cloned().collect::<Vec<_>>().join(" "),
+            state.rejected
+        );
+        return Ok(());
+    }
     println!("| round | global version | accepted | stragglers | rejected | update bytes | s |");
     println!("|---|---|---|---|---|---|---|");
     for s in &state.history {

@@ -771,8 +771,9 @@ impl Aggregator {
         ))
     }
 
-    /// Whether the next round stays within `dp.max_epsilon` even if every device takes part: the ε
-    /// it would reach, `Ok(None)` when it does or no budget is set, `Ok(Some(ε))` when it would not.
+    /// Checks the next round against `dp.max_epsilon`, assuming the worst-case sampling rate:
+    /// `Ok(None)` when it stays within the budget (or no budget is set), `Ok(Some(ε))` with the ε it
+    /// could reach when it would exceed it.
     pub fn next_round_over_budget(&self) -> Result<Option<f64>, AggregatorError> {
         let Some(d) = &self.cfg.dp else {
             return Ok(None);
@@ -1361,5 +1362,37 @@ mod tests {
             "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nsampling_rate = 1.5\n",
         );
         assert!(e.contains("sampling_rate"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configuration_parses_with_its_optional_sections_switched_on() {
+        let text = include_str!("../../aggregator.example.toml");
+        let plain: AggregatorConfig = toml::from_str(text).unwrap();
+        plain.validate().unwrap();
+        assert!(plain.dp.is_none() && plain.scale_out.is_none());
+        // Uncomment the [dp] block and the coordinator's [scale_out] lines.
+        let mut on = String::new();
+        let mut active = false;
+        for line in text.lines() {
+            if line == "# [dp]" || line == "# [scale_out]" {
+                active = true;
+            }
+            if line.is_empty() || line.starts_with("# (on a worker") {
+                active = false;
+            }
+            let line = match line.strip_prefix("# ") {
+                Some(rest) if active => rest,
+                _ => line,
+            };
+            on.push_str(line);
+            on.push('\n');
+        }
+        let cfg: AggregatorConfig = toml::from_str(&on).unwrap_or_else(|e| panic!("{e}\n{on}"));
+        cfg.validate().unwrap();
+        let dp = cfg.dp.expect("[dp]");
+        assert_eq!((dp.clip_norm, dp.max_epsilon), (0.1, Some(8.0)));
+        let so = cfg.scale_out.expect("[scale_out]");
+        assert_eq!(so.role, Role::Coordinator);
+        assert_eq!(so.workers, ["aggregator-1", "aggregator-2"]);
     }
 }

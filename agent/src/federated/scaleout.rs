@@ -594,7 +594,7 @@ async fn send_close(
 }
 
 /// One whole message from a worker's topic, checked: a listed worker on its own topic, this fleet
-/// and model, a [`Kind::Partial`] body. Anything else is counted as malformed and dropped.
+/// and model, a [`Kind::Partial`] body. Anything else is logged and dropped.
 fn coordinator_message(
     agg: &Aggregator,
     so: &ScaleOutSection,
