@@ -491,7 +491,7 @@ impl Aggregator {
         }
     }
 
-    fn announcement(&self) -> RoundAnnouncement {
+    pub(super) fn announcement(&self) -> RoundAnnouncement {
         RoundAnnouncement {
             round: self.state.round,
             global_version: self.state.global_version,

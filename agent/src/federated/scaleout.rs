@@ -736,4 +736,187 @@ mod tests {
         // Asked again with the same tallies: nothing new.
         assert!(!duplicates([(&w1, &a), (&w2, &b)].into_iter(), &mut drop));
     }
+
+    /// A coordinator and two workers in one process (no broker): the message handlers the MQTT
+    /// loops call, in the order the loops call them.
+    mod in_process {
+        use super::*;
+        use crate::federated::aggregator::AggregatorConfig;
+        use crate::federated::protocol::{Header, LocalMetrics, UpdateBody};
+        use crate::model::onnx;
+        use microfed_kernels::unet::Params;
+
+        struct Fleet {
+            _dir: tempfile::TempDir,
+            coordinator: Aggregator,
+            workers: Vec<Aggregator>,
+            version: String,
+        }
+
+        fn fleet() -> Fleet {
+            let dir = tempfile::tempdir().unwrap();
+            let model = dir.path().join("model.onnx");
+            let params = Params::init(2, 5).unwrap();
+            onnx::save(&onnx::export(&params, &vec![]).unwrap(), &model).unwrap();
+            let cfg = |id: &str, so: &str| -> AggregatorConfig {
+                let c: AggregatorConfig = toml::from_str(&format!(
+                    "id = {id:?}\nfleet = \"f\"\nmodel = {model:?}\nstate = {:?}\n\
+                     devices = [\"a\", \"b\", \"c\", \"d\"]\n\
+                     [round]\ndeadline_s = 60.0\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
+                     learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
+                     [compression]\ntop_k = 0.05\nquantize = \"int8\"\n[scale_out]\n{so}",
+                    dir.path().join(id)
+                ))
+                .unwrap();
+                c.validate().unwrap();
+                c
+            };
+            let coordinator = Aggregator::open(cfg(
+                "aggregator",
+                "role = \"coordinator\"\nworkers = [\"aggregator-1\", \"aggregator-2\"]\n",
+            ))
+            .unwrap();
+            let workers = ["aggregator-1", "aggregator-2"]
+                .iter()
+                .map(|w| {
+                    Aggregator::open(cfg(w, "role = \"worker\"\ncoordinator = \"aggregator\"\n"))
+                        .unwrap()
+                })
+                .collect();
+            let version = crate::model::manifest::sha256_file(&model).unwrap();
+            Fleet {
+                _dir: dir,
+                coordinator,
+                workers,
+                version,
+            }
+        }
+
+        /// Device `d`'s update message and what the aggregator will decompress from it.
+        fn update(f: &Fleet, d: &str, scale: f32, samples: u64) -> (Vec<u8>, Vec<f32>) {
+            let layout = decoder_layout(2);
+            let n: usize = layout.iter().map(|t| t.len).sum();
+            let values: Vec<f32> = (0..n).map(|j| scale * ((j % 97) as f32 - 48.0)).collect();
+            let cfg = f.coordinator.cfg.compression.clone();
+            let compressed =
+                super::super::super::compress::compress(&values, &layout, &cfg, None).unwrap();
+            let seen = super::super::super::compress::decompress(&compressed, &layout).unwrap();
+            let body = UpdateBody {
+                device: d.into(),
+                global_version: 0,
+                samples,
+                metrics: LocalMetrics::default(),
+                compressed,
+                norm: 0.0,
+            };
+            let h = Header {
+                fleet: "f",
+                round: 1,
+                model_version: &f.version,
+                sender: d,
+            };
+            let bytes = Envelope::seal(Kind::Update, &h, &body)
+                .unwrap()
+                .to_bytes()
+                .unwrap();
+            (bytes, seen)
+        }
+
+        #[test]
+        fn a_device_seen_by_both_workers_counts_once_and_a_silent_worker_leaves_stragglers() {
+            let mut f = fleet();
+            let base = f.coordinator.global().to_vec();
+            f.coordinator.open_round().unwrap();
+            let a = f.coordinator.announcement();
+            for w in &mut f.workers {
+                w.follow(&a).unwrap();
+                assert!(w.state.open && w.state.round == 1);
+            }
+            let (ma, ua) = update(&f, "a", 1e-4, 1);
+            let (mb, ub) = update(&f, "b", -2e-4, 3);
+            let (mc, uc) = update(&f, "c", 3e-4, 2);
+            // Worker 1: a and b; worker 2: b again (a redelivery) and c.
+            f.workers[0].handle_update_message("a", &ma).unwrap();
+            f.workers[0].handle_update_message("b", &mb).unwrap();
+            f.workers[1].handle_update_message("b", &mb).unwrap();
+            f.workers[1].handle_update_message("c", &mc).unwrap();
+            let tallies: BTreeMap<String, WorkerTally> = f
+                .workers
+                .iter()
+                .map(|w| (w.cfg.id.clone(), w.tally()))
+                .collect();
+            let mut drop = BTreeMap::new();
+            assert!(duplicates(
+                tallies.iter().map(|(w, t)| (w, &t.accepted)),
+                &mut drop
+            ));
+            assert_eq!(drop["aggregator-2"], ["b"]);
+            let mut finals = BTreeMap::new();
+            for w in &mut f.workers {
+                let mine = drop.get(&w.cfg.id).cloned().unwrap_or_default();
+                match w.worker_final(&mine).unwrap() {
+                    ScaleOutMessage::Final { tally, partial, .. } => {
+                        finals.insert(w.cfg.id.clone(), (tally, partial));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            assert_eq!(finals["aggregator-2"].0.rejected["duplicate"], 1);
+            merge_finals(
+                &mut f.coordinator,
+                &["aggregator-1".into(), "aggregator-2".into()],
+                finals.clone(),
+                &tallies,
+            )
+            .unwrap();
+            let s = f.coordinator.close_round().unwrap();
+            assert_eq!(s.accepted, ["a", "b", "c"]);
+            assert_eq!(s.stragglers, ["d"]);
+            assert_eq!(s.samples, 6);
+            assert_eq!(s.rejected["duplicate"], 1);
+            // FedAvg by samples of a, b, c, each once.
+            for (j, (g, b)) in f.coordinator.global().iter().zip(&base).enumerate() {
+                let want =
+                    (f64::from(ua[j]) + 3.0 * f64::from(ub[j]) + 2.0 * f64::from(uc[j])) / 6.0;
+                assert!(
+                    (f64::from(g - b) - want).abs() < 1e-6,
+                    "{j}: {g} {b} {want}"
+                );
+            }
+
+            // A second fleet: worker 2 never sends its final, so its device c is a straggler.
+            let mut g = fleet();
+            g.coordinator.open_round().unwrap();
+            let a = g.coordinator.announcement();
+            for w in &mut g.workers {
+                w.follow(&a).unwrap();
+            }
+            let (ma, _) = update(&g, "a", 1e-4, 1);
+            let (mc, _) = update(&g, "c", 3e-4, 2);
+            g.workers[0].handle_update_message("a", &ma).unwrap();
+            g.workers[1].handle_update_message("c", &mc).unwrap();
+            let progress: BTreeMap<String, WorkerTally> = g
+                .workers
+                .iter()
+                .map(|w| (w.cfg.id.clone(), w.tally()))
+                .collect();
+            let mut finals = BTreeMap::new();
+            if let ScaleOutMessage::Final { tally, partial, .. } =
+                g.workers[0].worker_final(&[]).unwrap()
+            {
+                finals.insert("aggregator-1".to_string(), (tally, partial));
+            }
+            merge_finals(
+                &mut g.coordinator,
+                &["aggregator-1".into(), "aggregator-2".into()],
+                finals,
+                &progress,
+            )
+            .unwrap();
+            let s = g.coordinator.close_round().unwrap();
+            assert_eq!(s.accepted, ["a"]);
+            assert_eq!(s.stragglers, ["b", "c", "d"]);
+            assert_eq!(s.samples, 1);
+        }
+    }
 }
