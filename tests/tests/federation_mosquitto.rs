@@ -271,11 +271,14 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
     let history = s["history"].as_array().expect("history");
     assert_eq!(history.len(), 4, "{s:#}");
     let mut malformed = 0;
-    // DP: 3 of the 4 listed devices each round (q = 3/4); the restart in round 3 must not reset ε.
+    // DP: q = the round's accepted devices over the 4 listed (3/4 when all three labs are in); the
+    // restart in round 3 must not reset ε.
     let mut accountant = microfed::federated::dp::RdpAccountant::new();
     let mut last_epsilon = 0.0;
     for (r, h) in history.iter().enumerate() {
-        accountant.step(0.75, 0.5, 1).unwrap();
+        let q = h["accepted"].as_array().map_or(0, Vec::len) as f64 / 4.0;
+        assert_eq!(h["privacy"]["sampling_rate"].as_f64(), Some(q), "{h:#}");
+        accountant.step(q, 0.5, 1).unwrap();
         let p = &h["privacy"];
         assert_eq!(p["steps"], r as u64 + 1, "{h:#}");
         let eps = p["epsilon"].as_f64().expect("ε in the summary");
