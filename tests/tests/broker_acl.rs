@@ -293,6 +293,47 @@ async fn aggregators_and_the_fleet_manager_write_only_their_own_topics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_sums_travel_only_between_aggregators_each_on_its_own_topic() {
+    // Scale-out (agent/src/federated/scaleout.rs): aggregator-1 (a worker) writes partial/aggregator-1,
+    // the coordinator reads partial/+; a device neither reads nor writes partial/.
+    let broker = Mosquitto::start(&["dev-a", "aggregator", "aggregator-1"]).unwrap();
+    let mut coord = connect(&broker, "aggregator").await;
+    subscribe(&mut coord, &topic("partial/+")).await;
+    let mut dev = connect(&broker, "dev-a").await;
+    subscribe(&mut dev, &topic("partial/+")).await;
+    let mut worker = connect(&broker, "aggregator-1").await;
+    let forged = [
+        ("aggregator-1", "partial/aggregator"),
+        ("dev-a", "partial/dev-a"),
+        ("dev-a", "partial/aggregator-1"),
+    ];
+    worker
+        .publish_acked(&topic("partial/aggregator"), false, "forged")
+        .await
+        .unwrap();
+    dev.publish_acked(&topic("partial/dev-a"), false, "forged")
+        .await
+        .unwrap();
+    dev.publish_acked(&topic("partial/aggregator-1"), false, "forged")
+        .await
+        .unwrap();
+    // Control: the worker's own topic reaches the coordinator and not the device.
+    worker
+        .publish_acked(&topic("partial/aggregator-1"), false, "control")
+        .await
+        .unwrap();
+    let got = exactly(&mut coord, 1).await;
+    assert_eq!(
+        (got[0].topic.as_str(), &got[0].payload[..]),
+        (topic("partial/aggregator-1").as_str(), &b"control"[..])
+    );
+    assert_eq!(dev.drain(QUIET).await.len(), 0);
+    for (client, t) in forged {
+        assert_eq!(denied(&broker, client, &topic(t)), 1, "{client} on {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_clients_with_a_certificate_from_the_fleet_ca_connect() {
     let broker = Mosquitto::start(&["dev-a"]).unwrap();
 

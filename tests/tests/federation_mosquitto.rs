@@ -3,6 +3,8 @@
 //! is cut for a round (its update waits in the outbox and is delivered when the link returns), the
 //! aggregator is killed in the middle of a round and restarted (the round completes with every update,
 //! none counted twice), and garbage is published on a device's update topic (rejected and counted).
+//! The aggregator runs central DP-FedAvg (`[dp]`): every summary reports ε, which grows each round as
+//! an independent accountant's does, across the restart.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -184,6 +186,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
              [round]\ndeadline_s = 40.0\nquorum = 3\nlocal_epochs = 1\nsteps_per_epoch = 3\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
              [compression]\ntop_k = 0.05\nerror_feedback = true\nquantize = \"int8\"\nzstd_level = 3\n\
+             [dp]\nclip_norm = 0.005\nnoise_multiplier = 0.5\ndelta = 1e-5\n\
              [broker]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive_s = 5\n\
              [broker.tls]\nca = {:?}\ncert = {cert:?}\nkey = {key:?}\n",
             agg_dir.join("state"),
@@ -268,7 +271,25 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
     let history = s["history"].as_array().expect("history");
     assert_eq!(history.len(), 4, "{s:#}");
     let mut malformed = 0;
+    // DP: q = the round's accepted devices over the 4 listed (3/4 when all three labs are in); the
+    // restart in round 3 must not reset ε.
+    let mut accountant = microfed::federated::dp::RdpAccountant::new();
+    let mut last_epsilon = 0.0;
     for (r, h) in history.iter().enumerate() {
+        let q = h["accepted"].as_array().map_or(0, Vec::len) as f64 / 4.0;
+        assert_eq!(h["privacy"]["sampling_rate"].as_f64(), Some(q), "{h:#}");
+        accountant.step(q, 0.5, 1).unwrap();
+        let p = &h["privacy"];
+        assert_eq!(p["steps"], r as u64 + 1, "{h:#}");
+        let eps = p["epsilon"].as_f64().expect("ε in the summary");
+        let want = accountant.epsilon(1e-5).0;
+        assert!(
+            (eps - want).abs() <= 1e-9 * want,
+            "round {}: ε {eps}, want {want}",
+            r + 1
+        );
+        assert!(eps > last_epsilon, "ε grows: {last_epsilon} then {eps}");
+        last_epsilon = eps;
         assert_eq!(h["round"], r as u64 + 1);
         assert_eq!(
             h["global_version"],

@@ -5,13 +5,17 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 use crate::federated::aggregator::{self, Aggregator, AggregatorConfig};
+use crate::federated::scaleout::{self, Role};
 
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Example configuration (commented): `microfed aggregate --example-config`.
 
 With no [broker] section the embedded broker (rumqttd) starts on loopback and its port is printed:
-agents on the same machine connect to it. A fleet uses a real broker (broker-config/)."
+agents on the same machine connect to it. A fleet uses a real broker (broker-config/).
+
+Scale-out: with [scale_out] role = \"worker\" the process only sums its share of the updates for the
+coordinator (role = \"coordinator\"), which runs the rounds (docs/architecture.md)."
 )]
 pub struct Args {
     /// The aggregator's configuration (TOML).
@@ -52,10 +56,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             tracing::info!("stopping after the current step");
             let _ = stop_tx.send(true);
         });
-        let state = agg.run(&link, inbox, stop_rx).await?;
+        let state = match cfg.scale_out.as_ref().map(|s| s.role) {
+            None => agg.run(&link, inbox, stop_rx).await?,
+            Some(Role::Coordinator) => {
+                scaleout::run_coordinator(agg, &link, inbox, stop_rx).await?
+            }
+            Some(Role::Worker) => scaleout::run_worker(agg, &link, inbox, stop_rx).await?,
+        };
         link.disconnect().await;
         anyhow::Ok(state)
     })?;
+    if cfg.scale_out.as_ref().map(|s| s.role) == Some(Role::Worker) {
+        // A worker keeps no history: the coordinator's summaries are the record.
+        println!(
+            "worker {}: round {}, {} updates summed here ({}), rejected {:?}",
+            cfg.id,
+            state.round,
+            state.accepted.len(),
+            state.accepted.keys().cloned().collect::<Vec<_>>().join(" "),
+            state.rejected
+        );
+        return Ok(());
+    }
     println!("| round | global version | accepted | stragglers | rejected | update bytes | s |");
     println!("|---|---|---|---|---|---|---|");
     for s in &state.history {

@@ -16,6 +16,14 @@
 //! aggregator replays the accepted files of the open round into a fresh accumulator, so it finishes
 //! the round with every update, none lost and none counted twice (a re-delivered message is a
 //! duplicate). Globals are kept as `global-<version>.bin`.
+//!
+//! Differential privacy (optional `[dp]`, [`DpSection`]): server-side DP-FedAvg with a *trusted*
+//! aggregator (central DP: it sees each update in the clear). Each accepted update is clipped to L2
+//! norm `C` and enters the sum with weight 1 (so one lab moves the sum by at most `C`, whatever its
+//! sample count); at round close `N(0, (zC)²)` is added to that sum before it is divided by the
+//! count, and the [`RdpAccountant`] (kept in the crash-safe state, so a restart never resets ε) is
+//! stepped. Every round summary carries the [`PrivacyReport`] so far; with `max_epsilon` no round is
+//! opened that could exceed it: the aggregator logs why and stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -26,11 +34,13 @@ use tokio::sync::watch;
 
 use super::aggregate::{Accumulator, AggregationConfig, ServerOptimizer};
 use super::compress::{self, CompressionConfig, TensorSpan};
+use super::dp::{self, DpConfig, PrivacyReport, RdpAccountant};
 use super::link::{BrokerSettings, Link, Message};
 use super::protocol::{
     self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, Reassembler, ReassemblyLimits,
     RoundAnnouncement, RoundSummary, Topics, UpdateBody,
 };
+use super::scaleout::{Role, ScaleOutSection};
 use crate::model::onnx;
 use crate::pipeline::journal::now_unix;
 use crate::pipeline::outputs::write_atomic;
@@ -69,6 +79,70 @@ pub struct AggregatorConfig {
     /// Largest accepted L2 norm of one update (after decompression).
     #[serde(default = "default_max_norm")]
     pub max_update_norm: f32,
+    /// Server-side DP-FedAvg; none = plain aggregation.
+    #[serde(default)]
+    pub dp: Option<DpSection>,
+    /// Several aggregator processes sharing the update stream; none = this one does everything.
+    #[serde(default)]
+    pub scale_out: Option<ScaleOutSection>,
+}
+
+/// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSection {
+    /// L2 bound `C` on one lab's update (each accepted update is clipped to it).
+    pub clip_norm: f32,
+    /// `z`: the noise on the round's sum has standard deviation `z · C`.
+    pub noise_multiplier: f64,
+    /// The δ that ε is reported for.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The sampling rate `q` the accountant uses. None = the round's participants over the listed
+    /// devices (1 when no list). Amplification by sampling assumes a random, undisclosed subset of
+    /// labs; devices here select themselves and the summary names them, so `1.0` is the
+    /// conservative setting.
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
+    /// Stop before opening a round that could take ε (at δ) above this.
+    #[serde(default)]
+    pub max_epsilon: Option<f64>,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// The name of the mechanism in [`PrivacyReport::mechanism`].
+pub const DP_MECHANISM: &str = "dp-fedavg (central, trusted aggregator)";
+
+impl DpSection {
+    /// The [`DpConfig`] of a round with sampling rate `q`.
+    pub fn config(&self, q: f64) -> DpConfig {
+        DpConfig {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: q,
+            delta: self.delta,
+        }
+    }
+
+    /// The largest `q` a round can be accounted with: the fixed rate, else 1 (every device).
+    fn worst_case_rate(&self) -> f64 {
+        self.sampling_rate.unwrap_or(1.0)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.config(self.worst_case_rate())
+            .validate()
+            .map_err(|e| format!("dp: {e}"))?;
+        if let Some(e) = self.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(format!("dp.max_epsilon: {e} is not a positive number"));
+        }
+        Ok(())
+    }
 }
 
 fn default_id() -> String {
@@ -123,6 +197,8 @@ pub enum AggregatorError {
     Protocol(#[from] protocol::ProtocolError),
     #[error("aggregation: {0}")]
     Aggregate(String),
+    #[error("round {round} could take ε to {epsilon:.3}, above dp.max_epsilon = {max}")]
+    PrivacyBudget { round: u64, epsilon: f64, max: f64 },
 }
 
 /// Why an update was not counted (the summary's keys).
@@ -172,6 +248,9 @@ pub struct RoundState {
     pub rejected: BTreeMap<String, u64>,
     pub update_bytes: u64,
     pub history: Vec<RoundSummary>,
+    /// DP-FedAvg's privacy spent so far (saved with the rest, so a restart keeps ε).
+    #[serde(default)]
+    pub accountant: RdpAccountant,
 }
 
 impl AggregatorConfig {
@@ -230,6 +309,20 @@ impl AggregatorConfig {
         self.compression
             .validate()
             .map_err(|e| format!("compression: {e}"))?;
+        if let Some(d) = &self.dp {
+            d.validate()?;
+            // The noise is calibrated to the sum's sensitivity C: a median or trimmed mean has
+            // another sensitivity, and a second clipping bound would be misleading.
+            if self.aggregation.rule != super::aggregate::Rule::FedAvg {
+                return Err("dp needs aggregation.rule = \"fedavg\"".into());
+            }
+            if self.aggregation.clip_norm.is_some() {
+                return Err("dp: use dp.clip_norm, not aggregation.clip_norm".into());
+            }
+        }
+        if let Some(so) = &self.scale_out {
+            so.validate(&self.id, &self.compression)?;
+        }
         Ok(())
     }
 
@@ -247,14 +340,15 @@ impl AggregatorConfig {
 
 /// The running aggregator.
 pub struct Aggregator {
-    cfg: AggregatorConfig,
-    topics: Topics,
-    model_version: String,
+    // `pub(super)`: the scale-out roles (federated::scaleout) drive the same state.
+    pub(super) cfg: AggregatorConfig,
+    pub(super) topics: Topics,
+    pub(super) model_version: String,
     layout: Vec<TensorSpan>,
     classes: usize,
-    state: RoundState,
+    pub(super) state: RoundState,
     global: Vec<f32>,
-    acc: Accumulator,
+    pub(super) acc: Accumulator,
     server: ServerOptimizer,
     reassembler: Reassembler,
 }
@@ -296,7 +390,12 @@ impl Aggregator {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => RoundState::default(),
             Err(e) => return Err(file_err(&state_path, e)),
         };
-        let global = if state.global_version == 0 {
+        // A scale-out worker only sums updates: it never holds the global decoder's files.
+        let worker = cfg
+            .scale_out
+            .as_ref()
+            .is_some_and(|s| s.role == Role::Worker);
+        let global = if state.global_version == 0 || worker {
             params.decoder_flat()
         } else {
             let p = cfg
@@ -352,11 +451,11 @@ impl Aggregator {
         self.acc.retained_updates()
     }
 
-    fn round_dir(&self, round: u64) -> PathBuf {
+    pub(super) fn round_dir(&self, round: u64) -> PathBuf {
         self.cfg.state.join(format!("round-{round}"))
     }
 
-    fn replay_open_round(&mut self) -> Result<(), AggregatorError> {
+    pub(super) fn replay_open_round(&mut self) -> Result<(), AggregatorError> {
         let dir = self.round_dir(self.state.round);
         let accepted = self.state.accepted.clone();
         for device in accepted.keys() {
@@ -366,8 +465,7 @@ impl Aggregator {
             let body: UpdateBody = env.body(Kind::Update)?;
             let update = compress::decompress(&body.compressed, &self.layout)
                 .map_err(|e| file_err(&path, e))?;
-            self.acc
-                .add(device, &update, body.samples)
+            self.accumulate(device, update, body.samples)
                 .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
         }
         tracing::info!(
@@ -378,13 +476,13 @@ impl Aggregator {
         Ok(())
     }
 
-    fn save_state(&self) -> Result<(), AggregatorError> {
+    pub(super) fn save_state(&self) -> Result<(), AggregatorError> {
         let path = self.cfg.state.join("aggregator.json");
         let text = serde_json::to_vec_pretty(&self.state).map_err(|e| file_err(&path, e))?;
         write_atomic(&path, &text).map_err(|e| file_err(&path, e))
     }
 
-    fn header(&self) -> Header<'_> {
+    pub(super) fn header(&self) -> Header<'_> {
         Header {
             fleet: &self.cfg.fleet,
             round: self.state.round,
@@ -393,7 +491,7 @@ impl Aggregator {
         }
     }
 
-    fn announcement(&self) -> RoundAnnouncement {
+    pub(super) fn announcement(&self) -> RoundAnnouncement {
         RoundAnnouncement {
             round: self.state.round,
             global_version: self.state.global_version,
@@ -410,6 +508,18 @@ impl Aggregator {
 
     /// Opens the next round (state saved before anything is announced).
     pub fn open_round(&mut self) -> Result<(), AggregatorError> {
+        if let Some(epsilon) = self.next_round_over_budget()? {
+            return Err(AggregatorError::PrivacyBudget {
+                round: self.state.round + 1,
+                epsilon,
+                max: self
+                    .cfg
+                    .dp
+                    .as_ref()
+                    .and_then(|d| d.max_epsilon)
+                    .unwrap_or(0.0),
+            });
+        }
         self.state.round += 1;
         self.state.open = true;
         self.state.started_unix = now_unix();
@@ -428,7 +538,7 @@ impl Aggregator {
         Ok(())
     }
 
-    fn reject(&mut self, why: Rejection, detail: &str) {
+    pub(super) fn reject(&mut self, why: Rejection, detail: &str) {
         *self
             .state
             .rejected
@@ -593,7 +703,7 @@ impl Aggregator {
         std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e))?;
         let path = dir.join(format!("{device}.msg"));
         write_atomic(&path, bytes).map_err(|e| file_err(&path, e))?;
-        if let Err(e) = self.acc.add(device, &update, body.samples) {
+        if let Err(e) = self.accumulate(device, update, body.samples) {
             self.reject(Rejection::Malformed, &format!("update from {device}: {e}"));
             let _ = std::fs::remove_file(&path);
             return Ok(());
@@ -615,6 +725,69 @@ impl Aggregator {
         Ok(())
     }
 
+    /// Adds an accepted update to the round's accumulator: as it is, weighted by its samples, or
+    /// under DP clipped to `C` with weight 1 (DP-FedAvg's sensitivity bound).
+    fn accumulate(
+        &mut self,
+        device: &str,
+        mut update: Vec<f32>,
+        samples: u64,
+    ) -> Result<(), String> {
+        let added = match &self.cfg.dp {
+            None => self.acc.add(device, &update, samples),
+            Some(d) => {
+                dp::clip(&mut update, d.clip_norm).map_err(|e| e.to_string())?;
+                self.acc.add(device, &update, 1)
+            }
+        };
+        added.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The accountant's sampling rate for a round with `participants` accepted updates.
+    fn sampling_rate(&self, participants: usize) -> f64 {
+        match self.cfg.dp.as_ref().and_then(|d| d.sampling_rate) {
+            Some(q) => q,
+            None if self.cfg.devices.is_empty() => 1.0,
+            None => {
+                (participants as f64 / self.cfg.devices.len() as f64).clamp(f64::MIN_POSITIVE, 1.0)
+            }
+        }
+    }
+
+    /// The privacy spent so far (none without `[dp]`).
+    pub fn privacy(&self) -> Option<PrivacyReport> {
+        let d = self.cfg.dp.as_ref()?;
+        let q = self
+            .state
+            .history
+            .iter()
+            .rev()
+            .find_map(|s| s.privacy.as_ref().map(|p| p.sampling_rate))
+            .unwrap_or_else(|| d.worst_case_rate());
+        Some(PrivacyReport::new(
+            DP_MECHANISM,
+            &d.config(q),
+            &self.state.accountant,
+        ))
+    }
+
+    /// Checks the next round against `dp.max_epsilon`, assuming the worst-case sampling rate:
+    /// `Ok(None)` when it stays within the budget (or no budget is set), `Ok(Some(ε))` with the ε it
+    /// could reach when it would exceed it.
+    pub fn next_round_over_budget(&self) -> Result<Option<f64>, AggregatorError> {
+        let Some(d) = &self.cfg.dp else {
+            return Ok(None);
+        };
+        let Some(max) = d.max_epsilon else {
+            return Ok(None);
+        };
+        let mut next = self.state.accountant.clone();
+        next.step(d.worst_case_rate(), d.noise_multiplier, 1)
+            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        let eps = next.epsilon(d.delta).0;
+        Ok((eps > max).then_some(eps))
+    }
+
     /// True when the open round may close: quorum reached or deadline passed.
     pub fn round_due(&self) -> bool {
         self.state.open
@@ -626,11 +799,35 @@ impl Aggregator {
     pub fn close_round(&mut self) -> Result<RoundSummary, AggregatorError> {
         let accepted: Vec<String> = self.state.accepted.keys().cloned().collect();
         let samples: u64 = self.state.accepted.values().map(|(s, _)| s).sum();
+        let mut privacy = None;
         if !accepted.is_empty() {
-            let update = self
+            let mut update = self
                 .acc
                 .finish()
                 .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            if let Some(d) = &self.cfg.dp {
+                // `update` is the sum of the clipped updates over n; N(0, (zC)²) on the sum is
+                // N(0, (zC/n)²) on the mean. OS-seeded ChaCha20: DP noise must not be predictable.
+                let q = self.sampling_rate(accepted.len());
+                let cfg = d.config(q);
+                let n = accepted.len() as f64;
+                let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
+                dp::gaussian(
+                    &mut update,
+                    d.noise_multiplier * f64::from(d.clip_norm) / n,
+                    &mut rng,
+                )
+                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+                self.state
+                    .accountant
+                    .step(q, d.noise_multiplier, 1)
+                    .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+                privacy = Some(PrivacyReport::new(
+                    DP_MECHANISM,
+                    &cfg,
+                    &self.state.accountant,
+                ));
+            }
             self.server
                 .apply(&mut self.global, &update)
                 .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
@@ -658,8 +855,8 @@ impl Aggregator {
             update_bytes: self.state.update_bytes,
             samples,
             seconds: now_unix() - self.state.started_unix,
-            // DP-FedAvg is not wired into this aggregator yet (federated::dp has the accountant).
-            privacy: None,
+            // A round that merged nothing released nothing new: the last report stands.
+            privacy: privacy.or_else(|| self.privacy()),
         };
         self.state.open = false;
         self.state.history.push(summary.clone());
@@ -676,7 +873,7 @@ impl Aggregator {
         Ok(summary)
     }
 
-    async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
         let g = GlobalDecoder::new(
             self.state.global_version,
             self.state.round,
@@ -691,7 +888,7 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
         let env = Envelope::seal(
             Kind::RoundAnnouncement,
             &self.header(),
@@ -702,7 +899,11 @@ impl Aggregator {
         Ok(())
     }
 
-    async fn publish_summary(&self, link: &Link, s: &RoundSummary) -> Result<(), AggregatorError> {
+    pub(super) async fn publish_summary(
+        &self,
+        link: &Link,
+        s: &RoundSummary,
+    ) -> Result<(), AggregatorError> {
         let env = Envelope::seal(Kind::RoundSummary, &self.header(), s)?;
         link.publish(&self.topics.summary(), env.to_bytes()?, true)
             .await?;
@@ -731,6 +932,15 @@ impl Aggregator {
                 if self.cfg.rounds > 0 && self.state.round >= self.cfg.rounds {
                     break;
                 }
+                if let Some(epsilon) = self.next_round_over_budget()? {
+                    tracing::warn!(
+                        round = self.state.round + 1,
+                        epsilon,
+                        max_epsilon = ?self.cfg.dp.as_ref().and_then(|d| d.max_epsilon),
+                        "privacy budget spent: not opening the next round; stopping"
+                    );
+                    break;
+                }
                 if self.state.round > 0 && self.cfg.round.pause_s > 0.0 {
                     tokio::time::sleep(Duration::from_secs_f64(self.cfg.round.pause_s)).await;
                 }
@@ -757,7 +967,7 @@ impl Aggregator {
 }
 
 /// Retries a publish until it succeeds or `stop` turns true (the broker may be restarting).
-async fn retry<'a, F, Fut>(
+pub(super) async fn retry<'a, F, Fut>(
     mut f: F,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), AggregatorError>
@@ -803,12 +1013,20 @@ pub fn connect(
         path: cfg.state.clone(),
         message,
     })?;
-    let (link, inbox) = Link::start(
-        &settings,
-        &cfg.id,
-        vec![topics.update_shared_filter("aggregators")],
-        None,
-    )?;
+    // A coordinator takes no updates (it would take a share); it hears its workers. A worker hears
+    // its share of the updates, the coordinator's announcements and its close requests.
+    let subscriptions = match &cfg.scale_out {
+        None => vec![topics.update_shared_filter("aggregators")],
+        Some(so) => match so.role {
+            Role::Coordinator => vec![topics.partial_filter()],
+            Role::Worker => vec![
+                topics.update_shared_filter("aggregators"),
+                topics.round(),
+                topics.partial(so.coordinator.as_deref().unwrap_or_default()),
+            ],
+        },
+    };
+    let (link, inbox) = Link::start(&settings, &cfg.id, subscriptions, None)?;
     Ok((link, inbox, settings))
 }
 
@@ -826,15 +1044,20 @@ mod tests {
     }
 
     fn setup(rule: &str) -> Setup {
+        setup_with(rule, 3, "")
+    }
+
+    /// A fleet of devices a, b, c; `extra` is appended to aggregator.toml (e.g. a `[dp]` section).
+    fn setup_with(rule: &str, quorum: usize, extra: &str) -> Setup {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("model.onnx");
         let params = Params::init(2, 5).unwrap();
         onnx::save(&onnx::export(&params, &vec![]).unwrap(), &model).unwrap();
         let cfg: AggregatorConfig = toml::from_str(&format!(
             "fleet = \"f\"\nmodel = {model:?}\nstate = {:?}\ndevices = [\"a\", \"b\", \"c\"]\n\
-             [round]\ndeadline_s = 60.0\nquorum = 3\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
+             [round]\ndeadline_s = 60.0\nquorum = {quorum}\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
-             [aggregation]\nrule = {rule}\n",
+             [aggregation]\nrule = {rule}\n{extra}",
             dir.path().join("state")
         ))
         .unwrap();
@@ -999,5 +1222,177 @@ mod tests {
         for (g, b) in agg.global().iter().zip(&base).take(100) {
             assert!((g - b - 0.01).abs() < 1e-6);
         }
+    }
+
+    const FEDAVG: &str = "{ kind = \"fedavg\" }";
+
+    #[test]
+    fn dp_round_clips_adds_calibrated_noise_and_its_epsilon_survives_a_restart() {
+        // C = 1, z = 0.002; quorum 2 of the 3 listed devices, so round 1 has q = 2/3.
+        let (c, z) = (1.0f64, 0.002f64);
+        let s = setup_with(
+            FEDAVG,
+            2,
+            "[dp]\nclip_norm = 1.0\nnoise_multiplier = 0.002\ndelta = 1e-5\n",
+        );
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        let base = agg.global().to_vec();
+        agg.open_round().unwrap();
+        // a: norm 0.01·sqrt(n) ≈ 8.9, clipped to 1 (each value becomes 1/sqrt(n)); b: norm ≈ 0.44, kept.
+        // Sample counts do not weight under DP (weight 1 each).
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.01), 50))
+            .unwrap();
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.0005), 1))
+            .unwrap();
+        assert!(agg.round_due());
+        let s1 = agg.close_round().unwrap();
+        let p1 = s1.privacy.clone().expect("privacy report");
+        let mut independent = RdpAccountant::new();
+        independent.step(2.0 / 3.0, z, 1).unwrap();
+        assert_eq!(p1.steps, 1);
+        assert!((p1.sampling_rate - 2.0 / 3.0).abs() < 1e-15);
+        assert_eq!(p1.epsilon, independent.epsilon(1e-5).0);
+        assert_eq!(p1.mechanism, DP_MECHANISM);
+
+        // The plain mean of the clipped updates, and what the noise must look like around it:
+        // N(0, (zC)²) on the sum of 2 is N(0, (zC/2)²) on each coordinate of the mean.
+        let mean = (1.0 / (n as f64).sqrt() - 0.0005) / 2.0;
+        let resid: Vec<f64> = agg
+            .global()
+            .iter()
+            .zip(&base)
+            .map(|(g, b)| f64::from(*g) - f64::from(*b) - mean)
+            .collect();
+        let m = resid.iter().sum::<f64>() / n as f64;
+        let std = (resid.iter().map(|r| (r - m).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let want = z * c / 2.0;
+        // n ≈ 784k coordinates: the std estimate is good to ~0.1 %; its mean to ~want/885.
+        assert!(
+            (std / want - 1.0).abs() < 0.01,
+            "noise std {std}, want {want}"
+        );
+        assert!(m.abs() < 5.0 * want / (n as f64).sqrt(), "noise mean {m}");
+        drop(agg);
+
+        // Restart: ε is where it was, and round 2 (all three devices: q = 1) adds to it.
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        assert_eq!(agg.state().accountant.steps, 1);
+        assert_eq!(agg.privacy().unwrap().epsilon, p1.epsilon);
+        agg.open_round().unwrap();
+        for d in ["a", "b", "c"] {
+            agg.handle_update_message(d, &update(&s, d, 2, 1, &filled(n, 0.0001), 1))
+                .unwrap();
+        }
+        let s2 = agg.close_round().unwrap();
+        let p2 = s2.privacy.expect("privacy report");
+        independent.step(1.0, z, 1).unwrap();
+        assert_eq!(p2.steps, 2);
+        assert_eq!(p2.epsilon, independent.epsilon(1e-5).0);
+        assert!(
+            p2.epsilon > p1.epsilon,
+            "ε grows: {} then {}",
+            p1.epsilon,
+            p2.epsilon
+        );
+        // A round in which nothing arrived releases nothing: ε stays.
+        agg.open_round().unwrap();
+        agg.state.deadline_unix = 0.0;
+        assert!(agg.round_due());
+        let s3 = agg.close_round().unwrap();
+        assert_eq!(s3.privacy.unwrap().epsilon, p2.epsilon);
+        assert_eq!(agg.state().global_version, 2);
+    }
+
+    #[test]
+    fn dp_budget_stops_before_the_round_that_would_exceed_it() {
+        // z = 5, q fixed at 1: budget = ε after exactly 2 rounds.
+        let mut two = RdpAccountant::new();
+        two.step(1.0, 5.0, 1).unwrap();
+        two.step(1.0, 5.0, 1).unwrap();
+        let budget = two.epsilon(1e-5).0;
+        let s = setup_with(
+            FEDAVG,
+            1,
+            &format!(
+                "[dp]\nclip_norm = 0.5\nnoise_multiplier = 5.0\nsampling_rate = 1.0\n\
+                 max_epsilon = {budget}\n"
+            ),
+        );
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        for round in 1..=2 {
+            assert_eq!(agg.next_round_over_budget().unwrap(), None);
+            agg.open_round().unwrap();
+            agg.handle_update_message("a", &update(&s, "a", round, round - 1, &filled(n, 0.0), 1))
+                .unwrap();
+            let p = agg.close_round().unwrap().privacy.unwrap();
+            assert!(p.epsilon <= budget);
+        }
+        let over = agg.next_round_over_budget().unwrap().expect("over budget");
+        assert!(over > budget);
+        assert!(matches!(
+            agg.open_round(),
+            Err(AggregatorError::PrivacyBudget { round: 3, .. })
+        ));
+        assert_eq!(agg.state().round, 2);
+        assert!(!agg.state().open);
+    }
+
+    #[test]
+    fn dp_config_is_checked() {
+        let bad = |rule: &str, extra: &str| {
+            let s = setup_with(rule, 1, extra);
+            s.cfg.validate().unwrap_err()
+        };
+        let e = bad(
+            "{ kind = \"median\" }",
+            "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\n",
+        );
+        assert!(e.contains("fedavg"), "{e}");
+        let e = bad(FEDAVG, "[dp]\nclip_norm = -1.0\nnoise_multiplier = 1.0\n");
+        assert!(e.contains("clip_norm"), "{e}");
+        let e = bad(
+            FEDAVG,
+            "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nmax_epsilon = 0.0\n",
+        );
+        assert!(e.contains("max_epsilon"), "{e}");
+        let e = bad(
+            FEDAVG,
+            "[dp]\nclip_norm = 1.0\nnoise_multiplier = 1.0\nsampling_rate = 1.5\n",
+        );
+        assert!(e.contains("sampling_rate"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configuration_parses_with_its_optional_sections_switched_on() {
+        let text = include_str!("../../aggregator.example.toml");
+        let plain: AggregatorConfig = toml::from_str(text).unwrap();
+        plain.validate().unwrap();
+        assert!(plain.dp.is_none() && plain.scale_out.is_none());
+        // Uncomment the [dp] block and the coordinator's [scale_out] lines.
+        let mut on = String::new();
+        let mut active = false;
+        for line in text.lines() {
+            if line == "# [dp]" || line == "# [scale_out]" {
+                active = true;
+            }
+            if line.is_empty() || line.starts_with("# (on a worker") {
+                active = false;
+            }
+            let line = match line.strip_prefix("# ") {
+                Some(rest) if active => rest,
+                _ => line,
+            };
+            on.push_str(line);
+            on.push('\n');
+        }
+        let cfg: AggregatorConfig = toml::from_str(&on).unwrap_or_else(|e| panic!("{e}\n{on}"));
+        cfg.validate().unwrap();
+        let dp = cfg.dp.expect("[dp]");
+        assert_eq!((dp.clip_norm, dp.max_epsilon), (0.1, Some(8.0)));
+        let so = cfg.scale_out.expect("[scale_out]");
+        assert_eq!(so.role, Role::Coordinator);
+        assert_eq!(so.workers, ["aggregator-1", "aggregator-2"]);
     }
 }

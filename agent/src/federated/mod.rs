@@ -11,7 +11,8 @@
 //! - [`style`]: style codes (feature statistics, Fourier amplitudes) for training on non-IID labs.
 //! - [`experiment`]: the same training, compression and aggregation in one process (no broker);
 //!   [`plot`]: its learning curves as PNG.
-//! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's.
+//! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's; [`scaleout`]:
+//!   several aggregator processes (a coordinator and workers exchanging partial sums).
 //! - [`secagg`]: secure aggregation (pairwise masks, Shamir dropout recovery); [`dp`]: clipping,
 //!   Gaussian noise and the RDP accountant; [`attack`]: what an honest-but-curious aggregator learns.
 
@@ -29,5 +30,6 @@ pub mod outbox;
 pub mod participant;
 pub mod plot;
 pub mod protocol;
+pub mod scaleout;
 pub mod secagg;
 pub mod style;

@@ -70,6 +70,9 @@ pub enum Kind {
     /// A secure-aggregation step ([`crate::federated::secagg`]): device → aggregator on `update/<device>`,
     /// aggregator → device on `secagg/<device>`.
     SecAgg,
+    /// Scale-out aggregation ([`crate::federated::scaleout`]) on `partial/<aggregator id>`: a worker's
+    /// progress and partial sum to the coordinator, the coordinator's close request to the workers.
+    Partial,
 }
 
 /// Every topic of one fleet.
@@ -131,6 +134,13 @@ impl Topics {
     /// Secure aggregation, aggregator → one device (sealed shares and rosters are per device).
     pub fn secagg(&self, device: &str) -> String {
         format!("{}/secagg/{device}", self.prefix)
+    }
+    /// Scale-out aggregation: what aggregator `id` says to the others (its own topic only, ACL).
+    pub fn partial(&self, id: &str) -> String {
+        format!("{}/partial/{id}", self.prefix)
+    }
+    pub fn partial_filter(&self) -> String {
+        format!("{}/partial/+", self.prefix)
     }
     pub fn command(&self) -> String {
         format!("{}/command", self.prefix)
