@@ -949,7 +949,12 @@ impl Aggregator {
             }
             tokio::select! {
                 m = inbox.recv() => match m {
-                    Some(m) => self.handle_update_frame(&m.topic, &m.payload)?,
+                    Some(m) => {
+                        if let Err(e) = self.handle_update_frame(&m.topic, &m.payload) {
+                            m.withhold_ack();
+                            return Err(e);
+                        }
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -1026,7 +1031,9 @@ pub fn connect(
             ],
         },
     };
-    let (link, inbox) = Link::start(&settings, &cfg.id, subscriptions, None)?;
+    // Updates are acknowledged to the broker only once handled (on disk, or rejected): a crash in
+    // between makes the broker deliver them again instead of losing them.
+    let (link, inbox) = Link::start_acking_when_done(&settings, &cfg.id, subscriptions, None)?;
     Ok((link, inbox, settings))
 }
 

@@ -113,6 +113,57 @@ pub struct Message {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// On a link started with [`Link::start_acking_when_done`]: the broker's acknowledgement (PUBACK),
+    /// sent when the last clone of this message is dropped, i.e. when its consumer has finished with it.
+    pub ack: Option<Arc<AckWhenDone>>,
+}
+
+/// Acknowledges one QoS 1 message to the broker when dropped. Until then the broker keeps the message
+/// for this session and delivers it again after a reconnect, so a consumer that persists what it
+/// received before dropping the message never loses one to a crash in between.
+pub struct AckWhenDone {
+    client: AsyncClient,
+    publish: rumqttc::Publish,
+    withheld: std::sync::atomic::AtomicBool,
+}
+
+impl Message {
+    /// The consumer failed to keep this message (a disk error, say) and is stopping: do not
+    /// acknowledge it, so that the broker delivers it again to the next session.
+    pub fn withhold_ack(&self) {
+        if let Some(a) = &self.ack {
+            a.withheld.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+}
+
+impl std::fmt::Debug for AckWhenDone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AckWhenDone")
+            .field("topic", &self.publish.topic)
+            .field("pkid", &self.publish.pkid)
+            .finish()
+    }
+}
+
+impl Drop for AckWhenDone {
+    fn drop(&mut self) {
+        if self.withheld.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        if self.client.try_ack(&self.publish).is_ok() {
+            return;
+        }
+        // The request queue is full: acknowledge from a task instead of blocking the dropper.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let (client, publish) = (self.client.clone(), self.publish.clone());
+            rt.spawn(async move {
+                if let Err(e) = client.ack(&publish).await {
+                    tracing::debug!(topic = %publish.topic, error = %e, "cannot acknowledge; the broker will deliver it again");
+                }
+            });
+        }
+    }
 }
 
 type Waiter = oneshot::Sender<Result<(), ()>>;
@@ -241,7 +292,30 @@ impl Link {
         subscriptions: Vec<String>,
         will: Option<LastWill>,
     ) -> Result<(Self, mpsc::Receiver<Message>), LinkError> {
-        let options = mqtt_options(settings, client_id, will)?;
+        Self::start_with(settings, client_id, subscriptions, will, false)
+    }
+
+    /// [`Link::start`], but a received message is acknowledged to the broker only when its consumer
+    /// drops it ([`Message::ack`]), not on arrival: for the aggregator, which must have an update on
+    /// disk before the broker may forget it.
+    pub fn start_acking_when_done(
+        settings: &BrokerSettings,
+        client_id: &str,
+        subscriptions: Vec<String>,
+        will: Option<LastWill>,
+    ) -> Result<(Self, mpsc::Receiver<Message>), LinkError> {
+        Self::start_with(settings, client_id, subscriptions, will, true)
+    }
+
+    fn start_with(
+        settings: &BrokerSettings,
+        client_id: &str,
+        subscriptions: Vec<String>,
+        will: Option<LastWill>,
+        ack_when_done: bool,
+    ) -> Result<(Self, mpsc::Receiver<Message>), LinkError> {
+        let mut options = mqtt_options(settings, client_id, will)?;
+        options.set_manual_acks(ack_when_done);
         let (client, eventloop) = AsyncClient::new(options, 256);
         let (tx, rx) = mpsc::channel(1024);
         let (conn_tx, conn_rx) = watch::channel(false);
@@ -256,6 +330,7 @@ impl Link {
             acks.clone(),
             broker.clone(),
             client_id.to_owned(),
+            ack_when_done,
         ));
         Ok((
             Self {
@@ -371,6 +446,7 @@ async fn drive(
     acks: Arc<Mutex<Acks>>,
     broker: String,
     id: String,
+    ack_when_done: bool,
 ) {
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -394,6 +470,14 @@ async fn drive(
                     topic: p.topic.clone(),
                     payload: p.payload.to_vec(),
                     retain: p.retain,
+                    // QoS 0 has nothing to acknowledge.
+                    ack: (ack_when_done && p.qos != QoS::AtMostOnce).then(|| {
+                        Arc::new(AckWhenDone {
+                            client: client.clone(),
+                            publish: p.clone(),
+                            withheld: false.into(),
+                        })
+                    }),
                 };
                 if tx.send(m).await.is_err() {
                     break;

@@ -359,7 +359,12 @@ pub async fn run_worker(
                         Err(e) => tracing::warn!("worker: ignored a coordinator message: {e}"),
                     }
                 }
-                Some(m) => agg.handle_update_frame(&m.topic, &m.payload)?,
+                Some(m) => {
+                    if let Err(e) = agg.handle_update_frame(&m.topic, &m.payload) {
+                        m.withhold_ack();
+                        return Err(e);
+                    }
+                }
                 None => break,
             },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
