@@ -24,6 +24,8 @@ build)
     cargo build --release -p microfed
     mkdir -p .gpu/peers
     cp "$target/release/microfed" .gpu/microfed
+    # Without its line tables (360 MB → 50 MB): the device tool carries at most 64 MiB.
+    strip .gpu/microfed
     for p in "${MICROFED_PEERS:-}" "$root/../shared/peers" /work/shared/peers; do
         if [ -n "$p" ] && [ -f "$p/torch_unet.py" ]; then cp "$p/torch_unet.py" .gpu/peers/; break; fi
     done
@@ -54,20 +56,20 @@ PY
     export MICROFED_KERNEL_CACHE="$root/.gpu/kernel-cache"
     rc=0
     echo "## 1. tract-cuda"
-    timeout 240 .gpu/microfed model bench models/grains/model.onnx --device cuda \
+    timeout 170 .gpu/microfed model bench models/grains/model.onnx --device cuda \
         --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 30 --warmup 5 \
         --json "$out/tract-cuda.json" 2>&1 | tee "$out/tract-cuda.log" || rc=$?
     echo "## 2. tract on this machine's CPU"
-    timeout 120 .gpu/microfed model bench models/grains/model.onnx --device cpu \
+    timeout 60 .gpu/microfed model bench models/grains/model.onnx --device cpu \
         --shape 1x512x512 --runs 5 --warmup 1 --json "$out/tract-cpu.json" 2>&1 | tee "$out/tract-cpu.log" || true
     if [ -f .gpu/peers/torch_unet.py ]; then
         echo "## 3. PyTorch peer"
-        PYTHONUNBUFFERED=1 timeout 150 python3 .gpu/peers/torch_unet.py >"$out/torch_unet.json" 2>"$out/torch_unet.log" \
+        PYTHONUNBUFFERED=1 timeout 120 python3 .gpu/peers/torch_unet.py >"$out/torch_unet.json" 2>"$out/torch_unet.log" \
             || echo "torch peer failed: $(tail -3 "$out/torch_unet.log")"
         cat "$out/torch_unet.json"
     fi
     echo "## 4. microfed demo --quick on the GPU"
-    RUST_LOG=warn,microfed=info timeout 180 .gpu/microfed demo --quick --no-real --out "$out/demo" >"$out/demo.log" 2>&1 || echo "demo exit code $?"
+    RUST_LOG=warn,microfed=info timeout 90 .gpu/microfed demo --quick --no-real --out "$out/demo" >"$out/demo.log" 2>&1 || echo "demo exit code $?"
     grep -v "^\s*$" "$out/demo.log" | grep -iE "engine|device|\| |done in|captures segmented|error" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220 | head -40
     rm -rf "$out/demo/lab-"*/incoming "$out/demo/lab-"*/labelled "$out/demo/lab-"*/microscope 2>/dev/null || true
     echo "tract-cuda bench exit code: $rc"
