@@ -24,8 +24,11 @@ build)
     cargo build --release -p microfed
     mkdir -p .gpu/peers
     cp "$target/release/microfed" .gpu/microfed
-    # Without its line tables (360 MB → 50 MB): the device tool carries at most 64 MiB.
+    # Without its line tables (360 MB → 50 MB) and compressed (→ ~12 MB): the device tool carries at
+    # most 64 MiB with the working tree (its three ONNX models alone are 24 MB).
     strip .gpu/microfed
+    rm -f .gpu/microfed.xz
+    xz -T2 -6 .gpu/microfed
     for p in "${MICROFED_PEERS:-}" "$root/../shared/peers" /work/shared/peers; do
         if [ -n "$p" ] && [ -f "$p/torch_unet.py" ]; then cp "$p/torch_unet.py" .gpu/peers/; break; fi
     done
@@ -34,6 +37,7 @@ build)
 run)
     out="${OUT:-$root/.gpu/out}"
     mkdir -p "$out"
+    [ -x .gpu/microfed ] || xz -dk .gpu/microfed.xz
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
     libs=$(python3 - <<'PY' 2>/dev/null || true
 import glob, os
