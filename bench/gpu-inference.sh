@@ -37,7 +37,7 @@ build)
 run)
     out="${OUT:-$root/.gpu/out}"
     mkdir -p "$out"
-    [ -x .gpu/microfed ] || xz -dk .gpu/microfed.xz
+    [ -x .gpu/microfed ] || { xz -dk .gpu/microfed.xz && chmod +x .gpu/microfed; }
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv || true
     libs=$(python3 - <<'PY' 2>/dev/null || true
 import glob, os
