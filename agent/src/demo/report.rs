@@ -473,6 +473,7 @@ mod tests {
                 holdout_mean_iou: Some(after),
                 holdout_mean_iou_before: Some(before),
                 seconds: 1.0,
+                restyled_batches: 0,
             },
             compressed,
             norm: 1.0,
