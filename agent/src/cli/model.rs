@@ -202,8 +202,8 @@ fn parse_shape(text: &str) -> anyhow::Result<(usize, usize, usize)> {
         v[0] > 0
             && v[1] > 0
             && v[2] > 0
-            && v[1] % onnx::INPUT_MULTIPLE == 0
-            && v[2] % onnx::INPUT_MULTIPLE == 0,
+            && v[1].is_multiple_of(onnx::INPUT_MULTIPLE)
+            && v[2].is_multiple_of(onnx::INPUT_MULTIPLE),
         "--shape {text:?}: N positive, H and W positive multiples of {}",
         onnx::INPUT_MULTIPLE
     );
