@@ -303,7 +303,7 @@ fn style_attack_run() -> anyhow::Result<()> {
                 } => format!("dp::StyleNoise z = {noise_multiplier:.3}, C = {clip_norm:.3}"),
             };
             println!(
-                "| {kind} | {what} | {} | {:.2} | {:.2} | {:.2} | {} | {:.0} % | {:.0} % |",
+                "| {kind} | {what} | {} | {:.2} | {:.2} | {:.2} | {:.0e} | {:.0} % | {:.0} % |",
                 r.epsilon.map_or("–".into(), |e| format!("{e:.2}")),
                 r.mae_pp,
                 r.blind_mae_pp,

@@ -359,7 +359,7 @@ pub fn style_inference(
             };
             xs.push(code_features(&code));
         }
-        let grid: Vec<f64> = [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
+        let grid: Vec<f64> = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0]
             .iter()
             .map(|f| f * xs[0].len() as f64)
             .collect();
@@ -529,8 +529,19 @@ mod tests {
             },
         ];
         let r = style_inference(&labs, StyleKind::FeatureStats, 12, &defences, 1).unwrap();
-        eprintln!("{r:#?}");
-        assert!(r[0].style_accuracy > r[0].style_blind_accuracy + 0.3);
+        // Measured (seed 5): style 5 of 6 right (blind 2 of 6); grain-boundary fraction off by 3.8 pp
+        // against the blind guess's 8.9 pp, correlation 0.94 — a clear code gives the grain size away.
+        let clear = &r[0];
+        assert!(clear.style_accuracy > clear.style_blind_accuracy + 0.3);
+        assert!(clear.mae_pp < 0.7 * clear.blind_mae_pp, "{clear:?}");
+        assert!(clear.correlation > 0.6, "{clear:?}");
+        // z = 4 on a code clipped to the median norm (ε ≈ 1): noise of 4C on every one of 992
+        // numbers whose typical size is C/31 — nothing of the grain size is left.
+        let dp = &r[1];
+        assert!(
+            dp.mae_pp > 0.8 * dp.blind_mae_pp && dp.correlation < 0.5,
+            "{dp:?}"
+        );
         assert!(r[1].epsilon.is_some_and(|e| e > 0.0 && e < 2.0));
         assert!(r[0].epsilon.is_none());
     }
