@@ -135,7 +135,7 @@ fn invert(mut a: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>, AttackError> {
         a.swap(c, p);
         inv.swap(c, p);
         let pivot = a[c][c];
-        if !(pivot.abs() > 1e-300) {
+        if pivot.is_nan() || pivot.abs() < 1e-300 {
             return Err(AttackError::Setup("dual ridge: singular system".into()));
         }
         a[c].iter_mut().for_each(|v| *v /= pivot);
