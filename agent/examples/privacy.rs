@@ -6,8 +6,9 @@
 //! cargo run -p microfed --example privacy -- accountant    # ε per round for the noise levels used
 //! cargo run -p microfed --example privacy -- attack        # property inference from one update
 //! cargo run -p microfed --example privacy -- dp            # IoU cost of DP-FedAvg at ε = 1, 4, 8
+//! cargo run -p microfed --example privacy -- style-attack  # grain size and style from one style code
 //! ```
-//! `attack` and `dp` use models/grains/model.onnx and synthetic polycrystal labs (CPU backend).
+//! `attack`, `style-attack` and `dp` use models/grains/model.onnx and synthetic polycrystal labs (CPU backend).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -17,9 +18,11 @@ use anyhow::Context;
 use rand::{Rng, SeedableRng};
 
 use microfed::federated::attack::{self, Condition, SyntheticLab};
+use microfed::federated::attack_style::{self, StyleDefence};
 use microfed::federated::dp::{self, DpConfig, RdpAccountant};
 use microfed::federated::local::RoundPlan;
 use microfed::federated::secagg::{self, Dropouts};
+use microfed::federated::style::StyleKind;
 use microfed::micrograph::Normalisation;
 use microfed::model::runtime::Segmenter;
 use microfed::model::{manifest, onnx};
@@ -171,16 +174,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn attack_run() -> anyhow::Result<()> {
-    let s = setup()?;
-    let tmp = tempfile::tempdir()?;
+/// The attack's labs: 30 shadows then 15 targets, grain sizes uniform in 10–48 px.
+fn attack_labs(s: &Setup, dir: &Path) -> anyhow::Result<(Vec<SyntheticLab>, usize)> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     let (shadows, targets) = (30, 15);
     let sizes: Vec<f32> = (0..shadows + targets)
         .map(|_| rng.random_range(10.0f32..48.0))
         .collect();
+    Ok((labs(s, &sizes, 0, dir, 77)?, shadows))
+}
+
+fn attack_run() -> anyhow::Result<()> {
+    let s = setup()?;
+    let tmp = tempfile::tempdir()?;
     let t0 = Instant::now();
-    let labs = labs(&s, &sizes, 0, tmp.path(), 77)?;
+    let (labs, shadows) = attack_labs(&s, tmp.path())?;
+    let targets = labs.len() - shadows;
     let backend = Arc::new(CpuBackend::new());
     let ups = attack::updates(backend, &s.params, &labs, &PLAN, 2, 64, 9)?;
     eprintln!(
@@ -235,6 +244,77 @@ fn attack_run() -> anyhow::Result<()> {
             r.condition, r.mae_pp, r.blind_mae_pp, r.correlation
         );
     }
+    Ok(())
+}
+
+/// The same labs as `attack`, read through one published style code each.
+fn style_attack_run() -> anyhow::Result<()> {
+    let s = setup()?;
+    let tmp = tempfile::tempdir()?;
+    let t0 = Instant::now();
+    let (labs, shadows) = attack_labs(&s, tmp.path())?;
+    eprintln!(
+        "{} labs' features in {:.1} s",
+        labs.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let fr: Vec<f64> = labs.iter().map(|l| 100.0 * l.boundary_fraction).collect();
+    println!(
+        "{shadows} shadow + {} target labs; boundary fraction {:.1}–{:.1} %; styles cycle optical-etched, sem-se, sem-bse\n",
+        labs.len() - shadows,
+        fr.iter().copied().fold(f64::INFINITY, f64::min),
+        fr.iter().copied().fold(0.0, f64::max),
+    );
+    // One publication of one code: z for the target ε after a single Gaussian step.
+    let z = |eps: f64| dp::noise_multiplier_for(eps, attack_style::DELTA, 1.0, 1);
+    println!(
+        "| code | what the lab publishes | ε (δ = 1e-5) | grain: error of the estimate (pp) | blind guess (pp) | correlation | λ / d | style: accuracy | blind guess |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for kind in [StyleKind::FeatureStats, StyleKind::Fourier] {
+        let c = attack_style::median_code_norm(&labs, kind)?;
+        let defences = [
+            StyleDefence::Clear,
+            StyleDefence::RelativeNoise { sigma: 0.1 },
+            StyleDefence::RelativeNoise { sigma: 0.5 },
+            StyleDefence::Dp {
+                noise_multiplier: z(8.0)?,
+                clip_norm: c,
+            },
+            StyleDefence::Dp {
+                noise_multiplier: z(1.0)?,
+                clip_norm: c,
+            },
+        ];
+        let rows = attack_style::style_inference(&labs, kind, shadows, &defences, 3)?;
+        let d = match kind {
+            StyleKind::FeatureStats => microfed::federated::style::feature_stats_len(),
+            StyleKind::Fourier => {
+                microfed::federated::style::fourier_len(microfed::federated::style::FOURIER_BAND)
+            }
+        } as f64;
+        for r in rows {
+            let what = match r.defence {
+                StyleDefence::Clear => "the code in the clear".to_owned(),
+                StyleDefence::RelativeNoise { sigma } => format!("noise_sigma = {sigma}"),
+                StyleDefence::Dp {
+                    noise_multiplier,
+                    clip_norm,
+                } => format!("dp::StyleNoise z = {noise_multiplier:.3}, C = {clip_norm:.3}"),
+            };
+            println!(
+                "| {kind} | {what} | {} | {:.2} | {:.2} | {:.2} | {:.0e} | {:.0} % | {:.0} % |",
+                r.epsilon.map_or("–".into(), |e| format!("{e:.2}")),
+                r.mae_pp,
+                r.blind_mae_pp,
+                r.correlation,
+                r.lambda / d,
+                100.0 * r.style_accuracy,
+                100.0 * r.style_blind_accuracy
+            );
+        }
+    }
+    eprintln!("style attack {:.1} s in all", t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -319,6 +399,10 @@ fn main() -> anyhow::Result<()> {
     }
     if all || what == "attack" {
         attack_run().context("attack")?;
+        println!();
+    }
+    if all || what == "style-attack" {
+        style_attack_run().context("style attack")?;
         println!();
     }
     if all || what == "dp" {

@@ -50,6 +50,8 @@ pub enum AttackError {
     Dp(#[from] dp::DpError),
     #[error(transparent)]
     SecAgg(#[from] secagg::SecAggError),
+    #[error(transparent)]
+    Style(#[from] super::style::StyleError),
     #[error("{0}")]
     Setup(String),
 }
@@ -59,6 +61,9 @@ pub enum AttackError {
 pub struct SyntheticLab {
     pub name: String,
     pub grain_size_px: f32,
+    /// The `synth` imaging-style preset its micrographs were rendered in (what a style code is meant
+    /// to reveal; [`super::attack_style`] tries to read it back).
+    pub style: String,
     /// Grain-boundary pixels / all pixels of its training images: the secret property.
     pub boundary_fraction: f64,
     pub cache: FeatureCache,
@@ -133,6 +138,7 @@ pub fn synthetic_grain_labs(
             Ok(SyntheticLab {
                 name,
                 grain_size_px: g,
+                style: STYLES[i % STYLES.len()].to_owned(),
                 boundary_fraction: boundary as f64 / total.max(1) as f64,
                 cache,
             })
@@ -277,7 +283,8 @@ pub struct AttackRow {
     pub correlation: f64,
 }
 
-fn correlation(a: &[f64], b: &[f64]) -> f64 {
+/// Pearson correlation; 0 when either side is constant.
+pub(crate) fn correlation(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len() as f64;
     let (ma, mb) = (a.iter().sum::<f64>() / n, b.iter().sum::<f64>() / n);
     let cov: f64 = a.iter().zip(b).map(|(x, y)| (x - ma) * (y - mb)).sum();

@@ -14,11 +14,13 @@
 //! - [`participant`]: the agent's side of rounds; [`aggregator`]: the aggregator's; [`scaleout`]:
 //!   several aggregator processes (a coordinator and workers exchanging partial sums).
 //! - [`secagg`]: secure aggregation (pairwise masks, Shamir dropout recovery); [`dp`]: clipping,
-//!   Gaussian noise and the RDP accountant; [`attack`]: what an honest-but-curious aggregator learns.
+//!   Gaussian noise and the RDP accountant; [`attack`]: what an honest-but-curious aggregator learns
+//!   from an update; [`attack_style`]: from a style code.
 
 pub mod aggregate;
 pub mod aggregator;
 pub mod attack;
+pub mod attack_style;
 pub mod compress;
 pub mod device;
 pub mod dp;
