@@ -2,8 +2,9 @@
 //! their own labels rendered in that look (FedTransfer, arXiv 2111.07892; FedDG's amplitude swap).
 //!
 //! Labs image the same materials differently (instrument, etching, contrast, noise), so their data are
-//! not identically distributed. A style code summarises the look of a lab's images and says little
-//! about their content (docs/privacy.md says what it does and does not reveal).
+//! not identically distributed. A style code summarises the look of a lab's images; no image can be
+//! rebuilt from it, but it is not content-free: measured (`attack_style`), one clear feature-stats code
+//! gives a lab's grain size away about as well as its decoder update (docs/privacy.md).
 //!
 //! Map of this module:
 //! - [`StyleKind`]: `feature-stats` (default) — per encoder stage and channel, the mean and standard
