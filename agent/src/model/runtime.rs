@@ -122,6 +122,89 @@ pub fn process_engine() -> Engine {
     PROCESS_ENGINE.get().copied().unwrap_or(Engine::Cpu)
 }
 
+/// Rewrites every 2×2, stride-2, unpadded NCHW max-pool of a shape-specialised graph as a reshape
+/// `[N, C, H, W] → [N, C, H/2, 2, W/2, 2]`, a max-reduction over the two new axes and a reshape back:
+/// the same numbers (max is exact), in ops that tract-cuda runs on the GPU. tract-cuda 0.23.9 has no
+/// pooling kernel, so a `MaxPool` left as is runs on the CPU with its input copied device → host and
+/// its output back, at each of the U-Net's four levels. Returns how many pools were rewritten; any
+/// other pool is left alone.
+pub fn max_pools_as_reductions(model: &mut TypedModel) -> TractResult<usize> {
+    use tract_onnx::tract_core::internal::{AxisOp, TypedModelPatch};
+    use tract_onnx::tract_core::ops::cnn::{MaxPool, PaddingSpec};
+    use tract_onnx::tract_core::ops::nn::{DataFormat, Reduce, Reducer};
+    let mut rewritten = 0;
+    let ids: Vec<usize> = model.eval_order()?;
+    for id in ids {
+        let node = model.node(id);
+        let Some(pool) = node.op_as::<MaxPool>() else {
+            continue;
+        };
+        let spec = &pool.pool_spec;
+        let unpadded = match &spec.padding {
+            PaddingSpec::Valid => true,
+            PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
+                b.iter().chain(a.iter()).all(|&p| p == 0)
+            }
+            _ => false,
+        };
+        let shape = model
+            .outlet_fact(node.inputs[0])?
+            .shape
+            .as_concrete()
+            .map(<[usize]>::to_vec);
+        let Some(shape) = shape else { continue };
+        if pool.with_index_outputs.is_some()
+            || spec.data_format != DataFormat::NCHW
+            || spec.kernel_shape.as_slice() != [2, 2]
+            || spec.strides.as_deref().unwrap_or(&[1, 1]) != [2, 2]
+            || spec
+                .dilations
+                .as_deref()
+                .is_some_and(|d| d.iter().any(|&x| x != 1))
+            || !unpadded
+            || shape.len() != 4
+            || shape[2] % 2 != 0
+            || shape[3] % 2 != 0
+        {
+            continue;
+        }
+        let (h, w) = (shape[2], shape[3]);
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let x = patch.tap_model(model, node.inputs[0])?;
+        let split = patch.wire_node(
+            format!("{name}.split"),
+            AxisOp::Reshape(
+                2,
+                tvec![h.into(), w.into()],
+                tvec![(h / 2).into(), 2.into(), (w / 2).into(), 2.into()],
+            ),
+            &[x],
+        )?;
+        let max = patch.wire_node(
+            format!("{name}.max"),
+            Reduce {
+                axes: tvec![3, 5],
+                reducer: Reducer::Max,
+            },
+            &split,
+        )?;
+        let merged = patch.wire_node(
+            format!("{name}.merge"),
+            AxisOp::Reshape(
+                2,
+                tvec![(h / 2).into(), 1.into(), (w / 2).into(), 1.into()],
+                tvec![(h / 2).into(), (w / 2).into()],
+            ),
+            &max,
+        )?;
+        patch.shunt_outside(model, id.into(), merged[0])?;
+        patch.apply(model)?;
+        rewritten += 1;
+    }
+    Ok(rewritten)
+}
+
 /// One output of a run: its shape and its values, flattened row-major.
 pub type NamedOutput = (Vec<usize>, Vec<f32>);
 
@@ -290,10 +373,12 @@ impl Segmenter {
             ),
             // tract-cuda translates the decluttered graph to its GPU ops and optimises it itself.
             Engine::Cuda(rt) => {
-                let typed = model
+                let mut typed = model
                     .into_typed()
                     .and_then(|m| m.into_decluttered())
                     .map_err(err)?;
+                let pools = max_pools_as_reductions(&mut typed).map_err(err)?;
+                tracing::debug!(pools, "2x2 max-pools rewritten for the GPU");
                 Arc::from(rt.prepare(typed).map_err(err)?)
             }
         };
@@ -418,6 +503,70 @@ mod tests {
     /// says why, and `cuda` is refused with the same reason; where it can run, both pick CUDA. Either
     /// way tract-cuda's runtime must be registered in this build (a probe that reports "not
     /// registered" would mean the GPU path silently vanished from the binary).
+    /// The GPU-friendly max-pool is the same function: on the CPU, the rewritten reference U-Net gives
+    /// the same logits and skip features (within 1e-5: the optimiser may fuse what follows a pool
+    /// differently), and all four pools were rewritten.
+    #[test]
+    fn max_pools_rewritten_as_reductions_compute_the_same() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/grains/model.onnx");
+        let (n, h, w) = (2, 64, 96);
+        let names: Vec<String> = std::iter::once(OUTPUT.to_string())
+            .chain((0..5).map(onnx::skip_name))
+            .collect();
+        let typed = tract_onnx::onnx()
+            .model_for_path(&path)
+            .unwrap()
+            .with_input_fact(0, f32::fact([n, 1, h, w]).into())
+            .unwrap()
+            .with_outputs_by_name(names.iter().map(String::as_str))
+            .unwrap()
+            .into_typed()
+            .unwrap()
+            .into_decluttered()
+            .unwrap();
+        let mut rewritten = typed.clone();
+        assert_eq!(max_pools_as_reductions(&mut rewritten).unwrap(), 4);
+        assert!(
+            rewritten
+                .nodes()
+                .iter()
+                .all(|node| !node.op().name().contains("MaxPool"))
+        );
+        let input: Vec<f32> = (0..n * h * w)
+            .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+            .collect();
+        let run = |m: TypedModel| {
+            let plan = m.into_optimized().unwrap().into_runnable().unwrap();
+            let t = Tensor::from_shape(&[n, 1, h, w], &input).unwrap();
+            plan.run(tvec!(t.into_tvalue()))
+                .unwrap()
+                .iter()
+                .map(|v| {
+                    v.to_plain_array_view::<f32>()
+                        .unwrap()
+                        .iter()
+                        .copied()
+                        .collect::<Vec<f32>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let (a, b) = (run(typed), run(rewritten));
+        assert_eq!(a.len(), 6);
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(x.len(), y.len(), "output {i}");
+            let worst = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-5,
+                "output {i} ({}) differs by {worst}",
+                names[i]
+            );
+        }
+    }
+
     #[test]
     fn engine_choice_follows_what_the_machine_has() {
         match cuda_runtime() {
