@@ -377,8 +377,12 @@ impl Segmenter {
                     .into_typed()
                     .and_then(|m| m.into_decluttered())
                     .map_err(err)?;
-                let pools = max_pools_as_reductions(&mut typed).map_err(err)?;
-                tracing::debug!(pools, "2x2 max-pools rewritten for the GPU");
+                // MICROFED_GPU_KEEP_MAXPOOL=1 leaves the pools to tract-cuda's CPU fallback: for
+                // the benchmark that measures what the rewrite buys (bench/gpu-inference.sh).
+                if std::env::var_os("MICROFED_GPU_KEEP_MAXPOOL").is_none() {
+                    let pools = max_pools_as_reductions(&mut typed).map_err(err)?;
+                    tracing::debug!(pools, "2x2 max-pools rewritten for the GPU");
+                }
                 Arc::from(rt.prepare(typed).map_err(err)?)
             }
         };
