@@ -9,6 +9,8 @@
 # What `run` does, each step under a timeout, logs and JSON into $OUT (or .gpu/out):
 #  1. `microfed model bench` on the GPU (tract-cuda) for the reference U-Net (models/grains) at
 #     1×512², 8×512² and 1×2048², with the GPU's logits compared to the CPU's on the first shape;
+#     then again with MICROFED_GPU_KEEP_MAXPOOL=1 (max-pools on tract-cuda's CPU fallback);
+#     (MICROFED_GPU_QUICK=1 runs only steps 1 and 3);
 #  2. the same network on that machine's CPU (tract, every core) at 1×512², for scale;
 #  3. the PyTorch peer (../shared/peers/torch_unet.py: eager fp32 and TF32, same shapes);
 #  4. `microfed demo --quick` with everything on the GPU: tract-cuda segmentation, our CUDA kernels for
@@ -63,19 +65,28 @@ PY
     timeout 170 .gpu/microfed model bench models/grains/model.onnx --device cuda \
         --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 30 --warmup 5 \
         --json "$out/tract-cuda.json" 2>&1 | tee "$out/tract-cuda.log" || rc=$?
+    echo "## 1b. tract-cuda with the max-pools left to its CPU fallback (what the rewrite buys)"
+    MICROFED_GPU_KEEP_MAXPOOL=1 timeout 120 .gpu/microfed model bench models/grains/model.onnx --device cuda \
+        --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 20 --warmup 3 --no-check \
+        --json "$out/tract-cuda-keep-maxpool.json" 2>&1 | grep -v "INFO" | tee "$out/tract-cuda-keep-maxpool.log" || true
+    quick="${MICROFED_GPU_QUICK:-0}"
+    if [ "$quick" != 1 ]; then
     echo "## 2. tract on this machine's CPU"
     timeout 60 .gpu/microfed model bench models/grains/model.onnx --device cpu \
         --shape 1x512x512 --runs 5 --warmup 1 --json "$out/tract-cpu.json" 2>&1 | tee "$out/tract-cpu.log" || true
+    fi
     if [ -f .gpu/peers/torch_unet.py ]; then
         echo "## 3. PyTorch peer"
         PYTHONUNBUFFERED=1 timeout 120 python3 .gpu/peers/torch_unet.py >"$out/torch_unet.json" 2>"$out/torch_unet.log" \
             || echo "torch peer failed: $(tail -3 "$out/torch_unet.log")"
         cat "$out/torch_unet.json"
     fi
+    if [ "$quick" != 1 ]; then
     echo "## 4. microfed demo --quick on the GPU"
     RUST_LOG=warn,microfed=info timeout 90 .gpu/microfed demo --quick --no-real --out "$out/demo" >"$out/demo.log" 2>&1 || echo "demo exit code $?"
     grep -v "^\s*$" "$out/demo.log" | grep -iE "engine|device|\| |done in|captures segmented|error" | sed 's/\x1b\[[0-9;]*m//g' | cut -c1-220 | head -40
     rm -rf "$out/demo/lab-"*/incoming "$out/demo/lab-"*/labelled "$out/demo/lab-"*/microscope 2>/dev/null || true
+    fi
     echo "tract-cuda bench exit code: $rc"
     exit "$rc"
     ;;
