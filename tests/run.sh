@@ -82,13 +82,14 @@ export MICROFED_CROSS_ARCHES="${MICROFED_CROSS_ARCHES:-arm64}"
 cross/check.sh
 export MICROFED_DEB_DIR="${MICROFED_DEB_DIR:-${CARGO_TARGET_DIR:-$root/target}/debian}"
 
-# The aarch64 build (release binary, qemu tests) takes ~6 GB that the host tests below never read. On a
-# machine short of disk (CI's), drop it once its checks passed; the .deb files stay for step 4's test.
+# The aarch64 build (release binary, qemu tests) and the host release folder that served it (build
+# scripts, proc macros) take 8-12 GB that the host tests below never read. On a machine short of disk
+# (CI's), drop them once their checks passed; the .deb files stay for step 4's test.
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
 free_gib=$(df --output=avail -BG "$target_dir" | tail -n1 | tr -dc '0-9')
-if ((free_gib < ${MICROFED_MIN_FREE_GIB:-20})); then
-  say "only ${free_gib} GiB free: removing the aarch64 build products (checks done) before the host tests"
-  rm -rf "$target_dir/aarch64-unknown-linux-gnu" "$target_dir/zig-amd64"
+if ((free_gib < ${MICROFED_MIN_FREE_GIB:-30})); then
+  say "only ${free_gib} GiB free: removing the aarch64 and release build products (checks done) before the host tests"
+  rm -rf "$target_dir/aarch64-unknown-linux-gnu" "$target_dir/zig-amd64" "$target_dir/release"
 fi
 df -h "$target_dir" | tail -n1
 
