@@ -203,7 +203,7 @@ pub fn write_plot(rows: &[RoundRow], labs: &[String], path: &Path) -> Result<(),
         y_label: "mean IoU".into(),
         panels: vec![
             Panel {
-                title: "global decoder at round start".into(),
+                title: "global, round start".into(),
                 series: series(|l| l.iou_global),
             },
             Panel {
