@@ -928,24 +928,8 @@ impl Aggregator {
             if *stop.borrow() {
                 break;
             }
-            if !self.state.open {
-                if self.cfg.rounds > 0 && self.state.round >= self.cfg.rounds {
-                    break;
-                }
-                if let Some(epsilon) = self.next_round_over_budget()? {
-                    tracing::warn!(
-                        round = self.state.round + 1,
-                        epsilon,
-                        max_epsilon = ?self.cfg.dp.as_ref().and_then(|d| d.max_epsilon),
-                        "privacy budget spent: not opening the next round; stopping"
-                    );
-                    break;
-                }
-                if self.state.round > 0 && self.cfg.round.pause_s > 0.0 {
-                    tokio::time::sleep(Duration::from_secs_f64(self.cfg.round.pause_s)).await;
-                }
-                self.open_round()?;
-                retry(|| self.publish_announcement(link), &mut stop).await?;
+            if !self.state.open && !self.open_next_round(link, &mut stop).await? {
+                break;
             }
             tokio::select! {
                 m = inbox.recv() => match m {
@@ -968,6 +952,36 @@ impl Aggregator {
             }
         }
         Ok(self.state)
+    }
+}
+
+impl Aggregator {
+    /// Between rounds, for the single process and the scale-out coordinator alike: false when it is
+    /// time to stop (every configured round has run, or the next one could overspend the privacy
+    /// budget); otherwise waits the configured pause, opens the next round and announces it.
+    pub(super) async fn open_next_round(
+        &mut self,
+        link: &Link,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, AggregatorError> {
+        if self.cfg.rounds > 0 && self.state.round >= self.cfg.rounds {
+            return Ok(false);
+        }
+        if let Some(epsilon) = self.next_round_over_budget()? {
+            tracing::warn!(
+                round = self.state.round + 1,
+                epsilon,
+                max_epsilon = ?self.cfg.dp.as_ref().and_then(|d| d.max_epsilon),
+                "privacy budget spent: not opening the next round; stopping"
+            );
+            return Ok(false);
+        }
+        if self.state.round > 0 && self.cfg.round.pause_s > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(self.cfg.round.pause_s)).await;
+        }
+        self.open_round()?;
+        retry(|| self.publish_announcement(link), stop).await?;
+        Ok(true)
     }
 }
 

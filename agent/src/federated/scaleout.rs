@@ -458,23 +458,11 @@ pub async fn run_coordinator(
             break;
         }
         if !agg.state.open {
-            if agg.cfg.rounds > 0 && agg.state.round >= agg.cfg.rounds {
+            if !agg.open_next_round(link, &mut stop).await? {
                 break;
             }
-            if let Some(epsilon) = agg.next_round_over_budget()? {
-                tracing::warn!(
-                    round = agg.state.round + 1,
-                    epsilon,
-                    "privacy budget spent: not opening the next round; stopping"
-                );
-                break;
-            }
-            if agg.state.round > 0 && agg.cfg.round.pause_s > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(agg.cfg.round.pause_s)).await;
-            }
-            agg.open_round()?;
+            // Tallies of the round just closed mean nothing for the new one.
             progress.clear();
-            retry(|| agg.publish_announcement(link), &mut stop).await?;
         }
         tokio::select! {
             m = inbox.recv() => match m {
