@@ -91,14 +91,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let settings = agent.settings();
         // The fleet task announces a new base model here; the participant follows it.
         let (base_tx, base_rx) = tokio::sync::watch::channel(model_path.clone());
-        let model = crate::federated::participant::AgentModel {
-            path: model_path.clone(),
-            normalisation: settings.info.normalisation,
-            slot: agent.model_slot(),
-            batch: settings.batch,
-            tile: settings.tile,
-            base: base_rx,
-        };
+        let model =
+            crate::federated::participant::AgentModel::of(&agent, model_path.clone(), base_rx);
         let Routes {
             rounds: rounds_rx,
             fleet: fleet_rx,

@@ -861,18 +861,10 @@ async fn run_lab(
         .map_err(|e| lab_err(&name, "model")(e.to_string()))?;
     let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)
         .map_err(|e| lab_err(&name, "device link")(e.to_string()))?;
-    let settings = agent.settings();
     // No fleet manager in the demo: the base model never changes, but the sender must live as long
     // as the participant (a closed channel would end its wait).
     let (_base_tx, base_rx) = watch::channel(model_path.clone());
-    let model = AgentModel {
-        path: model_path.clone(),
-        normalisation: settings.info.normalisation,
-        slot: agent.model_slot(),
-        batch: settings.batch,
-        tile: settings.tile,
-        base: base_rx,
-    };
+    let model = AgentModel::of(&agent, model_path.clone(), base_rx);
     let Routes {
         rounds: rounds_rx,
         fleet: fleet_rx,

@@ -933,12 +933,7 @@ impl Aggregator {
             }
             tokio::select! {
                 m = inbox.recv() => match m {
-                    Some(m) => {
-                        if let Err(e) = self.handle_update_frame(&m.topic, &m.payload) {
-                            m.withhold_ack();
-                            return Err(e);
-                        }
-                    }
+                    Some(m) => self.take_update_frame(&m)?,
                     None => break,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -956,6 +951,14 @@ impl Aggregator {
 }
 
 impl Aggregator {
+    /// One received update frame, for the single process and a scale-out worker alike: handled, and
+    /// acknowledged to the broker when the message is dropped; on an error (a failed write) its
+    /// acknowledgement is withheld, so the broker delivers it again to the next session.
+    pub(super) fn take_update_frame(&mut self, m: &Message) -> Result<(), AggregatorError> {
+        self.handle_update_frame(&m.topic, &m.payload)
+            .inspect_err(|_| m.withhold_ack())
+    }
+
     /// Between rounds, for the single process and the scale-out coordinator alike: false when it is
     /// time to stop (every configured round has run, or the next one could overspend the privacy
     /// budget); otherwise waits the configured pause, opens the next round and announces it.

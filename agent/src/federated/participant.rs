@@ -213,6 +213,26 @@ pub struct AgentModel {
     pub base: watch::Receiver<PathBuf>,
 }
 
+impl AgentModel {
+    /// What the participant needs from a running agent: its model file, normalisation, model slot and
+    /// pipeline shape; `base` announces a new base model file (from the fleet task, if any).
+    pub fn of(
+        agent: &crate::pipeline::Agent,
+        path: PathBuf,
+        base: watch::Receiver<PathBuf>,
+    ) -> Self {
+        let settings = agent.settings();
+        Self {
+            path,
+            normalisation: settings.info.normalisation,
+            slot: agent.model_slot(),
+            batch: settings.batch,
+            tile: settings.tile,
+            base,
+        }
+    }
+}
+
 /// Persisted between restarts.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct ParticipantState {

@@ -359,12 +359,7 @@ pub async fn run_worker(
                         Err(e) => tracing::warn!("worker: ignored a coordinator message: {e}"),
                     }
                 }
-                Some(m) => {
-                    if let Err(e) = agg.handle_update_frame(&m.topic, &m.payload) {
-                        m.withhold_ack();
-                        return Err(e);
-                    }
-                }
+                Some(m) => agg.take_update_frame(&m)?,
                 None => break,
             },
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
