@@ -8,7 +8,8 @@
 # 2. checks formatting and lints (rustfmt, clippy with warnings as errors);
 # 3. checks the edge-board build (cross/check.sh): the aarch64 release binary with its glibc floor,
 #    the unit tests under qemu-aarch64, the Debian package and its test;
-# 4. runs every test of the workspace: unit, integration and end-to-end (tests/).
+# 4. runs every test of the workspace: unit, integration and end-to-end (tests/), then the README's
+#    main command (`cargo run -- demo`, at the --quick size).
 #
 # .ci/run calls exactly this script. Set MICROFED_SKIP_SETUP=1 to skip step 1 on a machine you manage.
 set -euo pipefail
@@ -97,6 +98,12 @@ df -h "$target_dir" | tail -n1
 say "cargo test"
 cargo test --workspace --locked --no-fail-fast
 df -h "$target_dir" | tail -n1
+
+# The README's first command exactly as a new user types it, at CI's size (--quick) and in the profile
+# the tests just built (a second release build of everything would cost CI ~12 minutes): it fails if
+# `cargo run` at the root cannot tell which binary to run, or if the demo cannot finish.
+say "the README's main command: cargo run -- demo --quick"
+cargo run --locked -- demo --quick
 
 if [[ -n "$nvrtc12_dir" ]]; then
   say "CUDA kernels compiled by CUDA 12's NVRTC for sm_72 (Jetson Xavier)"

@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use microfed::federated::compress::{self, CompressionConfig, Quantize};
-use microfed::federated::link::{BrokerSettings, Link};
-use microfed::federated::protocol::{
+use microfed::wire::link::{BrokerSettings, Link};
+use microfed::wire::protocol::{
     self, CHUNK_BYTES, Envelope, Header, Kind, LocalMetrics, RoundAnnouncement, Topics, UpdateBody,
 };
 use microfed_kernels::unet::Params;
@@ -94,7 +94,7 @@ fn run(rule: &str, clients: usize, rounds: u64, top_k: f32) -> Outcome {
         .collect();
     let update_bytes = updates.iter().map(Vec::len).sum::<usize>() / clients;
 
-    let broker = microfed::federated::embedded::start(0).expect("embedded broker");
+    let broker = microfed::wire::embedded::start(0).expect("embedded broker");
     let devices: Vec<String> = (0..clients).map(|i| format!("sim-{i:04}")).collect();
     let state = dir.path().join("state");
     let toml = format!(

@@ -17,15 +17,15 @@ use std::time::Instant;
 use anyhow::Context;
 use rand::{Rng, SeedableRng};
 
-use microfed::federated::attack::{self, Condition, SyntheticLab};
-use microfed::federated::attack_style::{self, StyleDefence};
 use microfed::federated::dp::{self, DpConfig, RdpAccountant};
-use microfed::federated::local::RoundPlan;
-use microfed::federated::secagg::{self, Dropouts};
-use microfed::federated::style::StyleKind;
+use microfed::federated::edge::local::RoundPlan;
+use microfed::federated::edge::style::StyleKind;
 use microfed::micrograph::Normalisation;
 use microfed::model::runtime::Segmenter;
 use microfed::model::{manifest, onnx};
+use microfed::study::attack::{self, Condition, SyntheticLab};
+use microfed::study::attack_style::{self, StyleDefence};
+use microfed::study::secagg::{self, Dropouts};
 use microfed_kernels::cpu::CpuBackend;
 
 fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -288,10 +288,10 @@ fn style_attack_run() -> anyhow::Result<()> {
         ];
         let rows = attack_style::style_inference(&labs, kind, shadows, &defences, 3)?;
         let d = match kind {
-            StyleKind::FeatureStats => microfed::federated::style::feature_stats_len(),
-            StyleKind::Fourier => {
-                microfed::federated::style::fourier_len(microfed::federated::style::FOURIER_BAND)
-            }
+            StyleKind::FeatureStats => microfed::federated::edge::style::feature_stats_len(),
+            StyleKind::Fourier => microfed::federated::edge::style::fourier_len(
+                microfed::federated::edge::style::FOURIER_BAND,
+            ),
         } as f64;
         for r in rows {
             let what = match r.defence {

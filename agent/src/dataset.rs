@@ -430,3 +430,17 @@ fn range_problem(pair: &Pair, mask: &Mask, k: usize) -> Option<DatasetError> {
         count,
     })
 }
+
+/// One decoded micrograph and its mask, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainingImage {
+    /// Index of its dataset in `TrainingSet::datasets` (`crate::train::data`).
+    pub dataset: usize,
+    pub stem: String,
+    pub width: usize,
+    pub height: usize,
+    /// Normalised pixels.
+    pub pixels: Vec<f32>,
+    /// Class index per pixel, 255 = ignore.
+    pub labels: Vec<u8>,
+}

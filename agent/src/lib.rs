@@ -16,6 +16,7 @@
 //! - [`demo`]: `microfed demo`, everything above in one process on synthetic labs.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
+pub mod augment;
 pub mod classes;
 pub mod cli;
 pub mod dataset;
@@ -23,11 +24,15 @@ pub mod demo;
 pub mod features;
 pub mod federated;
 pub mod fleet;
+pub mod fsio;
 pub mod mask;
 pub mod metrics;
 pub mod micrograph;
 pub mod model;
+pub mod node;
 pub mod pipeline;
+pub mod study;
 pub mod synth;
 pub mod telemetry;
 pub mod train;
+pub mod wire;

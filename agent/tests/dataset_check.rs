@@ -8,14 +8,21 @@ use image::GrayImage;
 use microfed::classes::{ClassDef, DatasetManifest};
 use microfed::dataset::{Dataset, DatasetError};
 
-const NASA: &str = "/work/shared/data/nasa-super";
-
+/// The real nasa-super folder: `MICROFED_NASA_SUPER`, else `../shared/data/nasa-super` beside the
+/// repository (where CI and the development machines keep it).
 fn nasa_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(NASA);
+    let dir = std::env::var_os("MICROFED_NASA_SUPER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nasa-super")
+        });
     if dir.join("images").is_dir() {
         Some(dir)
     } else {
-        eprintln!("{NASA} is absent on this machine: skipping the real-data check");
+        eprintln!(
+            "{} is absent on this machine: skipping the real-data check",
+            dir.display()
+        );
         None
     }
 }

@@ -12,7 +12,7 @@ use microfed::mask::Mask;
 use microfed::micrograph::{Micrograph, Normalisation};
 use microfed::model::onnx;
 use microfed::model::runtime::Segmenter;
-use microfed::pipeline::config::AgentConfig;
+use microfed::pipeline::config::PipelineConfig;
 use microfed::pipeline::tiling;
 use microfed::pipeline::{Agent, LogPublisher};
 
@@ -45,7 +45,7 @@ fn a_swap_mid_stream_loses_nothing_and_never_mixes_models() {
         a.display()
     );
     std::fs::write(root.join("agent.toml"), text).unwrap();
-    let config = AgentConfig::load(&root.join("agent.toml")).unwrap();
+    let config = PipelineConfig::load(&root.join("agent.toml")).unwrap();
     let agent = Agent::new(config).unwrap();
     let slot = agent.model_slot();
     let stats = agent.stats();

@@ -199,10 +199,28 @@ fn check_package(deb: &Path, arch: &Arch) -> Result<()> {
     dpkg_deb(&["--extract", path_str(deb)?, path_str(&root)?])?;
     check_unit(&read(&root.join(&unit_path[1..]))?)?;
     check_sysusers(&read(&root.join("usr/lib/sysusers.d/microfed.conf"))?)?;
+    // The conffile is what `microfed agent --example-config` prints, and the agent accepts it as it
+    // is (an operator uncommenting a section gets a section the agent knows).
     let config = read(&root.join("etc/microfed/agent.toml"))?;
-    config
-        .parse::<toml::Table>()
-        .context("/etc/microfed/agent.toml is not valid TOML: the agent could not read it")?;
+    ensure!(
+        config == microfed::cli::agent::EXAMPLE_CONFIG,
+        "/etc/microfed/agent.toml differs from `microfed agent --example-config`"
+    );
+    let parsed: microfed::node::AgentConfig =
+        toml::from_str(&config).context("/etc/microfed/agent.toml: the agent could not read it")?;
+    parsed
+        .validate()
+        .context("/etc/microfed/agent.toml: the agent would refuse it")?;
+    let uncommented = uncomment_sections(&config);
+    let parsed: microfed::node::AgentConfig = toml::from_str(&uncommented)
+        .context("/etc/microfed/agent.toml with its commented sections switched on")?;
+    ensure!(
+        parsed
+            .federation
+            .as_ref()
+            .is_some_and(|f| f.fleet_models.is_some()),
+        "uncommenting [federation] and [federation.fleet_models] should give both sections"
+    );
 
     let binary =
         std::fs::read(root.join("usr/bin/microfed")).context("reading /usr/bin/microfed")?;
@@ -554,4 +572,25 @@ fn elf_reader_matches_readelf_on_this_test() -> Result<()> {
     theirs.dedup();
     ensure!(ours == theirs, "ours {ours:?} != readelf's {theirs:?}");
     Ok(())
+}
+
+/// The conffile with its commented-out sections switched on: every line `# [section]` or
+/// `# key = value` after the first commented section header loses its `# `.
+fn uncomment_sections(text: &str) -> String {
+    let mut on = false;
+    let mut out = String::new();
+    for line in text.lines() {
+        let body = line.strip_prefix("# ");
+        if let Some(b) = body
+            && b.starts_with('[')
+        {
+            on = true;
+        }
+        match body {
+            Some(b) if on && (b.starts_with('[') || b.contains(" = ")) => out.push_str(b),
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }

@@ -11,11 +11,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use microfed::federated::link::{BrokerSettings, TlsFiles};
 use microfed::fleet::manager::{FleetView, Manager};
 use microfed::fleet::package::{Release, Signed, Target};
 use microfed::fleet::signing::{Purpose, SecretKey};
 use microfed::model::manifest::{ModelManifest, sha256_file};
+use microfed::wire::link::{BrokerSettings, TlsFiles};
 use microfed_e2e::broker::Mosquitto;
 use microfed_e2e::{AgentProcess, journal_entries, microfed, synth_png, wait_until};
 
@@ -95,7 +95,7 @@ fn wait_status(
     devices: &[&str],
     what: &str,
     agents: &[Option<AgentProcess>],
-    ok: impl Fn(&microfed::federated::protocol::StatusBody) -> bool,
+    ok: impl Fn(&microfed::wire::protocol::StatusBody) -> bool,
 ) {
     let mut last = FleetView::default();
     let done = wait_until(Duration::from_secs(60), || {

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use microfed::federated::compress::{self, CompressionConfig, Quantize};
-use microfed::federated::protocol::{
+use microfed::wire::protocol::{
     self, CHUNK_BYTES, Envelope, Header, Kind, LocalMetrics, RoundAnnouncement, UpdateBody,
 };
 use microfed_e2e::broker::{Mosquitto, TestClient, tls_options};

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use microfed::federated::protocol::{Envelope, Kind, MAX_PACKET_BYTES, StatusBody};
-use microfed::federated::style::{StyleCode, StyleKind, seal_code};
+use microfed::federated::edge::style::{StyleCode, StyleKind, seal_code};
+use microfed::wire::protocol::{Envelope, Kind, MAX_PACKET_BYTES, StatusBody};
 use microfed_e2e::broker::{Mosquitto, TestClient, tls_options};
 use microfed_e2e::{AgentProcess, microfed, wait_until};
 use rumqttc::QoS;

@@ -1,11 +1,11 @@
-//! `microfed aggregate`: run federated rounds for a fleet (see [`crate::federated::aggregator`]).
+//! `microfed aggregate`: run federated rounds for a fleet (see [`crate::federated::server::aggregator`]).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 
-use crate::federated::aggregator::{self, Aggregator, AggregatorConfig};
-use crate::federated::scaleout::{self, Role};
+use crate::federated::server::aggregator::{self, Aggregator, AggregatorConfig};
+use crate::federated::server::scaleout::{self, Role};
 
 #[derive(Debug, clap::Args)]
 #[command(

@@ -1,5 +1,5 @@
 //! `microfed experiment`: an in-process federation comparing strategies, compression and aggregation
-//! settings on the same labs (see [`crate::federated::experiment`]).
+//! settings on the same labs (see [`crate::study::experiment`]).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -11,11 +11,11 @@ use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::cuda::CudaBackend;
 use microfed_kernels::device::Device;
 
-use crate::federated::experiment::{self, ExperimentConfig, Lab, RunResult};
-use crate::federated::local::FeatureCache;
+use crate::federated::edge::local::FeatureCache;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
 use crate::model::runtime::Segmenter;
+use crate::study::experiment::{self, ExperimentConfig, Lab, RunResult};
 use crate::train::data::{TrainingSet, read_image_list};
 
 #[derive(Debug, clap::Args)]

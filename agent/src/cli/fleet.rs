@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::Context;
 use serde::Deserialize;
 
-use crate::federated::link::BrokerSettings;
 use crate::fleet::manager::{self, Manager};
 use crate::fleet::package::{Release, Target};
 use crate::fleet::signing::SecretKey;
+use crate::wire::link::BrokerSettings;
 
 /// Sign, push and roll back base-model versions across the fleet; show the fleet's state.
 #[derive(Debug, clap::Args)]

@@ -5,12 +5,9 @@ use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
+use microfed_kernels::Backend;
 
-use microfed_kernels::cpu::CpuBackend;
-use microfed_kernels::cuda::CudaBackend;
-use microfed_kernels::device::Device;
-
+use crate::train::backend::{OnBackend, on_backend};
 use crate::train::{self, Augment, ClassWeights, OptimizerChoice, TrainConfig};
 
 /// Train the reference U-Net (a base model) on labelled dataset folders.
@@ -24,7 +21,7 @@ use crate::train::{self, Augment, ClassWeights, OptimizerChoice, TrainConfig};
 #[command(after_help = "\
 Examples:
   microfed pretrain --data data/poly-se data/poly-bse --epochs 40 --out models/grains
-  microfed pretrain --data /work/shared/data/nasa-super --classes nasa.toml \\
+  microfed pretrain --data ../shared/data/nasa-super --classes models/nasa-super-classes.toml \\
       --images-from models/nasa-super-train.txt --init models/precipitates/model.onnx \\
       --decoder-only --epochs 20 --lr 5e-4 --out models/precipitates-nasa
 
@@ -163,16 +160,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.decoder_only = args.decoder_only;
     cfg.fresh = args.fresh;
 
-    let device = Device::parse(&args.device)?;
-    let mut keep_going = |_: &train::EpochRecord| ControlFlow::Continue(());
-    let outcome = match device {
-        Device::Cpu => train::run(Arc::new(CpuBackend::new()), &cfg, &mut keep_going)?,
-        Device::Cuda(n) => {
-            let backend =
-                CudaBackend::new(n).with_context(|| format!("opening CUDA device {n}"))?;
-            train::run(Arc::new(backend), &cfg, &mut keep_going)?
+    /// `train::run` with the command's configuration, on the chosen backend.
+    struct Pretrain<'a>(&'a TrainConfig);
+    impl OnBackend for Pretrain<'_> {
+        type Output = Result<train::TrainOutcome, train::TrainError>;
+        fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Self::Output {
+            let mut keep_going = |_: &train::EpochRecord| ControlFlow::Continue(());
+            train::run(backend, self.0, &mut keep_going)
         }
-    };
+    }
+    let outcome = on_backend(&args.device, Pretrain(&cfg))??;
     if let Some(m) = outcome.manifest {
         tracing::info!(
             out = %cfg.out.display(),

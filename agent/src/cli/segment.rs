@@ -149,7 +149,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         batch: args.batch,
     };
     tiling.validate()?;
-    let cfg = config::AgentConfig {
+    let cfg = config::PipelineConfig {
         model: model_section.clone(),
         tiling,
         ..Default::default()

@@ -33,19 +33,19 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::federated::aggregate::AggregationConfig;
-use crate::federated::aggregator::{self, Aggregator, AggregatorConfig, RoundSection};
 use crate::federated::compress::{self, CompressionConfig, Quantize};
-use crate::federated::device::{DeviceLink, MqttPublisher, Routes};
-use crate::federated::link::{BrokerSettings, Link};
-use crate::federated::participant::{self, AgentModel, FederationSection};
-use crate::federated::protocol::{Envelope, Kind, RoundSummary, Topics};
+use crate::federated::edge::participant::FederationSection;
+use crate::federated::server::aggregator::{self, Aggregator, AggregatorConfig, RoundSection};
+use crate::federated::server::merge::AggregationConfig;
 use crate::model::manifest::ModelManifest;
+use crate::node::{AgentConfig, FederationConfig, Node};
 use crate::pipeline::config::{
     CaptureSection, Device, FeatureChoice, Folders, ModelSection, QueueSection, StatusSection,
     TilingSection,
 };
-use crate::pipeline::{Agent, AgentConfig, LogPublisher, Stats};
+use crate::pipeline::{PipelineConfig, Stats};
+use crate::wire::link::{BrokerSettings, Link};
+use crate::wire::protocol::{Envelope, Kind, RoundSummary, Topics};
 
 use labs::{Capture, LAB_STYLES, REAL_LAB, SyntheticLab};
 use report::{LabReport, RoundRow};
@@ -378,8 +378,8 @@ fn federation_section(
         })
 }
 
-fn agent_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> AgentConfig {
-    AgentConfig {
+fn pipeline_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> PipelineConfig {
+    PipelineConfig {
         folders: Folders {
             watch: lab.watch(),
             output: lab.output(),
@@ -410,7 +410,6 @@ fn agent_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> AgentConfig {
         },
         queues: QueueSection::default(),
         status: StatusSection { interval_s: 0 },
-        federation: None,
     }
 }
 
@@ -561,8 +560,8 @@ async fn orchestrate(
     federated: usize,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<RoundRow>, DemoError> {
-    let broker = crate::federated::embedded::start(0)
-        .map_err(|e| part_err("embedded broker")(e.to_string()))?;
+    let broker =
+        crate::wire::embedded::start(0).map_err(|e| part_err("embedded broker")(e.to_string()))?;
     let settings = BrokerSettings {
         port: broker.addr.port(),
         ack_timeout_s: 30,
@@ -577,27 +576,27 @@ async fn orchestrate(
     let started = async {
         for (i, p) in plans.iter().enumerate() {
             let tile = if i < federated { cfg.tile } else { 256 };
-            let config = agent_config(cfg, p, tile);
-            let name = p.name.clone();
-            let agent = tokio::task::spawn_blocking(move || Agent::new(config))
-                .await
-                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?
-                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?;
-            stats.push(agent.stats());
-            let fed = if i < federated {
-                Some(federation_section(cfg, p, i, &settings)?)
+            let federation = if i < federated {
+                Some(FederationConfig {
+                    participant: federation_section(cfg, p, i, &settings)?,
+                    fleet_models: None,
+                })
             } else {
                 None
             };
+            let config = AgentConfig {
+                pipeline: pipeline_config(cfg, p, tile),
+                federation,
+            };
+            let name = p.name.clone();
+            let node = tokio::task::spawn_blocking(move || Node::prepare(config))
+                .await
+                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?
+                .map_err(|e| lab_err(&name, "agent")(e.to_string()))?;
+            stats.push(node.agent().stats());
             lab_tasks.push((
                 p.name.clone(),
-                tokio::spawn(run_lab(
-                    p.name.clone(),
-                    agent,
-                    fed,
-                    p.model.clone(),
-                    stop_rx.clone(),
-                )),
+                tokio::spawn(run_lab(p.name.clone(), node, stop_rx.clone())),
             ));
         }
         Ok::<(), DemoError>(())
@@ -746,7 +745,7 @@ async fn wait_for_the_end(
     stats: &[Arc<Stats>],
     lab_tasks: &mut [(String, JoinHandle<Result<(), DemoError>>)],
     agg_task: &mut JoinHandle<Result<aggregator::RoundState, DemoError>>,
-    summaries: &mut tokio::sync::mpsc::Receiver<crate::federated::link::Message>,
+    summaries: &mut tokio::sync::mpsc::Receiver<crate::wire::link::Message>,
     state: &Path,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<RoundRow>, DemoError> {
@@ -835,82 +834,12 @@ async fn wait_for_the_end(
     }
 }
 
-/// One lab: the same wiring as `microfed agent` — pipeline on the watched folder and, for a
-/// federated lab, the device link and the participant — until `stop` turns true.
-async fn run_lab(
-    name: String,
-    agent: Agent,
-    federation: Option<FederationSection>,
-    model_path: PathBuf,
-    stop: watch::Receiver<bool>,
-) -> Result<(), DemoError> {
-    let shutdown = {
-        let mut s = stop.clone();
-        async move {
-            let _ = s.wait_for(|v| *v).await;
-        }
-    };
-    let Some(f) = federation else {
-        agent
-            .run(LogPublisher, shutdown)
-            .await
-            .map_err(|e| lab_err(&name, "pipeline")(e.to_string()))?;
-        return Ok(());
-    };
-    let model_version = crate::model::manifest::sha256_file(&model_path)
-        .map_err(|e| lab_err(&name, "model")(e.to_string()))?;
-    let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)
-        .map_err(|e| lab_err(&name, "device link")(e.to_string()))?;
-    // No fleet manager in the demo: the base model never changes, but the sender must live as long
-    // as the participant (a closed channel would end its wait).
-    let (_base_tx, base_rx) = watch::channel(model_path.clone());
-    let model = AgentModel::of(&agent, model_path.clone(), base_rx);
-    let Routes {
-        rounds: rounds_rx,
-        fleet: fleet_rx,
-    } = routes;
-    drop(fleet_rx);
-    let mut rounds = tokio::spawn(participant::run(
-        f,
-        model,
-        device.clone(),
-        rounds_rx,
-        stop.clone(),
-    ));
-    let pipeline = agent.run(
-        MqttPublisher {
-            device: device.clone(),
-        },
-        shutdown,
-    );
-    tokio::pin!(pipeline);
-    let (summary, federation_result) = tokio::select! {
-        s = &mut pipeline => {
-            let r = tokio::time::timeout(Duration::from_secs(60), &mut rounds).await;
-            (s, r.map_err(|_| "did not stop within 60 s".to_string()))
-        }
-        r = &mut rounds => {
-            if !*stop.borrow() {
-                // Federation ended on its own: that is a failure of this lab.
-                let why = match r {
-                    Ok(Ok(())) => "stopped before the demo ended".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Err(e) => e.to_string(),
-                };
-                device.close().await;
-                return Err(lab_err(&name, "federation")(why));
-            }
-            (pipeline.await, Ok(r))
-        }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), device.close()).await;
-    summary.map_err(|e| lab_err(&name, "pipeline")(e.to_string()))?;
-    match federation_result {
-        Ok(Ok(Ok(()))) => Ok(()),
-        Ok(Ok(Err(e))) => Err(lab_err(&name, "federation")(e.to_string())),
-        Ok(Err(e)) => Err(lab_err(&name, "federation")(format!("task failed: {e}"))),
-        Err(e) => Err(lab_err(&name, "federation")(e)),
-    }
+/// One lab: the same [`Node`] as `microfed agent`, until `stop` turns true.
+async fn run_lab(name: String, node: Node, stop: watch::Receiver<bool>) -> Result<(), DemoError> {
+    node.run(stop)
+        .await
+        .map(drop)
+        .map_err(|e| lab_err(&name, "node")(e.to_string()))
 }
 
 /// Where `models/` is: `./models` when the demo runs from the repository root, else the source

@@ -7,17 +7,17 @@
 //!   compressed update's size (the bytes the lab sent), and checks that they add up to the summary.
 //! - [`table_header`] / [`table_line`]: the round table printed as rounds close (Markdown).
 //! - [`rounds_csv`], [`write_plot`] (hold-out IoU per lab per round, PNG via
-//!   [`crate::federated::plot`]), [`score_captures`] (captured images' masks against their truth),
+//!   [`crate::study::plot`]), [`score_captures`] (captured images' masks against their truth),
 //!   [`summarise_features`] (the features CSV per lab), [`report_markdown`] (`report.md`).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::federated::plot::{Chart, Panel, Series};
-use crate::federated::protocol::{Envelope, Kind, RoundSummary, UpdateBody};
 use crate::mask::Mask;
 use crate::metrics::ConfusionMatrix;
+use crate::study::plot::{Chart, Panel, Series};
+use crate::wire::protocol::{Envelope, Kind, RoundSummary, UpdateBody};
 
 use super::DemoError;
 use super::labs::Capture;
@@ -447,7 +447,7 @@ pub fn report_markdown(
 mod tests {
     use super::*;
     use crate::federated::compress::{self, CompressionConfig};
-    use crate::federated::protocol::{Header, LocalMetrics};
+    use crate::wire::protocol::{Header, LocalMetrics};
 
     fn update(device: &str, values: usize, before: f32, after: f32) -> (Vec<u8>, u64) {
         let layout = compress::decoder_layout(2);

@@ -37,9 +37,10 @@
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
-use crate::pipeline::outputs::{OutputError, write_atomic};
+use crate::fsio::{FsError, write_atomic};
+// The settings travel in round announcements, so the wire schema owns them; their checks and
+// their use are here.
+pub use crate::wire::protocol::{CompressionConfig, Quantize};
 
 /// One named tensor of the flat decoder vector: `len` consecutive values.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,19 +100,6 @@ pub fn top_k_count(len: usize, fraction: f32) -> usize {
     }
 }
 
-/// Quantization of the values that are sent.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Quantize {
-    /// Plain `f32` (exact).
-    #[default]
-    None,
-    /// One signed byte per value, symmetric per-tensor scale `max|v| / 127`.
-    Int8,
-    /// Half a byte per value, symmetric per-tensor scale `max|v| / 7`.
-    Int4,
-}
-
 impl Quantize {
     /// Largest code magnitude, or `None` for `f32`.
     fn levels(self) -> Option<f32> {
@@ -136,20 +124,6 @@ impl Quantize {
             _ => None,
         }
     }
-}
-
-/// Which compression stages run. The default is dense fp32: exact, no residual, no zstd.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct CompressionConfig {
-    /// Fraction of coordinates kept per tensor, in (0, 1]; `None` sends every coordinate.
-    pub top_k: Option<f32>,
-    /// Carry what compression dropped or rounded into the next round (needs a [`Residual`]).
-    pub error_feedback: bool,
-    /// Quantization of the sent values.
-    pub quantize: Quantize,
-    /// zstd level over the body (zstd's range, e.g. 1..=22; 0 = zstd's default); `None` = no zstd.
-    pub zstd_level: Option<i32>,
 }
 
 impl CompressionConfig {
@@ -217,7 +191,7 @@ pub enum CompressError {
     #[error("{path}: {problem}")]
     ResidualFile { path: PathBuf, problem: String },
     #[error(transparent)]
-    Write(#[from] OutputError),
+    Write(#[from] FsError),
 }
 
 fn malformed(msg: impl Into<String>) -> CompressError {
@@ -840,6 +814,38 @@ impl<'a> Reader<'a> {
         }
         Err(malformed(format!("{what}: varint overflows 64 bits")))
     }
+}
+
+/// An upper bound on one update message (envelope included) under `compression`, from the wire
+/// format in [`this module`]: per tensor two varints, a coding byte, at most the
+/// bitmap of kept indices, a scale and the values; zstd's worst-case expansion; 2 kB of envelope.
+pub fn single_frame_bound(layout: &[TensorSpan], compression: &CompressionConfig) -> usize {
+    let body: usize = layout
+        .iter()
+        .map(|t| {
+            let kept = match compression.top_k {
+                Some(f) => top_k_count(t.len, f),
+                None => t.len,
+            };
+            let index = if kept < t.len {
+                1 + t.len.div_ceil(8)
+            } else {
+                0
+            };
+            let values = match compression.quantize {
+                Quantize::None => 4 * kept,
+                Quantize::Int8 => kept,
+                Quantize::Int4 => kept.div_ceil(2),
+            };
+            20 + index + 4 + values
+        })
+        .sum();
+    let body = if compression.zstd_level.is_some() {
+        zstd::zstd_safe::compress_bound(body)
+    } else {
+        body
+    };
+    body + 2048
 }
 
 #[cfg(test)]

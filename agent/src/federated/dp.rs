@@ -29,6 +29,9 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use serde::{Deserialize, Serialize};
 
+// Round summaries carry the privacy spent, so the wire schema owns the report; it is made here.
+pub use crate::wire::protocol::PrivacyReport;
+
 /// Why a DP setting or step was refused; every variant names the field or value.
 #[derive(Debug, thiserror::Error)]
 pub enum DpError {
@@ -326,22 +329,6 @@ pub fn noise_multiplier_for(epsilon: f64, delta: f64, q: f64, steps: u64) -> Res
         }
     }
     Ok(hi)
-}
-
-/// The privacy spent so far, for the round summary.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PrivacyReport {
-    /// "dp-fedavg (distributed, secure aggregation)", "dp-fedavg (central)", "style-code gaussian".
-    pub mechanism: String,
-    pub clip_norm: f32,
-    pub noise_multiplier: f64,
-    pub sampling_rate: f64,
-    /// Rounds (or codes) accounted.
-    pub steps: u64,
-    pub epsilon: f64,
-    pub delta: f64,
-    /// The Rényi order that gave ε.
-    pub order: u32,
 }
 
 impl PrivacyReport {

@@ -30,9 +30,6 @@ use super::package::{self, FleetCommand, Order, PackageError, Release, Signed};
 use super::signing::TrustedKeys;
 use super::store::{Origin, Store, StoreError, StoredVersion, short};
 use crate::classes::ClassDef;
-use crate::federated::device::{DeviceLink, StatusBoard};
-use crate::federated::link::Message;
-use crate::federated::protocol::{Kind, Reassembler, ReassemblyLimits};
 use crate::mask::Mask;
 use crate::metrics::ConfusionMatrix;
 use crate::micrograph::Normalisation;
@@ -40,6 +37,9 @@ use crate::model::manifest::ModelManifest;
 use crate::model::runtime::{Outputs, Segmenter};
 use crate::pipeline::slot::{ModelSlot, RunHealth};
 use crate::train::data::TrainingImage;
+use crate::wire::device::{DeviceLink, StatusBoard};
+use crate::wire::link::Message;
+use crate::wire::protocol::{Kind, Reassembler, ReassemblyLimits};
 
 /// Why a release or command was not applied (reported on the status topic).
 #[derive(Debug, thiserror::Error)]
@@ -257,8 +257,8 @@ impl FleetDevice {
         manifest: &ModelManifest,
     ) -> Result<Applied, InstallError> {
         let version = &release.version;
-        let record = crate::federated::protocol::to_cbor("signed release", signed)
-            .map_err(PackageError::from)?;
+        let record =
+            crate::wire::protocol::to_cbor("signed release", signed).map_err(PackageError::from)?;
         let folder = self.store.write_version(
             version,
             &[
@@ -583,11 +583,11 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
-    use crate::federated::protocol::sha256_hex;
     use crate::fleet::package::{Target, now_ms};
     use crate::fleet::signing::{Purpose, SecretKey};
     use crate::synth::{OutputFormat, Structure, Style, SynthParams, write_dataset};
     use crate::train::data::TrainingSet;
+    use crate::wire::protocol::sha256_hex;
 
     /// Records every report.
     #[derive(Default)]

@@ -26,8 +26,8 @@ use super::package::{
 };
 use super::signing::{Purpose, SecretKey};
 use super::store::short;
-use crate::federated::link::{BrokerSettings, Link, LinkError, Message};
-use crate::federated::protocol::{
+use crate::wire::link::{BrokerSettings, Link, LinkError, Message};
+use crate::wire::protocol::{
     self, CHUNK_BYTES, Envelope, Frame, Kind, Reassembler, ReassemblyLimits, StatusBody, Topics,
 };
 

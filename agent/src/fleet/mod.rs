@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::federated::participant::FederationSection;
 use crate::micrograph::Normalisation;
 use crate::train::data::{TrainingImage, TrainingSet};
 
@@ -73,16 +72,16 @@ pub enum FleetError {
     Holdout { path: PathBuf, message: String },
 }
 
-/// The store's folder for a federation state folder.
-pub fn store_dir(federation: &FederationSection) -> PathBuf {
-    federation.state.join("models")
+/// The store's folder for a device's state folder (`[federation] state`).
+pub fn store_dir(state: &Path) -> PathBuf {
+    state.join("models")
 }
 
 /// Opens the device's store (adopting `configured`, the model of the agent's configuration, as its
 /// first version) and returns it with the model the agent must run: the store's current version, so
 /// that a restart keeps what the fleet installed.
 pub fn open_store(
-    federation: &FederationSection,
+    state: &Path,
     fleet: &FleetSection,
     configured: &Path,
 ) -> Result<(store::Store, PathBuf), FleetError> {
@@ -95,14 +94,14 @@ pub fn open_store(
     if let Some(g) = fleet
         .groups
         .iter()
-        .find(|g| !crate::federated::protocol::valid_level(g))
+        .find(|g| !crate::wire::protocol::valid_level(g))
     {
         return Err(FleetError::Config(format!(
             "group {g:?} must be a non-empty name without '/', '+', '#'"
         )));
     }
     signing::TrustedKeys::parse(&fleet.trusted_keys)?;
-    let mut s = store::Store::open(&store_dir(federation), fleet.keep_versions)?;
+    let mut s = store::Store::open(&store_dir(state), fleet.keep_versions)?;
     s.adopt(configured)?;
     let current = s
         .current()
@@ -114,19 +113,21 @@ pub fn open_store(
 /// The labelled hold-out images new models are scored on: the same split as federated rounds use
 /// (`holdout_fraction`, `seed`), so they are images local training never saw.
 pub fn load_holdout(
-    federation: &FederationSection,
+    labelled: &Path,
+    holdout_fraction: f64,
+    seed: u64,
     normalisation: &Normalisation,
 ) -> Result<Vec<TrainingImage>, FleetError> {
     let set = TrainingSet::load(
-        std::slice::from_ref(&federation.labelled),
+        &[labelled.to_owned()],
         None,
         None,
         normalisation,
-        federation.holdout_fraction,
-        federation.seed,
+        holdout_fraction,
+        seed,
     )
     .map_err(|e| FleetError::Holdout {
-        path: federation.labelled.clone(),
+        path: labelled.to_owned(),
         message: e.to_string(),
     })?;
     Ok(set.validation)

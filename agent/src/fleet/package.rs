@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 
 use super::signing::{PublicKey, Purpose, SecretKey, SigningError, TrustedKeys};
-use crate::federated::protocol::{self, Envelope, Header, Kind, ProtocolError};
 use crate::model::manifest::ModelManifest;
+use crate::wire::protocol::{self, Envelope, Header, Kind, ProtocolError};
 
 /// Sender id in the envelopes of the fleet manager.
 pub const MANAGER: &str = "fleet-manager";

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::fsio::now_unix;
 use crate::model::manifest::sha256_file;
-use crate::pipeline::journal::now_unix;
 
 /// Why the store could not be read or written; each names the path.
 #[derive(Debug, thiserror::Error)]
@@ -302,7 +302,7 @@ impl Store {
             path: path.clone(),
             message: e.to_string(),
         })?;
-        crate::pipeline::outputs::write_atomic(&path, &bytes).map_err(|e| StoreError::State {
+        crate::fsio::write_atomic(&path, &bytes).map_err(|e| StoreError::State {
             path,
             message: e.to_string(),
         })
@@ -323,7 +323,7 @@ mod tests {
     use super::*;
 
     fn put(store: &mut Store, bytes: &[u8], label: &str) -> String {
-        let version = crate::federated::protocol::sha256_hex(bytes);
+        let version = crate::wire::protocol::sha256_hex(bytes);
         store
             .write_version(&version, &[("model.onnx".into(), bytes.to_vec())])
             .unwrap();
@@ -346,7 +346,7 @@ mod tests {
         std::fs::write(&config_model, b"v0").unwrap();
         let mut s = Store::open(&dir.path().join("store"), 3).unwrap();
         let v0 = s.adopt(&config_model).unwrap().version.clone();
-        assert_eq!(v0, crate::federated::protocol::sha256_hex(b"v0"));
+        assert_eq!(v0, crate::wire::protocol::sha256_hex(b"v0"));
         // Adopting again changes nothing.
         s.adopt(&config_model).unwrap();
         assert_eq!(s.state().versions.len(), 1);

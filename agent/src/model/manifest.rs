@@ -29,10 +29,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::augment::Augment;
 use crate::classes::{ClassDef, DatasetManifest};
 use crate::micrograph::Normalisation;
 use crate::model::onnx::{INPUT_MULTIPLE, OPSET};
-use crate::train::Augment;
 
 /// Errors reading, validating or writing a manifest; each names the file (and the field).
 #[derive(Debug, thiserror::Error)]

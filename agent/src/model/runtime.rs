@@ -462,10 +462,9 @@ impl Segmenter {
         }
         let mut x = vec![0.0f32; pw * ph];
         for y in 0..ph {
-            let sy = crate::train::augment::reflect(y as isize, height);
+            let sy = crate::augment::reflect(y as isize, height);
             for xx in 0..pw {
-                x[y * pw + xx] =
-                    pixels[sy * width + crate::train::augment::reflect(xx as isize, width)];
+                x[y * pw + xx] = pixels[sy * width + crate::augment::reflect(xx as isize, width)];
             }
         }
         let logits = self.logits(&x, 1, ph, pw)?;

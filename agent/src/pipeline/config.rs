@@ -1,8 +1,8 @@
 //! The agent's configuration file (`agent.toml`): serde with `deny_unknown_fields`, every field
-//! defaulted so that a file naming only the model works on one machine, and [`AgentConfig::validate`]
+//! defaulted so that a file naming only the model works on one machine, and [`PipelineConfig::validate`]
 //! run before anything starts.
 //!
-//! Map: [`AgentConfig`] (the file) → sections [`Folders`], [`ModelSection`], [`TilingSection`],
+//! Map: [`PipelineConfig`] (the file) → sections [`Folders`], [`ModelSection`], [`TilingSection`],
 //! [`CaptureSection`], [`QueueSection`], [`StatusSection`]; [`Device`] (which
 //! processor runs the model, and why); [`ConfigError`].
 //!
@@ -40,17 +40,18 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field,
         problem: problem.into(),
     }
 }
 
-/// The whole `agent.toml`.
+/// The pipeline's sections of `agent.toml` (the whole file, federation included, is
+/// `crate::node::PipelineConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct AgentConfig {
+pub struct PipelineConfig {
     #[serde(default)]
     pub folders: Folders,
     #[serde(default)]
@@ -63,9 +64,6 @@ pub struct AgentConfig {
     pub queues: QueueSection,
     #[serde(default)]
     pub status: StatusSection,
-    /// Federated rounds (absent: the agent only segments).
-    #[serde(default)]
-    pub federation: Option<crate::federated::participant::FederationSection>,
 }
 
 /// Where micrographs arrive and where everything the agent makes goes.
@@ -339,25 +337,31 @@ impl Default for StatusSection {
     }
 }
 
-impl AgentConfig {
+/// Reads and parses a TOML configuration file; the error names the file.
+pub fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source: Box::new(source),
+    })
+}
+
+impl PipelineConfig {
     /// Reads, parses and validates a configuration file. Relative paths in it are resolved against
     /// the file's folder, so a config can travel with its folders.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        let mut config: Self = toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        let mut config: Self = read_toml(path)?;
         let base = path.parent().unwrap_or(Path::new(""));
         config.resolve_paths(base);
         config.validate()?;
         Ok(config)
     }
 
-    fn resolve_paths(&mut self, base: &Path) {
+    /// Makes relative paths relative to `base` (the configuration file's folder).
+    pub fn resolve_paths(&mut self, base: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -370,15 +374,6 @@ impl AgentConfig {
             fix(j);
         }
         fix(&mut self.model.path);
-        if let Some(f) = &mut self.federation {
-            fix(&mut f.labelled);
-            fix(&mut f.state);
-            if let Some(t) = &mut f.broker.tls {
-                fix(&mut t.ca);
-                fix(&mut t.cert);
-                fix(&mut t.key);
-            }
-        }
     }
 
     /// Checks every field that can be checked without touching the disk.
@@ -428,10 +423,6 @@ impl AgentConfig {
         if [q.captured, q.decoded, q.segmented, q.written].contains(&0) {
             return Err(invalid("queues", "every capacity must be at least 1"));
         }
-        if let Some(f) = &self.federation {
-            f.validate()
-                .map_err(|e| invalid("federation.style", e.to_string()))?;
-        }
         Ok(())
     }
 }
@@ -443,7 +434,7 @@ mod tests {
     #[test]
     fn the_example_config_parses_and_validates() {
         let text = include_str!("../../agent.example.toml");
-        let c: AgentConfig = toml::from_str(text).unwrap();
+        let c: PipelineConfig = toml::from_str(text).unwrap();
         c.validate().unwrap();
         assert_eq!(c.tiling.tile, 512);
         assert_eq!(c.tiling.overlap, 32);
@@ -451,21 +442,21 @@ mod tests {
 
     #[test]
     fn defaults_work_and_typos_are_refused() {
-        let c: AgentConfig = toml::from_str("[model]\npath = \"m.onnx\"\n").unwrap();
+        let c: PipelineConfig = toml::from_str("[model]\npath = \"m.onnx\"\n").unwrap();
         c.validate().unwrap();
         assert_eq!(c.capture.settle(), Duration::from_secs(1));
         assert_eq!(
             c.folders.journal_path(),
             Path::new("segmented/journal.jsonl")
         );
-        let err = toml::from_str::<AgentConfig>("[tiling]\ntiles = 256\n").unwrap_err();
+        let err = toml::from_str::<PipelineConfig>("[tiling]\ntiles = 256\n").unwrap_err();
         assert!(err.to_string().contains("tiles"), "{err}");
     }
 
     #[test]
     fn bad_values_name_their_field() {
         let bad = |text: &str, field: &str| {
-            let c: AgentConfig = toml::from_str(text).unwrap();
+            let c: PipelineConfig = toml::from_str(text).unwrap();
             let e = c.validate().unwrap_err().to_string();
             assert!(e.contains(field), "{text}: {e}");
         };
@@ -496,7 +487,7 @@ mod tests {
             "[folders]\nwatch = \"in\"\noutput = \"out\"\nquarantine = \"q\"\n",
         )
         .unwrap();
-        let c = AgentConfig::load(&p).unwrap();
+        let c = PipelineConfig::load(&p).unwrap();
         assert_eq!(c.folders.watch, dir.path().join("in"));
         assert_eq!(
             c.folders.journal_path(),

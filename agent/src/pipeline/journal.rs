@@ -171,13 +171,6 @@ impl Journal {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-pub fn now_unix() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,7 +22,7 @@
 //! Map:
 //! - [`config`]: `agent.toml`. [`capture`]: the watched folder. [`tiling`]: tiles, batching, stitching.
 //! - [`journal`]: exactly-once across crashes. [`outputs`]: atomic outputs, CSV, quarantine.
-//! - [`slot`]: [`ModelSlot`], the swappable model. [`publish`]: the [`Publisher`] seam (MQTT later).
+//! - [`slot`]: [`ModelSlot`], the swappable model. [`publish`]: the [`Publisher`] seam (a log line, or MQTT through `crate::wire::device`).
 //! - [`stats`]: counters and the status line.
 //! - Here: [`ModelInfo`] (classes, normalisation: the seam for the model manifest), [`Settings`],
 //!   [`Pipeline`] (the stages over any source of captures), [`Agent`] (watch folder + model file +
@@ -54,7 +54,7 @@ use crate::micrograph::{Micrograph, Normalisation};
 use crate::model::runtime::{Outputs, RuntimeError, Segmenter};
 
 pub use capture::Capture;
-pub use config::AgentConfig;
+pub use config::PipelineConfig;
 pub use publish::{LogPublisher, Publisher, SegmentedImage};
 pub use slot::{LoadedModel, ModelSlot};
 pub use stats::{Stats, Status};
@@ -187,7 +187,10 @@ pub struct Settings {
 
 impl Settings {
     /// Settings of the agent from its configuration and the loaded model.
-    pub fn from_config(config: &AgentConfig, segmenter: &Segmenter) -> Result<Self, PipelineError> {
+    pub fn from_config(
+        config: &PipelineConfig,
+        segmenter: &Segmenter,
+    ) -> Result<Self, PipelineError> {
         Ok(Self {
             output: config.folders.output.clone(),
             journal: config.folders.journal_path(),
@@ -267,9 +270,10 @@ impl Pipeline {
         mkdir(&settings.output)?;
         if let FailurePolicy::Quarantine(q) = &settings.failures {
             mkdir(q)?;
-            outputs::remove_stale_temporaries(q)?;
+            crate::fsio::remove_stale_temporaries(q).map_err(OutputError::from)?;
         }
-        let swept = outputs::remove_stale_temporaries(&settings.output)?;
+        let swept =
+            crate::fsio::remove_stale_temporaries(&settings.output).map_err(OutputError::from)?;
         if swept > 0 {
             tracing::info!(files = swept, "removed temporary outputs left by a crash");
         }
@@ -636,15 +640,15 @@ impl Writer<'_> {
         let names = OutputNames::for_source(&s.output, &capture.path);
         let e = |e: OutputError| e.to_string();
         let mask_png = outputs::mask_png(mask, &names.mask).map_err(e)?;
-        outputs::write_atomic(&names.mask, &mask_png).map_err(e)?;
+        crate::fsio::write_atomic(&names.mask, &mask_png).map_err(|e| e.to_string())?;
         let over = outputs::overlay(&micrograph.unit_pixels(), mask, &info.classes);
-        outputs::write_atomic(
+        crate::fsio::write_atomic(
             &names.overlay,
             &outputs::rgb_png(&over, &names.overlay).map_err(e)?,
         )
-        .map_err(e)?;
+        .map_err(|e| e.to_string())?;
         let json = serde_json::to_string_pretty(&features).map_err(|e| e.to_string())? + "\n";
-        outputs::write_atomic(&names.features, json.as_bytes()).map_err(e)?;
+        crate::fsio::write_atomic(&names.features, json.as_bytes()).map_err(|e| e.to_string())?;
         self.table
             .append(&features.csv_header(), &features.to_csv_row())
             .map_err(e)?;
@@ -653,7 +657,7 @@ impl Writer<'_> {
             file: capture.key.clone(),
             sha256: sha256.to_owned(),
             outcome: Outcome::Segmented,
-            at: journal::now_unix(),
+            at: crate::fsio::now_unix(),
             mask: names
                 .mask
                 .file_name()
@@ -707,7 +711,7 @@ impl Writer<'_> {
                         file: capture.key.clone(),
                         sha256: sha256.to_owned(),
                         outcome: Outcome::Quarantined,
-                        at: journal::now_unix(),
+                        at: crate::fsio::now_unix(),
                         mask: None,
                         reason: Some(reason.to_owned()),
                         model: None,
@@ -732,14 +736,14 @@ impl Writer<'_> {
 /// a status line.
 #[derive(Debug)]
 pub struct Agent {
-    config: AgentConfig,
+    config: PipelineConfig,
     pipeline: Pipeline,
 }
 
 impl Agent {
     /// Validates the configuration, loads and prepares the model, opens the journal. Blocking (tract
     /// optimises the model here): call it before the runtime starts or from a blocking thread.
-    pub fn new(config: AgentConfig) -> Result<Self, PipelineError> {
+    pub fn new(config: PipelineConfig) -> Result<Self, PipelineError> {
         config.validate()?;
         // Where the network runs is decided once per process (every later model — a new global
         // decoder, a fleet version — runs there too), with the reason logged.

@@ -3,21 +3,21 @@
 //! Map:
 //! - [`OutputNames`]: `STEM.mask.png` (class indices), `STEM.overlay.png` (the image blended with the
 //!   class colours, for people), `STEM.features.json`, and `features.csv` for the whole folder.
-//! - [`write_atomic`]: write to a hidden temporary name in the same folder, flush to disk, rename.
-//!   A rename within one folder is atomic, so a reader sees the old file or the new one, never a part.
-//!   [`remove_stale_temporaries`] deletes what a crash left under temporary names.
+//! - Every file is written with [`crate::fsio::write_atomic`] (temporary name, flush, rename, folder
+//!   flush), and what a crash left under temporary names is swept at start.
 //! - [`FeatureTable`]: the CSV, header once; [`FeatureTable::open`] drops rows that the journal does not
 //!   vouch for (written just before a crash, so their file will be processed and written again).
 //! - [`overlay`]: the colour overlay. [`quarantine`]: move a bad file aside with its reason.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
 
 use crate::classes::ClassDef;
+use crate::fsio::{FsError, write_atomic};
 use crate::mask::Mask;
 
 /// Errors writing outputs; each names the file.
@@ -30,6 +30,8 @@ pub enum OutputError {
     },
     #[error("{path}: cannot encode: {message}")]
     Encode { path: PathBuf, message: String },
+    #[error(transparent)]
+    Fs(#[from] FsError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
@@ -38,11 +40,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OutputError + '_ {
         source,
     }
 }
-
-/// Prefix and suffix of temporary files: hidden (a dot name) so that nothing globbing `*.png` sees
-/// them, and recognisable so they can be swept after a crash.
-const TMP_PREFIX: &str = ".microfed-";
-const TMP_SUFFIX: &str = ".tmp";
 
 /// The output files of one micrograph.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,32 +62,6 @@ impl OutputNames {
             features: dir.join(format!("{stem}.features.json")),
         }
     }
-}
-
-fn temporary_for(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(
-        "{TMP_PREFIX}{name}.{}{TMP_SUFFIX}",
-        std::process::id()
-    ))
-}
-
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
-    let tmp = temporary_for(path);
-    let result = (|| {
-        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_data().map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
 }
 
 /// PNG bytes of an image.
@@ -139,24 +110,6 @@ pub fn overlay(unit_grey: &[f32], mask: &Mask, classes: &[ClassDef]) -> RgbImage
 /// PNG bytes of an RGB image.
 pub fn rgb_png(img: &RgbImage, path: &Path) -> Result<Vec<u8>, OutputError> {
     png_bytes(img, path)
-}
-
-/// Deletes temporary files a crash left in `dir`; returns how many.
-pub fn remove_stale_temporaries(dir: &Path) -> Result<usize, OutputError> {
-    let mut removed = 0;
-    let entries = match std::fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io_err(dir)(e)),
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(TMP_PREFIX) && name.ends_with(TMP_SUFFIX) {
-            std::fs::remove_file(entry.path()).map_err(io_err(&entry.path()))?;
-            removed += 1;
-        }
-    }
-    Ok(removed)
 }
 
 /// The folder's features CSV: one header line, then one row per segmented micrograph.
@@ -318,20 +271,6 @@ pub fn quarantine(source: &Path, dir: &Path, reason: &str) -> Result<PathBuf, Ou
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn atomic_write_leaves_no_temporary_and_stale_ones_are_swept() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.mask.png");
-        write_atomic(&p, b"abc").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"abc");
-        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(names.len(), 1);
-        std::fs::write(temporary_for(&p), b"half").unwrap();
-        std::fs::write(dir.path().join(".keep"), b"").unwrap();
-        assert_eq!(remove_stale_temporaries(dir.path()).unwrap(), 1);
-        assert!(dir.path().join(".keep").exists());
-    }
 
     #[test]
     fn overlay_blends_grey_and_class_colour() {

@@ -26,19 +26,7 @@ use crate::dataset::{Dataset, IGNORE};
 use crate::micrograph::Normalisation;
 pub use crate::model::manifest::DatasetRecord;
 
-/// One decoded micrograph and its mask, row-major.
-#[derive(Debug, Clone, PartialEq)]
-pub struct TrainingImage {
-    /// Index of its dataset in [`TrainingSet::datasets`].
-    pub dataset: usize,
-    pub stem: String,
-    pub width: usize,
-    pub height: usize,
-    /// Normalised pixels.
-    pub pixels: Vec<f32>,
-    /// Class index per pixel, 255 = ignore.
-    pub labels: Vec<u8>,
-}
+pub use crate::dataset::TrainingImage;
 
 /// Training and validation images of one or more datasets with the same classes.
 #[derive(Debug, Clone)]

@@ -2,10 +2,11 @@
 //!
 //! Map:
 //! - [`data`]: the images in memory, the validation split, image lists, class weights.
-//! - [`augment`]: random crops, the eight symmetries of the square, brightness/contrast jitter.
+//! - [`crate::augment`]: random crops, the eight symmetries of the square, brightness/contrast jitter.
 //! - [`validate`]: scoring whole validation images (per-class IoU, mean IoU, boundary F1).
 //! - [`checkpoint`]: parameters + optimiser state + run state, written atomically every epoch.
-//! - [`TrainConfig`] → [`run`] → [`TrainOutcome`]: the loop, resume, early stopping, and the export of
+//! - [`TrainConfig`] → [`run`] (in `run.rs`: prepare, resume, one epoch at a time, export) →
+//!   [`TrainOutcome`]: the loop, resume, early stopping, and the export of
 //!   the best epoch to `OUT/model.onnx` with `OUT/manifest.toml` ([`crate::model::manifest`]).
 //!
 //! Output folder:
@@ -27,35 +28,31 @@
 //! to 1 % of the peak at the last step of the last planned epoch. Resuming with a different
 //! `--epochs` stretches the remaining cosine over the new total.
 
-pub mod augment;
+pub mod backend;
 pub mod checkpoint;
 pub mod data;
+mod run;
 pub mod validate;
 
-use std::collections::BTreeMap;
-use std::ops::ControlFlow;
+pub use run::run;
+
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use microfed_kernels::unet::{Loss, Optim, OptimKind, Params, UNet};
-use microfed_kernels::{Backend, KernelError, Shape};
+use microfed_kernels::KernelError;
+use microfed_kernels::unet::{Optim, OptimKind};
 
-pub use augment::Augment;
+pub use crate::augment::Augment;
 pub use checkpoint::{Checkpoint, CheckpointError, EpochRecord, TrainState};
 pub use data::{TrainingImage, TrainingSet};
 
 use crate::dataset::DatasetError;
 use crate::metrics::MetricsError;
-use crate::micrograph::Normalisation;
-use crate::model::manifest::{
-    ClassIou, ManifestError, ModelManifest, Recipe, TrainingData, Validation, sha256_file,
-};
-use crate::model::onnx::{self, INPUT_MULTIPLE, OPSET, OnnxError};
+use crate::model::manifest::{ManifestError, ModelManifest};
+use crate::model::onnx::{INPUT_MULTIPLE, OnnxError};
 
 /// Everything that can stop a training run; each names the file, folder or option concerned.
 #[derive(Debug, thiserror::Error)]
@@ -353,388 +350,13 @@ pub fn fill_batch(
         });
 }
 
-/// Runs (or resumes) training and, unless `on_epoch` breaks off, exports the best epoch.
-/// `on_epoch` sees every finished epoch after its checkpoint is written.
-pub fn run<B: Backend>(
-    backend: Arc<B>,
-    cfg: &TrainConfig,
-    on_epoch: &mut dyn FnMut(&EpochRecord) -> ControlFlow<()>,
-) -> Result<TrainOutcome, TrainError> {
-    let wall = Instant::now();
-    cfg.check()?;
-
-    // A model to start from fixes the normalisation (through its manifest) and the classes.
-    let mut normalisation = Normalisation::default();
-    let mut init_params = None;
-    if let Some(path) = &cfg.init {
-        let params = onnx::load_params(&onnx::load(path)?, path)?;
-        let manifest_path = path.with_file_name("manifest.toml");
-        if manifest_path.is_file() {
-            normalisation = ModelManifest::load(&manifest_path)?.normalisation;
-            tracing::info!(manifest = %manifest_path.display(), ?normalisation, "normalisation from the initial model");
-        }
-        init_params = Some(params);
-    }
-
-    let list = match &cfg.images_from {
-        Some(p) => Some((data::read_image_list(p)?, p.clone())),
-        None => None,
-    };
-    let set = TrainingSet::load(
-        &cfg.data,
-        cfg.classes.as_deref(),
-        list.as_ref().map(|(l, p)| (l, p.as_path())),
-        &normalisation,
-        cfg.val_fraction,
-        cfg.seed,
-    )?;
-    let k = set.num_classes();
-    let class_names: Vec<String> = set.classes.iter().map(|c| c.name.clone()).collect();
-    if let Some(p) = &init_params
-        && p.classes != k
-    {
-        return Err(TrainError::Config(format!(
-            "{}: the model has {} classes, the data {k}",
-            cfg.init.as_deref().unwrap_or(Path::new("")).display(),
-            p.classes
-        )));
-    }
-    let class_weights = match &cfg.class_weights {
-        ClassWeights::Auto => data::auto_class_weights(&set.class_pixels()),
-        ClassWeights::None => vec![1.0; k],
-        ClassWeights::Given(w) if w.len() == k => w.clone(),
-        ClassWeights::Given(w) => {
-            return Err(TrainError::Config(format!(
-                "--class-weights gives {} weights for {k} classes ({})",
-                w.len(),
-                class_names.join(", ")
-            )));
-        }
-    };
-    let train_pixels: usize = set.train.iter().map(|i| i.width * i.height).sum();
-    let steps_per_epoch = cfg.steps_per_epoch.unwrap_or_else(|| {
-        train_pixels
-            .div_ceil(cfg.crop * cfg.crop)
-            .div_ceil(cfg.batch)
-            .max(1)
-    });
-    tracing::info!(
-        train_images = set.train.len(),
-        validation_images = set.validation.len(),
-        classes = %class_names.join(", "),
-        class_weights = ?class_weights,
-        steps_per_epoch,
-        device = %backend.name(),
-        "training data loaded"
-    );
-
-    let identity: BTreeMap<String, String> = [
-        ("classes", class_names.join(", ")),
-        ("data", format!("{:?}", cfg.data)),
-        ("images_from", format!("{:?}", cfg.images_from)),
-        ("init", format!("{:?}", cfg.init)),
-        ("decoder_only", cfg.decoder_only.to_string()),
-        ("crop", cfg.crop.to_string()),
-        ("batch", cfg.batch.to_string()),
-        ("steps_per_epoch", steps_per_epoch.to_string()),
-        ("optimizer", cfg.optimizer.name().into()),
-        ("lr", cfg.lr.to_string()),
-        ("weight_decay", cfg.weight_decay().to_string()),
-        ("class_weights", format!("{class_weights:?}")),
-        ("dice_weight", cfg.dice_weight.to_string()),
-        ("val_fraction", cfg.val_fraction.to_string()),
-        ("seed", cfg.seed.to_string()),
-        ("augment", format!("{:?}", cfg.augment)),
-        ("normalisation", format!("{normalisation:?}")),
-    ]
-    .into_iter()
-    .map(|(a, b)| (a.to_string(), b))
-    .collect();
-
-    let ckpt_dir = checkpoint_dir(&cfg.out);
-    let last_path = ckpt_dir.join("last.ckpt");
-    let best_path = ckpt_dir.join("best.ckpt");
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| TrainError::Io { path, source }
-    };
-    if cfg.fresh && ckpt_dir.exists() {
-        std::fs::remove_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
-    }
-    std::fs::create_dir_all(&ckpt_dir).map_err(io(&ckpt_dir))?;
-
-    let mut net = UNet::new(
-        backend.clone(),
-        &match init_params {
-            Some(p) => p,
-            None => Params::init(k, cfg.seed)?,
-        },
-    )?;
-    let mut state = TrainState::default();
-    if last_path.is_file() {
-        let ck = Checkpoint::load(&last_path)?;
-        for (field, now) in &identity {
-            let was = ck.identity.get(field).cloned().unwrap_or_default();
-            if &was != now {
-                return Err(TrainError::ResumeMismatch {
-                    path: last_path,
-                    field: field.clone(),
-                    checkpoint: was,
-                    now: now.clone(),
-                });
-            }
-        }
-        net.from_host(&ck.params)?;
-        if let Some(opt) = &ck.optimizer {
-            net.set_optimizer_state(&cfg.optim(cfg.lr), opt)?;
-        }
-        state = ck.state;
-        tracing::info!(
-            checkpoint = %last_path.display(),
-            epochs_done = state.epoch,
-            best_epoch = state.best_epoch,
-            "resuming from the last checkpoint"
-        );
-    }
-
-    let loss = Loss {
-        class_weights: Some(class_weights.clone()),
-        dice_weight: cfg.dice_weight,
-    };
-    let total_steps = (cfg.epochs * steps_per_epoch) as u64;
-    let batch_shape = Shape::new(cfg.batch, 1, cfg.crop, cfg.crop);
-    let mut x = vec![0.0f32; batch_shape.len()];
-    let mut labels = vec![0u8; batch_shape.len()];
-
-    while state.epoch < cfg.epochs && !state.stopped_early {
-        let epoch = state.epoch + 1;
-        let started = Instant::now();
-        let bar = crate::telemetry::progress_bar(steps_per_epoch as u64, &format!("epoch {epoch}"));
-        let (mut sum_loss, mut sum_ce, mut sum_dice) = (0.0f64, 0.0f64, 0.0f64);
-        let mut lr = cfg.lr;
-        for step in 0..steps_per_epoch {
-            fill_batch(
-                &set,
-                cfg,
-                epoch,
-                (step * cfg.batch) as u64,
-                &mut x,
-                &mut labels,
-            );
-            let xb = backend.upload(&x)?;
-            let lb = backend.upload_labels(&labels)?;
-            lr = learning_rate(cfg.lr, state.step, total_steps);
-            let optim = cfg.optim(lr);
-            let stats = if cfg.decoder_only {
-                let feats = net.encode(&xb, batch_shape)?;
-                net.decoder_train_step(&feats, batch_shape, &lb, &loss, &optim, None)?
-            } else {
-                net.train_step(&xb, batch_shape, &lb, &loss, &optim)?
-            };
-            if !stats.loss.is_finite() {
-                return Err(TrainError::Diverged {
-                    epoch,
-                    step: step + 1,
-                    loss: stats.loss,
-                });
-            }
-            state.step += 1;
-            sum_loss += f64::from(stats.loss);
-            sum_ce += f64::from(stats.cross_entropy);
-            sum_dice += f64::from(stats.dice);
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let n = steps_per_epoch as f64;
-        let eval = if set.validation.is_empty() {
-            None
-        } else {
-            Some(validate::evaluate(
-                &*backend,
-                &mut net,
-                &set.validation,
-                &class_names,
-            )?)
-        };
-        let record = EpochRecord {
-            epoch,
-            loss: sum_loss / n,
-            cross_entropy: sum_ce / n,
-            dice: sum_dice / n,
-            lr: f64::from(lr),
-            val_mean_iou: eval.as_ref().and_then(|e| e.mean_iou),
-            val_class_iou: eval
-                .as_ref()
-                .map(|e| e.classes.iter().map(|c| c.iou).collect())
-                .unwrap_or_default(),
-            val_boundary_f1: eval.as_ref().and_then(|e| e.boundary.f1),
-            seconds: started.elapsed().as_secs_f64(),
-        };
-        // Without validation images every epoch is "the best": the last one is exported.
-        let improved = match (record.val_mean_iou, state.best_mean_iou) {
-            (_, None) => true,
-            (Some(now), Some(best)) => now > best,
-            (None, Some(_)) => false,
-        } || set.validation.is_empty();
-        let params = net.to_host()?;
-        if improved {
-            state.best_mean_iou = record.val_mean_iou;
-            state.best_epoch = epoch;
-            state.epochs_without_improvement = 0;
-            Checkpoint {
-                state: state.clone(),
-                identity: identity.clone(),
-                params: params.clone(),
-                optimizer: None,
-            }
-            .save(&best_path)?;
-        } else {
-            state.epochs_without_improvement += 1;
-        }
-        state.epoch = epoch;
-        state.seconds += started.elapsed().as_secs_f64();
-        state.history.push(record.clone());
-        if cfg
-            .patience
-            .is_some_and(|p| !set.validation.is_empty() && state.epochs_without_improvement >= p)
-        {
-            state.stopped_early = true;
-        }
-        Checkpoint {
-            state: state.clone(),
-            identity: identity.clone(),
-            params,
-            optimizer: Some(net.optimizer_state()?),
-        }
-        .save(&last_path)?;
-        write_log(
-            &cfg.out.join("training_log.csv"),
-            &state.history,
-            &class_names,
-        )?;
-        tracing::info!(
-            epoch,
-            of = cfg.epochs,
-            loss = format!("{:.4}", record.loss),
-            val_miou = record
-                .val_mean_iou
-                .map(|v| format!("{v:.4}"))
-                .unwrap_or("-".into()),
-            val_bf1 = record
-                .val_boundary_f1
-                .map(|v| format!("{v:.4}"))
-                .unwrap_or("-".into()),
-            lr = format!("{lr:.2e}"),
-            seconds = format!("{:.1}", record.seconds),
-            "epoch done"
-        );
-        if state.stopped_early {
-            tracing::info!(
-                epoch,
-                best_epoch = state.best_epoch,
-                patience = cfg.patience,
-                "early stopping: no better validation mean IoU"
-            );
-        }
-        if on_epoch(&record).is_break() {
-            return Ok(TrainOutcome {
-                state,
-                manifest: None,
-            });
-        }
-    }
-
-    // Export the best epoch.
-    let best = Checkpoint::load(&best_path)?;
-    let best_record = state
-        .history
-        .iter()
-        .find(|r| r.epoch == state.best_epoch)
-        .cloned();
-    let metadata = vec![
-        ("name".to_string(), cfg.name.clone()),
-        ("version".to_string(), cfg.version.clone()),
-        ("classes".to_string(), class_names.join(", ")),
-    ];
-    let model = onnx::export(&best.params, &metadata)?;
-    let model_path = cfg.out.join("model.onnx");
-    onnx::save(&model, &model_path)?;
-    let wall_seconds = state.seconds.max(wall.elapsed().as_secs_f64());
-    let manifest = ModelManifest {
-        name: cfg.name.clone(),
-        version: cfg.version.clone(),
-        description: None,
-        model_file: "model.onnx".into(),
-        sha256: sha256_file(&model_path)?,
-        opset: OPSET,
-        input_multiple: INPUT_MULTIPLE as u32,
-        normalisation,
-        classes: set.classes.clone(),
-        training: TrainingData {
-            datasets: set.datasets.clone(),
-            images_from: cfg.images_from.clone(),
-            init: cfg.init.clone(),
-            decoder_only: cfg.decoder_only,
-        },
-        recipe: Recipe {
-            epochs_planned: cfg.epochs,
-            epochs_run: state.epoch,
-            best_epoch: state.best_epoch,
-            stopped_early: state.stopped_early,
-            steps_per_epoch,
-            batch: cfg.batch,
-            crop: cfg.crop,
-            optimizer: cfg.optimizer.name().into(),
-            lr: shortest_f64(cfg.lr),
-            lr_schedule:
-                "linear warm-up over 5 % of the steps (at most 200), then cosine to 1 % of \
-                          the peak"
-                    .into(),
-            weight_decay: shortest_f64(cfg.weight_decay()),
-            seed: cfg.seed,
-            class_weights,
-            dice_weight: cfg.dice_weight,
-            augmentation: cfg.augment,
-            device: backend.name(),
-            wall_seconds,
-        },
-        validation: Validation {
-            images: set.validation.len(),
-            mean_iou: best_record.as_ref().and_then(|r| r.val_mean_iou),
-            boundary_f1: best_record.as_ref().and_then(|r| r.val_boundary_f1),
-            boundary_tolerance_px: validate::BOUNDARY_TOLERANCE_PX,
-            classes: class_names
-                .iter()
-                .enumerate()
-                .map(|(c, name)| ClassIou {
-                    name: name.clone(),
-                    iou: best_record
-                        .as_ref()
-                        .and_then(|r| r.val_class_iou.get(c).copied().flatten()),
-                })
-                .collect(),
-        },
-    };
-    manifest.save(&cfg.out.join("manifest.toml"))?;
-    tracing::info!(
-        model = %model_path.display(),
-        best_epoch = state.best_epoch,
-        val_miou = ?manifest.validation.mean_iou,
-        "exported the best epoch"
-    );
-    Ok(TrainOutcome {
-        state,
-        manifest: Some(manifest),
-    })
-}
-
 /// An `f32` setting as the `f64` with the same shortest decimal form (2e-3, not 0.0020000000949949026).
-fn shortest_f64(v: f32) -> f64 {
+pub(crate) fn shortest_f64(v: f32) -> f64 {
     v.to_string().parse().unwrap_or(f64::from(v))
 }
 
 /// Rewrites `training_log.csv` from the history (so a resumed run's log has each epoch once).
-fn write_log(
+pub(crate) fn write_log(
     path: &Path,
     history: &[EpochRecord],
     class_names: &[String],

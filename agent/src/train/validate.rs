@@ -9,8 +9,8 @@ use microfed_kernels::unet::{SIZE_MULTIPLE, UNet};
 use microfed_kernels::{Backend, Shape};
 
 use super::TrainError;
-use super::augment::reflect;
 use super::data::TrainingImage;
+use crate::augment::reflect;
 use crate::mask::Mask;
 use crate::metrics::{Evaluation, Evaluator};
 

@@ -24,7 +24,7 @@ use rumqttc::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::protocol::MAX_PACKET_BYTES;
+use crate::wire::protocol::MAX_PACKET_BYTES;
 
 /// Where the broker is and how to talk to it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

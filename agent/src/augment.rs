@@ -21,8 +21,8 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::data::TrainingImage;
 use crate::dataset::IGNORE;
+use crate::dataset::TrainingImage;
 
 /// What varies between training samples.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
-use super::protocol::MAX_PACKET_BYTES;
+use crate::wire::protocol::MAX_PACKET_BYTES;
 
 /// Why the embedded broker did not start.
 #[derive(Debug, thiserror::Error)]
@@ -90,8 +90,8 @@ pub fn start(port: u16) -> Result<EmbeddedBroker, EmbeddedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federated::link::{BrokerSettings, Link};
-    use crate::federated::protocol::{self, Reassembler, ReassemblyLimits, Topics};
+    use crate::wire::link::{BrokerSettings, Link};
+    use crate::wire::protocol::{self, Reassembler, ReassemblyLimits, Topics};
 
     /// The embedded broker carries a chunked 3 MB message (a dense decoder) between two links, with
     /// every frame confirmed, through the aggregators' shared subscription; a retained message

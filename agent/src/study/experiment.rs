@@ -2,14 +2,14 @@
 //! path, without a broker, for experiments and benchmarks (`microfed experiment`).
 //!
 //! Each lab is a dataset folder; its labelled images are split into training and hold-out images, and
-//! its encoder features cached exactly as an agent does ([`super::local::FeatureCache`]). A run is a
+//! its encoder features cached exactly as an agent does ([`crate::federated::edge::local::FeatureCache`]). A run is a
 //! [`Strategy`] plus compression and aggregation settings; every run starts from the same base model
 //! and sees the same data and seeds, so runs differ only in what they are meant to compare. After
 //! each round every lab's hold-out images are scored with the global decoder (for `local`, with the
 //! lab's own), giving per-lab and mean IoU, Dice and boundary F1 per round, and the bytes each lab
 //! sent.
 //!
-//! Style codes ([`super::style`]): a FedAvg or FedProx run with a `style` section has every lab
+//! Style codes ([`crate::federated::edge::style`]): a FedAvg or FedProx run with a `style` section has every lab
 //! publish its code once (subject to the privacy knobs; a lab with too few images publishes none),
 //! and every lab trains with the others' codes, as the MQTT participant does with the retained codes.
 //!
@@ -24,11 +24,15 @@ use serde::{Deserialize, Serialize};
 use microfed_kernels::Backend;
 use microfed_kernels::unet::Params;
 
-use super::aggregate::{Accumulator, AggregationConfig, ServerOptimizer};
-use super::compress::{self, CompressionConfig, Residual, TensorSpan};
-use super::local::{FeatureCache, HoldoutScores, LocalError, LocalTrainer, RoundPlan};
-use super::plot::{Chart, Panel, PlotError, Series};
-use super::style::{PrivacyKnobs, RestyleConfig, StyleCode, StyleKind, seeded_rng};
+use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
+use crate::federated::edge::local::{
+    FeatureCache, HoldoutScores, LocalError, LocalTrainer, RoundPlan,
+};
+use crate::federated::edge::style::{
+    PrivacyKnobs, RestyleConfig, StyleCode, StyleKind, seeded_rng,
+};
+use crate::federated::server::merge::{Accumulator, AggregationConfig, ServerOptimizer};
+use crate::study::plot::{Chart, Panel, PlotError, Series};
 
 /// How labs learn together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,7 +22,7 @@
 //!   low-frequency band, phase kept), tile by tile with overlapping sin² windows so that images of any
 //!   size work and no seams appear. Feature re-styling is the kernels crate's per-channel affine map
 //!   ([`microfed_kernels::style::restyle_coefficients`]), applied by
-//!   [`super::local::LocalTrainer::train_round`].
+//!   [`crate::federated::edge::local::LocalTrainer::train_round`].
 //! - A small radix-2 FFT ([`fft2`]) for the Fourier codes (windows are powers of two).
 
 use std::collections::BTreeMap;
@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use microfed_kernels::unet::{CHANNELS, DEPTH};
 
-use super::local::{CachedImage, FeatureCache};
-use super::protocol::{Envelope, Header, Kind, MAX_PACKET_BYTES, ProtocolError, Topics};
-use crate::train::augment::reflect;
+use crate::augment::reflect;
+use crate::federated::edge::cache::{CachedImage, FeatureCache};
+use crate::wire::protocol::{Envelope, Header, Kind, MAX_PACKET_BYTES, ProtocolError, Topics};
 
 /// Side of the square analysis window of Fourier codes, in pixels (a power of two).
 pub const FOURIER_WINDOW: usize = 128;

@@ -1,8 +1,8 @@
 //! The agent's side of federated rounds, running beside the segmentation pipeline.
 //!
-//! [`run`] uses the device's one connection ([`super::device`]), follows the retained global decoder
+//! [`run`] uses the device's one connection ([`crate::wire::device`]), follows the retained global decoder
 //! and round announcement, and for each open round it has not
-//! yet trained: fine-tunes locally on the trainer thread ([`super::local`]), checks the update (finite,
+//! yet trained: fine-tunes locally on the trainer thread ([`crate::federated::edge::local`]), checks the update (finite,
 //! norm within bounds), compresses it (error feedback kept on disk), and puts it in the outbox. The
 //! outbox is flushed whenever the link is up; an update for a round that has closed is dropped with a
 //! log line, not sent late. Each new global decoder is patched into the running model
@@ -11,7 +11,7 @@
 //! Training runs on its own OS thread (it is seconds to minutes of CPU or GPU work) and talks to the
 //! async task through channels; a failed round is reported on the status topic and the agent goes on.
 //!
-//! Style codes (`[federation.style]`, [`super::style`]): once the feature cache is built, the agent
+//! Style codes (`[federation.style]`, [`crate::federated::edge::style`]): once the feature cache is built, the agent
 //! computes its lab's code (nothing below `min_images` training images) and publishes it retained on
 //! `style/<device>`, again only when the base model, the labelled data or the style settings
 //! change. The labelled folder's fingerprint is checked at each round start and every
@@ -31,22 +31,24 @@ use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::cuda::CudaBackend;
 use microfed_kernels::device::Device;
 
-use super::compress::{self, Residual, TensorSpan};
-use super::device::DeviceLink;
-use super::link::{BrokerSettings, Message};
-use super::local::{FeatureCache, LocalTrainer, RoundPlan};
-use super::outbox::{Outbox, OutboxItem};
-use super::protocol::{
-    self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
-    ReassemblyLimits, RoundAnnouncement, UpdateBody,
+use crate::federated::compress::{self, Residual, TensorSpan};
+use crate::federated::edge::local::{FeatureCache, LocalTrainer, RoundPlan};
+use crate::federated::edge::outbox::{Outbox, OutboxItem};
+use crate::federated::edge::style::{
+    Received, RestyleConfig, StyleBook, StyleCode, StyleError, StyleSection,
 };
-use super::style::{Received, RestyleConfig, StyleBook, StyleCode, StyleError, StyleSection};
+use crate::fsio::now_unix;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
 use crate::model::runtime::{Outputs, Segmenter};
-use crate::pipeline::journal::now_unix;
 use crate::pipeline::slot::ModelSlot;
 use crate::train::data::TrainingSet;
+use crate::wire::device::DeviceLink;
+use crate::wire::link::{BrokerSettings, Message};
+use crate::wire::protocol::{
+    self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
+    ReassemblyLimits, RoundAnnouncement, UpdateBody,
+};
 
 /// `[federation]` in agent.toml.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,11 +82,6 @@ pub struct FederationSection {
     pub outbox_max_items: usize,
     #[serde(default = "default_outbox_bytes")]
     pub outbox_max_bytes: u64,
-    /// Signed base-model versions from the fleet manager (`crate::fleet`); absent: the model changes
-    /// only by hand.
-    /// (`[federation.fleet_models]`; `fleet` is already the fleet's name.)
-    #[serde(default)]
-    pub fleet_models: Option<crate::fleet::FleetSection>,
     /// Style codes (`[federation.style]`); absent: none published, none used.
     #[serde(default)]
     pub style: Option<StyleSection>,
@@ -132,7 +129,7 @@ pub enum ParticipantError {
     #[error("federation: {0}")]
     Setup(String),
     #[error(transparent)]
-    Link(#[from] super::link::LinkError),
+    Link(#[from] crate::wire::link::LinkError),
 }
 
 fn setup(e: impl std::fmt::Display) -> ParticipantError {
@@ -397,8 +394,12 @@ async fn session(
     let mut pending_code: Option<PendingCode> = match &own_code {
         Some((key, code)) if carried.published.as_ref() != Some(key) => Some(PendingCode::Code {
             key: key.clone(),
-            bytes: super::style::seal_code(&cfg.fleet, pstate.last_trained_round, code)
-                .map_err(setup)?,
+            bytes: crate::federated::edge::style::seal_code(
+                &cfg.fleet,
+                pstate.last_trained_round,
+                code,
+            )
+            .map_err(setup)?,
         }),
         Some(_) => None,
         None => carried.published.is_some().then_some(PendingCode::Withdraw),
@@ -724,7 +725,7 @@ enum PendingCode {
 
 /// The style figures of the status board.
 fn show_styles(
-    board: &super::device::StatusBoard,
+    board: &crate::wire::device::StatusBoard,
     book: &StyleBook,
     model_version: &str,
     on: bool,
@@ -819,7 +820,7 @@ fn own_style_code(
         Ok(code) => {
             let saved = SavedCode { key, code };
             if let Ok(b) = serde_json::to_vec(&saved)
-                && let Err(e) = crate::pipeline::outputs::write_atomic(&path, &b)
+                && let Err(e) = crate::fsio::write_atomic(&path, &b)
             {
                 tracing::warn!(error = %e, "cannot save the style code");
             }
@@ -857,7 +858,7 @@ fn check_env(
 
 fn save_state(path: &std::path::Path, s: &ParticipantState) {
     if let Ok(b) = serde_json::to_vec(s)
-        && let Err(e) = crate::pipeline::outputs::write_atomic(path, &b)
+        && let Err(e) = crate::fsio::write_atomic(path, &b)
     {
         tracing::warn!(error = %e, "cannot save the participant state");
     }
@@ -1105,7 +1106,7 @@ mod tests {
     #[test]
     fn the_example_style_section_parses_and_a_bad_one_is_refused_at_load() {
         // The commented [federation.style] of agent.example.toml, uncommented.
-        let example = include_str!("../../agent.example.toml");
+        let example = include_str!("../../../agent.example.toml");
         let start = example.find("# [federation.style]").unwrap();
         let text: String = example[start..]
             .lines()
@@ -1121,20 +1122,15 @@ mod tests {
                  labelled = \"l\"\nstate = \"s\"\n[federation.style]\n{style}"
             )
         };
-        let ok: crate::pipeline::config::AgentConfig =
-            toml::from_str(&config("kind = \"fourier\"\n")).unwrap();
+        let ok: crate::node::AgentConfig = toml::from_str(&config("kind = \"fourier\"\n")).unwrap();
         ok.validate().unwrap();
-        let bad: crate::pipeline::config::AgentConfig =
-            toml::from_str(&config("min_images = 0\n")).unwrap();
+        let bad: crate::node::AgentConfig = toml::from_str(&config("min_images = 0\n")).unwrap();
         let err = bad.validate().unwrap_err().to_string();
         assert!(
             err.contains("federation.style") && err.contains("min_images"),
             "{err}"
         );
-        assert!(
-            toml::from_str::<crate::pipeline::config::AgentConfig>(&config("colour = 1\n"))
-                .is_err()
-        );
+        assert!(toml::from_str::<crate::node::AgentConfig>(&config("colour = 1\n")).is_err());
     }
 
     #[test]

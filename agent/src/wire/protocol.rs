@@ -67,10 +67,10 @@ pub enum Kind {
     RoundSummary,
     ModelVersion,
     Command,
-    /// A secure-aggregation step ([`crate::federated::secagg`]): device → aggregator on `update/<device>`,
+    /// A secure-aggregation step ([`crate::study::secagg`]): device → aggregator on `update/<device>`,
     /// aggregator → device on `secagg/<device>`.
     SecAgg,
-    /// Scale-out aggregation ([`crate::federated::scaleout`]) on `partial/<aggregator id>`: a worker's
+    /// Scale-out aggregation ([`crate::federated::server::scaleout`]) on `partial/<aggregator id>`: a worker's
     /// progress and partial sum to the coordinator, the coordinator's close request to the workers.
     Partial,
 }
@@ -201,7 +201,7 @@ impl Envelope {
             round: header.round,
             model_version: header.model_version.to_owned(),
             sender: header.sender.to_owned(),
-            sent_at: crate::pipeline::journal::now_unix(),
+            sent_at: crate::fsio::now_unix(),
             digest: sha256_hex(&body),
             body,
         })
@@ -266,7 +266,7 @@ pub struct RoundAnnouncement {
     /// FedProx's μ (0 = plain FedAvg local training).
     pub prox_mu: f32,
     /// How devices compress their updates.
-    pub compression: crate::federated::compress::CompressionConfig,
+    pub compression: CompressionConfig,
     /// The round is closed: no more updates accepted (sent again, retained, when it closes).
     pub closed: bool,
 }
@@ -321,7 +321,7 @@ pub struct LocalMetrics {
     /// Mean IoU of the global model it started from, on the same images.
     pub holdout_mean_iou_before: Option<f32>,
     pub seconds: f32,
-    /// Local batches re-styled with another lab's style code ([`crate::federated::style`]); 0 when
+    /// Local batches re-styled with another lab's style code ([`crate::federated::edge::style`]); 0 when
     /// the device has no codes or style codes are off. Absent in older senders' updates.
     #[serde(default)]
     pub restyled_batches: u64,
@@ -394,7 +394,7 @@ pub struct RoundSummary {
     pub seconds: f64,
     /// The privacy spent so far (ε at δ) when the fleet runs DP-FedAvg (docs/privacy.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub privacy: Option<crate::federated::dp::PrivacyReport>,
+    pub privacy: Option<PrivacyReport>,
 }
 
 /// One MQTT payload: a whole message (`total == 1`) or one chunk of one.
@@ -674,6 +674,53 @@ pub fn from_cbor<T: DeserializeOwned>(
         what,
         message: e.to_string(),
     })
+}
+
+// ---- settings and reports that travel in announcements and summaries ----------------------------
+// Their checks and their use live with the codec (`crate::federated::compress`) and DP
+// (`crate::federated::dp`).
+
+/// Quantization of the values that are sent.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    /// Plain `f32` (exact).
+    #[default]
+    None,
+    /// One signed byte per value, symmetric per-tensor scale `max|v| / 127`.
+    Int8,
+    /// Half a byte per value, symmetric per-tensor scale `max|v| / 7`.
+    Int4,
+}
+
+/// Which compression stages run. The default is dense fp32: exact, no residual, no zstd.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressionConfig {
+    /// Fraction of coordinates kept per tensor, in (0, 1]; `None` sends every coordinate.
+    pub top_k: Option<f32>,
+    /// Carry what compression dropped or rounded into the next round (needs a residual (`crate::federated::compress::Residual`)).
+    pub error_feedback: bool,
+    /// Quantization of the sent values.
+    pub quantize: Quantize,
+    /// zstd level over the body (zstd's range, e.g. 1..=22; 0 = zstd's default); `None` = no zstd.
+    pub zstd_level: Option<i32>,
+}
+
+/// The privacy spent so far, for the round summary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PrivacyReport {
+    /// "dp-fedavg (distributed, secure aggregation)", "dp-fedavg (central)", "style-code gaussian".
+    pub mechanism: String,
+    pub clip_norm: f32,
+    pub noise_multiplier: f64,
+    pub sampling_rate: f64,
+    /// Rounds (or codes) accounted.
+    pub steps: u64,
+    pub epsilon: f64,
+    pub delta: f64,
+    /// The Rényi order that gave ε.
+    pub order: u32,
 }
 
 #[cfg(test)]

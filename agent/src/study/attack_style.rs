@@ -1,11 +1,11 @@
 //! What anyone who receives one lab's style code learns from it: the property-inference attack of
-//! [`super::attack`], aimed at a published style code instead of a decoder update.
+//! [`crate::study::attack`], aimed at a published style code instead of a decoder update.
 //!
 //! Style codes travel to every device of the fleet (retained messages on `style/+`), so the observer
 //! here is the aggregator, the broker or any other lab. Secure aggregation does not apply: a code is
 //! used one lab at a time for re-styling, so it is published on its own. The attacker has the base
 //! model and makes *shadow labs* of known grain size and imaging style with `crate::synth`
-//! ([`super::attack::synthetic_grain_labs`], the same labs and feature caches as the update attack),
+//! ([`crate::study::attack::synthetic_grain_labs`], the same labs and feature caches as the update attack),
 //! computes their codes exactly as a lab does ([`StyleCode::from_cache_with_rng`]), and then reads a
 //! target lab's code twice:
 //! - **content**: a ridge regression from the code's numbers (standardised) to the lab's
@@ -15,12 +15,12 @@
 //!   against the blind guess (always the most common shadow style). A code is *meant* to reveal this.
 //!
 //! Defences ([`StyleDefence`]): the code in the clear; the code's own relative noise
-//! ([`super::style::PrivacyKnobs::noise_sigma`], no formal guarantee); and [`dp::StyleNoise`] (clip the
+//! ([`crate::federated::edge::style::PrivacyKnobs::noise_sigma`], no formal guarantee); and [`dp::StyleNoise`] (clip the
 //! whole code to `C`, add `N(0, (zC)²)`, ε from the RDP accountant for one publication).
 //!
 //! The regression has 992 (feature-stats) or 169 (fourier) inputs and a few dozen shadow labs, so it
 //! is solved in its dual form ([`DualRidge`]: an n × n system instead of d × d; the same answer as
-//! [`super::attack::Ridge`] for the same λ), with λ picked by leave-one-out error over the shadows
+//! [`crate::study::attack::Ridge`] for the same λ), with λ picked by leave-one-out error over the shadows
 //! (the attacker's own choice; it never sees the targets' truth).
 //!
 //! Images are out of reach: a feature-stats code is 992 numbers, each pooled over every position of
@@ -35,9 +35,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use serde::{Deserialize, Serialize};
 
-use super::attack::{AttackError, SyntheticLab, correlation};
-use super::dp::{self, RdpAccountant};
-use super::style::{PrivacyKnobs, StyleCode, StyleKind};
+use crate::federated::dp::{self, RdpAccountant};
+use crate::federated::edge::style::{PrivacyKnobs, StyleCode, StyleKind};
+use crate::study::attack::{AttackError, SyntheticLab, correlation};
 
 /// δ at which a DP code's ε is reported (the accountant's default for style codes).
 pub const DELTA: f64 = 1e-5;
@@ -153,7 +153,7 @@ fn invert(mut a: Vec<Vec<f64>>) -> Result<Vec<Vec<f64>>, AttackError> {
 }
 
 /// Ridge regression on standardised features with an intercept, solved in the dual:
-/// `w = Zᵀ (Z Zᵀ + λI)⁻¹ (y − ȳ)`, which is [`super::attack::Ridge`]'s `(ZᵀZ + λI)⁻¹ Zᵀ (y − ȳ)`
+/// `w = Zᵀ (Z Zᵀ + λI)⁻¹ (y − ȳ)`, which is [`crate::study::attack::Ridge`]'s `(ZᵀZ + λI)⁻¹ Zᵀ (y − ȳ)`
 /// rewritten for more features than rows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DualRidge {
@@ -405,7 +405,7 @@ pub fn style_inference(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federated::attack::{self, Ridge};
+    use crate::study::attack::{self, Ridge};
 
     fn rows(n: usize, d: usize, seed: u64) -> Vec<Vec<f64>> {
         (0..n)

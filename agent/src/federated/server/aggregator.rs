@@ -2,7 +2,7 @@
 //!
 //! A round: publish the global decoder (retained, chunked) and the announcement (retained); collect
 //! updates until a quorum (a count or a fraction of the known devices) or the deadline; merge them
-//! ([`crate::federated::aggregate`]: FedAvg weighted by samples, streaming, or a robust rule, then
+//! ([`crate::federated::server::merge`]: FedAvg weighted by samples, streaming, or a robust rule, then
 //! the server optimiser); publish the new version, the closed announcement and a [`RoundSummary`].
 //! Devices that sent nothing by the deadline are stragglers, not waited for.
 //!
@@ -32,174 +32,22 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::aggregate::{Accumulator, AggregationConfig, ServerOptimizer};
-use super::compress::{self, CompressionConfig, TensorSpan};
-use super::dp::{self, DpConfig, PrivacyReport, RdpAccountant};
-use super::link::{BrokerSettings, Link, Message};
-use super::protocol::{
+use crate::federated::compress::{self, TensorSpan};
+use crate::federated::dp::{self, PrivacyReport, RdpAccountant};
+use crate::federated::server::config::Role;
+pub use crate::federated::server::config::{
+    AggregatorConfig, DP_MECHANISM, DpSection, MAX_UPDATE_BYTES, RoundSection,
+};
+pub use crate::federated::server::error::AggregatorError;
+use crate::federated::server::merge::{Accumulator, ServerOptimizer};
+use crate::fsio::now_unix;
+use crate::fsio::write_atomic;
+use crate::model::onnx;
+use crate::wire::link::{BrokerSettings, Link, Message};
+use crate::wire::protocol::{
     self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, Reassembler, ReassemblyLimits,
     RoundAnnouncement, RoundSummary, Topics, UpdateBody,
 };
-use super::scaleout::{Role, ScaleOutSection};
-use crate::model::onnx;
-use crate::pipeline::journal::now_unix;
-use crate::pipeline::outputs::write_atomic;
-
-/// Largest update message accepted (a dense fp32 decoder of 2 classes is 3.1 MB; 16 classes barely
-/// more): anything bigger is not an update of this model.
-pub const MAX_UPDATE_BYTES: usize = 16 * 1024 * 1024;
-
-/// `aggregator.toml`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AggregatorConfig {
-    /// Client id (and certificate CN): `aggregator`, `aggregator-1`, …
-    #[serde(default = "default_id")]
-    pub id: String,
-    pub fleet: String,
-    /// The base model (ONNX): its decoder is global version 0, its sha256 the model version.
-    pub model: PathBuf,
-    /// Round state, globals and accepted updates.
-    pub state: PathBuf,
-    /// Rounds to run (0 = until stopped).
-    #[serde(default)]
-    pub rounds: u64,
-    /// Devices allowed to take part (empty = any device id).
-    #[serde(default)]
-    pub devices: Vec<String>,
-    #[serde(default)]
-    pub round: RoundSection,
-    #[serde(default)]
-    pub compression: CompressionConfig,
-    #[serde(default)]
-    pub aggregation: AggregationConfig,
-    /// The broker; none = start the embedded one on loopback.
-    #[serde(default)]
-    pub broker: Option<BrokerSettings>,
-    /// Largest accepted L2 norm of one update (after decompression).
-    #[serde(default = "default_max_norm")]
-    pub max_update_norm: f32,
-    /// Server-side DP-FedAvg; none = plain aggregation.
-    #[serde(default)]
-    pub dp: Option<DpSection>,
-    /// Several aggregator processes sharing the update stream; none = this one does everything.
-    #[serde(default)]
-    pub scale_out: Option<ScaleOutSection>,
-}
-
-/// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DpSection {
-    /// L2 bound `C` on one lab's update (each accepted update is clipped to it).
-    pub clip_norm: f32,
-    /// `z`: the noise on the round's sum has standard deviation `z · C`.
-    pub noise_multiplier: f64,
-    /// The δ that ε is reported for.
-    #[serde(default = "default_delta")]
-    pub delta: f64,
-    /// The sampling rate `q` the accountant uses. None = the round's participants over the listed
-    /// devices (1 when no list). Amplification by sampling assumes a random, undisclosed subset of
-    /// labs; devices here select themselves and the summary names them, so `1.0` is the
-    /// conservative setting.
-    #[serde(default)]
-    pub sampling_rate: Option<f64>,
-    /// Stop before opening a round that could take ε (at δ) above this.
-    #[serde(default)]
-    pub max_epsilon: Option<f64>,
-}
-
-fn default_delta() -> f64 {
-    1e-5
-}
-
-/// The name of the mechanism in [`PrivacyReport::mechanism`].
-pub const DP_MECHANISM: &str = "dp-fedavg (central, trusted aggregator)";
-
-impl DpSection {
-    /// The [`DpConfig`] of a round with sampling rate `q`.
-    pub fn config(&self, q: f64) -> DpConfig {
-        DpConfig {
-            clip_norm: self.clip_norm,
-            noise_multiplier: self.noise_multiplier,
-            sampling_rate: q,
-            delta: self.delta,
-        }
-    }
-
-    /// The largest `q` a round can be accounted with: the fixed rate, else 1 (every device).
-    fn worst_case_rate(&self) -> f64 {
-        self.sampling_rate.unwrap_or(1.0)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        self.config(self.worst_case_rate())
-            .validate()
-            .map_err(|e| format!("dp: {e}"))?;
-        if let Some(e) = self.max_epsilon
-            && !(e.is_finite() && e > 0.0)
-        {
-            return Err(format!("dp.max_epsilon: {e} is not a positive number"));
-        }
-        Ok(())
-    }
-}
-
-fn default_id() -> String {
-    "aggregator".into()
-}
-fn default_max_norm() -> f32 {
-    1e3
-}
-
-/// How rounds run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RoundSection {
-    pub deadline_s: f64,
-    /// Close early once this many updates are in (default: every known device, else 1).
-    pub quorum: Option<usize>,
-    /// … or this fraction of the known devices.
-    pub quorum_fraction: Option<f64>,
-    pub local_epochs: u32,
-    pub steps_per_epoch: u32,
-    pub learning_rate: f32,
-    pub prox_mu: f32,
-    /// Pause between rounds.
-    pub pause_s: f64,
-}
-
-impl Default for RoundSection {
-    fn default() -> Self {
-        Self {
-            deadline_s: 300.0,
-            quorum: None,
-            quorum_fraction: None,
-            local_epochs: 1,
-            steps_per_epoch: 0,
-            learning_rate: 0.01,
-            prox_mu: 0.0,
-            pause_s: 0.0,
-        }
-    }
-}
-
-/// Why the aggregator stopped.
-#[derive(Debug, thiserror::Error)]
-pub enum AggregatorError {
-    #[error("{path}: {message}")]
-    File { path: PathBuf, message: String },
-    #[error("{path}: invalid configuration: {message}")]
-    Config { path: PathBuf, message: String },
-    #[error(transparent)]
-    Link(#[from] super::link::LinkError),
-    #[error(transparent)]
-    Protocol(#[from] protocol::ProtocolError),
-    #[error("aggregation: {0}")]
-    Aggregate(String),
-    #[error("round {round} could take ε to {epsilon:.3}, above dp.max_epsilon = {max}")]
-    PrivacyBudget { round: u64, epsilon: f64, max: f64 },
-}
 
 /// Why an update was not counted (the summary's keys).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,91 +99,6 @@ pub struct RoundState {
     /// DP-FedAvg's privacy spent so far (saved with the rest, so a restart keeps ε).
     #[serde(default)]
     pub accountant: RdpAccountant,
-}
-
-impl AggregatorConfig {
-    pub fn load(path: &Path) -> Result<Self, AggregatorError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AggregatorError::File {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let mut cfg: Self = toml::from_str(&text).map_err(|e| AggregatorError::Config {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        // Relative paths are resolved against the file's folder, as in agent.toml.
-        let base = path.parent().unwrap_or(Path::new(""));
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        };
-        fix(&mut cfg.model);
-        fix(&mut cfg.state);
-        if let Some(t) = cfg.broker.as_mut().and_then(|b| b.tls.as_mut()) {
-            fix(&mut t.ca);
-            fix(&mut t.cert);
-            fix(&mut t.key);
-        }
-        cfg.validate().map_err(|message| AggregatorError::Config {
-            path: path.to_owned(),
-            message,
-        })?;
-        Ok(cfg)
-    }
-
-    pub fn validate(&self) -> Result<(), String> {
-        Topics::new(&self.fleet)?;
-        if !protocol::valid_level(&self.id) {
-            return Err(format!("id {:?} is not a valid client id", self.id));
-        }
-        if let Some(d) = self.devices.iter().find(|d| !protocol::valid_level(d)) {
-            return Err(format!("devices: {d:?} is not a valid device id"));
-        }
-        if self.round.deadline_s.is_nan() || self.round.deadline_s <= 0.0 {
-            return Err("round.deadline_s must be > 0".into());
-        }
-        if let Some(f) = self.round.quorum_fraction
-            && !(f > 0.0 && f <= 1.0)
-        {
-            return Err("round.quorum_fraction must be in (0, 1]".into());
-        }
-        if self.round.quorum_fraction.is_some() && self.devices.is_empty() {
-            return Err("round.quorum_fraction needs the list of devices".into());
-        }
-        if self.round.learning_rate.is_nan() || self.round.learning_rate <= 0.0 {
-            return Err("round.learning_rate must be > 0".into());
-        }
-        self.compression
-            .validate()
-            .map_err(|e| format!("compression: {e}"))?;
-        if let Some(d) = &self.dp {
-            d.validate()?;
-            // The noise is calibrated to the sum's sensitivity C: a median or trimmed mean has
-            // another sensitivity, and a second clipping bound would be misleading.
-            if self.aggregation.rule != super::aggregate::Rule::FedAvg {
-                return Err("dp needs aggregation.rule = \"fedavg\"".into());
-            }
-            if self.aggregation.clip_norm.is_some() {
-                return Err("dp: use dp.clip_norm, not aggregation.clip_norm".into());
-            }
-        }
-        if let Some(so) = &self.scale_out {
-            so.validate(&self.id, &self.compression)?;
-        }
-        Ok(())
-    }
-
-    /// Updates that close a round early.
-    pub fn quorum(&self) -> usize {
-        if let Some(q) = self.round.quorum {
-            return q.max(1);
-        }
-        if let Some(f) = self.round.quorum_fraction {
-            return ((f * self.devices.len() as f64).ceil() as usize).max(1);
-        }
-        self.devices.len().max(1)
-    }
 }
 
 /// The running aggregator.
@@ -408,11 +171,9 @@ impl Aggregator {
         let server = match std::fs::read(&server_path) {
             Ok(b) => ciborium::from_reader::<ServerOptimizer, _>(b.as_slice())
                 .map_err(|e| file_err(&server_path, e))?,
-            Err(_) => ServerOptimizer::new(global.len(), &cfg.aggregation.server)
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?,
+            Err(_) => ServerOptimizer::new(global.len(), &cfg.aggregation.server)?,
         };
-        let acc = Accumulator::new(global.len(), &cfg.aggregation)
-            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        let acc = Accumulator::new(global.len(), &cfg.aggregation)?;
         let mut me = Self {
             topics,
             model_version,
@@ -465,8 +226,7 @@ impl Aggregator {
             let body: UpdateBody = env.body(Kind::Update)?;
             let update = compress::decompress(&body.compressed, &self.layout)
                 .map_err(|e| file_err(&path, e))?;
-            self.accumulate(device, update, body.samples)
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            self.accumulate(device, update, body.samples)?;
         }
         tracing::info!(
             round = self.state.round,
@@ -527,8 +287,7 @@ impl Aggregator {
         self.state.accepted.clear();
         self.state.rejected.clear();
         self.state.update_bytes = 0;
-        self.acc = Accumulator::new(self.global.len(), &self.cfg.aggregation)
-            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        self.acc = Accumulator::new(self.global.len(), &self.cfg.aggregation)?;
         self.save_state()?;
         tracing::info!(
             round = self.state.round,
@@ -732,15 +491,15 @@ impl Aggregator {
         device: &str,
         mut update: Vec<f32>,
         samples: u64,
-    ) -> Result<(), String> {
-        let added = match &self.cfg.dp {
-            None => self.acc.add(device, &update, samples),
+    ) -> Result<(), AggregatorError> {
+        match &self.cfg.dp {
+            None => self.acc.add(device, &update, samples)?,
             Some(d) => {
-                dp::clip(&mut update, d.clip_norm).map_err(|e| e.to_string())?;
-                self.acc.add(device, &update, 1)
+                dp::clip(&mut update, d.clip_norm)?;
+                self.acc.add(device, &update, 1)?
             }
         };
-        added.map(|_| ()).map_err(|e| e.to_string())
+        Ok(())
     }
 
     /// The accountant's sampling rate for a round with `participants` accepted updates.
@@ -782,8 +541,7 @@ impl Aggregator {
             return Ok(None);
         };
         let mut next = self.state.accountant.clone();
-        next.step(d.worst_case_rate(), d.noise_multiplier, 1)
-            .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+        next.step(d.worst_case_rate(), d.noise_multiplier, 1)?;
         let eps = next.epsilon(d.delta).0;
         Ok((eps > max).then_some(eps))
     }
@@ -801,10 +559,7 @@ impl Aggregator {
         let samples: u64 = self.state.accepted.values().map(|(s, _)| s).sum();
         let mut privacy = None;
         if !accepted.is_empty() {
-            let mut update = self
-                .acc
-                .finish()
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            let mut update = self.acc.finish()?;
             if let Some(d) = &self.cfg.dp {
                 // `update` is the sum of the clipped updates over n; N(0, (zC)²) on the sum is
                 // N(0, (zC/n)²) on the mean. OS-seeded ChaCha20: DP noise must not be predictable.
@@ -816,21 +571,15 @@ impl Aggregator {
                     &mut update,
                     d.noise_multiplier * f64::from(d.clip_norm) / n,
                     &mut rng,
-                )
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
-                self.state
-                    .accountant
-                    .step(q, d.noise_multiplier, 1)
-                    .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+                )?;
+                self.state.accountant.step(q, d.noise_multiplier, 1)?;
                 privacy = Some(PrivacyReport::new(
                     DP_MECHANISM,
                     &cfg,
                     &self.state.accountant,
                 ));
             }
-            self.server
-                .apply(&mut self.global, &update)
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            self.server.apply(&mut self.global, &update)?;
             let version = self.state.global_version + 1;
             let path = self.cfg.state.join(format!("global-{version}.bin"));
             write_atomic(&path, &protocol::f32_bytes(&self.global))
@@ -1021,7 +770,7 @@ pub fn connect(
     let settings = match &cfg.broker {
         Some(b) => b.clone(),
         None => {
-            let b = super::embedded::start(0).map_err(|e| AggregatorError::Config {
+            let b = crate::wire::embedded::start(0).map_err(|e| AggregatorError::Config {
                 path: cfg.state.clone(),
                 message: e.to_string(),
             })?;
@@ -1057,7 +806,8 @@ pub fn connect(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federated::protocol::LocalMetrics;
+    use crate::federated::compress::CompressionConfig;
+    use crate::wire::protocol::LocalMetrics;
     use microfed_kernels::unet::Params;
 
     struct Setup {
@@ -1390,7 +1140,7 @@ mod tests {
 
     #[test]
     fn the_example_configuration_parses_with_its_optional_sections_switched_on() {
-        let text = include_str!("../../aggregator.example.toml");
+        let text = include_str!("../../../aggregator.example.toml");
         let plain: AggregatorConfig = toml::from_str(text).unwrap();
         plain.validate().unwrap();
         assert!(plain.dp.is_none() && plain.scale_out.is_none());

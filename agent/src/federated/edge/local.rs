@@ -1,17 +1,13 @@
 //! A lab's side of a round: the encoder-feature cache and local decoder fine-tuning.
 //!
-//! - [`FeatureCache::build`]: runs the base model's encoder (tract, the same runtime that segments)
-//!   once over every labelled image, padded by reflection to a multiple of 16, and keeps the skip
-//!   features `enc0`…`enc4` as float16, in memory and on disk under `CACHE/<model version>/`. A round
-//!   then runs only the decoder. The cache is keyed by the base model's sha256 and each image's pixel
-//!   hash: a new base model or a changed image rebuilds it.
+//! - The encoder features come from [`crate::federated::edge::cache`] ([`FeatureCache`]).
 //! - [`LocalTrainer`]: the kernels crate's U-Net (CPU or CUDA backend) with a frozen encoder.
 //!   [`LocalTrainer::train_round`] starts from the announced global decoder, trains E local epochs
 //!   of random crops cut from the cached features (crops aligned to 16 pixels, so every level's crop
 //!   is exact), optionally with FedProx, and returns the local decoder.
 //!   [`LocalTrainer::holdout_scores`] scores a decoder on the lab's hold-out images (mean IoU, mean
 //!   Dice, boundary F1); [`LocalTrainer::holdout_iou`] is its IoU.
-//! - Style codes ([`super::style`]): [`LocalTrainer::set_styles`] takes other labs' latest codes;
+//! - Style codes ([`crate::federated::edge::style`]): [`LocalTrainer::set_styles`] takes other labs' latest codes;
 //!   `train_round` then re-styles, with a configured chance, a batch's skip features with a
 //!   feature-stats code (one per-channel affine map per stage, on the device) or draws crops from
 //!   the lab's images re-styled with a Fourier code (re-encoded once, when the codes are set).
@@ -20,7 +16,7 @@
 //! (the filters are not symmetric). Crops from whole-image features carry the context the decoder
 //! sees at inference.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use half::f16;
@@ -32,13 +28,16 @@ use microfed_kernels::style::restyle_coefficients;
 use microfed_kernels::unet::{CHANNELS, DEPTH, Loss, Optim, Params, SIZE_MULTIPLE, UNet};
 use microfed_kernels::{Backend, KernelError, Shape};
 
-use super::style::{RestyleConfig, StyleCode, StyleError, StyleKind, restyle_image};
+use crate::augment::reflect;
 use crate::dataset::IGNORE;
+pub use crate::federated::edge::cache::{CacheError, CachedImage, FeatureCache};
+use crate::federated::edge::style::{
+    RestyleConfig, StyleCode, StyleError, StyleKind, restyle_image,
+};
 use crate::mask::Mask;
 use crate::metrics::Evaluator;
-use crate::model::runtime::{Outputs, RuntimeError, Segmenter};
-use crate::train::augment::reflect;
-use crate::train::data::{TrainingImage, TrainingSet, auto_class_weights};
+use crate::model::runtime::RuntimeError;
+use crate::train::data::auto_class_weights;
 
 /// Why local training could not run.
 #[derive(Debug, thiserror::Error)]
@@ -56,165 +55,10 @@ pub enum LocalError {
     Data(String),
     #[error(transparent)]
     Style(#[from] StyleError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
     #[error("local training diverged in round {round} (loss {loss})")]
     Diverged { round: u64, loss: f32 },
-}
-
-/// One labelled image's encoder features (float16) and labels, padded to multiples of 16.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CachedImage {
-    pub stem: String,
-    /// Original size.
-    pub width: usize,
-    pub height: usize,
-    /// Padded size (multiples of 16).
-    pub pw: usize,
-    pub ph: usize,
-    /// sha256 of the normalised pixels (little-endian f32): a changed image invalidates its entry.
-    pub pixels_sha256: String,
-    /// `enc_l` as `[CHANNELS[l], ph >> l, pw >> l]` float16 bits.
-    pub levels: Vec<Vec<u16>>,
-    /// Class per padded pixel; the padding is IGNORE.
-    #[serde(with = "serde_bytes")]
-    pub labels: Vec<u8>,
-    /// The normalised pixels, padded like the features (`ph × pw`), for Fourier style codes and
-    /// re-styling. Kept in memory only: the image is at hand whenever the cache is built.
-    #[serde(skip, default)]
-    pub pixels: Vec<f32>,
-}
-
-impl CachedImage {
-    fn level(&self, l: usize) -> (usize, usize, usize) {
-        (CHANNELS[l], self.ph >> l, self.pw >> l)
-    }
-}
-
-/// The features of a lab's labelled images for one base model.
-#[derive(Debug, Clone)]
-pub struct FeatureCache {
-    pub classes: usize,
-    /// sha256 of the base model that made the features.
-    pub model_version: String,
-    pub train: Vec<CachedImage>,
-    pub holdout: Vec<CachedImage>,
-    /// Images whose features were computed now (the rest came from disk).
-    pub computed: usize,
-}
-
-fn pad(img: &TrainingImage) -> (usize, usize, Vec<f32>, Vec<u8>) {
-    let (w, h) = (img.width, img.height);
-    let pw = w.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE;
-    let ph = h.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE;
-    let mut x = vec![0.0f32; pw * ph];
-    let mut labels = vec![IGNORE; pw * ph];
-    for y in 0..ph {
-        let sy = reflect(y as isize, h);
-        for xx in 0..pw {
-            x[y * pw + xx] = img.pixels[sy * w + reflect(xx as isize, w)];
-            if y < h && xx < w {
-                labels[y * pw + xx] = img.labels[y * w + xx];
-            }
-        }
-    }
-    (pw, ph, x, labels)
-}
-
-impl FeatureCache {
-    /// Features of every image of `set` under `dir/<model_version>/`, computing those missing.
-    pub fn build(
-        segmenter: &Segmenter,
-        set: &TrainingSet,
-        dir: &Path,
-        model_version: &str,
-    ) -> Result<Self, LocalError> {
-        let dir = dir.join(&model_version[..model_version.len().min(16)]);
-        std::fs::create_dir_all(&dir).map_err(|source| LocalError::Io {
-            path: dir.clone(),
-            source,
-        })?;
-        let mut computed = 0;
-        let mut one = |img: &TrainingImage| -> Result<CachedImage, LocalError> {
-            let (pw, ph, x, labels) = pad(img);
-            let sha = super::protocol::sha256_hex(&super::protocol::f32_bytes(&img.pixels));
-            let path = dir.join(format!("{}.feat", img.stem));
-            if let Ok(bytes) = std::fs::read(&path) {
-                match ciborium::from_reader::<CachedImage, _>(bytes.as_slice()) {
-                    Ok(c) if c.pixels_sha256 == sha && c.pw == pw && c.ph == ph => {
-                        return Ok(CachedImage {
-                            labels,
-                            pixels: x,
-                            ..c
-                        });
-                    }
-                    Ok(_) => {
-                        tracing::info!(file = %path.display(), "image changed: recomputing its features")
-                    }
-                    Err(e) => {
-                        tracing::warn!(file = %path.display(), error = %e, "unreadable feature cache entry: recomputing")
-                    }
-                }
-            }
-            let outs = segmenter.run(&x, 1, ph, pw, Outputs::Features)?;
-            if outs.len() != DEPTH {
-                return Err(LocalError::Data(format!(
-                    "{}: the model gave {} feature maps, expected {DEPTH}",
-                    segmenter.path().display(),
-                    outs.len()
-                )));
-            }
-            let mut levels = Vec::with_capacity(DEPTH);
-            for (l, (shape, data)) in outs.into_iter().enumerate() {
-                let want = [1, CHANNELS[l], ph >> l, pw >> l];
-                if shape != want {
-                    return Err(LocalError::Data(format!(
-                        "{}: enc{l} has shape {shape:?}, expected {want:?}",
-                        segmenter.path().display()
-                    )));
-                }
-                levels.push(data.iter().map(|&v| f16::from_f32(v).to_bits()).collect());
-            }
-            let c = CachedImage {
-                stem: img.stem.clone(),
-                width: img.width,
-                height: img.height,
-                pw,
-                ph,
-                pixels_sha256: sha,
-                levels,
-                labels: Vec::new(),
-                pixels: Vec::new(),
-            };
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&c, &mut bytes)
-                .map_err(|e| LocalError::Data(format!("encoding the feature cache: {e}")))?;
-            crate::pipeline::outputs::write_atomic(&path, &bytes)
-                .map_err(|e| LocalError::Data(e.to_string()))?;
-            computed += 1;
-            Ok(CachedImage {
-                labels,
-                pixels: x,
-                ..c
-            })
-        };
-        let train = set.train.iter().map(&mut one).collect::<Result<_, _>>()?;
-        let holdout = set
-            .validation
-            .iter()
-            .map(&mut one)
-            .collect::<Result<_, _>>()?;
-        Ok(Self {
-            classes: set.classes.len(),
-            model_version: model_version.to_owned(),
-            train,
-            holdout,
-            computed,
-        })
-    }
-
-    /// Training images (FedAvg's sample count).
-    pub fn samples(&self) -> u64 {
-        self.train.len() as u64
-    }
 }
 
 /// How a round trains locally (from the round announcement).
@@ -637,7 +481,7 @@ impl<B: Backend> LocalTrainer<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::federated::style::{PrivacyKnobs, seeded_rng};
+    use crate::federated::edge::style::{PrivacyKnobs, seeded_rng};
     use microfed_kernels::cpu::CpuBackend;
 
     const SIDE: usize = 32;

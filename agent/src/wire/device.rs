@@ -7,7 +7,7 @@
 //!   [`StatusBoard`] every task reports into;
 //! - [`Routes`]: incoming messages split by topic: rounds, global decoders and style codes
 //!   (`style/+`, every device's retained code, this device's own included) go to the
-//!   federated-rounds task ([`super::participant`]); model versions and commands to the fleet task.
+//!   federated-rounds task ([`crate::federated::edge::participant`]); model versions and commands to the fleet task.
 //! - A status task publishes the board (retained) whenever it changes or the link comes back; the
 //!   link's last will marks the device offline.
 //! - [`MqttPublisher`]: the pipeline's [`Publisher`] that sends each segmented micrograph's figures
@@ -17,9 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 
-use super::link::{BrokerSettings, Link, LinkError, Message, offline_will};
-use super::protocol::{Envelope, Header, Kind, ResultBody, StatusBody, Topics};
 use crate::pipeline::publish::{PublishError, Publisher, SegmentedImage};
+use crate::wire::link::{BrokerSettings, Link, LinkError, Message, offline_will};
+use crate::wire::protocol::{Envelope, Header, Kind, ResultBody, StatusBody, Topics};
 
 /// What the device says about itself on `status/<device>` (retained).
 #[derive(Debug)]

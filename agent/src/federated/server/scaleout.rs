@@ -38,14 +38,15 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
-use super::aggregate::{Accumulator, PartialSum};
-use super::aggregator::{Aggregator, AggregatorError, RoundState, retry};
-use super::compress::{CompressionConfig, Quantize, TensorSpan, decoder_layout};
-use super::link::{Link, Message};
-use super::protocol::{
+pub use crate::federated::compress::single_frame_bound;
+use crate::federated::server::aggregator::{Aggregator, AggregatorError, RoundState, retry};
+pub use crate::federated::server::config::{Role, ScaleOutSection};
+use crate::federated::server::merge::{Accumulator, PartialSum};
+use crate::fsio::now_unix;
+use crate::wire::link::{Link, Message};
+use crate::wire::protocol::{
     self, CHUNK_BYTES, Envelope, Kind, Reassembler, ReassemblyLimits, RoundAnnouncement,
 };
-use crate::pipeline::journal::now_unix;
 
 /// Largest partial-sum message the coordinator reassembles: FedAvg's is 8 bytes per decoder value
 /// (6.3 MB for 2 classes); the robust rules carry every update (3.1 MB each).
@@ -53,108 +54,6 @@ pub const MAX_PARTIAL_BYTES: usize = 256 * 1024 * 1024;
 
 /// How often an open round's worker repeats its tally (a restarted coordinator learns it again).
 const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-
-/// What this aggregator process does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Role {
-    Coordinator,
-    Worker,
-}
-
-/// `[scale_out]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScaleOutSection {
-    pub role: Role,
-    /// Coordinator: its workers' ids (their certificate CNs).
-    #[serde(default)]
-    pub workers: Vec<String>,
-    /// Worker: the coordinator's id.
-    #[serde(default)]
-    pub coordinator: Option<String>,
-    /// Coordinator: how long it waits for the partial sums after asking.
-    #[serde(default = "default_partial_timeout")]
-    pub partial_timeout_s: f64,
-}
-
-fn default_partial_timeout() -> f64 {
-    30.0
-}
-
-impl ScaleOutSection {
-    /// Checks the section against the aggregator's id and the fleet's compression.
-    pub fn validate(&self, id: &str, compression: &CompressionConfig) -> Result<(), String> {
-        match self.role {
-            Role::Coordinator => {
-                if self.workers.is_empty() {
-                    return Err("scale_out.workers: a coordinator needs at least one worker".into());
-                }
-                let mut seen = BTreeSet::new();
-                for w in &self.workers {
-                    if !protocol::valid_level(w) || w == id || !seen.insert(w) {
-                        return Err(format!(
-                            "scale_out.workers: {w:?} is not a valid, distinct worker id"
-                        ));
-                    }
-                }
-            }
-            Role::Worker => match &self.coordinator {
-                Some(c) if protocol::valid_level(c) && c != id => {}
-                other => {
-                    return Err(format!(
-                        "scale_out.coordinator: a worker needs the coordinator's id (got {other:?})"
-                    ));
-                }
-            },
-        }
-        if !(self.partial_timeout_s.is_finite() && self.partial_timeout_s > 0.0) {
-            return Err("scale_out.partial_timeout_s must be > 0".into());
-        }
-        // Any decoder: the head's size barely depends on the classes; 16 is the largest we ship.
-        let bound = single_frame_bound(&decoder_layout(16), compression);
-        if bound > CHUNK_BYTES {
-            return Err(format!(
-                "scale_out: an update under this [compression] may take {bound} bytes, more than \
-                 one frame ({CHUNK_BYTES}); the shared subscription would split its frames between \
-                 workers. Use top_k (e.g. 0.05) with quantize = \"int8\""
-            ));
-        }
-        Ok(())
-    }
-}
-
-/// An upper bound on one update message (envelope included) under `compression`, from the wire
-/// format in [`crate::federated::compress`]: per tensor two varints, a coding byte, at most the
-/// bitmap of kept indices, a scale and the values; zstd's worst-case expansion; 2 kB of envelope.
-pub fn single_frame_bound(layout: &[TensorSpan], compression: &CompressionConfig) -> usize {
-    let body: usize = layout
-        .iter()
-        .map(|t| {
-            let kept = match compression.top_k {
-                Some(f) => super::compress::top_k_count(t.len, f),
-                None => t.len,
-            };
-            let index = if kept < t.len {
-                1 + t.len.div_ceil(8)
-            } else {
-                0
-            };
-            let values = match compression.quantize {
-                Quantize::None => 4 * kept,
-                Quantize::Int8 => kept,
-                Quantize::Int4 => kept.div_ceil(2),
-            };
-            20 + index + 4 + values
-        })
-        .sum();
-    let body = if compression.zstd_level.is_some() {
-        zstd::zstd_safe::compress_bound(body)
-    } else {
-        body
-    };
-    body + 2048
-}
 
 /// One worker's account of the open round.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -225,8 +124,7 @@ impl Aggregator {
             self.state.accepted.clear();
             self.state.rejected.clear();
             self.state.update_bytes = 0;
-            self.acc = Accumulator::new(self.acc.len(), &self.cfg.aggregation)
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            self.acc = Accumulator::new(self.acc.len(), &self.cfg.aggregation)?;
             self.save_state()?;
             tracing::info!(
                 round = a.round,
@@ -253,8 +151,7 @@ impl Aggregator {
                 *self.state.rejected.entry("duplicate".into()).or_default() += 1;
                 tracing::warn!(round = self.state.round, device = %d, "worker: another worker has this device's update too; dropped here");
             }
-            self.acc = Accumulator::new(self.acc.len(), &self.cfg.aggregation)
-                .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+            self.acc = Accumulator::new(self.acc.len(), &self.cfg.aggregation)?;
             self.replay_open_round()?;
         }
         self.state.open = false;
@@ -628,8 +525,7 @@ fn merge_finals(
     mut finals: BTreeMap<String, (WorkerTally, Option<PartialSum>)>,
     progress: &BTreeMap<String, WorkerTally>,
 ) -> Result<(), AggregatorError> {
-    agg.acc = Accumulator::new(agg.acc.len(), &agg.cfg.aggregation)
-        .map_err(|e| AggregatorError::Aggregate(e.to_string()))?;
+    agg.acc = Accumulator::new(agg.acc.len(), &agg.cfg.aggregation)?;
     for w in workers {
         let Some((tally, partial)) = finals.remove(w) else {
             let lost: Vec<&String> = progress
@@ -673,6 +569,7 @@ fn merge_finals(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::federated::compress::{CompressionConfig, Quantize, decoder_layout};
 
     #[test]
     fn one_frame_bound_admits_top_k_int8_and_refuses_dense() {
@@ -691,7 +588,7 @@ mod tests {
         let values: Vec<f32> = (0..783_874usize)
             .map(|i| ((i * 7919) % 1013) as f32 - 506.0)
             .collect();
-        let bytes = super::super::compress::compress(&values, &layout, &sparse, None).unwrap();
+        let bytes = crate::federated::compress::compress(&values, &layout, &sparse, None).unwrap();
         assert!(bytes.len() + 2048 <= b, "{} vs {b}", bytes.len());
         let so = ScaleOutSection {
             role: Role::Worker,
@@ -729,9 +626,9 @@ mod tests {
     /// loops call, in the order the loops call them.
     mod in_process {
         use super::*;
-        use crate::federated::aggregator::AggregatorConfig;
-        use crate::federated::protocol::{Header, LocalMetrics, UpdateBody};
+        use crate::federated::server::aggregator::AggregatorConfig;
         use crate::model::onnx;
+        use crate::wire::protocol::{Header, LocalMetrics, UpdateBody};
         use microfed_kernels::unet::Params;
 
         struct Fleet {
@@ -787,8 +684,8 @@ mod tests {
             let values: Vec<f32> = (0..n).map(|j| scale * ((j % 97) as f32 - 48.0)).collect();
             let cfg = f.coordinator.cfg.compression.clone();
             let compressed =
-                super::super::super::compress::compress(&values, &layout, &cfg, None).unwrap();
-            let seen = super::super::super::compress::decompress(&compressed, &layout).unwrap();
+                crate::federated::compress::compress(&values, &layout, &cfg, None).unwrap();
+            let seen = crate::federated::compress::decompress(&compressed, &layout).unwrap();
             let body = UpdateBody {
                 device: d.into(),
                 global_version: 0,

@@ -30,12 +30,12 @@ use serde::{Deserialize, Serialize};
 use microfed_kernels::Backend;
 use microfed_kernels::unet::Params;
 
-use super::compress;
-use super::dp::{self, DpConfig};
-use super::local::{FeatureCache, LocalError, LocalTrainer, RoundPlan};
-use super::secagg;
+use crate::federated::compress;
+use crate::federated::dp::{self, DpConfig};
+use crate::federated::edge::local::{FeatureCache, LocalError, LocalTrainer, RoundPlan};
 use crate::micrograph::Normalisation;
 use crate::model::runtime::Segmenter;
+use crate::study::secagg;
 use crate::synth::{self, Structure, Style, SynthParams};
 use crate::train::data::{TrainingImage, TrainingSet};
 
@@ -47,11 +47,13 @@ pub enum AttackError {
     #[error(transparent)]
     Local(#[from] LocalError),
     #[error(transparent)]
+    Cache(#[from] crate::federated::edge::cache::CacheError),
+    #[error(transparent)]
     Dp(#[from] dp::DpError),
     #[error(transparent)]
     SecAgg(#[from] secagg::SecAggError),
     #[error(transparent)]
-    Style(#[from] super::style::StyleError),
+    Style(#[from] crate::federated::edge::style::StyleError),
     #[error("{0}")]
     Setup(String),
 }
@@ -62,7 +64,7 @@ pub struct SyntheticLab {
     pub name: String,
     pub grain_size_px: f32,
     /// The `synth` imaging-style preset its micrographs were rendered in (what a style code is meant
-    /// to reveal; [`super::attack_style`] tries to read it back).
+    /// to reveal; [`crate::study::attack_style`] tries to read it back).
     pub style: String,
     /// Grain-boundary pixels / all pixels of its training images: the secret property.
     pub boundary_fraction: f64,

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::pipeline::outputs::{OutputError, remove_stale_temporaries, write_atomic};
+use crate::fsio::{FsError, remove_stale_temporaries, write_atomic};
 
 /// An update waiting to be sent: the MQTT topic, the round it belongs to, the global model version it
 /// was computed against, and the message bytes (e.g. a compressed update).
@@ -58,7 +58,7 @@ pub enum OutboxError {
         source: std::io::Error,
     },
     #[error(transparent)]
-    Write(#[from] OutputError),
+    Write(#[from] FsError),
     #[error("{path}: corrupt outbox item: {problem}")]
     Corrupt { path: PathBuf, problem: String },
     #[error("{dir}: no outbox item {id}")]

@@ -1,0 +1,310 @@
+//! `aggregator.toml`: the aggregator's configuration, validated before anything starts.
+//!
+//! Map: [`AggregatorConfig`] (the file) → [`RoundSection`], [`DpSection`], [`ScaleOutSection`]
+//! ([`Role`]: coordinator or worker), with the fleet's compression and merge rule.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::federated::compress::{CompressionConfig, decoder_layout, single_frame_bound};
+use crate::federated::dp::DpConfig;
+use crate::federated::server::error::AggregatorError;
+use crate::federated::server::merge::AggregationConfig;
+use crate::wire::link::BrokerSettings;
+use crate::wire::protocol::{self, CHUNK_BYTES, Topics};
+
+/// Largest update message accepted (a dense fp32 decoder of 2 classes is 3.1 MB; 16 classes barely
+/// more): anything bigger is not an update of this model.
+pub const MAX_UPDATE_BYTES: usize = 16 * 1024 * 1024;
+
+/// `aggregator.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// Client id (and certificate CN): `aggregator`, `aggregator-1`, …
+    #[serde(default = "default_id")]
+    pub id: String,
+    pub fleet: String,
+    /// The base model (ONNX): its decoder is global version 0, its sha256 the model version.
+    pub model: PathBuf,
+    /// Round state, globals and accepted updates.
+    pub state: PathBuf,
+    /// Rounds to run (0 = until stopped).
+    #[serde(default)]
+    pub rounds: u64,
+    /// Devices allowed to take part (empty = any device id).
+    #[serde(default)]
+    pub devices: Vec<String>,
+    #[serde(default)]
+    pub round: RoundSection,
+    #[serde(default)]
+    pub compression: CompressionConfig,
+    #[serde(default)]
+    pub aggregation: AggregationConfig,
+    /// The broker; none = start the embedded one on loopback.
+    #[serde(default)]
+    pub broker: Option<BrokerSettings>,
+    /// Largest accepted L2 norm of one update (after decompression).
+    #[serde(default = "default_max_norm")]
+    pub max_update_norm: f32,
+    /// Server-side DP-FedAvg; none = plain aggregation.
+    #[serde(default)]
+    pub dp: Option<DpSection>,
+    /// Several aggregator processes sharing the update stream; none = this one does everything.
+    #[serde(default)]
+    pub scale_out: Option<ScaleOutSection>,
+}
+
+/// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpSection {
+    /// L2 bound `C` on one lab's update (each accepted update is clipped to it).
+    pub clip_norm: f32,
+    /// `z`: the noise on the round's sum has standard deviation `z · C`.
+    pub noise_multiplier: f64,
+    /// The δ that ε is reported for.
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// The sampling rate `q` the accountant uses. None = the round's participants over the listed
+    /// devices (1 when no list). Amplification by sampling assumes a random, undisclosed subset of
+    /// labs; devices here select themselves and the summary names them, so `1.0` is the
+    /// conservative setting.
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
+    /// Stop before opening a round that could take ε (at δ) above this.
+    #[serde(default)]
+    pub max_epsilon: Option<f64>,
+}
+
+fn default_delta() -> f64 {
+    1e-5
+}
+
+/// The name of the mechanism in [`PrivacyReport::mechanism`].
+pub const DP_MECHANISM: &str = "dp-fedavg (central, trusted aggregator)";
+
+impl DpSection {
+    /// The [`DpConfig`] of a round with sampling rate `q`.
+    pub fn config(&self, q: f64) -> DpConfig {
+        DpConfig {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            sampling_rate: q,
+            delta: self.delta,
+        }
+    }
+
+    /// The largest `q` a round can be accounted with: the fixed rate, else 1 (every device).
+    pub(crate) fn worst_case_rate(&self) -> f64 {
+        self.sampling_rate.unwrap_or(1.0)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.config(self.worst_case_rate())
+            .validate()
+            .map_err(|e| format!("dp: {e}"))?;
+        if let Some(e) = self.max_epsilon
+            && !(e.is_finite() && e > 0.0)
+        {
+            return Err(format!("dp.max_epsilon: {e} is not a positive number"));
+        }
+        Ok(())
+    }
+}
+
+fn default_id() -> String {
+    "aggregator".into()
+}
+fn default_max_norm() -> f32 {
+    1e3
+}
+
+/// How rounds run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoundSection {
+    pub deadline_s: f64,
+    /// Close early once this many updates are in (default: every known device, else 1).
+    pub quorum: Option<usize>,
+    /// … or this fraction of the known devices.
+    pub quorum_fraction: Option<f64>,
+    pub local_epochs: u32,
+    pub steps_per_epoch: u32,
+    pub learning_rate: f32,
+    pub prox_mu: f32,
+    /// Pause between rounds.
+    pub pause_s: f64,
+}
+
+impl Default for RoundSection {
+    fn default() -> Self {
+        Self {
+            deadline_s: 300.0,
+            quorum: None,
+            quorum_fraction: None,
+            local_epochs: 1,
+            steps_per_epoch: 0,
+            learning_rate: 0.01,
+            prox_mu: 0.0,
+            pause_s: 0.0,
+        }
+    }
+}
+
+impl AggregatorConfig {
+    pub fn load(path: &Path) -> Result<Self, AggregatorError> {
+        let text = std::fs::read_to_string(path).map_err(|e| AggregatorError::File {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let mut cfg: Self = toml::from_str(&text).map_err(|e| AggregatorError::Config {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        // Relative paths are resolved against the file's folder, as in agent.toml.
+        let base = path.parent().unwrap_or(Path::new(""));
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut cfg.model);
+        fix(&mut cfg.state);
+        if let Some(t) = cfg.broker.as_mut().and_then(|b| b.tls.as_mut()) {
+            fix(&mut t.ca);
+            fix(&mut t.cert);
+            fix(&mut t.key);
+        }
+        cfg.validate().map_err(|message| AggregatorError::Config {
+            path: path.to_owned(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        Topics::new(&self.fleet)?;
+        if !protocol::valid_level(&self.id) {
+            return Err(format!("id {:?} is not a valid client id", self.id));
+        }
+        if let Some(d) = self.devices.iter().find(|d| !protocol::valid_level(d)) {
+            return Err(format!("devices: {d:?} is not a valid device id"));
+        }
+        if self.round.deadline_s.is_nan() || self.round.deadline_s <= 0.0 {
+            return Err("round.deadline_s must be > 0".into());
+        }
+        if let Some(f) = self.round.quorum_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err("round.quorum_fraction must be in (0, 1]".into());
+        }
+        if self.round.quorum_fraction.is_some() && self.devices.is_empty() {
+            return Err("round.quorum_fraction needs the list of devices".into());
+        }
+        if self.round.learning_rate.is_nan() || self.round.learning_rate <= 0.0 {
+            return Err("round.learning_rate must be > 0".into());
+        }
+        self.compression
+            .validate()
+            .map_err(|e| format!("compression: {e}"))?;
+        if let Some(d) = &self.dp {
+            d.validate()?;
+            // The noise is calibrated to the sum's sensitivity C: a median or trimmed mean has
+            // another sensitivity, and a second clipping bound would be misleading.
+            if self.aggregation.rule != crate::federated::server::merge::Rule::FedAvg {
+                return Err("dp needs aggregation.rule = \"fedavg\"".into());
+            }
+            if self.aggregation.clip_norm.is_some() {
+                return Err("dp: use dp.clip_norm, not aggregation.clip_norm".into());
+            }
+        }
+        if let Some(so) = &self.scale_out {
+            so.validate(&self.id, &self.compression)?;
+        }
+        Ok(())
+    }
+
+    /// Updates that close a round early.
+    pub fn quorum(&self) -> usize {
+        if let Some(q) = self.round.quorum {
+            return q.max(1);
+        }
+        if let Some(f) = self.round.quorum_fraction {
+            return ((f * self.devices.len() as f64).ceil() as usize).max(1);
+        }
+        self.devices.len().max(1)
+    }
+}
+
+/// What this aggregator process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Coordinator,
+    Worker,
+}
+
+/// `[scale_out]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleOutSection {
+    pub role: Role,
+    /// Coordinator: its workers' ids (their certificate CNs).
+    #[serde(default)]
+    pub workers: Vec<String>,
+    /// Worker: the coordinator's id.
+    #[serde(default)]
+    pub coordinator: Option<String>,
+    /// Coordinator: how long it waits for the partial sums after asking.
+    #[serde(default = "default_partial_timeout")]
+    pub partial_timeout_s: f64,
+}
+
+fn default_partial_timeout() -> f64 {
+    30.0
+}
+
+impl ScaleOutSection {
+    /// Checks the section against the aggregator's id and the fleet's compression.
+    pub fn validate(&self, id: &str, compression: &CompressionConfig) -> Result<(), String> {
+        match self.role {
+            Role::Coordinator => {
+                if self.workers.is_empty() {
+                    return Err("scale_out.workers: a coordinator needs at least one worker".into());
+                }
+                let mut seen = BTreeSet::new();
+                for w in &self.workers {
+                    if !protocol::valid_level(w) || w == id || !seen.insert(w) {
+                        return Err(format!(
+                            "scale_out.workers: {w:?} is not a valid, distinct worker id"
+                        ));
+                    }
+                }
+            }
+            Role::Worker => match &self.coordinator {
+                Some(c) if protocol::valid_level(c) && c != id => {}
+                other => {
+                    return Err(format!(
+                        "scale_out.coordinator: a worker needs the coordinator's id (got {other:?})"
+                    ));
+                }
+            },
+        }
+        if !(self.partial_timeout_s.is_finite() && self.partial_timeout_s > 0.0) {
+            return Err("scale_out.partial_timeout_s must be > 0".into());
+        }
+        // Any decoder: the head's size barely depends on the classes; 16 is the largest we ship.
+        let bound = single_frame_bound(&decoder_layout(16), compression);
+        if bound > CHUNK_BYTES {
+            return Err(format!(
+                "scale_out: an update under this [compression] may take {bound} bytes, more than \
+                 one frame ({CHUNK_BYTES}); the shared subscription would split its frames between \
+                 workers. Use top_k (e.g. 0.05) with quantize = \"int8\""
+            ));
+        }
+        Ok(())
+    }
+}

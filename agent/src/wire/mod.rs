@@ -1,0 +1,14 @@
+//! The wire: everything that crosses the network, and the only module that touches MQTT (rumqttc,
+//! rumqttd). The fleet and the federated rounds both build on it, never on each other.
+//!
+//! Map:
+//! - [`protocol`]: topics, CBOR envelopes and bodies (the schema of every message), chunked frames and
+//!   their reassembly.
+//! - [`link`]: one MQTT connection (rumqttc, TLS on rustls/ring) with confirmed QoS 1 publishes.
+//! - [`embedded`]: the zero-setup broker (rumqttd) on loopback.
+//! - [`device`]: a device's single connection, shared by rounds, fleet, status and results.
+
+pub mod device;
+pub mod embedded;
+pub mod link;
+pub mod protocol;
