@@ -1,8 +1,9 @@
 //! The lab's side of federated rounds.
 //!
 //! Map:
-//! - [`participant`]: takes part in rounds: waits for an announcement, trains, sends the update,
-//!   installs each new global decoder.
+//! - [`participant`]: takes part in rounds: the I/O loop around [`round`] (the pure round state
+//!   machine: messages and ticks in, actions out) and the [`trainer`] thread; sends updates, installs
+//!   each new global decoder.
 //! - [`cache`]: the encoder features of the lab's labelled images, computed once per base model.
 //! - [`local`]: local decoder fine-tuning with the kernels crate on cached encoder features.
 //! - [`outbox`]: store-and-forward of updates that could not be sent yet.
@@ -13,4 +14,6 @@ pub mod cache;
 pub mod local;
 pub mod outbox;
 pub mod participant;
+pub mod round;
 pub mod style;
+pub mod trainer;

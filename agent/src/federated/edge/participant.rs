@@ -27,16 +27,15 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use microfed_kernels::cpu::CpuBackend;
-use microfed_kernels::cuda::CudaBackend;
-use microfed_kernels::device::Device;
-
 use crate::federated::compress::{self, Residual, TensorSpan};
-use crate::federated::edge::local::{FeatureCache, LocalTrainer, RoundPlan};
+use crate::federated::edge::cache::FeatureCache;
+use crate::federated::edge::local::LocalError;
 use crate::federated::edge::outbox::{Outbox, OutboxItem};
+use crate::federated::edge::round::{Action, Event, Rounds, TrainOrder};
 use crate::federated::edge::style::{
     Received, RestyleConfig, StyleBook, StyleCode, StyleError, StyleSection,
 };
+use crate::federated::edge::trainer::{Trained, TrainerError, TrainerSetup, TrainingThread};
 use crate::fsio::now_unix;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
@@ -123,77 +122,66 @@ fn default_outbox_bytes() -> u64 {
     256 * 1024 * 1024
 }
 
-/// Why federation stopped or could not start.
+/// Why federation stopped or could not start; each names the file, setting or part concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum ParticipantError {
+    #[error("[federation.style]: {0}")]
+    Style(#[from] StyleError),
+    #[error("federation: fleet {0}")]
+    FleetName(String),
+    #[error("federation: device id {0:?} is not a valid MQTT topic level")]
+    DeviceId(String),
+    #[error("federation: {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("federation: the base model: {0}")]
+    Manifest(#[from] crate::model::manifest::ManifestError),
+    #[error("federation: the base model: {0}")]
+    Onnx(#[from] crate::model::onnx::OnnxError),
+    #[error("federation: the base model: {0}")]
+    Runtime(#[from] crate::model::runtime::RuntimeError),
+    #[error("federation: the labelled images: {0}")]
+    Labelled(#[from] crate::train::TrainError),
+    #[error("federation: {labelled}: {classes} classes, the model {model} predicts {predicts}")]
+    ClassCount {
+        labelled: PathBuf,
+        classes: usize,
+        model: PathBuf,
+        predicts: usize,
+    },
+    #[error("federation: the feature cache: {0}")]
+    Cache(#[from] crate::federated::edge::cache::CacheError),
+    #[error("federation: local training: {0}")]
+    Trainer(#[from] TrainerError),
+    #[error("federation: the outbox: {0}")]
+    Outbox(#[from] crate::federated::edge::outbox::OutboxError),
+    #[error("federation: the error-feedback residual: {0}")]
+    Residual(#[from] compress::CompressError),
     #[error("federation: {0}")]
-    Setup(String),
+    Protocol(#[from] protocol::ProtocolError),
+    #[error("federation: the training thread stopped")]
+    TrainerStopped,
+    #[error("federation: a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Link(#[from] crate::wire::link::LinkError),
 }
 
-fn setup(e: impl std::fmt::Display) -> ParticipantError {
-    ParticipantError::Setup(e.to_string())
-}
-
-/// What the trainer thread reports for one round.
-struct Trained {
-    local: Vec<f32>,
-    loss: f32,
-    iou_before: Option<f64>,
-    iou_after: Option<f64>,
-    seconds: f32,
-    restyled_batches: u64,
-}
-
-struct Job {
-    global: Vec<f32>,
-    plan: RoundPlan,
-    /// Other labs' codes, when they changed since the last job (the trainer keeps them).
-    styles: Option<(Vec<StyleCode>, RestyleConfig)>,
-    reply: oneshot::Sender<Result<Trained, String>>,
-}
-
-enum AnyTrainer {
-    Cpu(LocalTrainer<CpuBackend>),
-    Cuda(LocalTrainer<CudaBackend>),
-}
-
-impl AnyTrainer {
-    fn train(&mut self, job: &Job) -> Result<Trained, String> {
-        let t0 = std::time::Instant::now();
-        macro_rules! go {
-            ($t:expr) => {{
-                if let Some((codes, config)) = &job.styles {
-                    $t.set_styles(codes.clone(), *config)
-                        .map_err(|e| e.to_string())?;
-                }
-                let iou_before = $t.holdout_iou(&job.global).map_err(|e| e.to_string())?;
-                let (local, loss) = $t
-                    .train_round(&job.global, &job.plan)
-                    .map_err(|e| e.to_string())?;
-                let iou_after = $t.holdout_iou(&local).map_err(|e| e.to_string())?;
-                Ok(Trained {
-                    local,
-                    loss,
-                    iou_before,
-                    iou_after,
-                    seconds: t0.elapsed().as_secs_f32(),
-                    restyled_batches: $t.restyled_batches(),
-                })
-            }};
-        }
-        match self {
-            Self::Cpu(t) => go!(t),
-            Self::Cuda(t) => go!(t),
-        }
-    }
-    fn samples(&self) -> u64 {
-        match self {
-            Self::Cpu(t) => t.samples(),
-            Self::Cuda(t) => t.samples(),
-        }
-    }
+/// Why one round's update was not made (reported on the status board; the agent goes on).
+#[derive(Debug, thiserror::Error)]
+pub enum RoundError {
+    #[error(transparent)]
+    Local(#[from] LocalError),
+    #[error("the local update is not finite; not sent")]
+    NotFinite,
+    #[error("the local update's norm {norm:.3e} is above max_update_norm {max}; not sent")]
+    Norm { norm: f32, max: f32 },
+    #[error(transparent)]
+    Compress(#[from] compress::CompressError),
+    #[error(transparent)]
+    Protocol(#[from] protocol::ProtocolError),
 }
 
 /// What the participant needs from the agent.
@@ -251,8 +239,8 @@ struct Carried {
     book: StyleBook,
     /// Key ([`style_key`]) of the code this process last published; None: none (or withdrawn).
     published: Option<String>,
-    announced: Option<RoundAnnouncement>,
-    global: Option<(u64, Vec<f32>)>,
+    /// Announcements, the global decoder, the round in training.
+    rounds: Rounds,
 }
 
 /// Takes part in rounds until `stop` turns true, starting again on each new base model and when the
@@ -264,13 +252,11 @@ pub async fn run(
     mut inbox: mpsc::Receiver<Message>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ParticipantError> {
-    cfg.validate()
-        .map_err(|e| setup(format!("[federation.style]: {e}")))?;
+    cfg.validate()?;
     let mut carried = Carried {
-        book: StyleBook::new(&cfg.fleet, &cfg.device).map_err(setup)?,
+        book: StyleBook::new(&cfg.fleet, &cfg.device).map_err(ParticipantError::FleetName)?,
         published: None,
-        announced: None,
-        global: None,
+        rounds: Rounds::default(),
     };
     let mut reloading = false;
     loop {
@@ -278,9 +264,7 @@ pub async fn run(
             Ok(Next::Base(path)) => {
                 tracing::info!(model = %path.display(), "new base model: rebuilding the feature cache");
                 model.path = path;
-                // Rounds and decoders of the old base model mean nothing on the new one.
-                carried.announced = None;
-                carried.global = None;
+                carried.rounds.new_base_model();
                 reloading = false;
             }
             Ok(Next::Data) => {
@@ -302,7 +286,41 @@ pub async fn run(
     }
 }
 
-/// Rounds on one base model and one state of the labelled data.
+/// A round being trained on the training thread.
+struct InTraining {
+    order: TrainOrder,
+    /// The decoder it started from (the update is local − this).
+    global: Vec<f32>,
+    reply: oneshot::Receiver<Result<Trained, LocalError>>,
+}
+
+/// Resolves when the training thread answers; pends forever when nothing trains.
+async fn training_done(
+    t: &mut Option<InTraining>,
+) -> Result<Result<Trained, LocalError>, oneshot::error::RecvError> {
+    match t {
+        Some(t) => (&mut t.reply).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One base model and one state of the labelled data: everything the loop below owns.
+struct Session<'a> {
+    cfg: &'a FederationSection,
+    device: &'a DeviceLink,
+    prepared: Prepared,
+    state_path: PathBuf,
+    pstate: ParticipantState,
+    outbox: Outbox,
+    residual_path: PathBuf,
+    residual: Residual,
+    pending_code: Option<PendingCode>,
+    /// The style-book generation the trainer last got (None: give the codes again).
+    styles_given: Option<u64>,
+}
+
+/// Rounds on one base model and one state of the labelled data: set up, then the I/O loop that feeds
+/// [`Rounds`] and carries out its actions.
 async fn session(
     cfg: &FederationSection,
     model: &AgentModel,
@@ -317,111 +335,21 @@ async fn session(
     if current != model.path {
         return Ok(Next::Base(current));
     }
+    let mut s = Session::open(cfg, model, device, carried).await?;
     let topics = device.topics.clone();
-    if !protocol::valid_level(&cfg.device) {
-        return Err(setup(format!(
-            "device id {:?} is not a valid MQTT topic level",
-            cfg.device
-        )));
-    }
-    std::fs::create_dir_all(&cfg.state)
-        .map_err(|e| setup(format!("{}: {e}", cfg.state.display())))?;
-
-    // Load everything heavy on a blocking thread: base model, labelled data, feature cache.
-    let (c2, m2) = (cfg.clone(), model.clone());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&c2, &m2))
-        .await
-        .map_err(setup)??;
-    let Prepared {
-        trainer,
-        proto,
-        model_version,
-        layout,
-        samples,
-        fingerprint,
-        own_code,
-    } = prepared;
-    let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
-    std::thread::Builder::new()
-        .name("local-training".into())
-        .spawn(move || {
-            let mut trainer = trainer;
-            while let Ok(job) = job_rx.recv() {
-                let r = trainer.train(&job);
-                let _ = job.reply.send(r);
-            }
-        })
-        .map_err(setup)?;
-
-    let state_path = cfg.state.join("participant.json");
-    let mut pstate: ParticipantState = std::fs::read(&state_path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let new_base = pstate.model_version != model_version;
-    if new_base {
-        // A new base model: rounds of the old one mean nothing.
-        pstate = ParticipantState {
-            model_version: model_version.clone(),
-            last_trained_round: 0,
-        };
-    }
-    let mut outbox = Outbox::open(
-        &cfg.state.join("outbox"),
-        cfg.outbox_max_items,
-        cfg.outbox_max_bytes,
-    )
-    .map_err(setup)?;
-    let residual_path = cfg.state.join("residual.bin");
-    let mut residual = if new_base {
-        // Error feedback of another decoder (maybe another class count) is meaningless here.
-        Residual::new(layout.iter().map(|t| t.len).sum())
-    } else {
-        Residual::load(&residual_path, layout.iter().map(|t| t.len).sum()).map_err(setup)?
-    };
-
-    let link = device.link.clone();
-    let board = device.status.clone();
-    board.update(|st| {
-        st.model_version = model_version.clone();
-        st.last_round = (pstate.last_trained_round > 0).then_some(pstate.last_trained_round);
-        st.queue_depth = outbox.len() as u64;
-    });
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
     let style_prefix = format!("microfed/{}/style/", cfg.fleet);
-    // This lab's code: publish it unless this process already did; withdraw one published before
-    // when there is none now (too few images, codes turned off).
-    let mut pending_code: Option<PendingCode> = match &own_code {
-        Some((key, code)) if carried.published.as_ref() != Some(key) => Some(PendingCode::Code {
-            key: key.clone(),
-            bytes: crate::federated::edge::style::seal_code(
-                &cfg.fleet,
-                pstate.last_trained_round,
-                code,
-            )
-            .map_err(setup)?,
-        }),
-        Some(_) => None,
-        None => carried.published.is_some().then_some(PendingCode::Withdraw),
-    };
-    let mut styles_given: Option<u64> = None;
-    show_styles(&board, &carried.book, &model_version, cfg.style.is_some());
     let mut data_check = tokio::time::interval(DATA_CHECK);
     data_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     data_check.reset();
     let mut changed_seen: Option<String> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let decoder_len: usize = layout.iter().map(|t| t.len).sum();
-    let header = |round: u64| Header {
-        fleet: &cfg.fleet,
-        round,
-        model_version: &model_version,
-        sender: &cfg.device,
-    };
+    let decoder_len: usize = s.prepared.layout.iter().map(|t| t.len).sum();
+    let mut training: Option<InTraining> = None;
 
     loop {
-        tokio::select! {
-            _ = stop.changed() => { if *stop.borrow() { break; } }
+        let event = tokio::select! {
+            _ = stop.changed() => { if *stop.borrow() { break; } None }
             r = base.changed() => {
                 if r.is_ok() {
                     let next = base.borrow_and_update().clone();
@@ -429,12 +357,13 @@ async fn session(
                         return Ok(Next::Base(next));
                     }
                 }
+                None
             }
-            _ = tick.tick() => {}
+            _ = tick.tick() => Some(Event::Tick),
             _ = data_check.tick() => {
                 match fingerprint_of(&cfg.labelled, &cfg.state).await {
-                    Ok(now) if now != fingerprint => {
-                        if changed_seen.as_deref() == Some(now.as_str()) {
+                    Ok(now) if now != s.prepared.fingerprint => {
+                        if changed_seen.as_deref() == Some(now.as_str()) && training.is_none() {
                             return Ok(Next::Data);
                         }
                         changed_seen = Some(now);
@@ -442,275 +371,426 @@ async fn session(
                     Ok(_) => changed_seen = None,
                     Err(e) => tracing::debug!(error = %e, "cannot fingerprint the labelled data"),
                 }
+                None
+            }
+            r = training_done(&mut training) => {
+                let t = training.take().expect("a reply comes only while training");
+                let round = t.order.plan.round;
+                let trained = r.map_err(|_| ParticipantError::TrainerStopped)?;
+                s.finish_round(t, trained);
+                Some(Event::Trained { round })
             }
             m = inbox.recv() => {
                 let Some(Message { topic, payload, .. }) = m else { break };
                 if topic.starts_with(&style_prefix) {
-                    let own_topic = topic == topics.style(&cfg.device);
-                    if cfg.style.is_none() {
-                        // Codes are off: only withdraw a code this device left on the broker.
-                        if own_topic && !payload.is_empty() {
-                            pending_code = Some(PendingCode::Withdraw);
-                        }
-                        continue;
-                    }
-                    match carried.book.receive(&topic, &payload) {
-                        Ok(Received::Stored { device }) => {
-                            tracing::info!(%device, "style code received");
-                            show_styles(&board, &carried.book, &model_version, true);
-                        }
-                        Ok(Received::Removed { device }) => {
-                            tracing::info!(%device, "style code withdrawn");
-                            show_styles(&board, &carried.book, &model_version, true);
-                        }
-                        // The broker still holds a code of ours that we no longer stand by.
-                        Ok(Received::Own { empty: false }) if own_code.is_none() => {
-                            pending_code = Some(PendingCode::Withdraw);
-                        }
-                        Ok(Received::Own { .. }) => {}
-                        Err(e) => {
-                            tracing::warn!(%topic, reason = %e, "style message dropped");
-                            show_styles(&board, &carried.book, &model_version, true);
-                        }
-                    }
+                    s.on_style_message(&topic, &payload, carried);
+                    None
                 } else if topic == topics.round() {
                     match Envelope::from_bytes(&payload, protocol::MAX_PACKET_BYTES)
-                        .and_then(|e| check_env(e, &cfg.fleet, &model_version))
+                        .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                         .and_then(|e| e.body::<RoundAnnouncement>(Kind::RoundAnnouncement))
                     {
-                        Ok(a) => {
-                            if a.closed {
-                                let dropped = outbox.drop_where(|e| e.round <= a.round).unwrap_or_else(|e| {
-                                    tracing::error!(error = %e, "cannot drop closed rounds from the outbox");
-                                    Vec::new()
-                                });
-                                for d in dropped {
-                                    tracing::warn!(round = d.round, "round closed before the update was delivered; dropping it");
-                                }
-                            }
-                            carried.announced = Some(a);
+                        Ok(a) => Some(Event::Announced(a)),
+                        Err(e) => {
+                            tracing::warn!(%topic, error = %e, "ignoring a round announcement");
+                            None
                         }
-                        Err(e) => tracing::warn!(%topic, error = %e, "ignoring a round announcement"),
                     }
                 } else if topics.device_of("global", &topic).is_some() {
                     match reassembler.push("global", &payload) {
                         Ok(Some(whole)) => match Envelope::from_bytes(&whole, usize::MAX)
-                            .and_then(|e| check_env(e, &cfg.fleet, &model_version))
+                            .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                             .and_then(|e| e.body::<GlobalDecoder>(Kind::GlobalDecoder))
                             .and_then(|g| Ok((g.version, g.decoder(decoder_len)?)))
                         {
-                            Ok((version, values)) => {
-                                if carried.global.as_ref().is_none_or(|(v, _)| version > *v) {
-                                    if version > 0 {
-                                        swap_in(&proto, &layout, &values, version, model).await;
-                                    }
-                                    board.update(|st| st.global_version = version);
-                                    carried.global = Some((version, values));
-                                }
-                            }
-                            Err(e) => tracing::warn!(error = %e, "ignoring a global decoder"),
-                        },
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(%topic, error = %e, "ignoring a global decoder frame"),
-                    }
-                }
-            }
-        }
-
-        // A round to train?
-        if let (Some(a), Some((gv, g))) = (&carried.announced, &carried.global)
-            && !a.closed
-            && a.round > pstate.last_trained_round
-            && a.global_version == *gv
-            && now_unix() < a.deadline_unix
-        {
-            if protocol::sha256_hex(&protocol::f32_bytes(g)) != a.global_digest {
-                tracing::warn!(
-                    round = a.round,
-                    "global decoder digest differs from the announcement; waiting"
-                );
-            } else if fingerprint_of(&cfg.labelled, &cfg.state)
-                .await
-                .is_ok_and(|now| now != fingerprint)
-            {
-                // Train on the data as they are now (and publish their style code).
-                return Ok(Next::Data);
-            } else {
-                let styles = match &cfg.style {
-                    Some(s) if styles_given != Some(carried.book.generation()) => {
-                        styles_given = Some(carried.book.generation());
-                        let codes = carried.book.codes_for(&model_version);
-                        tracing::info!(
-                            devices = ?carried.book.devices_for(&model_version),
-                            "style codes for local training"
-                        );
-                        Some((codes, s.restyle))
-                    }
-                    _ => None,
-                };
-                let plan = RoundPlan {
-                    round: a.round,
-                    epochs: a.local_epochs,
-                    steps_per_epoch: a.steps_per_epoch,
-                    learning_rate: a.learning_rate,
-                    prox_mu: a.prox_mu,
-                };
-                tracing::info!(round = a.round, global_version = gv, "training locally");
-                let (tx, rx) = oneshot::channel();
-                let _ = job_tx.send(Job {
-                    global: g.clone(),
-                    plan,
-                    styles,
-                    reply: tx,
-                });
-                let trained = rx.await.map_err(|_| setup("the training thread stopped"))?;
-                if trained.is_err() {
-                    // The trainer may not hold the codes: give them again next round.
-                    styles_given = None;
-                }
-                pstate.last_trained_round = a.round;
-                save_state(&state_path, &pstate);
-                let last_error = match trained.and_then(|t| {
-                    make_update(
-                        cfg,
-                        &layout,
-                        &a.compression,
-                        &mut residual,
-                        g,
-                        *gv,
-                        &t,
-                        samples,
-                        &header(a.round),
-                    )
-                }) {
-                    Ok(bytes) => {
-                        if let Err(e) = residual.save(&residual_path) {
-                            tracing::warn!(error = %e, "cannot save the error-feedback residual");
-                        }
-                        let item = OutboxItem {
-                            topic: topics.update(&cfg.device),
-                            round: a.round,
-                            model_version: model_version.clone(),
-                            payload: bytes,
-                        };
-                        match outbox.push(item) {
-                            Ok(evicted) => {
-                                for e in evicted {
-                                    tracing::warn!(
-                                        round = e.round,
-                                        "outbox full: dropped the oldest update"
-                                    );
-                                }
-                            }
+                            Ok((version, values)) => Some(Event::Global { version, values }),
                             Err(e) => {
-                                tracing::error!(error = %e, "cannot store the update in the outbox")
+                                tracing::warn!(error = %e, "ignoring a global decoder");
+                                None
                             }
+                        },
+                        Ok(None) => None,
+                        Err(e) => {
+                            tracing::warn!(%topic, error = %e, "ignoring a global decoder frame");
+                            None
                         }
-                        None
                     }
-                    Err(e) => {
-                        tracing::error!(round = a.round, error = %e, "round failed locally");
-                        Some(e)
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(event) = event {
+            for action in carried.rounds.handle(event, now_unix()) {
+                match action {
+                    Action::DropUpdatesUpTo(round) => s.drop_closed(round),
+                    Action::Install { version, swap } => {
+                        if swap && let Some((_, values)) = carried.rounds.global() {
+                            swap_in(
+                                &s.prepared.proto,
+                                &s.prepared.layout,
+                                values,
+                                version,
+                                model,
+                            )
+                            .await;
+                        }
+                        device.status.update(|st| st.global_version = version);
                     }
-                };
-                let (lr, le, q) = (pstate.last_trained_round, last_error, outbox.len() as u64);
-                board.update(|st| {
-                    st.last_round = Some(lr);
-                    // Only a failure is reported: a good round must not erase a fleet refusal.
-                    if le.is_some() {
-                        st.last_error = le;
+                    Action::DigestMismatch { round, version } => tracing::warn!(
+                        round,
+                        version,
+                        "global decoder digest differs from the announcement; waiting"
+                    ),
+                    Action::Train(order) => {
+                        // Train on the data as they are now (and publish their style code).
+                        if fingerprint_of(&cfg.labelled, &cfg.state)
+                            .await
+                            .is_ok_and(|now| now != s.prepared.fingerprint)
+                        {
+                            return Ok(Next::Data);
+                        }
+                        let global = carried
+                            .rounds
+                            .global()
+                            .map(|(_, g)| g.to_vec())
+                            .unwrap_or_default();
+                        tracing::info!(
+                            round = order.plan.round,
+                            global_version = order.global_version,
+                            "training locally"
+                        );
+                        let styles = s.styles_for(carried);
+                        let reply = s
+                            .prepared
+                            .trainer
+                            .submit(global.clone(), order.plan, styles);
+                        training = Some(InTraining {
+                            order,
+                            global,
+                            reply,
+                        });
                     }
-                    st.queue_depth = q;
-                });
+                }
             }
         }
+        s.publish_code(carried).await;
+        s.flush_outbox(carried.rounds.open_round()).await;
+    }
+    Ok(Next::Stop)
+}
 
-        // This lab's style code, retained (or its withdrawal: an empty retained message).
-        if link.is_connected()
-            && let Some(p) = pending_code.take()
-        {
-            let (bytes, key) = match &p {
-                PendingCode::Code { key, bytes } => (bytes.clone(), Some(key.clone())),
-                PendingCode::Withdraw => (Vec::new(), None),
+impl<'a> Session<'a> {
+    /// Loads what the session needs (on a blocking thread: base model, labelled data, feature cache),
+    /// starts the training thread, restores the participant's state, the outbox and the residual.
+    async fn open(
+        cfg: &'a FederationSection,
+        model: &AgentModel,
+        device: &'a DeviceLink,
+        carried: &mut Carried,
+    ) -> Result<Self, ParticipantError> {
+        if !protocol::valid_level(&cfg.device) {
+            return Err(ParticipantError::DeviceId(cfg.device.clone()));
+        }
+        std::fs::create_dir_all(&cfg.state).map_err(|source| ParticipantError::Io {
+            path: cfg.state.clone(),
+            source,
+        })?;
+        let (c2, m2) = (cfg.clone(), model.clone());
+        let prepared = tokio::task::spawn_blocking(move || prepare(&c2, &m2)).await??;
+        let state_path = cfg.state.join("participant.json");
+        let mut pstate: ParticipantState = std::fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let new_base = pstate.model_version != prepared.model_version;
+        if new_base {
+            // A new base model: rounds of the old one mean nothing.
+            pstate = ParticipantState {
+                model_version: prepared.model_version.clone(),
+                last_trained_round: 0,
             };
-            match link.publish(&topics.style(&cfg.device), bytes, true).await {
-                Ok(()) => {
-                    match (&own_code, &key) {
-                        (Some((_, code)), Some(_)) => tracing::info!(
-                            kind = %code.kind,
-                            images = code.images,
-                            noise_sigma = code.noise_sigma,
-                            "style code published"
-                        ),
-                        _ => tracing::info!("style code withdrawn from the broker"),
+        }
+        carried.rounds.start_session(pstate.last_trained_round);
+        let outbox = Outbox::open(
+            &cfg.state.join("outbox"),
+            cfg.outbox_max_items,
+            cfg.outbox_max_bytes,
+        )?;
+        let residual_path = cfg.state.join("residual.bin");
+        let len = prepared.layout.iter().map(|t| t.len).sum();
+        let residual = if new_base {
+            // Error feedback of another decoder (maybe another class count) is meaningless here.
+            Residual::new(len)
+        } else {
+            Residual::load(&residual_path, len)?
+        };
+        device.status.update(|st| {
+            st.model_version = prepared.model_version.clone();
+            st.last_round = (pstate.last_trained_round > 0).then_some(pstate.last_trained_round);
+            st.queue_depth = outbox.len() as u64;
+        });
+        // This lab's code: publish it unless this process already did; withdraw one published
+        // before when there is none now (too few images, codes turned off).
+        let pending_code = match &prepared.own_code {
+            Some((key, code)) if carried.published.as_ref() != Some(key) => {
+                Some(PendingCode::Code {
+                    key: key.clone(),
+                    bytes: crate::federated::edge::style::seal_code(
+                        &cfg.fleet,
+                        pstate.last_trained_round,
+                        code,
+                    )?,
+                })
+            }
+            Some(_) => None,
+            None => carried.published.is_some().then_some(PendingCode::Withdraw),
+        };
+        show_styles(
+            &device.status,
+            &carried.book,
+            &prepared.model_version,
+            cfg.style.is_some(),
+        );
+        Ok(Self {
+            cfg,
+            device,
+            prepared,
+            state_path,
+            pstate,
+            outbox,
+            residual_path,
+            residual,
+            pending_code,
+            styles_given: None,
+        })
+    }
+
+    /// Other labs' codes for the trainer, when they changed since it last got them.
+    fn styles_for(&mut self, carried: &Carried) -> Option<(Vec<StyleCode>, RestyleConfig)> {
+        let s = self.cfg.style.as_ref()?;
+        if self.styles_given == Some(carried.book.generation()) {
+            return None;
+        }
+        self.styles_given = Some(carried.book.generation());
+        let version = &self.prepared.model_version;
+        tracing::info!(
+            devices = ?carried.book.devices_for(version),
+            "style codes for local training"
+        );
+        Some((carried.book.codes_for(version), s.restyle))
+    }
+
+    /// A style message: a code stored or withdrawn, ours, or refused.
+    fn on_style_message(&mut self, topic: &str, payload: &[u8], carried: &mut Carried) {
+        let topics = &self.device.topics;
+        let version = &self.prepared.model_version;
+        if self.cfg.style.is_none() {
+            // Codes are off: only withdraw a code this device left on the broker.
+            if topic == topics.style(&self.cfg.device) && !payload.is_empty() {
+                self.pending_code = Some(PendingCode::Withdraw);
+            }
+            return;
+        }
+        match carried.book.receive(topic, payload) {
+            Ok(Received::Stored { device }) => {
+                tracing::info!(%device, "style code received");
+                show_styles(&self.device.status, &carried.book, version, true);
+            }
+            Ok(Received::Removed { device }) => {
+                tracing::info!(%device, "style code withdrawn");
+                show_styles(&self.device.status, &carried.book, version, true);
+            }
+            // The broker still holds a code of ours that we no longer stand by.
+            Ok(Received::Own { empty: false }) if self.prepared.own_code.is_none() => {
+                self.pending_code = Some(PendingCode::Withdraw);
+            }
+            Ok(Received::Own { .. }) => {}
+            Err(e) => {
+                tracing::warn!(%topic, reason = %e, "style message dropped");
+                show_styles(&self.device.status, &carried.book, version, true);
+            }
+        }
+    }
+
+    /// Updates of closed rounds can no longer count.
+    fn drop_closed(&mut self, round: u64) {
+        let dropped = self
+            .outbox
+            .drop_where(|e| e.round <= round)
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot drop closed rounds from the outbox");
+                Vec::new()
+            });
+        for d in dropped {
+            tracing::warn!(
+                round = d.round,
+                "round closed before the update was delivered; dropping it"
+            );
+        }
+    }
+
+    /// The training thread answered: make the update (checked, compressed) and queue it, persist
+    /// the round as trained, and report on the status board.
+    fn finish_round(&mut self, t: InTraining, trained: Result<Trained, LocalError>) {
+        let round = t.order.plan.round;
+        if trained.is_err() {
+            // The trainer may not hold the codes: give them again next round.
+            self.styles_given = None;
+        }
+        self.pstate.last_trained_round = round;
+        save_state(&self.state_path, &self.pstate);
+        let header = Header {
+            fleet: &self.cfg.fleet,
+            round,
+            model_version: &self.prepared.model_version,
+            sender: &self.cfg.device,
+        };
+        let made = trained.map_err(RoundError::from).and_then(|tr| {
+            make_update(
+                self.cfg,
+                &self.prepared.layout,
+                &t.order.compression,
+                &mut self.residual,
+                &t.global,
+                t.order.global_version,
+                &tr,
+                self.prepared.samples,
+                &header,
+            )
+        });
+        let last_error = match made {
+            Ok(bytes) => {
+                if let Err(e) = self.residual.save(&self.residual_path) {
+                    tracing::warn!(error = %e, "cannot save the error-feedback residual");
+                }
+                let item = OutboxItem {
+                    topic: self.device.topics.update(&self.cfg.device),
+                    round,
+                    model_version: self.prepared.model_version.clone(),
+                    payload: bytes,
+                };
+                match self.outbox.push(item) {
+                    Ok(evicted) => {
+                        for e in evicted {
+                            tracing::warn!(
+                                round = e.round,
+                                "outbox full: dropped the oldest update"
+                            );
+                        }
                     }
-                    carried.published = key;
+                    Err(e) => tracing::error!(error = %e, "cannot store the update in the outbox"),
+                }
+                None
+            }
+            Err(e) => {
+                tracing::error!(round, error = %e, "round failed locally");
+                Some(e.to_string())
+            }
+        };
+        let q = self.outbox.len() as u64;
+        self.device.status.update(|st| {
+            st.last_round = Some(round);
+            // Only a failure is reported: a good round must not erase a fleet refusal.
+            if last_error.is_some() {
+                st.last_error = last_error;
+            }
+            st.queue_depth = q;
+        });
+    }
+
+    /// This lab's style code, retained (or its withdrawal: an empty retained message), once the
+    /// link is up.
+    async fn publish_code(&mut self, carried: &mut Carried) {
+        let link = &self.device.link;
+        if !link.is_connected() {
+            return;
+        }
+        let Some(p) = self.pending_code.take() else {
+            return;
+        };
+        let (bytes, key) = match &p {
+            PendingCode::Code { key, bytes } => (bytes.clone(), Some(key.clone())),
+            PendingCode::Withdraw => (Vec::new(), None),
+        };
+        match link
+            .publish(&self.device.topics.style(&self.cfg.device), bytes, true)
+            .await
+        {
+            Ok(()) => {
+                match (&self.prepared.own_code, &key) {
+                    (Some((_, code)), Some(_)) => tracing::info!(
+                        kind = %code.kind,
+                        images = code.images,
+                        noise_sigma = code.noise_sigma,
+                        "style code published"
+                    ),
+                    _ => tracing::info!("style code withdrawn from the broker"),
+                }
+                carried.published = key;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "style code not published yet; will retry");
+                self.pending_code = Some(p);
+            }
+        }
+    }
+
+    /// Sends what waits, oldest first, while the round it belongs to is open.
+    async fn flush_outbox(&mut self, open_round: Option<u64>) {
+        let link = &self.device.link;
+        if !link.is_connected() || self.outbox.is_empty() {
+            return;
+        }
+        let version = &self.prepared.model_version;
+        let stale = self
+            .outbox
+            .drop_where(|e| &e.model_version != version || open_round.is_some_and(|r| e.round < r))
+            .unwrap_or_else(|e| {
+                tracing::error!(error = %e, "cannot drop stale updates from the outbox");
+                Vec::new()
+            });
+        for e in stale {
+            tracing::warn!(
+                round = e.round,
+                "update for a closed round or an old model: dropped, not sent late"
+            );
+        }
+        let pending: Vec<_> = self.outbox.pending().to_vec();
+        for entry in pending {
+            let item = match self.outbox.load(entry.id) {
+                Ok(i) => i,
+                Err(e) => {
+                    tracing::error!(error = %e, "unreadable outbox entry: dropping it");
+                    self.outbox.remove(entry.id).ok();
+                    continue;
+                }
+            };
+            let frames = match protocol::split(&item.payload, CHUNK_BYTES) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot frame an update");
+                    continue;
+                }
+            };
+            let n = item.payload.len();
+            match link
+                .publish_frames(|_| item.topic.clone(), frames, false)
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(round = item.round, bytes = n, "update delivered");
+                    self.outbox.remove(entry.id).ok();
+                    let q = self.outbox.len() as u64;
+                    self.device.status.update(|st| st.queue_depth = q);
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "style code not published yet; will retry");
-                    pending_code = Some(p);
-                }
-            }
-        }
-
-        // Send what waits, oldest first, while the round it belongs to is open.
-        if link.is_connected() && !outbox.is_empty() {
-            let open_round = carried
-                .announced
-                .as_ref()
-                .filter(|a| !a.closed)
-                .map(|a| a.round);
-            let stale = outbox
-                .drop_where(|e| {
-                    e.model_version != model_version || open_round.is_some_and(|r| e.round < r)
-                })
-                .unwrap_or_else(|e| {
-                    tracing::error!(error = %e, "cannot drop stale updates from the outbox");
-                    Vec::new()
-                });
-            for e in stale {
-                tracing::warn!(
-                    round = e.round,
-                    "update for a closed round or an old model: dropped, not sent late"
-                );
-            }
-            let pending: Vec<_> = outbox.pending().to_vec();
-            for entry in pending {
-                let item = match outbox.load(entry.id) {
-                    Ok(i) => i,
-                    Err(e) => {
-                        tracing::error!(error = %e, "unreadable outbox entry: dropping it");
-                        outbox.remove(entry.id).ok();
-                        continue;
-                    }
-                };
-                let frames = match protocol::split(&item.payload, CHUNK_BYTES) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot frame an update");
-                        continue;
-                    }
-                };
-                let n = item.payload.len();
-                match link
-                    .publish_frames(|_| item.topic.clone(), frames, false)
-                    .await
-                {
-                    Ok(()) => {
-                        tracing::info!(round = item.round, bytes = n, "update delivered");
-                        outbox.remove(entry.id).ok();
-                        let q = outbox.len() as u64;
-                        board.update(|st| st.queue_depth = q);
-                    }
-                    Err(e) => {
-                        tracing::warn!(round = item.round, error = %e, "update not delivered; kept in the outbox");
-                        break;
-                    }
+                    tracing::warn!(round = item.round, error = %e, "update not delivered; kept in the outbox");
+                    break;
                 }
             }
         }
     }
-    Ok(Next::Stop)
 }
 
 /// This lab's style code waiting for the link.
@@ -875,10 +955,10 @@ fn make_update(
     t: &Trained,
     samples: u64,
     header: &Header<'_>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, RoundError> {
     let update: Vec<f32> = t.local.iter().zip(global).map(|(l, g)| l - g).collect();
     if update.iter().any(|v| !v.is_finite()) {
-        return Err("the local update is not finite; not sent".into());
+        return Err(RoundError::NotFinite);
     }
     let norm = update
         .iter()
@@ -886,18 +966,17 @@ fn make_update(
         .sum::<f64>()
         .sqrt() as f32;
     if norm > cfg.max_update_norm {
-        return Err(format!(
-            "the local update's norm {norm:.3e} is above max_update_norm {}; not sent",
-            cfg.max_update_norm
-        ));
+        return Err(RoundError::Norm {
+            norm,
+            max: cfg.max_update_norm,
+        });
     }
     let compressed = compress::compress(
         &update,
         layout,
         compression,
         compression.error_feedback.then_some(residual),
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     tracing::info!(
         round = header.round,
         loss = t.loss,
@@ -923,9 +1002,7 @@ fn make_update(
         compressed,
         norm,
     };
-    Envelope::seal(Kind::Update, header, &body)
-        .and_then(|e| e.to_bytes())
-        .map_err(|e| e.to_string())
+    Ok(Envelope::seal(Kind::Update, header, &body).and_then(|e| e.to_bytes())?)
 }
 
 /// Patches the new global decoder into the base model and swaps it into the pipeline.
@@ -975,7 +1052,7 @@ async fn swap_in(
 }
 
 struct Prepared {
-    trainer: AnyTrainer,
+    trainer: TrainingThread,
     proto: Arc<tract_onnx::pb::ModelProto>,
     model_version: String,
     layout: Vec<TensorSpan>,
@@ -986,13 +1063,18 @@ struct Prepared {
     own_code: Option<(String, StyleCode)>,
 }
 
+/// Loads the base model and the labelled data, builds the feature cache and this lab's style code,
+/// and starts the training thread. Blocking.
 fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, ParticipantError> {
-    let model_version = crate::model::manifest::sha256_file(&model.path).map_err(setup)?;
+    let model_version = crate::model::manifest::sha256_file(&model.path)?;
     // Taken before reading: a change while loading shows at the next check.
-    let fingerprint = labelled_fingerprint(&cfg.labelled, &cfg.state)
-        .map_err(|e| setup(format!("{}: {e}", cfg.labelled.display())))?;
-    let proto = onnx::load(&model.path).map_err(setup)?;
-    let params = onnx::load_params(&proto, &model.path).map_err(setup)?;
+    let fingerprint =
+        labelled_fingerprint(&cfg.labelled, &cfg.state).map_err(|source| ParticipantError::Io {
+            path: cfg.labelled.clone(),
+            source,
+        })?;
+    let proto = onnx::load(&model.path)?;
+    let params = onnx::load_params(&proto, &model.path)?;
     let layout = compress::decoder_layout(params.classes);
     let set = TrainingSet::load(
         std::slice::from_ref(&cfg.labelled),
@@ -1001,26 +1083,23 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         &model.normalisation,
         cfg.holdout_fraction,
         cfg.seed,
-    )
-    .map_err(setup)?;
+    )?;
     if set.classes.len() != params.classes {
-        return Err(setup(format!(
-            "{}: {} classes, the model {} predicts {}",
-            cfg.labelled.display(),
-            set.classes.len(),
-            model.path.display(),
-            params.classes
-        )));
+        return Err(ParticipantError::ClassCount {
+            labelled: cfg.labelled.clone(),
+            classes: set.classes.len(),
+            model: model.path.clone(),
+            predicts: params.classes,
+        });
     }
-    let segmenter = Segmenter::load(&model.path).map_err(setup)?;
+    let segmenter = Segmenter::load(&model.path)?;
     let t0 = std::time::Instant::now();
     let cache = FeatureCache::build(
         &segmenter,
         &set,
         &cfg.state.join("features"),
         &model_version,
-    )
-    .map_err(setup)?;
+    )?;
     tracing::info!(
         train = cache.train.len(),
         holdout = cache.holdout.len(),
@@ -1033,32 +1112,16 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         let key = style_key(&model_version, &fingerprint, style);
         own_style_code(cfg, style, &cache, key)
     });
-    let device = Device::parse(&cfg.device_kind).map_err(setup)?;
-    let trainer = match device {
-        Device::Cpu => AnyTrainer::Cpu(
-            LocalTrainer::new(
-                Arc::new(CpuBackend::new()),
-                &params,
-                cache,
-                cfg.batch,
-                cfg.crop,
-                cfg.seed,
-            )
-            .map_err(setup)?,
-        ),
-        Device::Cuda(n) => AnyTrainer::Cuda(
-            LocalTrainer::new(
-                Arc::new(CudaBackend::new(n).map_err(setup)?),
-                &params,
-                cache,
-                cfg.batch,
-                cfg.crop,
-                cfg.seed,
-            )
-            .map_err(setup)?,
-        ),
-    };
-    let _ = trainer.samples();
+    let trainer = TrainingThread::start(
+        &cfg.device_kind,
+        TrainerSetup {
+            params: &params,
+            cache,
+            batch: cfg.batch,
+            crop: cfg.crop,
+            seed: cfg.seed,
+        },
+    )?;
     Ok(Prepared {
         trainer,
         proto: Arc::new(proto),

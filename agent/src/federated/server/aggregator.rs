@@ -659,6 +659,21 @@ impl Aggregator {
         Ok(())
     }
 
+    /// At start (or restart): waits for the broker, then publishes the current global (version 0 =
+    /// the base model's decoder) and the open round's announcement, if a round is open.
+    pub(super) async fn publish_current(
+        &mut self,
+        link: &Link,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), AggregatorError> {
+        link.wait_connected(Duration::from_secs(30)).await?;
+        retry(|| self.publish_global(link), stop).await?;
+        if self.state.open {
+            retry(|| self.publish_announcement(link), stop).await?;
+        }
+        Ok(())
+    }
+
     /// Runs rounds on `link` until the configured number is done or `stop` turns true. Publishing
     /// retries while the broker is away; updates keep arriving through `inbox`.
     pub async fn run(
@@ -667,12 +682,7 @@ impl Aggregator {
         mut inbox: tokio::sync::mpsc::Receiver<Message>,
         mut stop: watch::Receiver<bool>,
     ) -> Result<RoundState, AggregatorError> {
-        link.wait_connected(Duration::from_secs(30)).await?;
-        // The current global (version 0 = the base model's decoder), then the open round if any.
-        retry(|| self.publish_global(link), &mut stop).await?;
-        if self.state.open {
-            retry(|| self.publish_announcement(link), &mut stop).await?;
-        }
+        self.publish_current(link, &mut stop).await?;
         loop {
             if *stop.borrow() {
                 break;

@@ -340,11 +340,7 @@ pub async fn run_coordinator(
     let close_topic = agg.topics.partial(&agg.cfg.id);
     let mut progress: BTreeMap<String, WorkerTally> = BTreeMap::new();
     let mut collecting: Option<Collecting> = None;
-    link.wait_connected(Duration::from_secs(30)).await?;
-    retry(|| agg.publish_global(link), &mut stop).await?;
-    if agg.state.open {
-        retry(|| agg.publish_announcement(link), &mut stop).await?;
-    }
+    agg.publish_current(link, &mut stop).await?;
     loop {
         if *stop.borrow() {
             break;

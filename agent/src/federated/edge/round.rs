@@ -1,0 +1,291 @@
+//! The participant's round logic as a pure state machine: what the aggregator said (announcements,
+//! global decoders), what the training thread finished, and the clock go in as [`Event`]s; what to
+//! do comes out as [`Action`]s. No I/O, no time source of its own: the participant's loop
+//! (`participant.rs`) owns the connection, the training thread, the outbox and the disk, and feeds
+//! this machine. Tested on its own below.
+//!
+//! A round is trained once, when all of these hold: its announcement is open, it is newer than the
+//! last round this device trained, the global decoder it starts from has arrived (same version and
+//! digest as announced), its deadline has not passed, and nothing is training now.
+
+use crate::federated::edge::local::RoundPlan;
+use crate::wire::protocol::{self, CompressionConfig, RoundAnnouncement};
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A round announcement (open or closed), already checked (fleet, base model).
+    Announced(RoundAnnouncement),
+    /// A global decoder, reassembled and checked (length).
+    Global { version: u64, values: Vec<f32> },
+    /// The training thread finished `round` (its update is handled, or it failed).
+    Trained { round: u64 },
+    /// Time passed (deadlines).
+    Tick,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Updates of rounds up to this one can no longer count: drop them from the outbox.
+    DropUpdatesUpTo(u64),
+    /// A newer global decoder: show its version and, unless it is the base model's own (version
+    /// 0), swap it into the running model.
+    Install { version: u64, swap: bool },
+    /// Train this round from the current global decoder ([`Rounds::global`]).
+    Train(TrainOrder),
+    /// The global decoder's digest differs from the announcement's: wait for the right one.
+    DigestMismatch { round: u64, version: u64 },
+}
+
+/// A round to train now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOrder {
+    pub plan: RoundPlan,
+    pub global_version: u64,
+    pub compression: CompressionConfig,
+}
+
+/// The participant's view of the rounds. Announcements and the global decoder outlive a session
+/// (retained messages arrive once per subscription); [`Rounds::new_base_model`] forgets them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rounds {
+    announced: Option<RoundAnnouncement>,
+    global: Option<(u64, Vec<f32>)>,
+    /// Last round trained (persisted by the loop in `participant.json`).
+    last_trained: u64,
+    /// The round being trained now.
+    training: Option<u64>,
+    /// (round, version) whose digest mismatch was reported already.
+    mismatch_reported: Option<(u64, u64)>,
+}
+
+impl Rounds {
+    /// A session's start: the last round trained on this base model (from disk), nothing training.
+    pub fn start_session(&mut self, last_trained: u64) {
+        self.last_trained = last_trained;
+        self.training = None;
+        self.mismatch_reported = None;
+    }
+
+    /// A new base model: its rounds and decoders mean nothing on the old one, and vice versa.
+    pub fn new_base_model(&mut self) {
+        *self = Self::default();
+    }
+
+    /// The current global decoder (version, values).
+    pub fn global(&self) -> Option<(u64, &[f32])> {
+        self.global.as_ref().map(|(v, g)| (*v, g.as_slice()))
+    }
+
+    /// The open round, if any (updates of older rounds are stale).
+    pub fn open_round(&self) -> Option<u64> {
+        self.announced
+            .as_ref()
+            .filter(|a| !a.closed)
+            .map(|a| a.round)
+    }
+
+    pub fn last_trained(&self) -> u64 {
+        self.last_trained
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.is_some()
+    }
+
+    /// Takes one event at `now_unix` (seconds) and returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now_unix: f64) -> Vec<Action> {
+        let mut actions = Vec::new();
+        match event {
+            Event::Announced(a) => {
+                if a.closed {
+                    actions.push(Action::DropUpdatesUpTo(a.round));
+                }
+                self.announced = Some(a);
+            }
+            Event::Global { version, values } => {
+                if self.global.as_ref().is_none_or(|(v, _)| version > *v) {
+                    actions.push(Action::Install {
+                        version,
+                        swap: version > 0,
+                    });
+                    self.global = Some((version, values));
+                }
+            }
+            Event::Trained { round } => {
+                if self.training == Some(round) {
+                    self.training = None;
+                }
+                self.last_trained = self.last_trained.max(round);
+            }
+            Event::Tick => {}
+        }
+        actions.extend(self.next_round(now_unix));
+        actions
+    }
+
+    /// The round to train now, if any.
+    fn next_round(&mut self, now_unix: f64) -> Option<Action> {
+        let (a, (gv, g)) = (self.announced.as_ref()?, self.global.as_ref()?);
+        if self.training.is_some()
+            || a.closed
+            || a.round <= self.last_trained
+            || a.global_version != *gv
+            || now_unix >= a.deadline_unix
+        {
+            return None;
+        }
+        if protocol::sha256_hex(&protocol::f32_bytes(g)) != a.global_digest {
+            let key = (a.round, *gv);
+            if self.mismatch_reported == Some(key) {
+                return None;
+            }
+            self.mismatch_reported = Some(key);
+            return Some(Action::DigestMismatch {
+                round: a.round,
+                version: *gv,
+            });
+        }
+        self.training = Some(a.round);
+        Some(Action::Train(TrainOrder {
+            plan: RoundPlan {
+                round: a.round,
+                epochs: a.local_epochs,
+                steps_per_epoch: a.steps_per_epoch,
+                learning_rate: a.learning_rate,
+                prox_mu: a.prox_mu,
+            },
+            global_version: *gv,
+            compression: a.compression.clone(),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn announce(round: u64, version: u64, global: &[f32], deadline: f64) -> RoundAnnouncement {
+        RoundAnnouncement {
+            round,
+            global_version: version,
+            global_digest: protocol::sha256_hex(&protocol::f32_bytes(global)),
+            deadline_unix: deadline,
+            local_epochs: 1,
+            steps_per_epoch: 4,
+            learning_rate: 0.01,
+            prox_mu: 0.0,
+            compression: CompressionConfig::default(),
+            closed: false,
+        }
+    }
+
+    fn trains(actions: &[Action]) -> Option<u64> {
+        actions.iter().find_map(|a| match a {
+            Action::Train(o) => Some(o.plan.round),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_round_trains_once_its_announcement_and_global_are_both_there() {
+        let g = vec![1.0, 2.0];
+        let mut r = Rounds::default();
+        let a = r.handle(Event::Announced(announce(1, 0, &g, 100.0)), 0.0);
+        assert_eq!(trains(&a), None, "no global yet");
+        let a = r.handle(
+            Event::Global {
+                version: 0,
+                values: g.clone(),
+            },
+            0.0,
+        );
+        assert_eq!(
+            a[0],
+            Action::Install {
+                version: 0,
+                swap: false
+            }
+        );
+        assert_eq!(trains(&a), Some(1));
+        assert!(r.is_training());
+        // Nothing else starts while it trains, and the same round is never trained twice.
+        assert_eq!(trains(&r.handle(Event::Tick, 1.0)), None);
+        assert_eq!(trains(&r.handle(Event::Trained { round: 1 }, 2.0)), None);
+        assert_eq!(r.last_trained(), 1);
+        assert!(!r.is_training());
+    }
+
+    #[test]
+    fn late_closed_old_or_mismatched_rounds_do_not_train() {
+        let g = vec![1.0, 2.0];
+        let global = |v| Event::Global {
+            version: v,
+            values: vec![1.0, 2.0],
+        };
+        // Past the deadline.
+        let mut r = Rounds::default();
+        r.handle(global(0), 0.0);
+        assert_eq!(
+            trains(&r.handle(Event::Announced(announce(1, 0, &g, 10.0)), 10.0)),
+            None
+        );
+        // Closed: stale updates are dropped, nothing trains.
+        let mut closed = announce(2, 0, &g, 100.0);
+        closed.closed = true;
+        let a = r.handle(Event::Announced(closed), 0.0);
+        assert_eq!(a, vec![Action::DropUpdatesUpTo(2)]);
+        // Already trained (a restart keeps the last round).
+        let mut r = Rounds::default();
+        r.start_session(3);
+        r.handle(global(0), 0.0);
+        assert_eq!(
+            trains(&r.handle(Event::Announced(announce(3, 0, &g, 100.0)), 0.0)),
+            None
+        );
+        // Another global version than announced: wait for it.
+        assert_eq!(
+            trains(&r.handle(Event::Announced(announce(4, 1, &g, 100.0)), 0.0)),
+            None
+        );
+        // Right version, wrong values: reported once, not trained.
+        let a = r.handle(
+            Event::Global {
+                version: 1,
+                values: vec![9.0, 9.0],
+            },
+            0.0,
+        );
+        assert!(a.contains(&Action::DigestMismatch {
+            round: 4,
+            version: 1
+        }));
+        assert!(
+            !r.handle(Event::Tick, 1.0)
+                .iter()
+                .any(|a| matches!(a, Action::DigestMismatch { .. }))
+        );
+    }
+
+    #[test]
+    fn older_globals_are_ignored_and_a_new_base_model_forgets_everything() {
+        let mut r = Rounds::default();
+        let g = |v, x| Event::Global {
+            version: v,
+            values: vec![x],
+        };
+        assert_eq!(
+            r.handle(g(2, 2.0), 0.0),
+            vec![Action::Install {
+                version: 2,
+                swap: true
+            }]
+        );
+        assert!(r.handle(g(1, 1.0), 0.0).is_empty());
+        assert_eq!(r.global(), Some((2, &[2.0f32][..])));
+        r.new_base_model();
+        assert_eq!(r.global(), None);
+        assert_eq!(r.open_round(), None);
+    }
+}
