@@ -266,10 +266,7 @@ impl Optim {
         }
     }
     fn state_buffers(&self) -> usize {
-        match self.kind {
-            OptimKind::Sgd { .. } => 1,
-            OptimKind::AdamW { .. } => 2,
-        }
+        self.at_step(1).state_buffers()
     }
     fn at_step(&self, step: u32) -> OptimStep {
         match self.kind {
