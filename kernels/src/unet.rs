@@ -1161,6 +1161,16 @@ impl<B: Backend> UNet<B> {
             .collect()
     }
 
+    /// Every convolution in parameter order, as (parameter-name prefix, geometry, input shape) for
+    /// an input batch of shape `xs`: what a per-layer benchmark times.
+    pub fn conv_layers(&self, xs: Shape) -> Vec<(String, Conv, Shape)> {
+        layer_specs(self.classes())
+            .into_iter()
+            .zip(self.layer_inputs(xs))
+            .map(|((name, conv), input)| (name, conv, input))
+            .collect()
+    }
+
     /// Floating-point operations of one inference pass (convolutions only).
     pub fn forward_flops(&self, xs: Shape) -> u64 {
         self.layer_inputs(xs)

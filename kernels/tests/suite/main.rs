@@ -1,67 +1,66 @@
-//! Every CPU op against the f64 reference and finite differences (the bodies live in
-//! `microfed_kernels::testing`, shared with the CUDA suite). Fresh random inputs each run; a failure
-//! prints its seed.
+//! The kernels' one test suite: every body is written once, generic over [`Backend`], and run on the
+//! CPU (`cpu::NAME`) and on CUDA (`cuda::NAME`, skipped with the reason printed where no GPU is
+//! usable). Fresh random inputs each run; a failure prints its seed (`MICROFED_SEED` replays it).
+//!
+//! Map of the suite:
+//! - `harness`: the [`backend_tests!`] macro, the two backends, tolerances and seeds.
+//! - `checks`: each op against an f64 reference and finite differences, the optimisers against
+//!   PyTorch's rules and their step contract, the whole U-Net's gradients and decoder-only mode.
+//! - `parity`: every op against the CPU oracle on shapes that hit each CUDA tile (the old
+//!   `gpu-check` parity suite).
+//! - `learn`: the whole U-Net learns a small synthetic segmentation task.
+//!
+//! On a GPU machine without Rust, run the prebuilt binary: `kernels/gpu-check.sh build` here, then
+//! `kernels/gpu-check.sh run` there (it runs this suite with `MICROFED_REQUIRE_CUDA=1`, then the
+//! benchmark).
 
-use microfed_kernels::cpu::CpuBackend;
-use microfed_kernels::testing::{self, fresh_seed};
+#[macro_use]
+mod harness;
+mod checks;
+mod learn;
+mod parity;
 
-/// f32 arithmetic against f64 references: sums of a few hundred terms stay far inside 1e-4.
-const TOL: f32 = 1e-4;
+use checks::*;
+use harness::seed;
 
-macro_rules! op_test {
-    ($name:ident) => {
-        #[test]
-        fn $name() {
-            let b = CpuBackend::new();
-            let check = testing::op_checks::<CpuBackend>()
-                .into_iter()
-                .chain(testing::tf32_checks::<CpuBackend>())
-                .find(|(n, _)| *n == stringify!($name))
-                .map(|(_, f)| f)
-                .expect("check is listed in testing::op_checks");
-            let seed = fresh_seed();
-            if let Err(e) = check(&b, TOL, seed) {
-                panic!("{}: {e}", stringify!($name));
-            }
-        }
-    };
-}
+backend_tests! {
+    fn conv_convention(b, tol) { check_conv_convention(&**b, tol.fp32, seed()) }
+    fn conv3_forward(b, tol) { check_conv3_forward(&**b, tol.fp32, seed()) }
+    fn conv1_forward(b, tol) { check_conv1_forward(&**b, tol.fp32, seed()) }
+    fn conv3_backward(b, tol) { check_conv3_backward(&**b, tol.fp32, seed()) }
+    fn conv1_backward(b, tol) { check_conv1_backward(&**b, tol.fp32, seed()) }
+    fn conv3_forward_tf32(b, tol) { check_conv3_forward_tf32(&**b, tol.tf32, seed()) }
+    fn conv1_forward_tf32(b, tol) { check_conv1_forward_tf32(&**b, tol.tf32, seed()) }
+    fn conv3_backward_tf32(b, tol) { check_conv3_backward_tf32(&**b, tol.tf32, seed()) }
+    fn conv1_backward_tf32(b, tol) { check_conv1_backward_tf32(&**b, tol.tf32, seed()) }
+    fn conv_batch_one(b, tol) { check_conv_batch_one(&**b, tol.fp32, seed()) }
+    fn conv_large(b, tol) { check_conv_large(&**b, tol.fp32, seed()) }
+    fn relu_backward(b, tol) { check_relu_backward(&**b, tol.fp32, seed()) }
+    fn maxpool(b, tol) { check_maxpool(&**b, tol.fp32, seed()) }
+    fn upsample_concat(b, tol) { check_upsample_concat(&**b, tol.fp32, seed()) }
+    fn cross_entropy(b, tol) { check_cross_entropy(&**b, tol.fp32, seed()) }
+    fn cross_entropy_weighted(b, tol) { check_cross_entropy_weighted(&**b, tol.fp32, seed()) }
+    fn soft_dice(b, tol) { check_soft_dice(&**b, tol.fp32, seed()) }
+    fn channel_affine(b, tol) { check_channel_affine(&**b, tol.fp32, seed()) }
+    fn channel_stats(b, tol) { check_channel_stats(&**b, tol.fp32, seed()) }
+    fn axpy(b, tol) { check_axpy(&**b, tol.fp32, seed()) }
+    fn sgd(b, tol) { check_sgd(&**b, tol.fp32, seed()) }
+    fn adamw(b, tol) { check_adamw(&**b, tol.fp32, seed()) }
+    fn optimizer_step_counts_from_one(b, tol) { check_step_zero(&**b, tol.fp32, seed()) }
+    fn shape_errors(b, tol) { check_shape_errors(&**b, tol.fp32, seed()) }
 
-op_test!(conv_convention);
-op_test!(conv3_forward);
-op_test!(conv1_forward);
-op_test!(conv3_backward);
-op_test!(conv1_backward);
-op_test!(conv3_forward_tf32);
-op_test!(conv1_forward_tf32);
-op_test!(conv3_backward_tf32);
-op_test!(conv1_backward_tf32);
-op_test!(conv_batch_one);
-op_test!(conv_large);
-op_test!(relu_backward);
-op_test!(maxpool);
-op_test!(upsample_concat);
-op_test!(cross_entropy);
-op_test!(cross_entropy_weighted);
-op_test!(soft_dice);
-op_test!(channel_affine);
-op_test!(channel_stats);
-op_test!(axpy);
-op_test!(sgd);
-op_test!(adamw);
-op_test!(shape_errors);
+    // Whole network. Twenty layers of f32 sums and the f32 rounding of the perturbed parameter: 1e-3
+    // relative for the sampled gradients (the networks run in fp32 on every backend).
+    fn unet_gradients_match_finite_differences(b, tol) {
+        check_unet_gradients(b.clone(), 1e-3, seed())
+    }
+    fn decoder_mode_matches_full_backward_and_fedprox(b, tol) {
+        check_decoder_mode(b.clone(), tol.fp32, seed())
+    }
+    fn unet_learns_synthetic_micrographs(b, tol) {
+        learn::unet_learns_synthetic_micrographs(b.clone())
+    }
 
-/// The list above covers every check the shared module offers.
-#[test]
-fn every_shared_check_has_a_test() {
-    assert_eq!(testing::op_checks::<CpuBackend>().len(), 19);
-    assert_eq!(testing::tf32_checks::<CpuBackend>().len(), 4);
-}
-
-/// The runner the CUDA suite uses; TF32 is plain fp32 on the CPU, so the fp32 tolerance holds.
-#[test]
-fn run_all_with_fresh_seeds() {
-    let b = CpuBackend::new();
-    testing::run_checks(&b, &testing::op_checks::<CpuBackend>(), TOL).unwrap();
-    testing::run_checks(&b, &testing::tf32_checks::<CpuBackend>(), TOL).unwrap();
+    // Every op against the CPU oracle, on shapes that hit each CUDA tile.
+    fn matches_the_cpu_oracle(b, tol) { parity::matches_the_cpu_oracle(&**b, seed()) }
 }
