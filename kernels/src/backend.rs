@@ -211,6 +211,28 @@ impl OptimStep {
         }
     }
 
+    /// The same hyper-parameters at AdamW step `step` (SGD keeps no step count).
+    pub const fn at_step(self, step: u32) -> Self {
+        match self {
+            OptimStep::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => OptimStep::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step,
+            },
+            sgd => sgd,
+        }
+    }
+
     /// The contract of [`Backend::optimizer_step`], checked by every backend before it touches
     /// memory: `grad` and each state buffer have the parameter's length, there are
     /// [`OptimStep::state_buffers`] of them, and AdamW's `step` counts from 1 (its bias correction

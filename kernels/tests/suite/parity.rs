@@ -348,24 +348,7 @@ pub fn parity_suite<R: Backend, T: Backend>(
         }
         for t in 1..=3u32 {
             let g = s.pair(&random(&mut rng, len, -1.0, 1.0))?;
-            let step_t = match step {
-                OptimStep::AdamW {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    ..
-                } => OptimStep::AdamW {
-                    lr,
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    step: t,
-                },
-                other => other,
-            };
+            let step_t = step.at_step(t);
             reference.optimizer_step(step_t, &mut p.r, &g.r, &mut st_r)?;
             test.optimizer_step(step_t, &mut p.t, &g.t, &mut st_t)?;
         }
