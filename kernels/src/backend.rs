@@ -202,6 +202,66 @@ pub enum OptimStep {
     },
 }
 
+impl OptimStep {
+    /// How many state buffers the step keeps per parameter: SGD one (velocity), AdamW two (moments).
+    pub const fn state_buffers(&self) -> usize {
+        match self {
+            OptimStep::Sgd { .. } => 1,
+            OptimStep::AdamW { .. } => 2,
+        }
+    }
+
+    /// The same hyper-parameters at AdamW step `step` (SGD keeps no step count).
+    pub const fn at_step(self, step: u32) -> Self {
+        match self {
+            OptimStep::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                ..
+            } => OptimStep::AdamW {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                step,
+            },
+            sgd => sgd,
+        }
+    }
+
+    /// The contract of [`Backend::optimizer_step`], checked by every backend before it touches
+    /// memory: `grad` and each state buffer have the parameter's length, there are
+    /// [`OptimStep::state_buffers`] of them, and AdamW's `step` counts from 1 (its bias correction
+    /// `1 − βᵗ` is 0 at `t = 0`, so step 0 is an error, never silently taken as 1).
+    pub(crate) fn check(
+        &self,
+        param: usize,
+        grad: usize,
+        state: &[usize],
+    ) -> Result<(), KernelError> {
+        const OP: &str = "optimizer_step";
+        if let OptimStep::AdamW { step: 0, .. } = self {
+            return Err(KernelError::shape(OP, "AdamW's step counts from 1, got 0"));
+        }
+        let want = self.state_buffers();
+        if state.len() != want {
+            return Err(KernelError::shape(
+                OP,
+                format!("{self:?} needs {want} state buffers, got {}", state.len()),
+            ));
+        }
+        expect_len(OP, "grad", grad, param)?;
+        for (i, &s) in state.iter().enumerate() {
+            expect_len(OP, &format!("state[{i}]"), s, param)?;
+        }
+        Ok(())
+    }
+}
+
 /// One device's buffers and ops. All lengths are in elements; every op checks them and returns
 /// [`KernelError::Shape`] rather than reading out of bounds.
 pub trait Backend: Send + Sync + 'static {
@@ -362,6 +422,7 @@ pub trait Backend: Send + Sync + 'static {
     // ---- optimisers ---------------------------------------------------------------------------
     /// One optimiser step on a parameter. `state` holds the optimiser's per-parameter buffers: one
     /// (velocity) for SGD, two (first and second moments) for AdamW, each of the parameter's length.
+    /// AdamW's `step` counts from 1; step 0 is a [`KernelError::Shape`] on every backend.
     fn optimizer_step(
         &self,
         step: OptimStep,

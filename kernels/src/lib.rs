@@ -9,15 +9,15 @@
 //! - [`device`]: [`Device::auto`] picks CUDA when a usable GPU is present and says why when it is not.
 //! - [`unet`]: the reference U-Net (forward, backward, decoder-only mode), written once against the trait.
 //! - [`style`]: helpers for style codes (per-channel statistics and re-styling coefficients).
-//! - [`testing`]: backend-generic check bodies (each op against an f64 reference and finite
-//!   differences), shared by the CPU and CUDA test suites.
+//!
+//! The tests live outside the library, in one suite (`tests/suite/`) whose bodies are generic over
+//! [`Backend`] and run on the CPU and on CUDA.
 
 pub mod backend;
 pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod style;
-pub mod testing;
 pub mod unet;
 
 pub use backend::{Backend, Conv, DICE_EPS, IGNORE_LABEL, OptimStep, Precision, Shape};

@@ -266,10 +266,7 @@ impl Optim {
         }
     }
     fn state_buffers(&self) -> usize {
-        match self.kind {
-            OptimKind::Sgd { .. } => 1,
-            OptimKind::AdamW { .. } => 2,
-        }
+        self.at_step(1).state_buffers()
     }
     fn at_step(&self, step: u32) -> OptimStep {
         match self.kind {
@@ -1161,6 +1158,16 @@ impl<B: Backend> UNet<B> {
                 };
                 level(xs, l, c_in)
             })
+            .collect()
+    }
+
+    /// Every convolution in parameter order, as (parameter-name prefix, geometry, input shape) for
+    /// an input batch of shape `xs`: what a per-layer benchmark times.
+    pub fn conv_layers(&self, xs: Shape) -> Vec<(String, Conv, Shape)> {
+        layer_specs(self.classes())
+            .into_iter()
+            .zip(self.layer_inputs(xs))
+            .map(|((name, conv), input)| (name, conv, input))
             .collect()
     }
 

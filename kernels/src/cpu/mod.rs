@@ -326,21 +326,8 @@ impl Backend for CpuBackend {
         grad: &Vec<f32>,
         state: &mut [Vec<f32>],
     ) -> Result<(), KernelError> {
-        const OP: &str = "optimizer_step";
-        let want = match step {
-            OptimStep::Sgd { .. } => 1,
-            OptimStep::AdamW { .. } => 2,
-        };
-        if state.len() != want {
-            return Err(KernelError::shape(
-                OP,
-                format!("{step:?} needs {want} state buffers, got {}", state.len()),
-            ));
-        }
-        expect_len(OP, "grad", grad.len(), param.len())?;
-        for (i, s) in state.iter().enumerate() {
-            expect_len(OP, &format!("state[{i}]"), s.len(), param.len())?;
-        }
+        let lens: Vec<usize> = state.iter().map(Vec::len).collect();
+        step.check(param.len(), grad.len(), &lens)?;
         let mut views: Vec<&mut [f32]> = state.iter_mut().map(|s| &mut s[..]).collect();
         optim::step(step, param, grad, &mut views);
         Ok(())

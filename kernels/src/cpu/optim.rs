@@ -1,5 +1,6 @@
 //! Optimiser steps on the CPU, following PyTorch's documented update rules (`torch.optim.SGD` with
-//! dampening 0 and `torch.optim.AdamW`). State slices were length-checked by the caller.
+//! dampening 0 and `torch.optim.AdamW`). The caller checked the step against
+//! `OptimStep::check` (lengths, and AdamW's step counting from 1).
 
 use crate::OptimStep;
 use rayon::prelude::*;
@@ -38,7 +39,7 @@ pub(crate) fn step(step: OptimStep, p: &mut [f32], g: &[f32], state: &mut [&mut 
             weight_decay,
             step,
         } => {
-            let t = step.max(1) as i32;
+            let t = step as i32;
             let bc1 = 1.0 - (beta1 as f64).powi(t);
             let bc2 = 1.0 - (beta2 as f64).powi(t);
             // p −= lr·m̂/(√v̂ + ε) with m̂ = m/bc1, v̂ = v/bc2.

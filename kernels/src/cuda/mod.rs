@@ -6,8 +6,9 @@
 //! - [`compile`]: NVRTC compilation (CUBIN for `sm_XX`, PTX fallback) and the on-disk kernel cache.
 //! - `conv`: tile-shape choice and launches of the implicit-GEMM convolutions.
 //! - `ops`: launches of every other op.
-//! - [`check`]: the parity suite (any two backends) and the decoder-step benchmark used by the
-//!   `gpu-check` program.
+//!
+//! Its checks are the kernels' test suite (`tests/suite/`, the `cuda::` tests) and its benchmark the
+//! `gpu-check` program.
 //!
 //! One CUDA stream carries all work, in order; so the buffers need no cross-stream events and
 //! cudarc's per-buffer event tracking is switched off. Host values (losses, statistics) come back
@@ -17,7 +18,6 @@
 //! Precision: [`Precision::Tf32`] uses tensor cores on sm_80 and newer; on older chips (Xavier, sm_72)
 //! it runs the fp32 kernels, which is within TF32's tolerance.
 
-pub mod check;
 pub mod compile;
 mod conv;
 mod ops;

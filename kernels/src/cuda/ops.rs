@@ -602,29 +602,9 @@ impl CudaBackend {
         state: &mut [CudaSlice<f32>],
     ) -> Result<(), KernelError> {
         const OP: &str = "optimizer_step";
-        expect_len(OP, "grad", grad.len(), param.len())?;
+        let lens: Vec<usize> = state.iter().map(|s| s.len()).collect();
+        step.check(param.len(), grad.len(), &lens)?;
         let n = as_i32(OP, "length", param.len())?;
-        let want_state = match step {
-            OptimStep::Sgd { .. } => 1,
-            OptimStep::AdamW { .. } => 2,
-        };
-        if state.len() != want_state {
-            return Err(KernelError::shape(
-                OP,
-                format!(
-                    "{} state buffers given, this optimiser keeps {want_state}",
-                    state.len()
-                ),
-            ));
-        }
-        for (i, s) in state.iter().enumerate() {
-            expect_len(
-                OP,
-                if i == 0 { "state[0]" } else { "state[1]" },
-                s.len(),
-                param.len(),
-            )?;
-        }
         if n == 0 {
             return Ok(());
         }
@@ -655,9 +635,6 @@ impl CudaBackend {
                 weight_decay,
                 step,
             } => {
-                if step == 0 {
-                    return Err(KernelError::shape(OP, "AdamW's step counts from 1, got 0"));
-                }
                 let bc1 = (1.0 - (beta1 as f64).powi(step as i32)) as f32;
                 let bc2 = (1.0 - (beta2 as f64).powi(step as i32)) as f32;
                 let (m, v) = state.split_at_mut(1);

@@ -1,24 +1,25 @@
 //! Backend-generic check bodies: every op against a plain-loop f64 reference, every backward pass
 //! against central finite differences of that reference, the optimisers against PyTorch's update
-//! rules, and the whole U-Net's gradients. The CPU and the CUDA test suites run the same bodies.
+//! rules, and the whole U-Net's gradients. `main.rs` runs each body on the CPU and on CUDA.
 //!
 //! Map of this module:
-//! - [`op_checks`] (fp32) and [`tf32_checks`]: lists of `(name, check)` pairs; [`run_checks`] runs
-//!   a list with fresh seeds.
+//! - `check_*`: one body per op or property, `(backend, tolerance, seed)`.
 //! - [`check_unet_gradients`], [`check_decoder_mode`]: whole-network checks.
 //! - `reference`: the f64 reference ops (and reference U-Net loss) the checks compare against.
 //!
 //! Conventions: outputs are poisoned with NaN before each op (an unwritten element fails the
 //! comparison); sizes are odd (`c_in` 3, `c_out` 5, 7×9 planes) so that no vector width divides them;
 //! inputs are fresh random numbers from `seed`, and every failure message names the seed so it can be
-//! replayed. Analytic gradients are computed by the backend in f32; the numeric ones by central
-//! differences of the f64 reference (exact for the linear ops, `O(h²)` ≈ 1e-10 for the others), so
-//! the tolerance only has to cover the backend's own rounding.
+//! replayed (`MICROFED_SEED`). Analytic gradients are computed by the backend in f32; the numeric ones
+//! by central differences of the f64 reference (exact for the linear ops, `O(h²)` ≈ 1e-10 for the
+//! others), so the tolerance only has to cover the backend's own rounding.
 //!
 //! A value `got` passes against `want` when `|got − want| ≤ tol·(|want| + rms(want))`.
 
-use crate::unet::{CHANNELS, DEPTH, Loss, Optim, OptimKind, Params, UNet};
-use crate::{Backend, Conv, DICE_EPS, IGNORE_LABEL, KernelError, OptimStep, Precision, Shape};
+use microfed_kernels::unet::{CHANNELS, DEPTH, Loss, Optim, OptimKind, Params, UNet};
+use microfed_kernels::{
+    Backend, Conv, DICE_EPS, IGNORE_LABEL, KernelError, OptimStep, Precision, Shape,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
@@ -36,72 +37,6 @@ pub enum CheckError {
     /// A value disagrees with the reference.
     #[error("seed {seed}: {what}")]
     Mismatch { seed: u64, what: String },
-}
-
-/// One check body: `(backend, tolerance, seed)`.
-pub type CheckFn<B> = fn(&B, f32, u64) -> Result<(), CheckError>;
-
-/// A seed from the clock, so each run draws fresh inputs (failures print it for replay).
-pub fn fresh_seed() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0x5eed)
-}
-
-/// Every fp32 op check, by name (run them at an fp32 tolerance).
-pub fn op_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
-    vec![
-        ("conv_convention", check_conv_convention::<B>),
-        ("conv3_forward", check_conv3_forward::<B>),
-        ("conv1_forward", check_conv1_forward::<B>),
-        ("conv3_backward", check_conv3_backward::<B>),
-        ("conv1_backward", check_conv1_backward::<B>),
-        ("conv_batch_one", check_conv_batch_one::<B>),
-        ("conv_large", check_conv_large::<B>),
-        ("relu_backward", check_relu_backward::<B>),
-        ("maxpool", check_maxpool::<B>),
-        ("upsample_concat", check_upsample_concat::<B>),
-        ("cross_entropy", check_cross_entropy::<B>),
-        ("cross_entropy_weighted", check_cross_entropy_weighted::<B>),
-        ("soft_dice", check_soft_dice::<B>),
-        ("channel_affine", check_channel_affine::<B>),
-        ("channel_stats", check_channel_stats::<B>),
-        ("axpy", check_axpy::<B>),
-        ("sgd", check_sgd::<B>),
-        ("adamw", check_adamw::<B>),
-        ("shape_errors", check_shape_errors::<B>),
-    ]
-}
-
-/// The convolution checks in TF32 (run them at a TF32 tolerance; on the CPU TF32 is fp32).
-pub fn tf32_checks<B: Backend>() -> Vec<(&'static str, CheckFn<B>)> {
-    vec![
-        ("conv3_forward_tf32", check_conv3_forward_tf32::<B>),
-        ("conv1_forward_tf32", check_conv1_forward_tf32::<B>),
-        ("conv3_backward_tf32", check_conv3_backward_tf32::<B>),
-        ("conv1_backward_tf32", check_conv1_backward_tf32::<B>),
-    ]
-}
-
-/// Runs `checks` with one fresh seed each; returns all failures, one per line.
-pub fn run_checks<B: Backend>(
-    b: &B,
-    checks: &[(&'static str, CheckFn<B>)],
-    tol: f32,
-) -> Result<(), String> {
-    let mut failures = Vec::new();
-    for &(name, check) in checks {
-        let seed = fresh_seed();
-        if let Err(e) = check(b, tol, seed) {
-            failures.push(format!("{name}: {e}"));
-        }
-    }
-    if failures.is_empty() {
-        Ok(())
-    } else {
-        Err(failures.join("\n"))
-    }
 }
 
 // ---- helpers ------------------------------------------------------------------------------------
@@ -413,10 +348,10 @@ pub mod reference {
             .collect()
     }
 
-    /// The U-Net's logits, in f64, from host parameters (same layer order as [`crate::unet`]).
+    /// The U-Net's logits, in f64, from host parameters (same layer order as `microfed_kernels::unet`).
     pub fn unet_logits(p: &Params, x: &[f64], xs: Shape) -> Vec<f64> {
         let t: Vec<Vec<f64>> = p.tensors.iter().map(|t| to64(&t.data)).collect();
-        let specs = crate::unet::layer_specs(p.classes);
+        let specs = microfed_kernels::unet::layer_specs(p.classes);
         let lv = |l: usize, c: usize| Shape::new(xs.n, c, xs.h >> l, xs.w >> l);
         let layer = |i: usize, x: &[f64], s: Shape, relu: bool| {
             conv(x, s, specs[i].1, &t[2 * i], &t[2 * i + 1], relu)
@@ -1104,6 +1039,58 @@ pub fn check_adamw<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckEr
     Ok(())
 }
 
+/// The optimiser's step contract, the same on every backend: AdamW's `step` counts from 1, and step 0
+/// is a [`KernelError::Shape`] that leaves the parameter and its state untouched (never silently
+/// taken as step 1); a wrong number of state buffers is refused the same way.
+pub fn check_step_zero<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
+    let mut cx = Ctx::new(b, tol, seed);
+    let n = 1001;
+    let p0 = cx.uniform(n, -1.0, 1.0);
+    let mut p = cx.up(&p0)?;
+    let g = cx.uniform(n, -1.0, 1.0);
+    let g = cx.up(&g)?;
+    let m0 = cx.uniform(n, -0.1, 0.1);
+    let mut state = vec![cx.up(&m0)?, cx.k(b.zeros(n))?];
+    let at = |step| OptimStep::AdamW {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step,
+    };
+    match b.optimizer_step(at(0), &mut p, &g, &mut state) {
+        Err(KernelError::Shape { op, what })
+            if op == "optimizer_step" && what.contains("from 1") => {}
+        other => {
+            return Err(cx.fail(format!(
+                "AdamW step 0: expected a shape error, got {other:?}"
+            )));
+        }
+    }
+    cx.compare("parameters after a refused step", &cx.down(&p)?, &to64(&p0))?;
+    cx.compare(
+        "AdamW m after a refused step",
+        &cx.down(&state[0])?,
+        &to64(&m0),
+    )?;
+    let sgd = OptimStep::Sgd {
+        lr: 0.1,
+        momentum: 0.9,
+        weight_decay: 0.0,
+    };
+    match b.optimizer_step(sgd, &mut p, &g, &mut state) {
+        Err(KernelError::Shape { .. }) => {}
+        other => {
+            return Err(cx.fail(format!(
+                "SGD with two state buffers: expected a shape error, got {other:?}"
+            )));
+        }
+    }
+    // Step 1 is the first step: it runs.
+    cx.k(b.optimizer_step(at(1), &mut p, &g, &mut state))
+}
+
 /// Bad operands come back as [`KernelError::Shape`] naming the op, never as a panic.
 pub fn check_shape_errors<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(), CheckError> {
     let cx = Ctx::new(b, tol, seed);
@@ -1256,7 +1243,7 @@ pub fn check_decoder_mode<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<
     let dec = cx.k(net.decoder_loss_and_gradients(&feats, xs, &lb, &loss, None))?;
     cx.compare("decoder-mode loss", &[dec.loss], &[full.loss as f64])?;
     let dec_grads = cx.k(net.gradients())?;
-    let first = crate::unet::FIRST_DECODER_TENSOR;
+    let first = microfed_kernels::unet::FIRST_DECODER_TENSOR;
     let flat = |p: &Params, from: usize| -> Vec<f32> {
         p.tensors[from..]
             .iter()

@@ -1,10 +1,9 @@
-//! The whole U-Net learns on the CPU: a few hundred full training steps on a small synthetic set of
+//! The whole U-Net learns, on any backend: a few hundred full training steps on a small synthetic set of
 //! "micrographs" (bright disks over striped lamellae on a dark matrix, with noise) cut the loss by a
 //! large factor and segment the training images almost perfectly.
 
-use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::unet::{Loss, Optim, UNet};
-use microfed_kernels::{Backend, Shape};
+use microfed_kernels::{Backend, KernelError, Shape};
 use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
@@ -46,9 +45,9 @@ fn sample(rng: &mut impl Rng) -> (Vec<f32>, Vec<u8>) {
     (image, mask)
 }
 
-#[test]
-fn unet_learns_synthetic_micrographs() {
-    let b = Arc::new(CpuBackend::new());
+/// 200 AdamW steps on two batches of 4 × 32²: the loss falls at least fivefold and the training
+/// images come out more than 95 % right.
+pub fn unet_learns_synthetic_micrographs<B: Backend>(b: Arc<B>) -> Result<(), KernelError> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let set: Vec<(Vec<f32>, Vec<u8>)> = (0..8).map(|_| sample(&mut rng)).collect();
     let xs = Shape::new(4, 1, SIZE, SIZE);
@@ -57,10 +56,10 @@ fn unet_learns_synthetic_micrographs() {
         .map(|c| {
             let x: Vec<f32> = c.iter().flat_map(|(i, _)| i.iter().copied()).collect();
             let l: Vec<u8> = c.iter().flat_map(|(_, m)| m.iter().copied()).collect();
-            (b.upload(&x).unwrap(), b.upload_labels(&l).unwrap(), l)
+            Ok((b.upload(&x)?, b.upload_labels(&l)?, l))
         })
-        .collect();
-    let mut net = UNet::init(b.clone(), CLASSES, 5).unwrap();
+        .collect::<Result<Vec<_>, KernelError>>()?;
+    let mut net = UNet::init(b.clone(), CLASSES, 5)?;
     let loss = Loss {
         class_weights: None,
         dice_weight: 0.0,
@@ -70,7 +69,7 @@ fn unet_learns_synthetic_micrographs() {
     let mut losses = Vec::with_capacity(steps);
     for step in 0..steps {
         let (x, l, _) = &batches[step % batches.len()];
-        losses.push(net.train_step(x, xs, l, &loss, &optim).unwrap().loss);
+        losses.push(net.train_step(x, xs, l, &loss, &optim)?.loss);
     }
     let last: f32 = losses[steps - 10..].iter().sum::<f32>() / 10.0;
     eprintln!("loss: first {}, mean of last 10 {last}", losses[0]);
@@ -81,7 +80,7 @@ fn unet_learns_synthetic_micrographs() {
     );
     // The trained network segments its training images.
     let (x, _, labels) = &batches[0];
-    let logits = b.download(net.forward(x, xs).unwrap()).unwrap();
+    let logits = b.download(net.forward(x, xs)?)?;
     let hw = SIZE * SIZE;
     let correct = labels
         .iter()
@@ -96,4 +95,5 @@ fn unet_learns_synthetic_micrographs() {
     let acc = correct as f32 / labels.len() as f32;
     eprintln!("training-set pixel accuracy {acc}");
     assert!(acc > 0.95, "pixel accuracy {acc}");
+    Ok(())
 }
