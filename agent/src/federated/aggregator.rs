@@ -163,7 +163,14 @@ pub struct RoundSection {
     pub quorum_fraction: Option<f64>,
     pub local_epochs: u32,
     pub steps_per_epoch: u32,
+    /// The base local learning rate; round r announces `schedule.rate(learning_rate, r)`.
     pub learning_rate: f32,
+    /// The rate across rounds (default: constant).
+    #[serde(default)]
+    pub schedule: crate::federated::local::LrSchedule,
+    /// The optimiser devices train with (default: SGD with momentum 0.9).
+    #[serde(default)]
+    pub optimizer: crate::federated::local::LocalOptimizer,
     pub prox_mu: f32,
     /// Pause between rounds.
     pub pause_s: f64,
@@ -178,6 +185,8 @@ impl Default for RoundSection {
             local_epochs: 1,
             steps_per_epoch: 0,
             learning_rate: 0.01,
+            schedule: Default::default(),
+            optimizer: Default::default(),
             prox_mu: 0.0,
             pause_s: 0.0,
         }
@@ -306,6 +315,10 @@ impl AggregatorConfig {
         if self.round.learning_rate.is_nan() || self.round.learning_rate <= 0.0 {
             return Err("round.learning_rate must be > 0".into());
         }
+        self.round
+            .schedule
+            .validate()
+            .map_err(|e| format!("round.{e}"))?;
         self.compression
             .validate()
             .map_err(|e| format!("compression: {e}"))?;
@@ -499,8 +512,13 @@ impl Aggregator {
             deadline_unix: self.state.deadline_unix,
             local_epochs: self.cfg.round.local_epochs,
             steps_per_epoch: self.cfg.round.steps_per_epoch,
-            learning_rate: self.cfg.round.learning_rate,
+            learning_rate: self
+                .cfg
+                .round
+                .schedule
+                .rate(self.cfg.round.learning_rate, self.state.round),
             prox_mu: self.cfg.round.prox_mu,
+            optimizer: self.cfg.round.optimizer,
             compression: self.cfg.compression.clone(),
             closed: !self.state.open,
         }

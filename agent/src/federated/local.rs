@@ -224,19 +224,174 @@ pub struct RoundPlan {
     pub epochs: u32,
     /// Batches per epoch; 0 = about one pass over the training pixels.
     pub steps_per_epoch: u32,
+    /// This round's rate: the aggregator (or the experiment) applies the [`LrSchedule`] before
+    /// announcing it, so a device uses what it is told.
     pub learning_rate: f32,
     pub prox_mu: f32,
+    pub optimizer: LocalOptimizer,
+}
+
+/// The optimiser of local training. Its state is reset at the start of every round (a device
+/// starts each round from a new global decoder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// SGD with momentum 0.9 (what devices did before the announcement named an optimiser).
+    #[default]
+    Momentum,
+    /// Plain SGD (FedAvg's analysis; FedST's choice).
+    Sgd,
+    /// AdamW (β 0.9 / 0.999, weight decay 0.01), its moments reset every round.
+    Adam,
+}
+
+impl LocalOptimizer {
+    pub fn optim(self, lr: f32, prox_mu: f32) -> Optim {
+        let mut o = match self {
+            Self::Momentum => Optim::sgd(lr, 0.9),
+            Self::Sgd => Optim::sgd(lr, 0.0),
+            Self::Adam => Optim::adamw(lr),
+        };
+        o.prox_mu = prox_mu;
+        o
+    }
+}
+
+/// How the learning rate decays after the warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    /// The base rate in every round.
+    #[default]
+    Constant,
+    /// Half a cosine from the base rate to `floor` × it over the rounds after the warm-up up to
+    /// `rounds`; `floor` × it afterwards.
+    Cosine,
+    /// × `factor` every `every` rounds after the warm-up (FedST: × 0.927 every 2 rounds).
+    Step,
+}
+
+/// The learning rate across rounds: `base × factor(round)`. A fine-tuning that starts from a
+/// converged base model needs a gentle start (warm-up) and, for FedAvg with several local steps on
+/// non-IID labs, a rate that decays (Li et al., ICLR 2020: with a constant rate FedAvg converges to
+/// a point away from the optimum).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LrSchedule {
+    /// Rounds 1..=warmup_rounds ramp linearly: round r uses base × r / (warmup_rounds + 1).
+    #[serde(default)]
+    pub warmup_rounds: u64,
+    #[serde(default)]
+    pub decay: Decay,
+    /// Cosine: the round at which the rate reaches `floor` × base (usually the planned rounds).
+    #[serde(default)]
+    pub rounds: u64,
+    /// Cosine: the last rate as a fraction of the base.
+    #[serde(default = "default_floor")]
+    pub floor: f32,
+    /// Step: the factor and how many rounds between two steps.
+    #[serde(default = "default_step_factor")]
+    pub factor: f32,
+    #[serde(default = "default_step_every")]
+    pub every: u64,
+}
+
+fn default_floor() -> f32 {
+    0.01
+}
+fn default_step_factor() -> f32 {
+    0.927
+}
+fn default_step_every() -> u64 {
+    2
+}
+
+impl Default for LrSchedule {
+    /// The base rate in every round.
+    fn default() -> Self {
+        Self {
+            warmup_rounds: 0,
+            decay: Decay::Constant,
+            rounds: 0,
+            floor: default_floor(),
+            factor: default_step_factor(),
+            every: default_step_every(),
+        }
+    }
+}
+
+impl LrSchedule {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.floor > 0.0 && self.floor <= 1.0) {
+            return Err(format!(
+                "schedule.floor must be in (0, 1], not {}",
+                self.floor
+            ));
+        }
+        if !(self.factor > 0.0 && self.factor <= 1.0) {
+            return Err(format!(
+                "schedule.factor must be in (0, 1], not {}",
+                self.factor
+            ));
+        }
+        if self.every == 0 {
+            return Err("schedule.every must be at least 1".into());
+        }
+        if self.decay == Decay::Cosine && self.rounds <= self.warmup_rounds {
+            return Err(format!(
+                "schedule: a cosine decay needs rounds ({}) > warmup_rounds ({})",
+                self.rounds, self.warmup_rounds
+            ));
+        }
+        Ok(())
+    }
+
+    /// The multiplier of the base rate in `round` (1-based; round 0 is treated as round 1).
+    pub fn factor(&self, round: u64) -> f32 {
+        let r = round.max(1);
+        if r <= self.warmup_rounds {
+            return r as f32 / (self.warmup_rounds + 1) as f32;
+        }
+        // Rounds after the warm-up, from 0.
+        let t = r - self.warmup_rounds - 1;
+        match self.decay {
+            Decay::Constant => 1.0,
+            Decay::Step => self
+                .factor
+                .powi((t / self.every).min(i32::MAX as u64) as i32),
+            Decay::Cosine => {
+                let span = self.rounds.saturating_sub(self.warmup_rounds + 1).max(1);
+                let x = (t as f64 / span as f64).min(1.0);
+                let floor = f64::from(self.floor);
+                (floor + (1.0 - floor) * 0.5 * (1.0 + (std::f64::consts::PI * x).cos())) as f32
+            }
+        }
+    }
+
+    /// `base × factor(round)`.
+    pub fn rate(&self, base: f32, round: u64) -> f32 {
+        base * self.factor(round)
+    }
 }
 
 /// Per-channel `(scale, shift)` of one encoder stage (the kernels' re-styling argument).
 type Restyle = (Vec<f32>, Vec<f32>);
 
 /// Hold-out scores of a decoder (means over classes; boundary F1 at [`BOUNDARY_TOLERANCE_PX`]).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HoldoutScores {
     pub iou: Option<f64>,
     pub dice: Option<f64>,
     pub boundary_f1: Option<f64>,
+    /// IoU of each class.
+    #[serde(default)]
+    pub class_iou: Vec<Option<f64>>,
+    /// Fraction of the hold-out pixels predicted as each class, and the truth's fractions: a
+    /// decoder that stops finding the thin boundary class shows here before the means move.
+    #[serde(default)]
+    pub pred_fraction: Vec<f64>,
+    #[serde(default)]
+    pub truth_fraction: Vec<f64>,
 }
 
 /// Tolerance of the hold-out boundary F1, in pixels (as `microfed model score`).
@@ -467,8 +622,7 @@ impl<B: Backend> LocalTrainer<B> {
         self.net.reset_optimizer();
         self.net
             .set_global_decoder((plan.prox_mu > 0.0).then_some(global))?;
-        let mut optim = Optim::sgd(plan.learning_rate, 0.9);
-        optim.prox_mu = plan.prox_mu;
+        let optim = plan.optimizer.optim(plan.learning_rate, plan.prox_mu);
         let (b, c) = (self.batch, self.crop);
         let xs = Shape::new(b, 1, c, c);
         let pixels: usize = self.cache.train.iter().map(|i| i.width * i.height).sum();
@@ -478,17 +632,23 @@ impl<B: Backend> LocalTrainer<B> {
             pixels.div_ceil(b * c * c).max(1)
         };
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x9e37_79b9));
+        // Re-styling decisions come from their own stream: a run with style codes sees exactly the
+        // crops of the same run without them (a paired comparison).
+        let mut style_rng = ChaCha8Rng::seed_from_u64(
+            (self.seed ^ plan.round.wrapping_mul(0x9e37_79b9)) ^ 0x5157_1e00_c0de_0001,
+        );
         let mut last = 0.0f32;
         self.restyled_batches = 0;
         for _ in 0..plan.epochs.max(1) {
             let mut sum = 0.0f64;
             for _ in 0..steps {
-                let (feats, labels, fourier_crops) = self.batch_from_cache(&mut rng)?;
-                // No draws without codes: runs without styles see the same batches as before.
+                let (feats, labels, fourier_crops) =
+                    self.batch_from_cache(&mut rng, &mut style_rng)?;
                 let restyle = if !self.feature_styles.is_empty()
-                    && rng.random::<f32>() < self.restyle.probability
+                    && style_rng.random::<f32>() < self.restyle.probability
                 {
-                    let code = &self.feature_styles[rng.random_range(0..self.feature_styles.len())];
+                    let code =
+                        &self.feature_styles[style_rng.random_range(0..self.feature_styles.len())];
                     Some(self.feature_restyle(&feats, xs, code, self.restyle.mix)?)
                 } else {
                     None
@@ -518,7 +678,13 @@ impl<B: Backend> LocalTrainer<B> {
         Ok((self.net.decoder_flat()?, last))
     }
 
-    fn batch_from_cache(&self, rng: &mut ChaCha8Rng) -> Result<CachedBatch<B>, LocalError> {
+    /// A batch of random crops (positions from `rng`; which crops come from Fourier re-styled
+    /// images from `style_rng`).
+    fn batch_from_cache(
+        &self,
+        rng: &mut ChaCha8Rng,
+        style_rng: &mut ChaCha8Rng,
+    ) -> Result<CachedBatch<B>, LocalError> {
         let (b, c) = (self.batch, self.crop);
         let mut levels: Vec<Vec<f32>> = (0..DEPTH)
             .map(|l| vec![0.0f32; b * CHANNELS[l] * (c >> l) * (c >> l)])
@@ -548,9 +714,11 @@ impl<B: Backend> LocalTrainer<B> {
             let x0 = rng.random_range(0..=(img.pw - c) / SIZE_MULTIPLE) * SIZE_MULTIPLE;
             // Fourier re-styling: the same crop from a re-styled version of the image.
             let source = match self.fourier_variants.get(index) {
-                Some(v) if !v.is_empty() && rng.random::<f32>() < self.restyle.probability => {
+                Some(v)
+                    if !v.is_empty() && style_rng.random::<f32>() < self.restyle.probability =>
+                {
                     restyled += 1;
-                    &v[rng.random_range(0..v.len())]
+                    &v[style_rng.random_range(0..v.len())]
                 }
                 _ => img,
             };
@@ -626,10 +794,18 @@ impl<B: Backend> LocalTrainer<B> {
         }
         let m = ev.matrix();
         let boundary = ev.finish(&[]).boundary;
+        let total = m.total().max(1) as f64;
         Ok(Some(HoldoutScores {
             iou: m.mean_iou(),
             dice: m.mean_dice(),
             boundary_f1: boundary.f1,
+            class_iou: (0..k).map(|c| m.iou(c)).collect(),
+            pred_fraction: (0..k)
+                .map(|c| (0..k).map(|t| m.get(t, c)).sum::<u64>() as f64 / total)
+                .collect(),
+            truth_fraction: (0..k)
+                .map(|c| (0..k).map(|p| m.get(c, p)).sum::<u64>() as f64 / total)
+                .collect(),
         }))
     }
 }
@@ -696,6 +872,7 @@ mod tests {
             steps_per_epoch: 2,
             learning_rate: 0.01,
             prox_mu: 0.0,
+            optimizer: LocalOptimizer::Momentum,
         }
     }
 
@@ -722,7 +899,10 @@ mod tests {
             start += 2 * c;
         }
         let (feats, _, _) = t
-            .batch_from_cache(&mut ChaCha8Rng::seed_from_u64(1))
+            .batch_from_cache(
+                &mut ChaCha8Rng::seed_from_u64(1),
+                &mut ChaCha8Rng::seed_from_u64(2),
+            )
             .unwrap();
         let xs = Shape::new(2, 1, 32, 32);
         let shapes = UNet::<CpuBackend>::feature_shapes(xs);
@@ -777,6 +957,35 @@ mod tests {
     }
 
     #[test]
+    fn style_draws_leave_the_crops_alone() {
+        // Re-styling at mix 0 is the identity map: with its draws on their own random stream the
+        // run trains on exactly the crops of the run without codes, so the decoders agree.
+        let (backend, params, cache) = setup(2);
+        let code = code_of(&cache, StyleKind::FeatureStats, "other");
+        let global = params.decoder_flat();
+        let mut plain =
+            LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 16, 3).unwrap();
+        let (a, _) = plain.train_round(&global, &plan()).unwrap();
+        let mut styled = LocalTrainer::new(backend, &params, cache, 2, 16, 3).unwrap();
+        styled
+            .set_styles(
+                vec![code],
+                RestyleConfig {
+                    probability: 0.5,
+                    mix: 0.0,
+                },
+            )
+            .unwrap();
+        let (b, _) = styled.train_round(&global, &plan()).unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    #[test]
     fn fourier_variants_at_mix_zero_are_the_cached_features() {
         let (backend, params, cache) = setup(2);
         let code = code_of(&cache, StyleKind::Fourier, "other");
@@ -816,6 +1025,76 @@ mod tests {
     }
 
     #[test]
+    fn schedules_warm_up_then_decay_as_configured() {
+        let constant = LrSchedule::default();
+        assert_eq!(constant.rate(0.01, 1), 0.01);
+        assert_eq!(constant.rate(0.01, 50), 0.01);
+        let step = LrSchedule {
+            warmup_rounds: 1,
+            decay: Decay::Step,
+            ..LrSchedule::default()
+        };
+        // Round 1 warms up at half the rate; rounds 2, 3 full; 4, 5 × 0.927; 6 × 0.927².
+        let f: Vec<f32> = (1..=6).map(|r| step.factor(r)).collect();
+        let want = [0.5, 1.0, 1.0, 0.927, 0.927, 0.927 * 0.927];
+        for (a, b) in f.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{f:?}");
+        }
+        let cosine = LrSchedule {
+            warmup_rounds: 2,
+            decay: Decay::Cosine,
+            rounds: 12,
+            floor: 0.1,
+            ..LrSchedule::default()
+        };
+        assert!((cosine.factor(1) - 1.0 / 3.0).abs() < 1e-6);
+        assert!((cosine.factor(3) - 1.0).abs() < 1e-6);
+        // Half-way through the 9 decaying steps after round 3: (1 + 0.1) / 2.
+        assert!((cosine.factor(3 + 9 / 2) - 0.55).abs() < 0.1);
+        assert!((cosine.factor(12) - 0.1).abs() < 1e-6);
+        assert!((cosine.factor(40) - 0.1).abs() < 1e-6);
+        let rates: Vec<f32> = (3..=12).map(|r| cosine.factor(r)).collect();
+        assert!(rates.windows(2).all(|w| w[1] < w[0]), "{rates:?}");
+        assert!(
+            LrSchedule {
+                rounds: 2,
+                ..cosine
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(LrSchedule { every: 0, ..step }.validate().is_err());
+    }
+
+    #[test]
+    fn the_optimiser_changes_the_local_update() {
+        let (backend, params, cache) = setup(2);
+        let mut t = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
+        let global = params.decoder_flat();
+        let mut out = Vec::new();
+        for optimizer in [
+            LocalOptimizer::Momentum,
+            LocalOptimizer::Sgd,
+            LocalOptimizer::Adam,
+        ] {
+            let (local, loss) = t
+                .train_round(
+                    &global,
+                    &RoundPlan {
+                        optimizer,
+                        ..plan()
+                    },
+                )
+                .unwrap();
+            assert!(loss.is_finite());
+            out.push(local);
+        }
+        // The first step of SGD with momentum is plain SGD's; the second is not.
+        assert_ne!(out[0], out[1]);
+        assert_ne!(out[1], out[2]);
+    }
+
+    #[test]
     fn holdout_scores_agree_with_the_iou_and_are_fractions() {
         let (backend, params, cache) = setup(2);
         let mut t = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
@@ -827,5 +1106,15 @@ mod tests {
         }
         // Dice ≥ IoU for every class, so for their means.
         assert!(s.dice.unwrap() >= s.iou.unwrap());
+        // Per class: the mean of the class IoUs, and pixel fractions that sum to 1.
+        let present: Vec<f64> = s.class_iou.iter().flatten().copied().collect();
+        let m = present.iter().sum::<f64>() / present.len() as f64;
+        assert!((m - s.iou.unwrap()).abs() < 1e-12);
+        for f in [&s.pred_fraction, &s.truth_fraction] {
+            assert_eq!(f.len(), 2);
+            assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{f:?}");
+        }
+        // The test images' labels are half class 1.
+        assert!((s.truth_fraction[1] - 0.5).abs() < 1e-9);
     }
 }

@@ -71,6 +71,10 @@ pub struct FederationSection {
     pub batch: usize,
     #[serde(default = "default_crop")]
     pub crop: usize,
+    /// Weight of the soft-Dice term of the local loss (0.5: the base models' objective, as
+    /// `microfed experiment` trains; 0 = class-weighted cross-entropy alone).
+    #[serde(default = "default_dice_weight")]
+    pub dice_weight: f32,
     #[serde(default)]
     pub seed: u64,
     /// An update with a larger L2 norm is not sent (it would be rejected).
@@ -115,6 +119,9 @@ fn default_batch() -> usize {
 }
 fn default_crop() -> usize {
     128
+}
+fn default_dice_weight() -> f32 {
+    0.5
 }
 fn default_max_norm() -> f32 {
     1e3
@@ -191,10 +198,10 @@ impl AnyTrainer {
             Self::Cuda(t) => go!(t),
         }
     }
-    fn samples(&self) -> u64 {
+    fn set_dice_weight(&mut self, weight: f32) {
         match self {
-            Self::Cpu(t) => t.samples(),
-            Self::Cuda(t) => t.samples(),
+            Self::Cpu(t) => t.set_dice_weight(weight),
+            Self::Cuda(t) => t.set_dice_weight(weight),
         }
     }
 }
@@ -553,8 +560,9 @@ async fn session(
                     steps_per_epoch: a.steps_per_epoch,
                     learning_rate: a.learning_rate,
                     prox_mu: a.prox_mu,
+                    optimizer: a.optimizer,
                 };
-                tracing::info!(round = a.round, global_version = gv, "training locally");
+                tracing::info!(round = a.round, global_version = gv, learning_rate = a.learning_rate, optimizer = ?a.optimizer, "training locally");
                 let (tx, rx) = oneshot::channel();
                 let _ = job_tx.send(Job {
                     global: g.clone(),
@@ -1057,7 +1065,8 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
             .map_err(setup)?,
         ),
     };
-    let _ = trainer.samples();
+    let mut trainer = trainer;
+    trainer.set_dice_weight(cfg.dice_weight);
     Ok(Prepared {
         trainer,
         proto: Arc::new(proto),
