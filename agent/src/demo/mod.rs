@@ -38,6 +38,7 @@ use crate::federated::aggregator::{self, Aggregator, AggregatorConfig, RoundSect
 use crate::federated::compress::{self, CompressionConfig, Quantize};
 use crate::federated::device::{DeviceLink, MqttPublisher, Routes};
 use crate::federated::link::{BrokerSettings, Link};
+use crate::federated::local::{LocalOptimizer, LrSchedule};
 use crate::federated::participant::{self, AgentModel, FederationSection};
 use crate::federated::protocol::{Envelope, Kind, RoundSummary, Topics};
 use crate::model::manifest::ModelManifest;
@@ -108,11 +109,14 @@ pub struct DemoConfig {
     pub image_size: u32,
     /// Segmentation tile side (a multiple of 16).
     pub tile: usize,
-    /// Local training: crop side, batch, steps per round, learning rate (SGD with momentum).
+    /// Local training: crop side, batch, steps per round, base learning rate, its schedule across
+    /// rounds and the optimiser (the aggregator announces each round's rate).
     pub crop: usize,
     pub batch: usize,
     pub steps_per_round: u32,
     pub learning_rate: f32,
+    pub schedule: LrSchedule,
+    pub optimizer: LocalOptimizer,
     /// Time between two captures of a lab.
     pub capture_interval: Duration,
     /// A round closes when every lab has sent its update, or at this deadline.
@@ -142,6 +146,8 @@ impl DemoConfig {
             batch: 4,
             steps_per_round: 8,
             learning_rate: 0.01,
+            schedule: LrSchedule::default(),
+            optimizer: LocalOptimizer::Momentum,
             capture_interval: Duration::from_secs(4),
             round_deadline: Duration::from_secs(600),
             timeout: Duration::from_secs(1800),
@@ -216,8 +222,14 @@ impl DemoConfig {
             (
                 "local training per round".into(),
                 format!(
-                    "{} steps, batch {}, crop {} px, SGD lr {}",
-                    self.steps_per_round, self.batch, self.crop, self.learning_rate
+                    "{} steps, batch {}, crop {} px, {:?} lr {} ({:?} decay, {} warm-up rounds)",
+                    self.steps_per_round,
+                    self.batch,
+                    self.crop,
+                    self.optimizer,
+                    self.learning_rate,
+                    self.schedule.decay,
+                    self.schedule.warmup_rounds
                 ),
             ),
             (
@@ -500,6 +512,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             federated: i < federated,
             captures: report::score_captures(&p.output(), &p.captures, p.manifest.classes.len()),
             features: report::summarise_features(&features_csv).ok(),
+            grain_counts: report::grain_counts(&features_csv, &p.captures),
         });
     }
     let labs_styles: Vec<(String, String)> = plans[..federated]
@@ -529,6 +542,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
     let md = report::report_markdown(
         &cfg.describe(),
         &table,
+        &report::federation_gains(&rows, &lab_names),
         &lab_reports,
         dense,
         &files,
@@ -626,6 +640,8 @@ async fn orchestrate(
             local_epochs: 1,
             steps_per_epoch: cfg.steps_per_round,
             learning_rate: cfg.learning_rate,
+            schedule: cfg.schedule,
+            optimizer: cfg.optimizer,
             prox_mu: 0.0,
             pause_s: 0.0,
         },
