@@ -38,7 +38,7 @@ use crate::federated::aggregator::{self, Aggregator, AggregatorConfig, RoundSect
 use crate::federated::compress::{self, CompressionConfig, Quantize};
 use crate::federated::device::{DeviceLink, MqttPublisher, Routes};
 use crate::federated::link::{BrokerSettings, Link};
-use crate::federated::local::{LocalOptimizer, LrSchedule};
+use crate::federated::local::{Decay, LocalOptimizer, LrSchedule};
 use crate::federated::participant::{self, AgentModel, FederationSection};
 use crate::federated::protocol::{Envelope, Kind, RoundSummary, Topics};
 use crate::model::manifest::ModelManifest;
@@ -117,6 +117,8 @@ pub struct DemoConfig {
     pub learning_rate: f32,
     pub schedule: LrSchedule,
     pub optimizer: LocalOptimizer,
+    /// Class-weighted cross-entropy in local training (see `LocalTrainer::set_class_weighting`).
+    pub class_weighted: bool,
     /// Time between two captures of a lab.
     pub capture_interval: Duration,
     /// A round closes when every lab has sent its update, or at this deadline.
@@ -145,9 +147,20 @@ impl DemoConfig {
             crop: 128,
             batch: 4,
             steps_per_round: 8,
-            learning_rate: 0.01,
-            schedule: LrSchedule::default(),
-            optimizer: LocalOptimizer::Momentum,
+            // The recipe of docs/results.md ("demo labs"): AdamW (its moments reset each round,
+            // so every lab's update has a similar size whatever its loss), a rate that warms up
+            // for one round and decays by a cosine over the rounds, and an unweighted
+            // cross-entropy (class weights made sem-bse and optical over-predict boundaries).
+            learning_rate: 0.001,
+            schedule: LrSchedule {
+                warmup_rounds: 1,
+                decay: Decay::Cosine,
+                rounds: 5,
+                floor: 0.1,
+                ..LrSchedule::default()
+            },
+            optimizer: LocalOptimizer::Adam,
+            class_weighted: false,
             capture_interval: Duration::from_secs(4),
             round_deadline: Duration::from_secs(600),
             timeout: Duration::from_secs(1800),
@@ -367,6 +380,7 @@ fn federation_section(
     t.insert("state".into(), path(&lab.state())?);
     t.insert("batch".into(), (cfg.batch as i64).into());
     t.insert("crop".into(), (cfg.crop as i64).into());
+    t.insert("class_weighted".into(), cfg.class_weighted.into());
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
     // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
@@ -640,7 +654,11 @@ async fn orchestrate(
             local_epochs: 1,
             steps_per_epoch: cfg.steps_per_round,
             learning_rate: cfg.learning_rate,
-            schedule: cfg.schedule,
+            // A cosine decays over the demo's rounds, however many were asked for.
+            schedule: LrSchedule {
+                rounds: cfg.rounds.max(cfg.schedule.warmup_rounds + 1),
+                ..cfg.schedule
+            },
             optimizer: cfg.optimizer,
             prox_mu: 0.0,
             pause_s: 0.0,

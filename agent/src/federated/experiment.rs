@@ -73,6 +73,8 @@ pub struct RunSpec {
     pub steps_per_epoch: Option<u32>,
     #[serde(default)]
     pub schedule: Option<LrSchedule>,
+    #[serde(default)]
+    pub class_weighted: Option<bool>,
 }
 
 impl RunSpec {
@@ -83,6 +85,7 @@ impl RunSpec {
             optimizer: self.optimizer.unwrap_or(train.optimizer),
             steps_per_epoch: self.steps_per_epoch.unwrap_or(train.steps_per_epoch),
             schedule: self.schedule.unwrap_or(train.schedule),
+            class_weighted: self.class_weighted.unwrap_or(train.class_weighted),
             ..train.clone()
         }
     }
@@ -120,6 +123,9 @@ pub struct StyleSpec {
     pub band: Option<usize>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_probability() -> f32 {
     RestyleConfig::default().probability
 }
@@ -158,6 +164,9 @@ pub struct TrainSpec {
     /// Soft-Dice weight of the local loss (see [`LocalTrainer::set_dice_weight`]).
     #[serde(default)]
     pub dice_weight: f32,
+    /// Class-weighted cross-entropy (see [`LocalTrainer::set_class_weighting`]); default true.
+    #[serde(default = "default_true")]
+    pub class_weighted: bool,
     /// The rate across rounds (default: `learning_rate` in every round).
     #[serde(default)]
     pub schedule: LrSchedule,
@@ -305,6 +314,7 @@ pub fn run<B: Backend>(
         .collect::<Result<Vec<_>, _>>()?;
     for t in &mut trainers {
         t.set_dice_weight(train.dice_weight);
+        t.set_class_weighting(train.class_weighted);
     }
     let mut style_codes = Vec::new();
     if let Some(style) = spec
@@ -358,6 +368,7 @@ pub fn run<B: Backend>(
             )
             .map(|mut t| {
                 t.set_dice_weight(train.dice_weight);
+                t.set_class_weighting(train.class_weighted);
                 t
             })?,
         )

@@ -417,6 +417,8 @@ pub struct LocalTrainer<B: Backend> {
     restyle: RestyleConfig,
     /// Batches of the last `train_round` that were re-styled (features or at least one crop).
     restyled_batches: u64,
+    /// The lab's inverse-√frequency class weights (used when weighting is on).
+    auto_weights: Vec<f32>,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -469,6 +471,7 @@ impl<B: Backend> LocalTrainer<B> {
                 class_weights: Some(auto_class_weights(&counts)),
                 dice_weight: 0.0,
             },
+            auto_weights: auto_class_weights(&counts),
             cache,
             feature_styles: Vec::new(),
             fourier_variants: Vec::new(),
@@ -605,6 +608,14 @@ impl<B: Backend> LocalTrainer<B> {
     /// calibration of the thin boundary class.
     pub fn set_dice_weight(&mut self, weight: f32) {
         self.loss.dice_weight = weight;
+    }
+
+    /// Whether the cross-entropy weighs classes by the lab's inverse √frequency (the default, as
+    /// the base models were trained) or all alike. Weighting moves the decision threshold towards
+    /// the thin boundary class: the decoder over-predicts it (measured in docs/results.md), and each
+    /// lab's own weights pull a shared decoder's boundary threshold its own way.
+    pub fn set_class_weighting(&mut self, weighted: bool) {
+        self.loss.class_weights = weighted.then(|| self.auto_weights.clone());
     }
 
     pub fn has_holdout(&self) -> bool {
@@ -1092,6 +1103,12 @@ mod tests {
         // The first step of SGD with momentum is plain SGD's; the second is not.
         assert_ne!(out[0], out[1]);
         assert_ne!(out[1], out[2]);
+        // Without class weights the loss, so the update, changes; switching back restores it.
+        t.set_class_weighting(false);
+        let (unweighted, _) = t.train_round(&global, &plan()).unwrap();
+        assert_ne!(unweighted, out[0]);
+        t.set_class_weighting(true);
+        assert_eq!(t.train_round(&global, &plan()).unwrap().0, out[0]);
     }
 
     #[test]

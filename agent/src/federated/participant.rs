@@ -75,6 +75,9 @@ pub struct FederationSection {
     /// `microfed experiment` trains; 0 = class-weighted cross-entropy alone).
     #[serde(default = "default_dice_weight")]
     pub dice_weight: f32,
+    /// Class-weighted cross-entropy (inverse √frequency), as the base models were trained.
+    #[serde(default = "default_class_weighted")]
+    pub class_weighted: bool,
     #[serde(default)]
     pub seed: u64,
     /// An update with a larger L2 norm is not sent (it would be rejected).
@@ -122,6 +125,9 @@ fn default_crop() -> usize {
 }
 fn default_dice_weight() -> f32 {
     0.5
+}
+fn default_class_weighted() -> bool {
+    true
 }
 fn default_max_norm() -> f32 {
     1e3
@@ -202,6 +208,12 @@ impl AnyTrainer {
         match self {
             Self::Cpu(t) => t.set_dice_weight(weight),
             Self::Cuda(t) => t.set_dice_weight(weight),
+        }
+    }
+    fn set_class_weighting(&mut self, weighted: bool) {
+        match self {
+            Self::Cpu(t) => t.set_class_weighting(weighted),
+            Self::Cuda(t) => t.set_class_weighting(weighted),
         }
     }
 }
@@ -1067,6 +1079,7 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
     };
     let mut trainer = trainer;
     trainer.set_dice_weight(cfg.dice_weight);
+    trainer.set_class_weighting(cfg.class_weighted);
     Ok(Prepared {
         trainer,
         proto: Arc::new(proto),
