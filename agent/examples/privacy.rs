@@ -20,7 +20,7 @@ use rand::{Rng, SeedableRng};
 use microfed::federated::attack::{self, Condition, SyntheticLab};
 use microfed::federated::attack_style::{self, StyleDefence};
 use microfed::federated::dp::{self, DpConfig, RdpAccountant};
-use microfed::federated::local::RoundPlan;
+use microfed::federated::local::{LocalOptimizer, RoundPlan};
 use microfed::federated::secagg::{self, Dropouts};
 use microfed::federated::style::StyleKind;
 use microfed::micrograph::Normalisation;
@@ -167,6 +167,7 @@ const PLAN: RoundPlan = RoundPlan {
     steps_per_epoch: 8,
     learning_rate: 0.01,
     prox_mu: 0.0,
+    optimizer: LocalOptimizer::Momentum,
 };
 
 fn median(mut v: Vec<f64>) -> f64 {
