@@ -845,6 +845,7 @@ pub fn paired_table(labs: &[String], results: &[Vec<RunResult>], reference: usiz
             let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
             out += &format!("{} | ", cell(d));
         }
+        out.truncate(out.trim_end().len());
         out.push('\n');
     }
     out
