@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Reproduces docs/results.md: makes the synthetic labs with `microfed synth`, then runs each
-# experiment with `microfed experiment`: the optimiser sweep, the IID gate, the synthetic and the
-# nasa-super federations.
+# experiment with `microfed experiment`: the optimiser and loss sweeps, the IID gate, the demo's labs,
+# the synthetic and the nasa-super federations. The demo's own numbers: `microfed demo` (release).
 #
 #   experiments/run.sh                 # all of them, in that order
-#   experiments/run.sh gate-iid        # some of them (sweep-optimiser | gate-iid | synthetic | nasa-super)
+#   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
+#                                      #   demo-labs | synthetic | nasa-super)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -28,14 +29,20 @@ make_lab() { # style count seed
     make_lab_at "synthetic/$1" "$@"
 }
 
-which=("${@:-sweep-optimiser gate-iid synthetic nasa-super}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs synthetic nasa-super}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
             # Four labs, one style (sem-se): random draws of the same generator, 12 images each.
             for i in 1 2 3 4; do make_lab_at "gate-iid/lab-$i" sem-se 12 $((5200 + i)); done
             ;;
-        synthetic|sweep-optimiser)
+        demo-labs)
+            # What `microfed demo` synthesises with its defaults (seed 7: labs 700, 701, 702).
+            make_lab_at demo-labs/hazy hazy 10 700
+            make_lab_at demo-labs/sem-bse sem-bse 10 701
+            make_lab_at demo-labs/optical-etched optical-etched 10 702
+            ;;
+        synthetic|sweep-optimiser|sweep-loss)
             make_lab sem-se 12 5101
             make_lab optical-etched 12 5102
             make_lab sem-bse 12 5103
@@ -44,7 +51,7 @@ for fed in ${which[*]}; do
         nasa-super)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | gate-iid | synthetic | nasa-super)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | synthetic | nasa-super)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
