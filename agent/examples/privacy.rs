@@ -18,7 +18,7 @@ use anyhow::Context;
 use rand::{Rng, SeedableRng};
 
 use microfed::federated::dp::{self, DpConfig, RdpAccountant};
-use microfed::federated::edge::local::RoundPlan;
+use microfed::federated::edge::local::{LocalOptimizer, RoundPlan};
 use microfed::federated::edge::style::StyleKind;
 use microfed::micrograph::Normalisation;
 use microfed::model::runtime::Segmenter;
@@ -167,6 +167,7 @@ const PLAN: RoundPlan = RoundPlan {
     steps_per_epoch: 8,
     learning_rate: 0.01,
     prox_mu: 0.0,
+    optimizer: LocalOptimizer::Momentum,
 };
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -31,7 +31,7 @@ const LAYERS: &[&[&str]] = &[
 ];
 
 /// Inside `federated`: the codec and DP, shared, below the two sides, which never import each other.
-const FEDERATED_LAYERS: &[&[&str]] = &[&["compress", "dp"], &["edge", "server"]];
+const FEDERATED_LAYERS: &[&[&str]] = &[&["compress", "dp", "schedule"], &["edge", "server"]];
 
 /// The only top-level module that may name the MQTT crates.
 const MQTT_MODULE: &str = "wire";

@@ -96,6 +96,35 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             l.output.display()
         );
     }
+    let federated: Vec<String> = outcome
+        .labs
+        .iter()
+        .filter(|l| l.federated)
+        .map(|l| l.name.clone())
+        .collect();
+    for (lab, first, last) in demo::report::federation_gains(&outcome.rows, &federated) {
+        if let (Some(a), Some(b)) = (first, last) {
+            println!(
+                "{lab}: hold-out IoU of the global decoder {a:.3} at round 1, {b:.3} at the last round ({:+.1} points)",
+                100.0 * (b - a)
+            );
+        }
+    }
+    for l in &outcome.labs {
+        if let Some(e) = demo::report::grain_count_error(&l.grain_counts) {
+            let (m, t): (Vec<f64>, Vec<f64>) = l
+                .grain_counts
+                .iter()
+                .filter_map(|c| Some((c.measured?, f64::from(c.truth?))))
+                .unzip();
+            println!(
+                "{}: {:.1} grains per capture measured, {:.1} in the truth (mean error {e:.1} %)",
+                l.name,
+                m.iter().sum::<f64>() / m.len() as f64,
+                t.iter().sum::<f64>() / t.len() as f64
+            );
+        }
+    }
     println!(
         "done in {:.1} s. Report: {}\nOutputs in {}",
         outcome.seconds,

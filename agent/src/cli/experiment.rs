@@ -120,7 +120,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
     let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
-    let table = experiment::summary_table(&names, &results);
+    let mut table = experiment::summary_table(&names, &results);
+    if let Some(r) = &cfg.reference {
+        let i = cfg
+            .runs
+            .iter()
+            .position(|s| &s.name == r)
+            .with_context(|| format!("reference {r:?} is not a run of the experiment"))?;
+        table += "\n";
+        table += &experiment::paired_table(&names, &results, i);
+    }
     std::fs::write(cfg.out.join("results.md"), &table)?;
     std::fs::write(
         cfg.out.join("results.csv"),

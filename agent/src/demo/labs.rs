@@ -38,6 +38,8 @@ pub struct Capture {
     pub name: String,
     /// The class-index truth mask, when known (synthetic truth, nasa-super's hand labels).
     pub truth: Option<PathBuf>,
+    /// The grains on the specimen, when known (the synthetic generator counts them).
+    pub truth_grains: Option<u32>,
 }
 
 /// One synthetic lab: its folders and data.
@@ -101,6 +103,7 @@ impl SyntheticLab {
                 source,
                 name: format!("{stem}.png"),
                 truth: Some(truth_path),
+                truth_grains: sample.truth.grains,
             });
         }
         Ok(Self {
@@ -140,6 +143,7 @@ pub fn real_captures(root: &Path, count: usize) -> Result<Vec<Capture>, DemoErro
             Capture {
                 source: images.join(&n),
                 truth: mask.is_file().then_some(mask),
+                truth_grains: None,
                 name: n,
             }
         })
@@ -171,6 +175,7 @@ mod tests {
         assert!(lab.labelled.join("dataset.toml").is_file());
         assert_eq!(lab.captures.len(), 2);
         for c in &lab.captures {
+            assert!(c.truth_grains.is_some_and(|g| g > 0), "{c:?}");
             let truth = crate::mask::Mask::load(c.truth.as_ref().unwrap()).unwrap();
             let img = image::open(&c.source).unwrap();
             assert_eq!((img.width(), img.height()), (truth.width, truth.height));
@@ -199,6 +204,7 @@ mod tests {
             source: src,
             name: "x.png".into(),
             truth: None,
+            truth_grains: None,
         };
         let p = deliver(&c, &watch).unwrap();
         assert_eq!(std::fs::read(p).unwrap(), b"bytes");

@@ -34,6 +34,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::federated::compress::{self, CompressionConfig, Quantize};
+use crate::federated::edge::local::{Decay, LocalOptimizer, LrSchedule};
 use crate::federated::edge::participant::FederationSection;
 use crate::federated::server::aggregator::{self, Aggregator, AggregatorConfig, RoundSection};
 use crate::federated::server::merge::AggregationConfig;
@@ -108,11 +109,16 @@ pub struct DemoConfig {
     pub image_size: u32,
     /// Segmentation tile side (a multiple of 16).
     pub tile: usize,
-    /// Local training: crop side, batch, steps per round, learning rate (SGD with momentum).
+    /// Local training: crop side, batch, steps per round, base learning rate, its schedule across
+    /// rounds and the optimiser (the aggregator announces each round's rate).
     pub crop: usize,
     pub batch: usize,
     pub steps_per_round: u32,
     pub learning_rate: f32,
+    pub schedule: LrSchedule,
+    pub optimizer: LocalOptimizer,
+    /// Class-weighted cross-entropy in local training (see `LocalTrainer::set_class_weighting`).
+    pub class_weighted: bool,
     /// Time between two captures of a lab.
     pub capture_interval: Duration,
     /// A round closes when every lab has sent its update, or at this deadline.
@@ -141,7 +147,20 @@ impl DemoConfig {
             crop: 128,
             batch: 4,
             steps_per_round: 8,
-            learning_rate: 0.01,
+            // The recipe of docs/results.md ("demo labs"): AdamW (its moments reset each round,
+            // so every lab's update has a similar size whatever its loss), a rate that warms up
+            // for one round and decays by a cosine over the rounds, and an unweighted
+            // cross-entropy (class weights made sem-bse and optical over-predict boundaries).
+            learning_rate: 0.001,
+            schedule: LrSchedule {
+                warmup_rounds: 1,
+                decay: Decay::Cosine,
+                rounds: 5,
+                floor: 0.1,
+                ..LrSchedule::default()
+            },
+            optimizer: LocalOptimizer::Adam,
+            class_weighted: false,
             capture_interval: Duration::from_secs(4),
             round_deadline: Duration::from_secs(600),
             timeout: Duration::from_secs(1800),
@@ -216,8 +235,14 @@ impl DemoConfig {
             (
                 "local training per round".into(),
                 format!(
-                    "{} steps, batch {}, crop {} px, SGD lr {}",
-                    self.steps_per_round, self.batch, self.crop, self.learning_rate
+                    "{} steps, batch {}, crop {} px, {:?} lr {} ({:?} decay, {} warm-up rounds)",
+                    self.steps_per_round,
+                    self.batch,
+                    self.crop,
+                    self.optimizer,
+                    self.learning_rate,
+                    self.schedule.decay,
+                    self.schedule.warmup_rounds
                 ),
             ),
             (
@@ -355,6 +380,7 @@ fn federation_section(
     t.insert("state".into(), path(&lab.state())?);
     t.insert("batch".into(), (cfg.batch as i64).into());
     t.insert("crop".into(), (cfg.crop as i64).into());
+    t.insert("class_weighted".into(), cfg.class_weighted.into());
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
     // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
@@ -499,6 +525,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             federated: i < federated,
             captures: report::score_captures(&p.output(), &p.captures, p.manifest.classes.len()),
             features: report::summarise_features(&features_csv).ok(),
+            grain_counts: report::grain_counts(&features_csv, &p.captures),
         });
     }
     let labs_styles: Vec<(String, String)> = plans[..federated]
@@ -528,6 +555,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
     let md = report::report_markdown(
         &cfg.describe(),
         &table,
+        &report::federation_gains(&rows, &lab_names),
         &lab_reports,
         dense,
         &files,
@@ -625,6 +653,12 @@ async fn orchestrate(
             local_epochs: 1,
             steps_per_epoch: cfg.steps_per_round,
             learning_rate: cfg.learning_rate,
+            // A cosine decays over the demo's rounds, however many were asked for.
+            schedule: LrSchedule {
+                rounds: cfg.rounds.max(cfg.schedule.warmup_rounds + 1),
+                ..cfg.schedule
+            },
+            optimizer: cfg.optimizer,
             prox_mu: 0.0,
             pause_s: 0.0,
         },

@@ -350,6 +350,70 @@ pub fn summarise_features(path: &Path) -> Result<FeatureSummary, DemoError> {
     })
 }
 
+/// One capture's grain count as the agent measured it (features.csv) beside the truth's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GrainCount {
+    pub capture: String,
+    pub measured: Option<f64>,
+    pub truth: Option<u32>,
+}
+
+/// Each capture's `grains` from the features CSV (the row whose `source` ends with the capture's
+/// name), beside the generator's count; captures without a row get `measured: None`.
+pub fn grain_counts(features_csv: &Path, captures: &[Capture]) -> Vec<GrainCount> {
+    let text = std::fs::read_to_string(features_csv).unwrap_or_default();
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let header = lines.next().map(csv_fields).unwrap_or_default();
+    let rows: Vec<Vec<String>> = lines.map(csv_fields).collect();
+    let col = |name: &str| header.iter().position(|h| h == name);
+    let (source, grains) = (col("source"), col("grains"));
+    captures
+        .iter()
+        .map(|c| {
+            let measured = source.zip(grains).and_then(|(s, g)| {
+                rows.iter()
+                    .filter(|r| {
+                        r.get(s)
+                            .is_some_and(|v| v == &c.name || v.ends_with(&format!("/{}", c.name)))
+                    })
+                    .filter_map(|r| r.get(g)?.parse::<f64>().ok())
+                    .next_back()
+            });
+            GrainCount {
+                capture: c.name.clone(),
+                measured,
+                truth: c.truth_grains,
+            }
+        })
+        .collect()
+}
+
+/// Mean of |measured − truth| / truth over the captures with both, in percent.
+pub fn grain_count_error(counts: &[GrainCount]) -> Option<f64> {
+    let e: Vec<f64> = counts
+        .iter()
+        .filter_map(|c| {
+            let t = f64::from(c.truth?);
+            let m = c.measured?;
+            (t > 0.0).then(|| (m - t).abs() / t)
+        })
+        .collect();
+    (!e.is_empty()).then(|| 100.0 * e.iter().sum::<f64>() / e.len() as f64)
+}
+
+/// Per lab: the hold-out IoU of the global decoder the first round started from (the base model)
+/// and of the one the last round started from.
+pub fn federation_gains(
+    rows: &[RoundRow],
+    labs: &[String],
+) -> Vec<(String, Option<f32>, Option<f32>)> {
+    let at = |i: usize, r: Option<&RoundRow>| r.and_then(|r| r.labs.get(i)?.as_ref()?.iou_global);
+    labs.iter()
+        .enumerate()
+        .map(|(i, l)| (l.clone(), at(i, rows.first()), at(i, rows.last())))
+        .collect()
+}
+
 /// One lab's entry in the report.
 #[derive(Debug, Clone)]
 pub struct LabReport {
@@ -361,12 +425,15 @@ pub struct LabReport {
     pub federated: bool,
     pub captures: CaptureScore,
     pub features: Option<FeatureSummary>,
+    /// Per capture, grains measured and true (empty for labs without a grain count).
+    pub grain_counts: Vec<GrainCount>,
 }
 
 /// `report.md`: what ran, the round table, how the captures came out, where everything is.
 pub fn report_markdown(
     configuration: &[(String, String)],
     table: &[String],
+    gains: &[(String, Option<f32>, Option<f32>)],
     labs: &[LabReport],
     dense_bytes: usize,
     files: &[(String, PathBuf)],
@@ -389,6 +456,22 @@ pub fn report_markdown(
     for l in table {
         md.push_str(l);
         md.push('\n');
+    }
+    md.push_str(
+        "\nWhat federation did for each lab: the hold-out IoU of the global decoder the first round \
+         started from (the base model) and of the one the last round started from.\n\n\
+         | lab | round 1 start | last round start | change (points) |\n|---|---|---|---|\n",
+    );
+    for (lab, first, last) in gains {
+        let change = first
+            .zip(*last)
+            .map_or("–".into(), |(a, b)| format!("{:+.1}", 100.0 * (b - a)));
+        let _ = writeln!(
+            md,
+            "| {lab} | {} | {} | {change} |",
+            iou(*first),
+            iou(*last)
+        );
     }
     let _ = writeln!(md, "\nStyle codes: {style_codes}\n");
     md.push_str("## Captured micrographs\n\n");
@@ -434,9 +517,42 @@ pub fn report_markdown(
         }
     }
     md.push_str(
-        "\nLengths are in pixels unless the image carries a pixel size (synthetic images do not).\n\n\
-         ## Files\n\n",
+        "\nLengths are in pixels unless the image carries a pixel size (synthetic images do not).\n",
     );
+    let counted: Vec<&LabReport> = labs
+        .iter()
+        .filter(|l| l.grain_counts.iter().any(|c| c.truth.is_some()))
+        .collect();
+    if !counted.is_empty() {
+        md.push_str(
+            "\n## Grain counts\n\nEach capture's grains as the agent measured them (features.csv) \
+             beside the synthetic generator's truth.\n\n| lab | capture | measured | truth |\n\
+             |---|---|---|---|\n",
+        );
+        for l in &counted {
+            for c in &l.grain_counts {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} | {} |",
+                    l.name,
+                    c.capture,
+                    c.measured.map_or("–".into(), |v| format!("{v:.0}")),
+                    c.truth.map_or("–".into(), |v| v.to_string())
+                );
+            }
+        }
+        md.push('\n');
+        for l in &counted {
+            if let Some(e) = grain_count_error(&l.grain_counts) {
+                let _ = writeln!(
+                    md,
+                    "- {}: mean |measured − truth| / truth = {e:.1} %",
+                    l.name
+                );
+            }
+        }
+    }
+    md.push_str("\n## Files\n\n");
     for (what, p) in files {
         let _ = writeln!(md, "- {what}: `{}`", p.display());
     }
@@ -569,6 +685,41 @@ mod tests {
     }
 
     #[test]
+    fn grain_counts_pair_each_capture_with_its_row_and_truth() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("features.csv");
+        std::fs::write(
+            &p,
+            "source,kind,grains\n/in/c.png,grains,9\nd.png,grains,30\n",
+        )
+        .unwrap();
+        let cap = |name: &str, truth: Option<u32>| Capture {
+            source: tmp.path().join(name),
+            name: name.into(),
+            truth: None,
+            truth_grains: truth,
+        };
+        let caps = [
+            cap("c.png", Some(10)),
+            cap("d.png", Some(20)),
+            cap("e.png", Some(5)),
+        ];
+        let counts = grain_counts(&p, &caps);
+        let got: Vec<(Option<f64>, Option<u32>)> =
+            counts.iter().map(|c| (c.measured, c.truth)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Some(9.0), Some(10)),
+                (Some(30.0), Some(20)),
+                (None, Some(5))
+            ]
+        );
+        // (10 % + 50 %) / 2; e.png has no measurement.
+        assert!((grain_count_error(&counts).unwrap() - 30.0).abs() < 1e-9);
+    }
+
+    #[test]
     fn captures_are_scored_against_their_truth() {
         let tmp = tempfile::tempdir().unwrap();
         let truth = tmp.path().join("t.png");
@@ -582,11 +733,13 @@ mod tests {
                 source: tmp.path().join("c.png"),
                 name: "c.png".into(),
                 truth: Some(truth),
+                truth_grains: Some(3),
             },
             Capture {
                 source: tmp.path().join("d.png"),
                 name: "d.png".into(),
                 truth: None,
+                truth_grains: None,
             },
         ];
         let s = score_captures(tmp.path(), &caps, 2);

@@ -2,7 +2,8 @@
 //!
 //! Map, by side:
 //! - [`compress`]: update compression (top-k with error feedback, int8/int4, zstd), shared by both
-//!   sides; [`dp`]: clipping, Gaussian noise and the RDP accountant.
+//!   sides; [`dp`]: clipping, Gaussian noise and the RDP accountant; [`schedule`]: the local
+//!   learning rate across rounds.
 //! - [`edge`]: the lab's side: the round participant, local decoder training on cached encoder
 //!   features, the outbox, style codes.
 //! - [`server`]: the aggregator's side: round logic and crash-safe state, merge rules, scale-out.
@@ -13,4 +14,5 @@
 pub mod compress;
 pub mod dp;
 pub mod edge;
+pub mod schedule;
 pub mod server;

@@ -26,7 +26,7 @@ use microfed_kernels::unet::Params;
 
 use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
 use crate::federated::edge::local::{
-    FeatureCache, HoldoutScores, LocalError, LocalTrainer, RoundPlan,
+    FeatureCache, HoldoutScores, LocalError, LocalOptimizer, LocalTrainer, LrSchedule, RoundPlan,
 };
 use crate::federated::edge::style::{
     PrivacyKnobs, RestyleConfig, StyleCode, StyleKind, seeded_rng,
@@ -63,6 +63,46 @@ pub struct RunSpec {
     /// Style codes (FedAvg and FedProx only).
     #[serde(default)]
     pub style: Option<StyleSpec>,
+    /// Centralised only: what the pooled training matches of a federated round.
+    #[serde(default)]
+    pub matched: Matching,
+    /// This run's own local training settings, in place of `[train]`'s (a sweep in one file).
+    #[serde(default)]
+    pub learning_rate: Option<f32>,
+    #[serde(default)]
+    pub optimizer: Option<LocalOptimizer>,
+    #[serde(default)]
+    pub steps_per_epoch: Option<u32>,
+    #[serde(default)]
+    pub schedule: Option<LrSchedule>,
+    #[serde(default)]
+    pub class_weighted: Option<bool>,
+}
+
+impl RunSpec {
+    /// `[train]` with this run's own settings in place.
+    pub fn train(&self, train: &TrainSpec) -> TrainSpec {
+        TrainSpec {
+            learning_rate: self.learning_rate.unwrap_or(train.learning_rate),
+            optimizer: self.optimizer.unwrap_or(train.optimizer),
+            steps_per_epoch: self.steps_per_epoch.unwrap_or(train.steps_per_epoch),
+            schedule: self.schedule.unwrap_or(train.schedule),
+            class_weighted: self.class_weighted.unwrap_or(train.class_weighted),
+            ..train.clone()
+        }
+    }
+}
+
+/// What centralised training matches of a federated round (both see as many samples).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Matching {
+    /// As many steps as all labs together, each of one lab's batch size.
+    #[default]
+    Samples,
+    /// As many steps as one lab, each batch as large as all labs' batches together: with one local
+    /// step per round and plain SGD, FedAvg over equal labs is exactly this.
+    Steps,
 }
 
 /// A run's use of style codes.
@@ -79,8 +119,15 @@ pub struct StyleSpec {
     pub min_images: u32,
     #[serde(default)]
     pub noise_sigma: f32,
+    /// Fourier codes: the band radius in bins of the 128 px window (default
+    /// [`crate::federated::edge::style::FOURIER_BAND`]); a wide band carries blur.
+    #[serde(default)]
+    pub band: Option<usize>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_probability() -> f32 {
     RestyleConfig::default().probability
 }
@@ -119,6 +166,14 @@ pub struct TrainSpec {
     /// Soft-Dice weight of the local loss (see [`LocalTrainer::set_dice_weight`]).
     #[serde(default)]
     pub dice_weight: f32,
+    /// Class-weighted cross-entropy (see [`LocalTrainer::set_class_weighting`]); default true.
+    #[serde(default = "default_true")]
+    pub class_weighted: bool,
+    /// The rate across rounds (default: `learning_rate` in every round).
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
 }
 
 /// One round's outcome in one run.
@@ -138,6 +193,21 @@ pub struct RoundRecord {
     /// Bytes each lab sent this round (compressed update).
     pub bytes: Vec<usize>,
     pub train_loss: Vec<f32>,
+    /// The round's local learning rate (after the schedule).
+    #[serde(default)]
+    pub learning_rate: f32,
+    /// L2 norm of each lab's update (local − its start), before compression; centralised: the
+    /// pooled update's, under every lab.
+    #[serde(default)]
+    pub update_norm: Vec<f32>,
+    /// Per lab: IoU of each class, and the fractions of hold-out pixels predicted as / labelled
+    /// with each class.
+    #[serde(default)]
+    pub lab_class_iou: Vec<Vec<Option<f64>>>,
+    #[serde(default)]
+    pub lab_pred_fraction: Vec<Vec<f64>>,
+    #[serde(default)]
+    pub lab_truth_fraction: Vec<Vec<f64>>,
 }
 
 /// What a run produced.
@@ -168,6 +238,12 @@ impl RoundRecord {
             scores.iter().map(|s| s.as_ref().and_then(f)).collect()
         };
         let lab_iou = pick(|s| s.iou);
+        let each = |f: fn(&HoldoutScores) -> Vec<f64>| -> Vec<Vec<f64>> {
+            scores
+                .iter()
+                .map(|s| s.as_ref().map(f).unwrap_or_default())
+                .collect()
+        };
         Self {
             round,
             mean_iou: mean(&lab_iou),
@@ -176,8 +252,25 @@ impl RoundRecord {
             lab_boundary_f1: pick(|s| s.boundary_f1),
             bytes,
             train_loss: loss,
+            learning_rate: 0.0,
+            update_norm: Vec::new(),
+            lab_class_iou: scores
+                .iter()
+                .map(|s| s.as_ref().map(|s| s.class_iou.clone()).unwrap_or_default())
+                .collect(),
+            lab_pred_fraction: each(|s| s.pred_fraction.clone()),
+            lab_truth_fraction: each(|s| s.truth_fraction.clone()),
         }
     }
+}
+
+/// L2 norm of `a − b`.
+pub fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32
 }
 
 /// A lab in the experiment: its name and its cached features.
@@ -201,6 +294,7 @@ pub fn run<B: Backend>(
     spec: &RunSpec,
     seed: u64,
 ) -> Result<RunResult, LocalError> {
+    let train = &spec.train(train);
     let layout: Vec<TensorSpan> = compress::decoder_layout(params.classes);
     let base = params.decoder_flat();
     let len = base.len();
@@ -222,6 +316,7 @@ pub fn run<B: Backend>(
         .collect::<Result<Vec<_>, _>>()?;
     for t in &mut trainers {
         t.set_dice_weight(train.dice_weight);
+        t.set_class_weighting(train.class_weighted);
     }
     let mut style_codes = Vec::new();
     if let Some(style) = spec
@@ -233,12 +328,15 @@ pub fn run<B: Backend>(
         let mut codes = Vec::new();
         for (i, lab) in labs.iter().enumerate() {
             let mut rng = seeded_rng(seed.wrapping_mul(7919) + i as u64);
-            match StyleCode::from_cache_with_rng(
+            match StyleCode::from_cache_with_band(
                 &lab.cache,
                 style.kind,
                 &style.knobs(),
                 &lab.name,
                 &mut rng,
+                style
+                    .band
+                    .unwrap_or(crate::federated::edge::style::FOURIER_BAND),
             ) {
                 Ok(code) => codes.push(code),
                 Err(e) => tracing::warn!(lab = %lab.name, error = %e, "no style code published"),
@@ -259,17 +357,22 @@ pub fn run<B: Backend>(
         let mut all = labs[0].cache.clone();
         all.train = labs.iter().flat_map(|l| l.cache.train.clone()).collect();
         all.holdout.clear();
+        let batch = match spec.matched {
+            Matching::Samples => train.batch,
+            Matching::Steps => train.batch * labs.len(),
+        };
         Some(
             LocalTrainer::new(
                 backend.clone(),
                 params,
                 all,
-                train.batch,
+                batch,
                 train.crop,
                 seed.wrapping_mul(1000) + 999,
             )
             .map(|mut t| {
                 t.set_dice_weight(train.dice_weight);
+                t.set_class_weighting(train.class_weighted);
                 t
             })?,
         )
@@ -298,31 +401,39 @@ pub fn run<B: Backend>(
             round,
             epochs: train.local_epochs,
             steps_per_epoch: train.steps_per_epoch,
-            learning_rate: train.learning_rate,
+            learning_rate: train.schedule.rate(train.learning_rate, round),
             prox_mu: if spec.strategy == Strategy::FedProx {
                 spec.prox_mu
             } else {
                 0.0
             },
+            optimizer: train.optimizer,
         };
         let mut bytes = vec![0; labs.len()];
         let mut losses = Vec::new();
+        let mut norms = vec![0.0f32; labs.len()];
         match spec.strategy {
             Strategy::Local => {
                 for (i, t) in trainers.iter_mut().enumerate() {
                     let (local, loss) = t.train_round(&own[i], &plan)?;
+                    norms[i] = distance(&local, &own[i]);
                     own[i] = local;
                     losses.push(loss);
                 }
             }
             Strategy::Centralised => {
                 if let Some(p) = pooled.as_mut() {
-                    // As many steps as all labs together take in a federated round.
-                    let plan = RoundPlan {
-                        steps_per_epoch: plan.steps_per_epoch * labs.len() as u32,
-                        ..plan
+                    let plan = match spec.matched {
+                        // As many steps as all labs together take in a federated round.
+                        Matching::Samples => RoundPlan {
+                            steps_per_epoch: plan.steps_per_epoch * labs.len() as u32,
+                            ..plan
+                        },
+                        // One lab's steps, of all labs' batches at once.
+                        Matching::Steps => plan,
                     };
                     let (local, loss) = p.train_round(&global, &plan)?;
+                    norms.fill(distance(&local, &global));
                     global = local;
                     losses.push(loss);
                 }
@@ -333,6 +444,7 @@ pub fn run<B: Backend>(
                 for (i, t) in trainers.iter_mut().enumerate() {
                     let (local, loss) = t.train_round(&global, &plan)?;
                     losses.push(loss);
+                    norms[i] = distance(&local, &global);
                     let update: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
                     let packed = compress::compress(
                         &update,
@@ -359,12 +471,16 @@ pub fn run<B: Backend>(
             vec![global.as_slice(); labs.len()]
         };
         let scores = score(&mut trainers, &decoders)?;
-        let record = RoundRecord::new(round, &scores, bytes, losses);
+        let mut record = RoundRecord::new(round, &scores, bytes, losses);
+        record.learning_rate = plan.learning_rate;
+        record.update_norm = norms;
         tracing::info!(
             run = %spec.name,
             round,
+            lr = plan.learning_rate,
             mean_iou = ?record.mean_iou,
-            bytes = ?record.bytes,
+            lab_iou = ?record.lab_iou,
+            update_norm = ?record.update_norm,
             "round"
         );
         rounds.push(record);
@@ -396,6 +512,10 @@ pub struct ExperimentConfig {
     /// Seeds; each run is repeated per seed (mean ± standard deviation reported).
     #[serde(default = "default_seeds")]
     pub seeds: Vec<u64>,
+    /// A run's name: results.md adds every other run's final-round IoU minus this one's, paired
+    /// by seed, with 95 % intervals.
+    #[serde(default)]
+    pub reference: Option<String>,
     /// Where features are cached.
     #[serde(default)]
     pub cache: Option<PathBuf>,
@@ -479,7 +599,23 @@ impl ExperimentConfig {
                 path.display()
             ));
         }
+        if let Some(r) = &c.reference
+            && !c.runs.iter().any(|s| &s.name == r)
+        {
+            return Err(format!(
+                "{}: reference {r:?} is not a run of the experiment",
+                path.display()
+            ));
+        }
+        c.train
+            .schedule
+            .validate()
+            .map_err(|e| format!("{}: train.{e}", path.display()))?;
         for r in &c.runs {
+            if let Some(s) = &r.schedule {
+                s.validate()
+                    .map_err(|e| format!("{}: run {}: {e}", path.display(), r.name))?;
+            }
             r.compression
                 .validate()
                 .map_err(|e| format!("{}: run {}: {e}", path.display(), r.name))?;
@@ -652,16 +788,94 @@ pub fn summary_table(labs: &[String], results: &[Vec<RunResult>]) -> String {
     out
 }
 
-/// One CSV row per run, seed, round and lab.
+/// Two-sided 95 % quantile of Student's t with `df` degrees of freedom.
+pub fn t95(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+        2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+        2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => 1.96,
+    }
+}
+
+/// Mean of paired differences and the half-width of its 95 % t interval (None: fewer than 2).
+pub fn paired_interval(d: &[f64]) -> Option<(f64, Option<f64>)> {
+    let (m, sd) = mean_sd(d)?;
+    let half = (d.len() >= 2).then(|| t95(d.len() - 1) * sd / (d.len() as f64).sqrt());
+    Some((m, half))
+}
+
+/// Final-round differences of every run against run `reference`, paired by seed (the runs list
+/// their seeds in the same order), in points: per lab IoU and the mean IoU over labs, as
+/// "mean [low, high]" with the 95 % t interval.
+pub fn paired_table(labs: &[String], results: &[Vec<RunResult>], reference: usize) -> String {
+    let n = labs.len();
+    let Some(base) = results.get(reference).and_then(|r| r.first()) else {
+        return String::new();
+    };
+    let mut out = format!(
+        "Final-round IoU minus {}'s, paired by seed, in points: mean [95 % interval].\n\n| run | ",
+        base.name
+    );
+    for l in labs {
+        out += &format!("{l} | ");
+    }
+    out += "mean IoU |\n|---|";
+    out += &"---|".repeat(n + 1);
+    out.push('\n');
+    let cell = |d: Vec<f64>| match paired_interval(&d) {
+        None => "–".to_string(),
+        Some((m, None)) => format!("{:+.1}", 100.0 * m),
+        Some((m, Some(h))) => format!(
+            "{:+.1} [{:+.1}, {:+.1}]",
+            100.0 * m,
+            100.0 * (m - h),
+            100.0 * (m + h)
+        ),
+    };
+    for (i, seeds) in results.iter().enumerate() {
+        let Some(first) = seeds.first() else { continue };
+        if i == reference {
+            continue;
+        }
+        out += &format!("| {} | ", first.name);
+        for lab in (0..n).map(Some).chain([None]) {
+            let a = final_values(seeds, Metric::Iou, lab, n);
+            let b = final_values(&results[reference], Metric::Iou, lab, n);
+            let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+            out += &format!("{} | ", cell(d));
+        }
+        out.truncate(out.trim_end().len());
+        out.push('\n');
+    }
+    out
+}
+
+/// One CSV row per run, seed, round and lab: the scores, the bytes sent, the round's learning rate,
+/// the lab's update norm, the IoU of each class (`;`-separated) and the fraction of hold-out pixels
+/// predicted as / labelled with the last class (the boundary class of the reference models).
 pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String {
-    let mut out = String::from("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n");
+    let mut out = String::from(
+        "run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes,learning_rate,update_norm,\
+         class_iou,last_class_pred_fraction,last_class_truth_fraction\n",
+    );
     let f = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_default();
     for runs in results {
         for (r, seed) in runs.iter().zip(seeds) {
             for rec in &r.rounds {
                 for (l, name) in labs.iter().enumerate() {
+                    let classes = rec
+                        .lab_class_iou
+                        .get(l)
+                        .map(|v| v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(";"))
+                        .unwrap_or_default();
+                    let last = |v: &[Vec<f64>]| f(v.get(l).and_then(|x| x.last()).copied());
                     out += &format!(
-                        "{},{:?},{},{},{},{},{},{},{}\n",
+                        "{},{:?},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                         r.name,
                         r.strategy,
                         seed,
@@ -670,7 +884,12 @@ pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String
                         f(Metric::Iou.of(rec, l)),
                         f(Metric::Dice.of(rec, l)),
                         f(Metric::BoundaryF1.of(rec, l)),
-                        rec.bytes.get(l).copied().unwrap_or(0)
+                        rec.bytes.get(l).copied().unwrap_or(0),
+                        rec.learning_rate,
+                        f(rec.update_norm.get(l).map(|&x| f64::from(x))),
+                        classes,
+                        last(&rec.lab_pred_fraction),
+                        last(&rec.lab_truth_fraction),
                     );
                 }
             }
@@ -761,6 +980,7 @@ mod tests {
                 iou: Some(v),
                 dice: Some(v + 0.1),
                 boundary_f1: None,
+                ..HoldoutScores::default()
             })
         };
         RoundRecord::new(round, &[s(iou[0]), s(iou[1])], vec![0, 0], vec![])
@@ -792,13 +1012,34 @@ mod tests {
             "{table}"
         );
         let csv = csv(&labs, std::slice::from_ref(&seeds), &[1, 2, 3]);
-        assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes\n"));
-        assert!(csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0\n"), "{csv}");
+        assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes,"));
+        assert!(
+            csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0,0,,,,\n"),
+            "{csv}"
+        );
         let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);
         assert_eq!(chart.panels.len(), 3);
         let mean = &chart.panels[0].series[0].points;
         assert_eq!(mean.len(), 2);
         assert!((mean[0].1 - 50.0).abs() < 1e-9 && (mean[1].1 - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn paired_differences_have_t_intervals() {
+        let labs = vec!["a".to_string(), "b".to_string()];
+        let reference = vec![result("r", [0.5, 0.5]), result("r", [0.6, 0.6])];
+        // Lab a: differences 0.1 and 0.3 → mean 0.2, sd 0.1414, half-width 12.706 · 0.1 = 1.2706.
+        let other = vec![result("x", [0.6, 0.5]), result("x", [0.9, 0.6])];
+        let (m, h) = paired_interval(&[0.1, 0.3]).unwrap();
+        assert!((m - 0.2).abs() < 1e-12);
+        assert!((h.unwrap() - 12.706 * 0.1).abs() < 1e-9);
+        let table = paired_table(&labs, &[reference, other], 0);
+        assert!(table.contains("minus r's"), "{table}");
+        assert!(
+            table.contains("| x | +20.0 [-107.1, +147.1] | +0.0 [+0.0, +0.0] | +10.0"),
+            "{table}"
+        );
+        assert!((t95(4) - 2.776).abs() < 1e-9 && t95(100) == 1.96);
     }
 
     #[test]

@@ -262,9 +262,14 @@ pub struct RoundAnnouncement {
     pub local_epochs: u32,
     /// Local steps per epoch (batches); 0 = one pass over the device's images.
     pub steps_per_epoch: u32,
+    /// This round's local learning rate (the aggregator's schedule already applied).
     pub learning_rate: f32,
     /// FedProx's μ (0 = plain FedAvg local training).
     pub prox_mu: f32,
+    /// The local optimiser; absent in older aggregators' announcements (SGD with momentum 0.9,
+    /// what devices did then). Older devices ignore it.
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
     /// How devices compress their updates.
     pub compression: CompressionConfig,
     /// The round is closed: no more updates accepted (sent again, retained, when it closes).
@@ -723,9 +728,65 @@ pub struct PrivacyReport {
     pub order: u32,
 }
 
+/// The optimiser of local training. Its state is reset at the start of every round (a device
+/// starts each round from a new global decoder).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LocalOptimizer {
+    /// SGD with momentum 0.9 (what devices did before the announcement named an optimiser).
+    #[default]
+    Momentum,
+    /// Plain SGD (FedAvg's analysis; FedST's choice).
+    Sgd,
+    /// AdamW (β 0.9 / 0.999, weight decay 0.01), its moments reset every round.
+    Adam,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The announcement as aggregators sent it before it named the optimiser.
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct AnnouncementV1 {
+        round: u64,
+        global_version: u64,
+        global_digest: String,
+        deadline_unix: f64,
+        local_epochs: u32,
+        steps_per_epoch: u32,
+        learning_rate: f32,
+        prox_mu: f32,
+        compression: crate::federated::compress::CompressionConfig,
+        closed: bool,
+    }
+
+    #[test]
+    fn announcements_without_an_optimiser_still_decode_both_ways() {
+        let old = AnnouncementV1 {
+            round: 4,
+            global_version: 3,
+            global_digest: "d".into(),
+            deadline_unix: 1.0,
+            local_epochs: 1,
+            steps_per_epoch: 8,
+            learning_rate: 0.005,
+            prox_mu: 0.0,
+            compression: Default::default(),
+            closed: false,
+        };
+        let new: RoundAnnouncement =
+            from_cbor("announcement", &to_cbor("announcement", &old).unwrap()).unwrap();
+        assert_eq!(new.optimizer, LocalOptimizer::Momentum);
+        assert_eq!((new.round, new.learning_rate), (4, 0.005));
+        let adam = RoundAnnouncement {
+            optimizer: LocalOptimizer::Adam,
+            ..new
+        };
+        let back: AnnouncementV1 =
+            from_cbor("announcement", &to_cbor("announcement", &adam).unwrap()).unwrap();
+        assert_eq!(back, old);
+    }
 
     fn header() -> Header<'static> {
         Header {

@@ -31,13 +31,17 @@ use microfed_kernels::{Backend, KernelError, Shape};
 use crate::augment::reflect;
 use crate::dataset::IGNORE;
 pub use crate::federated::edge::cache::{CacheError, CachedImage, FeatureCache};
+// The optimiser travels in round announcements (the wire schema owns it) and the rate schedule is
+// shared by the aggregator, experiments and the demo; both are re-exported for local training.
 use crate::federated::edge::style::{
     RestyleConfig, StyleCode, StyleError, StyleKind, restyle_image,
 };
+pub use crate::federated::schedule::{Decay, LrSchedule};
 use crate::mask::Mask;
 use crate::metrics::Evaluator;
 use crate::model::runtime::RuntimeError;
 use crate::train::data::auto_class_weights;
+pub use crate::wire::protocol::LocalOptimizer;
 
 /// Why local training could not run.
 #[derive(Debug, thiserror::Error)]
@@ -68,19 +72,43 @@ pub struct RoundPlan {
     pub epochs: u32,
     /// Batches per epoch; 0 = about one pass over the training pixels.
     pub steps_per_epoch: u32,
+    /// This round's rate: the aggregator (or the experiment) applies the [`LrSchedule`] before
+    /// announcing it, so a device uses what it is told.
     pub learning_rate: f32,
     pub prox_mu: f32,
+    pub optimizer: LocalOptimizer,
+}
+
+impl LocalOptimizer {
+    pub fn optim(self, lr: f32, prox_mu: f32) -> Optim {
+        let mut o = match self {
+            Self::Momentum => Optim::sgd(lr, 0.9),
+            Self::Sgd => Optim::sgd(lr, 0.0),
+            Self::Adam => Optim::adamw(lr),
+        };
+        o.prox_mu = prox_mu;
+        o
+    }
 }
 
 /// Per-channel `(scale, shift)` of one encoder stage (the kernels' re-styling argument).
 type Restyle = (Vec<f32>, Vec<f32>);
 
 /// Hold-out scores of a decoder (means over classes; boundary F1 at [`BOUNDARY_TOLERANCE_PX`]).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HoldoutScores {
     pub iou: Option<f64>,
     pub dice: Option<f64>,
     pub boundary_f1: Option<f64>,
+    /// IoU of each class.
+    #[serde(default)]
+    pub class_iou: Vec<Option<f64>>,
+    /// Fraction of the hold-out pixels predicted as each class, and the truth's fractions: a
+    /// decoder that stops finding the thin boundary class shows here before the means move.
+    #[serde(default)]
+    pub pred_fraction: Vec<f64>,
+    #[serde(default)]
+    pub truth_fraction: Vec<f64>,
 }
 
 /// Tolerance of the hold-out boundary F1, in pixels (as `microfed model score`).
@@ -106,6 +134,8 @@ pub struct LocalTrainer<B: Backend> {
     restyle: RestyleConfig,
     /// Batches of the last `train_round` that were re-styled (features or at least one crop).
     restyled_batches: u64,
+    /// The lab's inverse-√frequency class weights (used when weighting is on).
+    auto_weights: Vec<f32>,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -158,6 +188,7 @@ impl<B: Backend> LocalTrainer<B> {
                 class_weights: Some(auto_class_weights(&counts)),
                 dice_weight: 0.0,
             },
+            auto_weights: auto_class_weights(&counts),
             cache,
             feature_styles: Vec::new(),
             fourier_variants: Vec::new(),
@@ -296,6 +327,14 @@ impl<B: Backend> LocalTrainer<B> {
         self.loss.dice_weight = weight;
     }
 
+    /// Whether the cross-entropy weighs classes by the lab's inverse √frequency (the default, as
+    /// the base models were trained) or all alike. Weighting moves the decision threshold towards
+    /// the thin boundary class: the decoder over-predicts it (measured in docs/results.md), and each
+    /// lab's own weights pull a shared decoder's boundary threshold its own way.
+    pub fn set_class_weighting(&mut self, weighted: bool) {
+        self.loss.class_weights = weighted.then(|| self.auto_weights.clone());
+    }
+
     pub fn has_holdout(&self) -> bool {
         !self.cache.holdout.is_empty()
     }
@@ -311,8 +350,7 @@ impl<B: Backend> LocalTrainer<B> {
         self.net.reset_optimizer();
         self.net
             .set_global_decoder((plan.prox_mu > 0.0).then_some(global))?;
-        let mut optim = Optim::sgd(plan.learning_rate, 0.9);
-        optim.prox_mu = plan.prox_mu;
+        let optim = plan.optimizer.optim(plan.learning_rate, plan.prox_mu);
         let (b, c) = (self.batch, self.crop);
         let xs = Shape::new(b, 1, c, c);
         let pixels: usize = self.cache.train.iter().map(|i| i.width * i.height).sum();
@@ -322,17 +360,23 @@ impl<B: Backend> LocalTrainer<B> {
             pixels.div_ceil(b * c * c).max(1)
         };
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ plan.round.wrapping_mul(0x9e37_79b9));
+        // Re-styling decisions come from their own stream: a run with style codes sees exactly the
+        // crops of the same run without them (a paired comparison).
+        let mut style_rng = ChaCha8Rng::seed_from_u64(
+            (self.seed ^ plan.round.wrapping_mul(0x9e37_79b9)) ^ 0x5157_1e00_c0de_0001,
+        );
         let mut last = 0.0f32;
         self.restyled_batches = 0;
         for _ in 0..plan.epochs.max(1) {
             let mut sum = 0.0f64;
             for _ in 0..steps {
-                let (feats, labels, fourier_crops) = self.batch_from_cache(&mut rng)?;
-                // No draws without codes: runs without styles see the same batches as before.
+                let (feats, labels, fourier_crops) =
+                    self.batch_from_cache(&mut rng, &mut style_rng)?;
                 let restyle = if !self.feature_styles.is_empty()
-                    && rng.random::<f32>() < self.restyle.probability
+                    && style_rng.random::<f32>() < self.restyle.probability
                 {
-                    let code = &self.feature_styles[rng.random_range(0..self.feature_styles.len())];
+                    let code =
+                        &self.feature_styles[style_rng.random_range(0..self.feature_styles.len())];
                     Some(self.feature_restyle(&feats, xs, code, self.restyle.mix)?)
                 } else {
                     None
@@ -362,7 +406,13 @@ impl<B: Backend> LocalTrainer<B> {
         Ok((self.net.decoder_flat()?, last))
     }
 
-    fn batch_from_cache(&self, rng: &mut ChaCha8Rng) -> Result<CachedBatch<B>, LocalError> {
+    /// A batch of random crops (positions from `rng`; which crops come from Fourier re-styled
+    /// images from `style_rng`).
+    fn batch_from_cache(
+        &self,
+        rng: &mut ChaCha8Rng,
+        style_rng: &mut ChaCha8Rng,
+    ) -> Result<CachedBatch<B>, LocalError> {
         let (b, c) = (self.batch, self.crop);
         let mut levels: Vec<Vec<f32>> = (0..DEPTH)
             .map(|l| vec![0.0f32; b * CHANNELS[l] * (c >> l) * (c >> l)])
@@ -392,9 +442,11 @@ impl<B: Backend> LocalTrainer<B> {
             let x0 = rng.random_range(0..=(img.pw - c) / SIZE_MULTIPLE) * SIZE_MULTIPLE;
             // Fourier re-styling: the same crop from a re-styled version of the image.
             let source = match self.fourier_variants.get(index) {
-                Some(v) if !v.is_empty() && rng.random::<f32>() < self.restyle.probability => {
+                Some(v)
+                    if !v.is_empty() && style_rng.random::<f32>() < self.restyle.probability =>
+                {
                     restyled += 1;
-                    &v[rng.random_range(0..v.len())]
+                    &v[style_rng.random_range(0..v.len())]
                 }
                 _ => img,
             };
@@ -470,10 +522,18 @@ impl<B: Backend> LocalTrainer<B> {
         }
         let m = ev.matrix();
         let boundary = ev.finish(&[]).boundary;
+        let total = m.total().max(1) as f64;
         Ok(Some(HoldoutScores {
             iou: m.mean_iou(),
             dice: m.mean_dice(),
             boundary_f1: boundary.f1,
+            class_iou: (0..k).map(|c| m.iou(c)).collect(),
+            pred_fraction: (0..k)
+                .map(|c| (0..k).map(|t| m.get(t, c)).sum::<u64>() as f64 / total)
+                .collect(),
+            truth_fraction: (0..k)
+                .map(|c| (0..k).map(|p| m.get(c, p)).sum::<u64>() as f64 / total)
+                .collect(),
         }))
     }
 }
@@ -540,6 +600,7 @@ mod tests {
             steps_per_epoch: 2,
             learning_rate: 0.01,
             prox_mu: 0.0,
+            optimizer: LocalOptimizer::Momentum,
         }
     }
 
@@ -566,7 +627,10 @@ mod tests {
             start += 2 * c;
         }
         let (feats, _, _) = t
-            .batch_from_cache(&mut ChaCha8Rng::seed_from_u64(1))
+            .batch_from_cache(
+                &mut ChaCha8Rng::seed_from_u64(1),
+                &mut ChaCha8Rng::seed_from_u64(2),
+            )
             .unwrap();
         let xs = Shape::new(2, 1, 32, 32);
         let shapes = UNet::<CpuBackend>::feature_shapes(xs);
@@ -621,6 +685,35 @@ mod tests {
     }
 
     #[test]
+    fn style_draws_leave_the_crops_alone() {
+        // Re-styling at mix 0 is the identity map: with its draws on their own random stream the
+        // run trains on exactly the crops of the run without codes, so the decoders agree.
+        let (backend, params, cache) = setup(2);
+        let code = code_of(&cache, StyleKind::FeatureStats, "other");
+        let global = params.decoder_flat();
+        let mut plain =
+            LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 16, 3).unwrap();
+        let (a, _) = plain.train_round(&global, &plan()).unwrap();
+        let mut styled = LocalTrainer::new(backend, &params, cache, 2, 16, 3).unwrap();
+        styled
+            .set_styles(
+                vec![code],
+                RestyleConfig {
+                    probability: 0.5,
+                    mix: 0.0,
+                },
+            )
+            .unwrap();
+        let (b, _) = styled.train_round(&global, &plan()).unwrap();
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst < 1e-6, "{worst}");
+    }
+
+    #[test]
     fn fourier_variants_at_mix_zero_are_the_cached_features() {
         let (backend, params, cache) = setup(2);
         let code = code_of(&cache, StyleKind::Fourier, "other");
@@ -660,6 +753,82 @@ mod tests {
     }
 
     #[test]
+    fn schedules_warm_up_then_decay_as_configured() {
+        let constant = LrSchedule::default();
+        assert_eq!(constant.rate(0.01, 1), 0.01);
+        assert_eq!(constant.rate(0.01, 50), 0.01);
+        let step = LrSchedule {
+            warmup_rounds: 1,
+            decay: Decay::Step,
+            ..LrSchedule::default()
+        };
+        // Round 1 warms up at half the rate; rounds 2, 3 full; 4, 5 × 0.927; 6 × 0.927².
+        let f: Vec<f32> = (1..=6).map(|r| step.factor(r)).collect();
+        let want = [0.5, 1.0, 1.0, 0.927, 0.927, 0.927 * 0.927];
+        for (a, b) in f.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{f:?}");
+        }
+        let cosine = LrSchedule {
+            warmup_rounds: 2,
+            decay: Decay::Cosine,
+            rounds: 12,
+            floor: 0.1,
+            ..LrSchedule::default()
+        };
+        assert!((cosine.factor(1) - 1.0 / 3.0).abs() < 1e-6);
+        assert!((cosine.factor(3) - 1.0).abs() < 1e-6);
+        // Half-way through the 9 decaying steps after round 3: (1 + 0.1) / 2.
+        assert!((cosine.factor(3 + 9 / 2) - 0.55).abs() < 0.1);
+        assert!((cosine.factor(12) - 0.1).abs() < 1e-6);
+        assert!((cosine.factor(40) - 0.1).abs() < 1e-6);
+        let rates: Vec<f32> = (3..=12).map(|r| cosine.factor(r)).collect();
+        assert!(rates.windows(2).all(|w| w[1] < w[0]), "{rates:?}");
+        assert!(
+            LrSchedule {
+                rounds: 2,
+                ..cosine
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(LrSchedule { every: 0, ..step }.validate().is_err());
+    }
+
+    #[test]
+    fn the_optimiser_changes_the_local_update() {
+        let (backend, params, cache) = setup(2);
+        let mut t = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
+        let global = params.decoder_flat();
+        let mut out = Vec::new();
+        for optimizer in [
+            LocalOptimizer::Momentum,
+            LocalOptimizer::Sgd,
+            LocalOptimizer::Adam,
+        ] {
+            let (local, loss) = t
+                .train_round(
+                    &global,
+                    &RoundPlan {
+                        optimizer,
+                        ..plan()
+                    },
+                )
+                .unwrap();
+            assert!(loss.is_finite());
+            out.push(local);
+        }
+        // The first step of SGD with momentum is plain SGD's; the second is not.
+        assert_ne!(out[0], out[1]);
+        assert_ne!(out[1], out[2]);
+        // Class weighting off and on again: the loss loses and regains the lab's weights (here
+        // [1, 1]: the test labels are half of each class).
+        t.set_class_weighting(false);
+        assert_eq!(t.loss.class_weights, None);
+        t.set_class_weighting(true);
+        assert_eq!(t.loss.class_weights.as_deref(), Some(&[1.0f32, 1.0][..]));
+    }
+
+    #[test]
     fn holdout_scores_agree_with_the_iou_and_are_fractions() {
         let (backend, params, cache) = setup(2);
         let mut t = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
@@ -671,5 +840,15 @@ mod tests {
         }
         // Dice ≥ IoU for every class, so for their means.
         assert!(s.dice.unwrap() >= s.iou.unwrap());
+        // Per class: the mean of the class IoUs, and pixel fractions that sum to 1.
+        let present: Vec<f64> = s.class_iou.iter().flatten().copied().collect();
+        let m = present.iter().sum::<f64>() / present.len() as f64;
+        assert!((m - s.iou.unwrap()).abs() < 1e-12);
+        for f in [&s.pred_fraction, &s.truth_fraction] {
+            assert_eq!(f.len(), 2);
+            assert!((f.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{f:?}");
+        }
+        // The test images' labels are half class 1.
+        assert!((s.truth_fraction[1] - 0.5).abs() < 1e-9);
     }
 }

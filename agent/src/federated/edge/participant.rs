@@ -72,6 +72,13 @@ pub struct FederationSection {
     pub batch: usize,
     #[serde(default = "default_crop")]
     pub crop: usize,
+    /// Weight of the soft-Dice term of the local loss (0.5: the base models' objective, as
+    /// `microfed experiment` trains; 0 = class-weighted cross-entropy alone).
+    #[serde(default = "default_dice_weight")]
+    pub dice_weight: f32,
+    /// Class-weighted cross-entropy (inverse √frequency), as the base models were trained.
+    #[serde(default = "default_class_weighted")]
+    pub class_weighted: bool,
     #[serde(default)]
     pub seed: u64,
     /// An update with a larger L2 norm is not sent (it would be rejected).
@@ -111,6 +118,12 @@ fn default_batch() -> usize {
 }
 fn default_crop() -> usize {
     128
+}
+fn default_dice_weight() -> f32 {
+    0.5
+}
+fn default_class_weighted() -> bool {
+    true
 }
 fn default_max_norm() -> f32 {
     1e3
@@ -458,6 +471,8 @@ async fn session(
                         tracing::info!(
                             round = order.plan.round,
                             global_version = order.global_version,
+                            learning_rate = order.plan.learning_rate,
+                            optimizer = ?order.plan.optimizer,
                             "training locally"
                         );
                         let styles = s.styles_for(carried);
@@ -1120,6 +1135,8 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
             batch: cfg.batch,
             crop: cfg.crop,
             seed: cfg.seed,
+            dice_weight: cfg.dice_weight,
+            class_weighted: cfg.class_weighted,
         },
     )?;
     Ok(Prepared {

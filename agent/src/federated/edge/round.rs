@@ -155,6 +155,7 @@ impl Rounds {
                 steps_per_epoch: a.steps_per_epoch,
                 learning_rate: a.learning_rate,
                 prox_mu: a.prox_mu,
+                optimizer: a.optimizer,
             },
             global_version: *gv,
             compression: a.compression.clone(),
@@ -176,6 +177,7 @@ mod tests {
             steps_per_epoch: 4,
             learning_rate: 0.01,
             prox_mu: 0.0,
+            optimizer: Default::default(),
             compression: CompressionConfig::default(),
             closed: false,
         }

@@ -245,7 +245,28 @@ impl StyleCode {
         device: &str,
         rng: &mut impl Rng,
     ) -> Result<StyleCode, StyleError> {
+        Self::from_cache_with_band(cache, kind, knobs, device, rng, FOURIER_BAND)
+    }
+
+    /// [`StyleCode::from_cache_with_rng`] with a Fourier band radius of `band` bins (of
+    /// [`FOURIER_WINDOW`]) instead of [`FOURIER_BAND`]: a wider band carries blur (the loss of high
+    /// frequencies), and reveals more of the images. Unused for feature-stats codes.
+    pub fn from_cache_with_band(
+        cache: &FeatureCache,
+        kind: StyleKind,
+        knobs: &PrivacyKnobs,
+        device: &str,
+        rng: &mut impl Rng,
+        band: usize,
+    ) -> Result<StyleCode, StyleError> {
         knobs.validate()?;
+        if kind == StyleKind::Fourier && (band == 0 || band >= FOURIER_WINDOW / 2) {
+            return Err(StyleError::Knob {
+                field: "band",
+                rule: "1 ≤ band < window / 2",
+                value: band as f64,
+            });
+        }
         let images = &cache.train;
         if images.len() < knobs.min_images as usize {
             return Err(StyleError::TooFewImages {
@@ -257,7 +278,7 @@ impl StyleCode {
         let (mut values, window, band) = match kind {
             StyleKind::FeatureStats => (feature_stats(images), 0, 0),
             StyleKind::Fourier => {
-                let mut sum = vec![0.0f64; fourier_len(FOURIER_BAND)];
+                let mut sum = vec![0.0f64; fourier_len(band)];
                 let mut tiles = 0usize;
                 for img in images {
                     if img.pixels.len() != img.pw * img.ph {
@@ -273,12 +294,12 @@ impl StyleCode {
                         img.width,
                         img.height,
                         FOURIER_WINDOW,
-                        FOURIER_BAND,
+                        band,
                         &mut sum,
                     );
                 }
                 let v = sum.iter().map(|s| (s / tiles as f64) as f32).collect();
-                (v, FOURIER_WINDOW as u32, FOURIER_BAND as u32)
+                (v, FOURIER_WINDOW as u32, band as u32)
             }
         };
         if knobs.noise_sigma > 0.0 {

@@ -67,12 +67,16 @@ pub struct TrainerSetup<'a> {
     pub batch: usize,
     pub crop: usize,
     pub seed: u64,
+    /// Weight of the soft-Dice term of the local loss.
+    pub dice_weight: f32,
+    /// Class-weighted cross-entropy (as the base models were trained).
+    pub class_weighted: bool,
 }
 
 impl OnBackend for TrainerSetup<'_> {
     type Output = Result<Box<dyn RoundTrainer>, LocalError>;
     fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Self::Output {
-        let t = LocalTrainer::new(
+        let mut t = LocalTrainer::new(
             backend,
             self.params,
             self.cache,
@@ -80,6 +84,8 @@ impl OnBackend for TrainerSetup<'_> {
             self.crop,
             self.seed,
         )?;
+        t.set_dice_weight(self.dice_weight);
+        t.set_class_weighting(self.class_weighted);
         Ok(Box::new(t))
     }
 }

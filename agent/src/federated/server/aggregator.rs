@@ -259,8 +259,13 @@ impl Aggregator {
             deadline_unix: self.state.deadline_unix,
             local_epochs: self.cfg.round.local_epochs,
             steps_per_epoch: self.cfg.round.steps_per_epoch,
-            learning_rate: self.cfg.round.learning_rate,
+            learning_rate: self
+                .cfg
+                .round
+                .schedule
+                .rate(self.cfg.round.learning_rate, self.state.round),
             prox_mu: self.cfg.round.prox_mu,
+            optimizer: self.cfg.round.optimizer,
             compression: self.cfg.compression.clone(),
             closed: !self.state.open,
         }

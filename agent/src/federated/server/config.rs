@@ -10,9 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::federated::compress::{CompressionConfig, decoder_layout, single_frame_bound};
 use crate::federated::dp::DpConfig;
+use crate::federated::schedule::LrSchedule;
 use crate::federated::server::error::AggregatorError;
 use crate::federated::server::merge::AggregationConfig;
 use crate::wire::link::BrokerSettings;
+use crate::wire::protocol::LocalOptimizer;
 use crate::wire::protocol::{self, CHUNK_BYTES, Topics};
 
 /// Largest update message accepted (a dense fp32 decoder of 2 classes is 3.1 MB; 16 classes barely
@@ -133,7 +135,14 @@ pub struct RoundSection {
     pub quorum_fraction: Option<f64>,
     pub local_epochs: u32,
     pub steps_per_epoch: u32,
+    /// The base local learning rate; round r announces `schedule.rate(learning_rate, r)`.
     pub learning_rate: f32,
+    /// The rate across rounds (default: constant).
+    #[serde(default)]
+    pub schedule: LrSchedule,
+    /// The optimiser devices train with (default: SGD with momentum 0.9).
+    #[serde(default)]
+    pub optimizer: LocalOptimizer,
     pub prox_mu: f32,
     /// Pause between rounds.
     pub pause_s: f64,
@@ -148,6 +157,8 @@ impl Default for RoundSection {
             local_epochs: 1,
             steps_per_epoch: 0,
             learning_rate: 0.01,
+            schedule: Default::default(),
+            optimizer: Default::default(),
             prox_mu: 0.0,
             pause_s: 0.0,
         }
@@ -207,6 +218,10 @@ impl AggregatorConfig {
         if self.round.learning_rate.is_nan() || self.round.learning_rate <= 0.0 {
             return Err("round.learning_rate must be > 0".into());
         }
+        self.round
+            .schedule
+            .validate()
+            .map_err(|e| format!("round.{e}"))?;
         self.compression
             .validate()
             .map_err(|e| format!("compression: {e}"))?;
