@@ -7,15 +7,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use microfed_kernels::cpu::CpuBackend;
-use microfed_kernels::cuda::CudaBackend;
-use microfed_kernels::device::Device;
+use microfed_kernels::Backend;
 
 use crate::federated::edge::local::FeatureCache;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
 use crate::model::runtime::Segmenter;
 use crate::study::experiment::{self, ExperimentConfig, Lab, RunResult};
+use crate::train::backend::{OnBackend, on_backend};
 use crate::train::data::{TrainingSet, read_image_list};
 
 #[derive(Debug, clap::Args)]
@@ -87,37 +86,44 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cache,
         });
     }
-    let device = Device::parse(&cfg.device)?;
-    let mut results: Vec<Vec<RunResult>> = Vec::new();
-    for spec in &cfg.runs {
-        let mut per_seed = Vec::new();
-        for &seed in &cfg.seeds {
-            let t0 = std::time::Instant::now();
-            let r = match device {
-                Device::Cpu => experiment::run(
-                    Arc::new(CpuBackend::new()),
-                    &params,
-                    &labs,
-                    &cfg.train,
-                    spec,
-                    seed,
-                )?,
-                Device::Cuda(n) => experiment::run(
-                    Arc::new(
-                        CudaBackend::new(n).with_context(|| format!("opening CUDA device {n}"))?,
-                    ),
-                    &params,
-                    &labs,
-                    &cfg.train,
-                    spec,
-                    seed,
-                )?,
-            };
-            tracing::info!(run = %spec.name, seed, seconds = t0.elapsed().as_secs_f64(), final_mean_iou = ?r.rounds.last().and_then(|x| x.mean_iou), "run done");
-            per_seed.push(r);
-        }
-        results.push(per_seed);
+    /// Every run of the configuration, each seed, on one backend.
+    struct AllRuns<'a> {
+        params: &'a microfed_kernels::unet::Params,
+        labs: &'a [Lab],
+        cfg: &'a ExperimentConfig,
     }
+    impl OnBackend for AllRuns<'_> {
+        type Output = Result<Vec<Vec<RunResult>>, crate::federated::edge::local::LocalError>;
+        fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Self::Output {
+            let mut results = Vec::new();
+            for spec in &self.cfg.runs {
+                let mut per_seed = Vec::new();
+                for &seed in &self.cfg.seeds {
+                    let t0 = std::time::Instant::now();
+                    let r = experiment::run(
+                        backend.clone(),
+                        self.params,
+                        self.labs,
+                        &self.cfg.train,
+                        spec,
+                        seed,
+                    )?;
+                    tracing::info!(run = %spec.name, seed, seconds = t0.elapsed().as_secs_f64(), final_mean_iou = ?r.rounds.last().and_then(|x| x.mean_iou), "run done");
+                    per_seed.push(r);
+                }
+                results.push(per_seed);
+            }
+            Ok(results)
+        }
+    }
+    let results = on_backend(
+        &cfg.device,
+        AllRuns {
+            params: &params,
+            labs: &labs,
+            cfg: &cfg,
+        },
+    )??;
     std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
     let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
     let mut table = experiment::summary_table(&names, &results);
