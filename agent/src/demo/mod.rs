@@ -632,6 +632,7 @@ async fn orchestrate(
         aggregation: AggregationConfig::default(),
         broker: Some(settings.clone()),
         max_update_norm: 1e3,
+        max_samples: 10_000,
         // DP-FedAvg's noise is calibrated for many devices; with three labs it would drown the
         // signal (docs/privacy.md has the measured cost), so the demo runs without it.
         dp: None,

@@ -63,6 +63,8 @@ pub enum Rejection {
     NotFinite,
     Norm,
     Oversized,
+    /// More training samples claimed than `max_samples`.
+    Samples,
 }
 
 impl Rejection {
@@ -79,6 +81,7 @@ impl Rejection {
             Self::NotFinite => "not_finite",
             Self::Norm => "norm",
             Self::Oversized => "oversized",
+            Self::Samples => "samples",
         }
     }
 }
@@ -319,6 +322,14 @@ impl Aggregator {
             );
             return Ok(());
         };
+        // Before reassembly: frames from a device that may not take part hold no memory.
+        if !self.cfg.devices.is_empty() && !self.cfg.devices.iter().any(|d| *d == device) {
+            self.reject(
+                Rejection::UnknownDevice,
+                &format!("update frame from unknown device {device}"),
+            );
+            return Ok(());
+        }
         let whole = match self.reassembler.push(topic, payload) {
             Ok(Some(w)) => w,
             Ok(None) => return Ok(()),
@@ -420,6 +431,16 @@ impl Aggregator {
             self.reject(
                 Rejection::Duplicate,
                 &format!("second update from {device} this round"),
+            );
+            return Ok(());
+        }
+        if body.samples > self.cfg.max_samples {
+            self.reject(
+                Rejection::Samples,
+                &format!(
+                    "update from {device} claims {} training samples, above max_samples {}",
+                    body.samples, self.cfg.max_samples
+                ),
             );
             return Ok(());
         }
@@ -839,6 +860,7 @@ mod tests {
         onnx::save(&onnx::export(&params, &vec![]).unwrap(), &model).unwrap();
         let cfg: AggregatorConfig = toml::from_str(&format!(
             "fleet = \"f\"\nmodel = {model:?}\nstate = {:?}\ndevices = [\"a\", \"b\", \"c\"]\n\
+             max_update_norm = 100.0\n\
              [round]\ndeadline_s = 60.0\nquorum = {quorum}\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
              [aggregation]\nrule = {rule}\n{extra}",
@@ -989,9 +1011,55 @@ mod tests {
         assert_eq!(again.global(), agg.global());
     }
 
+    /// Issue 17: self-reported `samples` were unbounded FedAvg weights: 2^62 took all the weight,
+    /// and near u64::MAX every later lab's `checked_add` failed and its update was lost as malformed.
+    #[test]
+    fn inflated_sample_counts_are_refused_and_later_labs_still_count() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.001), u64::MAX - 1))
+            .unwrap();
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.001), 1 << 62))
+            .unwrap();
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.001), 3))
+            .unwrap();
+        agg.handle_update_message("c", &update(&s, "c", 1, 0, &filled(n, 0.002), 2))
+            .unwrap();
+        let st = agg.state();
+        assert_eq!(
+            st.accepted.keys().collect::<Vec<_>>(),
+            ["b", "c"],
+            "{:?}",
+            st.rejected
+        );
+        assert_eq!(st.rejected.get("samples"), Some(&2), "{:?}", st.rejected);
+        assert_eq!(st.rejected.get("malformed"), None, "{:?}", st.rejected);
+    }
+
+    /// Issue 17: the default `max_update_norm` (1e3) was ~10⁴ × the measured median update norm
+    /// (0.088, docs/privacy.md): it stopped nothing a poisoning lab would send.
+    #[test]
+    fn the_default_norm_bound_is_within_a_few_hundred_times_the_measured_median() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: AggregatorConfig =
+            toml::from_str(&format!("fleet = \"f\"\nmodel = \"m.onnx\"\nstate = {:?}\n", dir.path()))
+                .unwrap();
+        let measured_median = 0.0879f32;
+        assert!(
+            cfg.max_update_norm <= 300.0 * measured_median,
+            "default max_update_norm {}",
+            cfg.max_update_norm
+        );
+        assert!(cfg.max_update_norm >= 20.0 * measured_median);
+    }
+
     #[test]
     fn median_resists_a_poisoned_lab() {
-        let s = setup("{ kind = \"median\" }");
+        let mut s = setup("{ kind = \"median\" }");
+        // The norm bound alone would stop this poisoned lab; here the median must.
+        s.cfg.max_update_norm = 1e4;
         let n: usize = s.layout.iter().map(|t| t.len).sum();
         let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
         let base = agg.global().to_vec();
