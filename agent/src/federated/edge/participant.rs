@@ -928,8 +928,8 @@ fn check_env(
             message: format!(
                 "for fleet {} and base model {}, this agent runs fleet {fleet} with base model {}",
                 e.fleet,
-                &e.model_version[..e.model_version.len().min(12)],
-                &model_version[..model_version.len().min(12)]
+                crate::telemetry::clip(&e.model_version, 12),
+                crate::telemetry::clip(model_version, 12)
             ),
         });
     }
@@ -1136,6 +1136,27 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: an envelope for another base model was reported by cutting both versions at byte
+    /// 12, which panics (and stops the participant) when byte 12 is inside a character.
+    #[test]
+    fn an_envelope_with_a_hostile_model_version_is_refused_without_panicking() {
+        for forged in ["aaaaaaaaaaaé", "ééééééé", "\u{1F600}\u{1F600}\u{1F600}\u{1F600}"] {
+            let env = Envelope::seal(
+                Kind::GlobalDecoder,
+                &Header {
+                    fleet: "f",
+                    round: 1,
+                    model_version: forged,
+                    sender: "aggregator",
+                },
+                &"x",
+            )
+            .unwrap();
+            let e = check_env(env, "f", "ababababababababab").unwrap_err();
+            assert!(e.to_string().contains("aaaaaaaaaaaa") || e.to_string().contains("abababababab"), "{e}");
+        }
+    }
 
     #[test]
     fn the_labelled_fingerprint_changes_with_the_files_and_only_then() {
