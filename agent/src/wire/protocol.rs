@@ -444,8 +444,9 @@ pub fn split(message: &[u8], chunk: usize) -> Result<Vec<Vec<u8>>, ProtocolError
 pub struct ReassemblyLimits {
     /// Largest whole message accepted.
     pub max_message: usize,
-    /// Bytes held in incomplete messages, all together; beyond it the stream holding the most is
-    /// cut back first, so one sender flooding cannot evict the others' messages.
+    /// Bytes held in incomplete messages, all together; beyond it the stream with the most
+    /// incomplete messages (then the most bytes) is cut back first, so one sender flooding cannot
+    /// evict the others' messages.
     pub max_pending: usize,
     /// An incomplete message older than this is dropped.
     pub timeout: Duration,
@@ -503,8 +504,8 @@ impl Stream {
 }
 
 /// Collects frames into whole messages. Each stream (the topic, or topic family, of one sender)
-/// has its own pool, so frames of different senders never mix and one sender's frames can only
-/// evict its own incomplete messages, unless it holds less than every other stream.
+/// has its own pool, so frames of different senders never mix, and a sender that starts many
+/// messages evicts its own before anyone else's.
 #[derive(Default)]
 pub struct Reassembler {
     limits: ReassemblyLimits,
@@ -688,13 +689,14 @@ impl Reassembler {
         }
     }
 
-    /// Over the byte budget: cut back the stream that holds the most (its oldest message first).
+    /// Over the byte budget: cut back the stream with the most incomplete messages (an honest
+    /// sender has one), then the one holding the most bytes; its oldest message goes first.
     fn enforce_memory(&mut self) {
         while self.held > self.limits.max_pending {
             let Some(biggest) = self
                 .streams
                 .iter()
-                .max_by_key(|(_, s)| s.held)
+                .max_by_key(|(_, s)| (s.partial.len(), s.held))
                 .map(|(k, _)| k.clone())
             else {
                 break;
