@@ -119,6 +119,12 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
     let root = tmp.path();
     let model = grains_model();
 
+    // The aggregator signs globals and announcements; the agents take only those (issue 17).
+    let agg_key_path = root.join("aggregator.key");
+    let agg_key = microfed::fleet::signing::SecretKey::generate();
+    agg_key.save(&agg_key_path).unwrap();
+    let agg_public = agg_key.public().to_hex();
+
     // Three labs, each with its own imaging style and a few labelled micrographs.
     let proxy = Proxy::start(broker.port());
     let mut agents = Vec::new();
@@ -155,6 +161,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
              [tiling]\ntile = 64\noverlap = 16\n\
              [federation]\nfleet = \"lab-test\"\ndevice = \"{lab}\"\nlabelled = \"labelled\"\n\
              state = \"fed\"\ndevice_kind = \"cpu\"\nbatch = 2\ncrop = 64\nseed = {i}\n\
+             aggregator_key = \"{agg_public}\"\n\
              [federation.broker]\n{}",
             tls_section(&broker, lab, port)
         );
@@ -182,6 +189,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         &agg_toml,
         format!(
             "id = \"aggregator\"\nfleet = \"lab-test\"\nmodel = {model:?}\nstate = {:?}\nrounds = 4\n\
+             signing_key = {agg_key_path:?}\n\
              devices = [\"lab-a\", \"lab-b\", \"lab-c\", \"lab-d\"]\n\
              [round]\ndeadline_s = 40.0\nquorum = 3\nlocal_epochs = 1\nsteps_per_epoch = 3\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
@@ -320,7 +328,8 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         agents[2].log()
     );
 
-    // Every agent swapped each new global decoder into its running model.
+    // Every agent swapped each new global decoder into its running model: all of them signed by
+    // the aggregator's key and checked before their bodies were read.
     for a in &agents {
         assert!(
             wait_until(Duration::from_secs(30), || a
@@ -330,6 +339,11 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
                 >= 4),
             "{}",
             a.log()
+        );
+        let log = a.log();
+        assert!(
+            !log.contains("unsigned") && !log.contains("bad signature") && !log.contains("refusing a global"),
+            "{log}"
         );
     }
     for a in &agents {

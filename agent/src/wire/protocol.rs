@@ -52,6 +52,8 @@ pub enum ProtocolError {
     },
     #[error("cannot encode {what}: {message}")]
     Encode { what: &'static str, message: String },
+    #[error("{0}")]
+    Signature(#[from] crate::wire::signing::SigningError),
 }
 
 /// What a message is.
@@ -175,6 +177,10 @@ pub struct Envelope {
     pub digest: String,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// The aggregator's Ed25519 signature of the header and the body's digest
+    /// ([`Envelope::sign`]); absent on devices' messages. Older receivers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<serde_bytes::ByteBuf>,
 }
 
 /// The header fields of an envelope, for [`Envelope::seal`].
@@ -204,7 +210,45 @@ impl Envelope {
             sent_at: crate::fsio::now_unix(),
             digest: sha256_hex(&body),
             body,
+            signature: None,
         })
+    }
+
+    /// What a signature covers: every header field and the body's digest (so the body too).
+    fn signed_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        to_cbor(
+            "signed header",
+            &(
+                self.schema,
+                self.kind,
+                &self.fleet,
+                self.round,
+                &self.model_version,
+                &self.sender,
+                self.sent_at.to_bits(),
+                &self.digest,
+            ),
+        )
+    }
+
+    /// Signs the envelope as the aggregator (globals and round announcements).
+    pub fn sign(mut self, key: &crate::wire::signing::SecretKey) -> Result<Self, ProtocolError> {
+        use crate::wire::signing::Purpose;
+        let sig = key.sign(Purpose::Aggregator, &self.signed_bytes()?);
+        self.signature = Some(serde_bytes::ByteBuf::from(sig.to_vec()));
+        Ok(self)
+    }
+
+    /// Checks the aggregator's signature: call it before reading the body. A missing, foreign or
+    /// changed signature is an error naming why.
+    pub fn verify(&self, key: &crate::wire::signing::PublicKey) -> Result<(), ProtocolError> {
+        use crate::wire::signing::Purpose;
+        key.verify(
+            Purpose::Aggregator,
+            &self.signed_bytes()?,
+            self.signature.as_deref().map(|s| &s[..]),
+        )?;
+        Ok(())
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
@@ -863,6 +907,47 @@ mod tests {
             Envelope::from_bytes(&bytes, 10),
             Err(ProtocolError::Oversized { .. })
         ));
+    }
+
+    /// Issue 17: globals and round announcements were not authenticated: a forged retained global
+    /// of version u64::MAX pinned an agent. Signed by the aggregator's key, checked before the body.
+    #[test]
+    fn aggregator_signatures_cover_header_and_body_and_refuse_forgeries() {
+        use crate::wire::signing::SecretKey;
+        let key = SecretKey::from_seed([3; 32]);
+        let other = SecretKey::from_seed([4; 32]);
+        let g = GlobalDecoder::new(u64::MAX, 1, 2, &[1.0]);
+        let env = Envelope::seal(Kind::GlobalDecoder, &header(), &g)
+            .unwrap()
+            .sign(&key)
+            .unwrap();
+        let back = Envelope::from_bytes(&env.to_bytes().unwrap(), 1 << 20).unwrap();
+        back.verify(&key.public()).unwrap();
+        // Unsigned, signed by another key, or any header field or the body changed: refused.
+        let mut unsigned = back.clone();
+        unsigned.signature = None;
+        assert!(unsigned.verify(&key.public()).is_err());
+        let foreign = Envelope::seal(Kind::GlobalDecoder, &header(), &g)
+            .unwrap()
+            .sign(&other)
+            .unwrap();
+        assert!(foreign.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.round += 1;
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.kind = Kind::RoundAnnouncement;
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.fleet = "other-fleet".into();
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.body = to_cbor("b", &GlobalDecoder::new(7, 1, 2, &[1.0])).unwrap();
+        t.digest = sha256_hex(&t.body);
+        assert!(t.verify(&key.public()).is_err());
+        // An unsigned envelope still decodes for receivers without a key (old configurations).
+        let plain = Envelope::seal(Kind::Status, &header(), &"x").unwrap();
+        assert!(plain.to_bytes().unwrap().len() < env.to_bytes().unwrap().len());
     }
 
     #[test]

@@ -84,6 +84,16 @@ pub struct FederationSection {
     /// Style codes (`[federation.style]`); absent: none published, none used.
     #[serde(default)]
     pub style: Option<StyleSection>,
+    /// The aggregator's Ed25519 public key (64 hex digits; its `signing_key`'s public half). When
+    /// set, globals and round announcements are taken only with its signature, checked before
+    /// their bodies are read. Unset: taken unsigned (a warning at start).
+    #[serde(default)]
+    pub aggregator_key: Option<String>,
+    /// Largest L2 distance of a new global decoder from the current one; a global further away is
+    /// not installed (it is a forgery or a broken aggregator). Default 100 (10 × the aggregator's
+    /// default update bound).
+    #[serde(default = "default_max_global_step")]
+    pub max_global_step: f32,
 }
 
 impl FederationSection {
@@ -113,7 +123,10 @@ fn default_crop() -> usize {
     128
 }
 fn default_max_norm() -> f32 {
-    1e3
+    10.0
+}
+fn default_max_global_step() -> f32 {
+    100.0
 }
 fn default_outbox_items() -> usize {
     8
@@ -131,6 +144,8 @@ pub enum ParticipantError {
     FleetName(String),
     #[error("federation: device id {0:?} is not a valid MQTT topic level")]
     DeviceId(String),
+    #[error("federation: aggregator_key: {0}")]
+    AggregatorKey(crate::wire::signing::SigningError),
     #[error("federation: {path}: {source}")]
     Io {
         path: PathBuf,
@@ -335,6 +350,21 @@ async fn session(
     if current != model.path {
         return Ok(Next::Base(current));
     }
+    let aggregator_key = cfg
+        .aggregator_key
+        .as_deref()
+        .map(crate::wire::signing::PublicKey::parse)
+        .transpose()
+        .map_err(ParticipantError::AggregatorKey)?;
+    if aggregator_key.is_none() {
+        tracing::warn!(
+            "no [federation] aggregator_key: globals and round announcements are taken unsigned"
+        );
+    }
+    let authentic = |e: Envelope| match &aggregator_key {
+        Some(k) => e.verify(k).map(|()| e),
+        None => Ok(e),
+    };
     let mut s = Session::open(cfg, model, device, carried).await?;
     let topics = device.topics.clone();
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
@@ -387,6 +417,7 @@ async fn session(
                     None
                 } else if topic == topics.round() {
                     match Envelope::from_bytes(&payload, protocol::MAX_PACKET_BYTES)
+                        .and_then(authentic)
                         .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                         .and_then(|e| e.body::<RoundAnnouncement>(Kind::RoundAnnouncement))
                     {
@@ -399,11 +430,22 @@ async fn session(
                 } else if topics.device_of("global", &topic).is_some() {
                     match reassembler.push("global", &payload) {
                         Ok(Some(whole)) => match Envelope::from_bytes(&whole, usize::MAX)
+                            .and_then(authentic)
                             .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                             .and_then(|e| e.body::<GlobalDecoder>(Kind::GlobalDecoder))
                             .and_then(|g| Ok((g.version, g.decoder(decoder_len)?)))
                         {
-                            Ok((version, values)) => Some(Event::Global { version, values }),
+                            Ok((version, values)) => match crate::federated::edge::round::check_global(
+                                &values,
+                                carried.rounds.global().map(|(_, g)| g),
+                                cfg.max_global_step,
+                            ) {
+                                Ok(()) => Some(Event::Global { version, values }),
+                                Err(why) => {
+                                    tracing::warn!(version, "refusing a global decoder: {why}");
+                                    None
+                                }
+                            },
                             Err(e) => {
                                 tracing::warn!(error = %e, "ignoring a global decoder");
                                 None

@@ -117,6 +117,8 @@ pub struct Aggregator {
     pub(super) acc: Accumulator,
     server: ServerOptimizer,
     reassembler: Reassembler,
+    /// Signs globals, announcements and summaries (`signing_key` in aggregator.toml).
+    signing_key: Option<crate::wire::signing::SecretKey>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -177,7 +179,18 @@ impl Aggregator {
             Err(_) => ServerOptimizer::new(global.len(), &cfg.aggregation.server)?,
         };
         let acc = Accumulator::new(global.len(), &cfg.aggregation)?;
+        let signing_key = match &cfg.signing_key {
+            Some(p) => Some(crate::wire::signing::SecretKey::load(p).map_err(|e| file_err(p, e))?),
+            None => {
+                tracing::warn!(
+                    "no signing_key in aggregator.toml: globals and round announcements go unsigned, \
+                     and any client of the broker can forge them"
+                );
+                None
+            }
+        };
         let mut me = Self {
+            signing_key,
             topics,
             model_version,
             layout,
@@ -643,6 +656,15 @@ impl Aggregator {
         Ok(summary)
     }
 
+    /// Signed with the aggregator's key when `signing_key` is configured (agents with
+    /// `aggregator_key` accept nothing else).
+    fn signed(&self, env: Envelope) -> Result<Envelope, AggregatorError> {
+        Ok(match &self.signing_key {
+            Some(k) => env.sign(k)?,
+            None => env,
+        })
+    }
+
     pub(super) async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
         let g = GlobalDecoder::new(
             self.state.global_version,
@@ -650,7 +672,7 @@ impl Aggregator {
             self.classes,
             &self.global,
         );
-        let env = Envelope::seal(Kind::GlobalDecoder, &self.header(), &g)?;
+        let env = self.signed(Envelope::seal(Kind::GlobalDecoder, &self.header(), &g)?)?;
         let frames = protocol::split(&env.to_bytes()?, CHUNK_BYTES)?;
         let topics = self.topics.clone();
         link.publish_frames(|i| topics.global_chunk(i as u32), frames, true)
@@ -659,11 +681,11 @@ impl Aggregator {
     }
 
     pub(super) async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
-        let env = Envelope::seal(
+        let env = self.signed(Envelope::seal(
             Kind::RoundAnnouncement,
             &self.header(),
             &self.announcement(),
-        )?;
+        )?)?;
         link.publish(&self.topics.round(), env.to_bytes()?, true)
             .await?;
         Ok(())
@@ -674,7 +696,7 @@ impl Aggregator {
         link: &Link,
         s: &RoundSummary,
     ) -> Result<(), AggregatorError> {
-        let env = Envelope::seal(Kind::RoundSummary, &self.header(), s)?;
+        let env = self.signed(Envelope::seal(Kind::RoundSummary, &self.header(), s)?)?;
         link.publish(&self.topics.summary(), env.to_bytes()?, true)
             .await?;
         Ok(())

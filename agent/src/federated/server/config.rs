@@ -63,6 +63,11 @@ pub struct AggregatorConfig {
     /// Several aggregator processes sharing the update stream; none = this one does everything.
     #[serde(default)]
     pub scale_out: Option<ScaleOutSection>,
+    /// Ed25519 key (PKCS#8 PEM, `microfed fleet keygen`) that signs the globals, round
+    /// announcements and summaries; agents list its public key as `[federation] aggregator_key`.
+    /// None = unsigned (a warning at start): any client of the broker could forge them.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
 }
 
 /// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
@@ -184,6 +189,9 @@ impl AggregatorConfig {
         };
         fix(&mut cfg.model);
         fix(&mut cfg.state);
+        if let Some(k) = cfg.signing_key.as_mut() {
+            fix(k);
+        }
         if let Some(t) = cfg.broker.as_mut().and_then(|b| b.tls.as_mut()) {
             fix(&mut t.ca);
             fix(&mut t.cert);
