@@ -640,7 +640,11 @@ mod tests {
             for &b in bytes {
                 c ^= u32::from(b);
                 for _ in 0..8 {
-                    c = if c & 1 == 1 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
+                    c = if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c
@@ -674,7 +678,10 @@ mod tests {
         std::fs::write(&p, png_header(20_000, 20_000)).unwrap();
         let err = Micrograph::load(&p).unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("bomb.png") && text.contains("too large"), "{text}");
+        assert!(
+            text.contains("bomb.png") && text.contains("too large"),
+            "{text}"
+        );
         assert_eq!(err.path(), Some(p.as_path()));
         // A narrow but very long strip is refused too.
         let err = Micrograph::decode(&png_header(1, 4_000_000), &p, &Normalisation::default())

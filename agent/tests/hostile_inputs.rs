@@ -22,12 +22,12 @@ use microfed::fleet::package::{self, Signed};
 use microfed::fleet::signing::{Purpose, SecretKey, TrustedKeys};
 use microfed::micrograph::{Micrograph, Normalisation};
 use microfed::study::secagg::{
-    ClientMessage, DeviceKeys, SecAggClient, SecAggConfig, SecAggServer, Sealed, ServerMessage,
+    ClientMessage, DeviceKeys, Sealed, SecAggClient, SecAggConfig, SecAggServer, ServerMessage,
     Share,
 };
 use microfed::wire::protocol::{
-    self, Envelope, Frame, GlobalDecoder, Header, Kind, LocalMetrics, ReassemblyLimits,
-    Reassembler, RoundAnnouncement, RoundSummary, SCHEMA_VERSION, StatusBody, UpdateBody,
+    self, Envelope, Frame, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
+    ReassemblyLimits, RoundAnnouncement, RoundSummary, SCHEMA_VERSION, StatusBody, UpdateBody,
 };
 use proptest::prelude::*;
 

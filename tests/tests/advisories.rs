@@ -156,9 +156,10 @@ fn no_advisory_affects_the_lock_file_unless_accepted_with_a_reason() -> Result<(
         eprintln!("MICROFED_SKIP_ADVISORIES is set: advisory check skipped");
         return Ok(());
     }
-    let accepted: Accepted =
-        toml::from_str(&std::fs::read_to_string(root().join("advisories-accepted.toml"))?)
-            .context("advisories-accepted.toml")?;
+    let accepted: Accepted = toml::from_str(&std::fs::read_to_string(
+        root().join("advisories-accepted.toml"),
+    )?)
+    .context("advisories-accepted.toml")?;
     for a in &accepted.accepted {
         ensure!(
             a.reason.trim().len() >= 20,
@@ -178,7 +179,10 @@ fn no_advisory_affects_the_lock_file_unless_accepted_with_a_reason() -> Result<(
         }
     }
     for a in &accepted.accepted {
-        if !found.iter().any(|(id, p, ..)| *id == a.id && *p == a.package) {
+        if !found
+            .iter()
+            .any(|(id, p, ..)| *id == a.id && *p == a.package)
+        {
             problems.push(format!(
                 "{} ({}) is accepted in advisories-accepted.toml but no longer affects Cargo.lock: remove it",
                 a.id, a.package

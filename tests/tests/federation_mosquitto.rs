@@ -342,7 +342,9 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         );
         let log = a.log();
         assert!(
-            !log.contains("unsigned") && !log.contains("bad signature") && !log.contains("refusing a global"),
+            !log.contains("unsigned")
+                && !log.contains("bad signature")
+                && !log.contains("refusing a global"),
             "{log}"
         );
     }

@@ -358,12 +358,20 @@ mod tests {
     #[test]
     fn status_table_survives_a_hostile_model_version() {
         let mut view = FleetView::default();
-        for (i, v) in ["aaaaaaaaaaaé-forged", "ééééééééééééé", "\u{1F600}\u{1F600}\u{1F600}x", ""]
-            .iter()
-            .enumerate()
+        for (i, v) in [
+            "aaaaaaaaaaaé-forged",
+            "ééééééééééééé",
+            "\u{1F600}\u{1F600}\u{1F600}x",
+            "",
+        ]
+        .iter()
+        .enumerate()
         {
             let id = format!("lab-{i}");
-            view.devices.insert(id.clone(), status(&id, true, v, Some("ö".repeat(300).as_str())));
+            view.devices.insert(
+                id.clone(),
+                status(&id, true, v, Some("ö".repeat(300).as_str())),
+            );
         }
         let t = status_table(&view);
         assert_eq!(t.lines().count(), 5, "{t}");

@@ -654,14 +654,17 @@ impl Reassembler {
                 self.dropped += 1;
             }
         }
-        let entry = s.partial.entry(f.digest.clone()).or_insert_with(|| Partial {
-            started: Instant::now(),
-            total: f.total,
-            len,
-            parts: std::collections::BTreeMap::new(),
-            bytes: 0,
-            held: 0,
-        });
+        let entry = s
+            .partial
+            .entry(f.digest.clone())
+            .or_insert_with(|| Partial {
+                started: Instant::now(),
+                total: f.total,
+                len,
+                parts: std::collections::BTreeMap::new(),
+                bytes: 0,
+                held: 0,
+            });
         if entry.total != f.total || entry.len != len {
             return Err(frame_err(format!(
                 "disagrees with earlier frames ({} frames, {} bytes)",
@@ -757,7 +760,11 @@ impl Reassembler {
                     self.streams.remove(&biggest);
                 }
             }
-            if self.streams.get(&biggest).is_some_and(|s| s.partial.is_empty()) {
+            if self
+                .streams
+                .get(&biggest)
+                .is_some_and(|s| s.partial.is_empty())
+            {
                 self.streams.remove(&biggest);
             }
         }
@@ -1063,9 +1070,15 @@ mod tests {
             .unwrap()
         };
         // More chunks than bytes: no split makes that.
-        assert!(r.push("update/x", &hostile(u32::MAX, 100, vec![1; 10])).is_err());
+        assert!(
+            r.push("update/x", &hostile(u32::MAX, 100, vec![1; 10]))
+                .is_err()
+        );
         // Even when `len` is large enough, nothing is allocated up front for the missing chunks.
-        let _ = r.push("update/x", &hostile(u32::MAX, u64::from(u32::MAX), vec![1; 10]));
+        let _ = r.push(
+            "update/x",
+            &hostile(u32::MAX, u64::from(u32::MAX), vec![1; 10]),
+        );
         assert!(r.held() < 4096, "held {}", r.held());
         // An empty chunk of a multi-chunk message is not a chunk.
         assert!(r.push("update/x", &hostile(3, 100, vec![])).is_err());

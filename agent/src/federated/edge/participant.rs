@@ -1183,7 +1183,11 @@ mod tests {
     /// 12, which panics (and stops the participant) when byte 12 is inside a character.
     #[test]
     fn an_envelope_with_a_hostile_model_version_is_refused_without_panicking() {
-        for forged in ["aaaaaaaaaaaé", "ééééééé", "\u{1F600}\u{1F600}\u{1F600}\u{1F600}"] {
+        for forged in [
+            "aaaaaaaaaaaé",
+            "ééééééé",
+            "\u{1F600}\u{1F600}\u{1F600}\u{1F600}",
+        ] {
             let env = Envelope::seal(
                 Kind::GlobalDecoder,
                 &Header {
@@ -1196,7 +1200,10 @@ mod tests {
             )
             .unwrap();
             let e = check_env(env, "f", "ababababababababab").unwrap_err();
-            assert!(e.to_string().contains("aaaaaaaaaaaa") || e.to_string().contains("abababababab"), "{e}");
+            assert!(
+                e.to_string().contains("aaaaaaaaaaaa") || e.to_string().contains("abababababab"),
+                "{e}"
+            );
         }
     }
 

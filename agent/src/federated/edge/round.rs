@@ -327,15 +327,39 @@ mod tests {
     fn a_forged_maximal_global_version_does_not_pin_the_device() {
         let mut r = Rounds::default();
         let forged = vec![9.0f32, 9.0];
-        r.handle(Event::Global { version: u64::MAX, values: forged }, 0.0);
+        r.handle(
+            Event::Global {
+                version: u64::MAX,
+                values: forged,
+            },
+            0.0,
+        );
         assert_eq!(r.global().unwrap().0, u64::MAX);
         let g = vec![1.0f32, 2.0];
         r.handle(Event::Announced(announce(6, 5, &g, 100.0)), 0.0);
-        let a = r.handle(Event::Global { version: 5, values: g.clone() }, 0.0);
-        assert!(a.contains(&Action::Install { version: 5, swap: true }), "{a:?}");
+        let a = r.handle(
+            Event::Global {
+                version: 5,
+                values: g.clone(),
+            },
+            0.0,
+        );
+        assert!(
+            a.contains(&Action::Install {
+                version: 5,
+                swap: true
+            }),
+            "{a:?}"
+        );
         assert_eq!(trains(&a), Some(6));
         // An older global the announcement does not name is still ignored.
-        let a = r.handle(Event::Global { version: 4, values: vec![0.0, 0.0] }, 0.0);
+        let a = r.handle(
+            Event::Global {
+                version: 4,
+                values: vec![0.0, 0.0],
+            },
+            0.0,
+        );
         assert!(a.is_empty(), "{a:?}");
         assert_eq!(r.global().unwrap().0, 5);
     }

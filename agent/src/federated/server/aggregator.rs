@@ -336,7 +336,7 @@ impl Aggregator {
             return Ok(());
         };
         // Before reassembly: frames from a device that may not take part hold no memory.
-        if !self.cfg.devices.is_empty() && !self.cfg.devices.iter().any(|d| *d == device) {
+        if !self.cfg.devices.is_empty() && !self.cfg.devices.contains(&device) {
             self.reject(
                 Rejection::UnknownDevice,
                 &format!("update frame from unknown device {device}"),
@@ -1065,9 +1065,11 @@ mod tests {
     #[test]
     fn the_default_norm_bound_is_within_a_few_hundred_times_the_measured_median() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg: AggregatorConfig =
-            toml::from_str(&format!("fleet = \"f\"\nmodel = \"m.onnx\"\nstate = {:?}\n", dir.path()))
-                .unwrap();
+        let cfg: AggregatorConfig = toml::from_str(&format!(
+            "fleet = \"f\"\nmodel = \"m.onnx\"\nstate = {:?}\n",
+            dir.path()
+        ))
+        .unwrap();
         let measured_median = 0.0879f32;
         assert!(
             cfg.max_update_norm <= 300.0 * measured_median,
