@@ -1079,6 +1079,25 @@ mod tests {
         assert!(cfg.max_update_norm >= 20.0 * measured_median);
     }
 
+    /// Issue 17: frames were reassembled before the sender was checked against the device list,
+    /// so any client could fill the reassembly memory. Now refused before reassembly.
+    #[test]
+    fn frames_from_unlisted_devices_hold_no_reassembly_memory() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        let big = vec![5u8; 3 * CHUNK_BYTES];
+        let frames = protocol::split(&big, CHUNK_BYTES).unwrap();
+        agg.handle_update_frame("microfed/f/update/z", &frames[0])
+            .unwrap();
+        assert_eq!(agg.reassembler.held(), 0);
+        assert_eq!(agg.state().rejected.get("unknown_device"), Some(&1));
+        // A listed device's frame is held until its message completes.
+        agg.handle_update_frame("microfed/f/update/a", &frames[0])
+            .unwrap();
+        assert!(agg.reassembler.held() >= CHUNK_BYTES);
+    }
+
     #[test]
     fn median_resists_a_poisoned_lab() {
         let mut s = setup("{ kind = \"median\" }");
