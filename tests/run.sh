@@ -75,6 +75,12 @@ cargo fmt --all --check
 say "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+# Dependency advisories, offline: Cargo.lock against the RustSec snapshot in ../shared/advisory-db
+# (MICROFED_ADVISORY_DB to point elsewhere); fails on any advisory not accepted with a reason in
+# advisories-accepted.toml (tests/tests/advisories.rs).
+say "dependency advisories (RustSec snapshot, offline)"
+cargo test -p microfed-e2e --test advisories --locked
+
 # ---- 3. the edge-board build ---------------------------------------------------------------------
 # The arm64 package is the board's; the amd64 one (MICROFED_CROSS_ARCHES="arm64 amd64") costs a second
 # release build of everything, so CI leaves it to a release job: cross/check.sh builds it by default.

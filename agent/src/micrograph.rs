@@ -20,7 +20,7 @@
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 
-use image::{DynamicImage, ImageError, ImageFormat, ImageReader};
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader};
 use serde::{Deserialize, Serialize};
 
 /// How stored grey levels become the numbers fed to a network.
@@ -99,6 +99,10 @@ pub enum MicrographError {
     },
     #[error("{path}: truncated or corrupt image: {message}")]
     Corrupt { path: PathBuf, message: String },
+    /// Refused before decoding: the file, or the image its header announces, is above the limits
+    /// ([`MAX_FILE_BYTES`], [`MAX_SIDE`], [`MAX_PIXELS`], [`MAX_DECODE_BYTES`]).
+    #[error("{path}: image too large: {what}")]
+    TooLarge { path: PathBuf, what: String },
     #[error(
         "normalisation must have a finite mean and a positive finite std, found mean {mean}, std {std}"
     )]
@@ -122,6 +126,7 @@ impl MicrographError {
             | UnsupportedColour { path, .. }
             | ZeroSize { path, .. }
             | Corrupt { path, .. }
+            | TooLarge { path, .. }
             | BufferSize { path, .. } => Some(path.as_path()).filter(|p| !p.as_os_str().is_empty()),
             BadNormalisation { .. } => None,
         }
@@ -145,6 +150,37 @@ pub struct Micrograph {
     pub normalisation: Normalisation,
 }
 
+/// Largest micrograph file read (an uncompressed 16-bit RGB TIFF of [`MAX_PIXELS`] is 384 MiB).
+pub const MAX_FILE_BYTES: u64 = 512 * 1024 * 1024;
+/// Largest width or height.
+pub const MAX_SIDE: u32 = 65_536;
+/// Largest number of pixels (8192 × 8192): the decoded image and its f32 copies stay near 1 GB. A
+/// small compressed file can announce far more (an image bomb); it is refused from its header.
+pub const MAX_PIXELS: u64 = 1 << 26;
+/// Largest buffer the image decoder may allocate.
+pub const MAX_DECODE_BYTES: u64 = 512 * 1024 * 1024;
+
+/// Reads a micrograph file, refusing one above [`MAX_FILE_BYTES`] without reading it whole.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, MicrographError> {
+    use std::io::Read;
+    let read_err = |source| MicrographError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(MicrographError::TooLarge {
+            path: path.to_owned(),
+            what: format!("file above the limit of {MAX_FILE_BYTES} bytes"),
+        });
+    }
+    Ok(bytes)
+}
+
 /// Rec. 709 luma weights, applied to the stored values.
 const LUMA: [f32; 3] = [0.2126, 0.7152, 0.0722];
 
@@ -156,10 +192,7 @@ impl Micrograph {
 
     /// Reads a file with the given normalisation.
     pub fn load_with(path: &Path, norm: &Normalisation) -> Result<Self, MicrographError> {
-        let bytes = std::fs::read(path).map_err(|source| MicrographError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let bytes = read_file(path)?;
         Self::decode(&bytes, path, norm)
     }
 
@@ -193,16 +226,41 @@ impl Micrograph {
                 detail: format!("{format:?}"),
             });
         }
-        let mut reader = ImageReader::new(Cursor::new(bytes));
-        reader.set_format(format);
-        let img = reader.decode().map_err(|e| match e {
+        let too_large = |what: String| MicrographError::TooLarge {
+            path: path.to_owned(),
+            what,
+        };
+        let image_err = |e: ImageError| match e {
+            ImageError::Limits(l) => too_large(format!("{l} (decoder limits)")),
             ImageError::Unsupported(u) => MicrographError::UnsupportedColour {
                 path: path.to_owned(),
                 colour: u.to_string(),
             },
             ImageError::IoError(io) => corrupt(format!("{io} (file truncated?)")),
             other => corrupt(other.to_string()),
-        })?;
+        };
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(too_large(format!(
+                "{} bytes, above the limit of {MAX_FILE_BYTES}",
+                bytes.len()
+            )));
+        }
+        let mut reader = ImageReader::new(Cursor::new(bytes));
+        reader.set_format(format);
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_SIDE);
+        limits.max_image_height = Some(MAX_SIDE);
+        limits.max_alloc = Some(MAX_DECODE_BYTES);
+        reader.limits(limits);
+        // The header first: the size it announces is checked before any pixel is decoded.
+        let decoder = reader.into_decoder().map_err(image_err)?;
+        let (w, h) = decoder.dimensions();
+        if w > MAX_SIDE || h > MAX_SIDE || u64::from(w) * u64::from(h) > MAX_PIXELS {
+            return Err(too_large(format!(
+                "{w} × {h} pixels, above the limit of {MAX_PIXELS} pixels or {MAX_SIDE} a side"
+            )));
+        }
+        let img = DynamicImage::from_decoder(decoder).map_err(image_err)?;
         let (width, height) = (img.width(), img.height());
         if width == 0 || height == 0 {
             return Err(MicrographError::ZeroSize {
@@ -573,6 +631,62 @@ mod tests {
         let err = Micrograph::load(&p).unwrap_err();
         assert!(matches!(err, MicrographError::Corrupt { .. }), "{err:?}");
         assert!(err.to_string().contains("cut.png"), "{err}");
+    }
+
+    /// A PNG that is all header: `width × height` 8-bit grey, and no pixel data to speak of.
+    fn png_header(width: u32, height: u32) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        0xEDB8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        }
+        let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+            let mut body = kind.to_vec();
+            body.extend_from_slice(data);
+            out.extend_from_slice(&body);
+            out.extend_from_slice(&crc32(&body).to_be_bytes());
+        };
+        let mut ihdr = Vec::new();
+        ihdr.extend_from_slice(&width.to_be_bytes());
+        ihdr.extend_from_slice(&height.to_be_bytes());
+        ihdr.extend_from_slice(&[8, 0, 0, 0, 0]);
+        chunk(b"IHDR", &ihdr);
+        // An empty zlib stream: a decoder that reads on gets too little data, not a bomb.
+        chunk(b"IDAT", &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+        chunk(b"IEND", &[]);
+        out
+    }
+
+    /// Issue 17: an image bomb (a small PNG whose header claims 20000 × 20000 pixels: 400 MB of
+    /// grey levels, then several f32 copies, > 8 GB) was decoded with the image crate's default
+    /// limits. It must be refused from its header, with an error naming the file.
+    #[test]
+    fn an_image_bomb_is_refused_from_its_header_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bomb.png");
+        std::fs::write(&p, png_header(20_000, 20_000)).unwrap();
+        let err = Micrograph::load(&p).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("bomb.png") && text.contains("too large"),
+            "{text}"
+        );
+        assert_eq!(err.path(), Some(p.as_path()));
+        // A narrow but very long strip is refused too.
+        let err = Micrograph::decode(&png_header(1, 4_000_000), &p, &Normalisation::default())
+            .unwrap_err();
+        assert!(err.to_string().contains("too large"), "{err}");
     }
 
     #[test]

@@ -55,3 +55,34 @@ pub fn progress_bar(len: u64, what: &str) -> ProgressBar {
     bar.enable_steady_tick(Duration::from_millis(250));
     bar
 }
+
+/// At most the first `max_bytes` bytes of `s`, cut back to a character boundary: for showing a
+/// string that came from outside (a peer's model version, device id, error text) without the
+/// panic `&s[..n]` gives when byte `n` falls inside a character.
+pub fn clip(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod clip_tests {
+    use super::clip;
+
+    #[test]
+    fn clip_never_splits_a_character() {
+        assert_eq!(clip("abc", 12), "abc");
+        assert_eq!(clip("aaaaaaaaaaaé", 12), "aaaaaaaaaaa");
+        assert_eq!(clip("ééé", 3), "é");
+        assert_eq!(clip("\u{1F600}", 2), "");
+        assert_eq!(clip("", 0), "");
+        for n in 0..20 {
+            let _ = clip("aé\u{1F600}bç\u{1F600}", n);
+        }
+    }
+}

@@ -27,6 +27,8 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::mpsc;
 
 /// Largest MQTT packet the federation allows (docs/protocol.md): 1 MiB, on brokers and clients.
@@ -347,9 +349,8 @@ pub fn client_tls_config(
             let chain = read_certs(cert)?;
             let key_pem =
                 std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-            let key_der = rustls_pemfile::private_key(&mut key_pem.as_slice())
-                .with_context(|| format!("parsing {}", key.display()))?
-                .ok_or_else(|| anyhow!("no private key in {}", key.display()))?;
+            let key_der = PrivateKeyDer::from_pem_slice(&key_pem)
+                .with_context(|| format!("parsing {}", key.display()))?;
             builder
                 .with_client_auth_cert(chain, key_der)
                 .with_context(|| format!("client certificate {}", cert.display()))?
@@ -359,9 +360,9 @@ pub fn client_tls_config(
     Ok(Arc::new(config))
 }
 
-fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
+    let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", path.display()))?;
     ensure!(!certs.is_empty(), "no certificate in {}", path.display());

@@ -269,6 +269,8 @@ fn check_unit(unit: &str) -> Result<()> {
         ("ReadWritePaths", "/var/lib/microfed"),
         ("ProtectSystem", "strict"),
         ("NoNewPrivileges", "yes"),
+        // Issue 17: an input that slips past the limits kills the service, not the board.
+        ("MemoryMax", "6G"),
     ] {
         ensure!(
             get(key) == want,

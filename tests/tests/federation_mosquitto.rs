@@ -119,6 +119,12 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
     let root = tmp.path();
     let model = grains_model();
 
+    // The aggregator signs globals and announcements; the agents take only those (issue 17).
+    let agg_key_path = root.join("aggregator.key");
+    let agg_key = microfed::fleet::signing::SecretKey::generate();
+    agg_key.save(&agg_key_path).unwrap();
+    let agg_public = agg_key.public().to_hex();
+
     // Three labs, each with its own imaging style and a few labelled micrographs.
     let proxy = Proxy::start(broker.port());
     let mut agents = Vec::new();
@@ -155,6 +161,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
              [tiling]\ntile = 64\noverlap = 16\n\
              [federation]\nfleet = \"lab-test\"\ndevice = \"{lab}\"\nlabelled = \"labelled\"\n\
              state = \"fed\"\ndevice_kind = \"cpu\"\nbatch = 2\ncrop = 64\nseed = {i}\n\
+             aggregator_key = \"{agg_public}\"\n\
              [federation.broker]\n{}",
             tls_section(&broker, lab, port)
         );
@@ -182,6 +189,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         &agg_toml,
         format!(
             "id = \"aggregator\"\nfleet = \"lab-test\"\nmodel = {model:?}\nstate = {:?}\nrounds = 4\n\
+             signing_key = {agg_key_path:?}\n\
              devices = [\"lab-a\", \"lab-b\", \"lab-c\", \"lab-d\"]\n\
              [round]\ndeadline_s = 40.0\nquorum = 3\nlocal_epochs = 1\nsteps_per_epoch = 3\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
@@ -320,7 +328,8 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
         agents[2].log()
     );
 
-    // Every agent swapped each new global decoder into its running model.
+    // Every agent swapped each new global decoder into its running model: all of them signed by
+    // the aggregator's key and checked before their bodies were read.
     for a in &agents {
         assert!(
             wait_until(Duration::from_secs(30), || a
@@ -331,6 +340,95 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
             "{}",
             a.log()
         );
+        let log = a.log();
+        assert!(
+            !log.contains("unsigned")
+                && !log.contains("bad signature")
+                && !log.contains("refusing a global"),
+            "{log}"
+        );
+    }
+    // Forgeries (issue 17): with the aggregator's own certificate (so the broker's ACL lets them
+    // through), a retained global of version u64::MAX signed by another key, and an unsigned
+    // round announcement for round u64::MAX. Every agent refuses both before reading them.
+    {
+        let version = microfed::model::manifest::sha256_file(&model).unwrap();
+        let h = microfed::wire::protocol::Header {
+            fleet: "lab-test",
+            round: u64::MAX,
+            model_version: &version,
+            sender: "aggregator",
+        };
+        use microfed::wire::protocol::{Envelope, GlobalDecoder, Kind, RoundAnnouncement};
+        let global = Envelope::seal(
+            Kind::GlobalDecoder,
+            &h,
+            &GlobalDecoder::new(u64::MAX, u64::MAX, 2, &[0.0; 16]),
+        )
+        .unwrap()
+        .sign(&microfed::fleet::signing::SecretKey::generate())
+        .unwrap();
+        let frame = microfed::wire::protocol::split(&global.to_bytes().unwrap(), 1 << 18)
+            .unwrap()
+            .remove(0);
+        let round = Envelope::seal(
+            Kind::RoundAnnouncement,
+            &h,
+            &RoundAnnouncement {
+                round: u64::MAX,
+                global_version: u64::MAX,
+                global_digest: global.digest.clone(),
+                deadline_unix: f64::MAX,
+                local_epochs: 1,
+                steps_per_epoch: 1,
+                learning_rate: 0.01,
+                prox_mu: 0.0,
+                compression: Default::default(),
+                closed: false,
+            },
+        )
+        .unwrap()
+        .to_bytes()
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let opts = microfed_e2e::broker::tls_options(&broker, "aggregator");
+            let (client, mut ev) = rumqttc::AsyncClient::new(opts, 10);
+            for (topic, payload) in [
+                ("microfed/lab-test/global/0", frame),
+                ("microfed/lab-test/round", round),
+            ] {
+                client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, true, payload)
+                    .await
+                    .unwrap();
+            }
+            let mut acks = 0;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while acks < 2 && tokio::time::Instant::now() < deadline {
+                if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) =
+                    tokio::time::timeout(Duration::from_secs(1), ev.poll()).await
+                {
+                    acks += 1;
+                }
+            }
+            assert_eq!(acks, 2, "the broker did not take the forgeries");
+        });
+        for a in &agents {
+            assert!(
+                wait_until(Duration::from_secs(30), || {
+                    let log = a.log();
+                    log.contains("bad signature: the aggregator message")
+                        && log.contains("carries no signature")
+                }),
+                "{}",
+                a.log()
+            );
+            assert!(!a.log().contains("18446744073709551615"), "{}", a.log());
+        }
     }
     for a in &agents {
         a.terminate();

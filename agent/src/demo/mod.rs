@@ -354,6 +354,7 @@ fn federation_section(
     lab: &LabPlan,
     index: usize,
     broker: &BrokerSettings,
+    aggregator_key: &str,
 ) -> Result<FederationSection, DemoError> {
     let path = |p: &Path| -> Result<toml::Value, DemoError> {
         p.to_str()
@@ -383,6 +384,7 @@ fn federation_section(
     t.insert("class_weighted".into(), cfg.class_weighted.into());
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
+    t.insert("aggregator_key".into(), aggregator_key.into());
     // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
     // retained, and trains on its labels re-styled with the other labs' codes half of the time. The
     // demo's labs have a handful of training images, so the privacy floor is lowered to 3 (agent.toml's
@@ -596,6 +598,13 @@ async fn orchestrate(
         ..BrokerSettings::default()
     };
     say(&format!("embedded broker (rumqttd) on {}", broker.addr));
+    // The aggregator signs its globals and announcements; the labs accept only those.
+    let signing_key = cfg.out.join("aggregator.key");
+    let _ = std::fs::remove_file(&signing_key);
+    let key = crate::wire::signing::SecretKey::generate();
+    key.save(&signing_key)
+        .map_err(|e| part_err("aggregator key")(e.to_string()))?;
+    let aggregator_key = key.public().to_hex();
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Agents: load (blocking: tract optimises the model) and start.
@@ -606,7 +615,7 @@ async fn orchestrate(
             let tile = if i < federated { cfg.tile } else { 256 };
             let federation = if i < federated {
                 Some(FederationConfig {
-                    participant: federation_section(cfg, p, i, &settings)?,
+                    participant: federation_section(cfg, p, i, &settings, &aggregator_key)?,
                     fleet_models: None,
                 })
             } else {
@@ -666,10 +675,12 @@ async fn orchestrate(
         aggregation: AggregationConfig::default(),
         broker: Some(settings.clone()),
         max_update_norm: 1e3,
+        max_samples: 10_000,
         // DP-FedAvg's noise is calibrated for many devices; with three labs it would drown the
         // signal (docs/privacy.md has the measured cost), so the demo runs without it.
         dp: None,
         scale_out: None,
+        signing_key: Some(signing_key.clone()),
     };
     let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
     let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;

@@ -353,6 +353,32 @@ mod tests {
         }
     }
 
+    /// Issue 17: `fleet status` cut a device's model version at byte 12, which panics when byte 12
+    /// is inside a character; the version is whatever the device's status message says.
+    #[test]
+    fn status_table_survives_a_hostile_model_version() {
+        let mut view = FleetView::default();
+        for (i, v) in [
+            "aaaaaaaaaaaé-forged",
+            "ééééééééééééé",
+            "\u{1F600}\u{1F600}\u{1F600}x",
+            "",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let id = format!("lab-{i}");
+            view.devices.insert(
+                id.clone(),
+                status(&id, true, v, Some("ö".repeat(300).as_str())),
+            );
+        }
+        let t = status_table(&view);
+        assert_eq!(t.lines().count(), 5, "{t}");
+        assert!(t.contains("aaaaaaaaaaa"), "{t}");
+        let _ = list_table(&view);
+    }
+
     #[test]
     fn status_table_has_one_aligned_row_per_device() {
         let mut view = FleetView::default();

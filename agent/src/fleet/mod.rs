@@ -23,7 +23,8 @@ use crate::train::data::{TrainingImage, TrainingSet};
 pub mod device;
 pub mod manager;
 pub mod package;
-pub mod signing;
+/// Ed25519 keys and signatures live with the wire (the aggregator signs its globals with them too).
+pub use crate::wire::signing;
 pub mod store;
 
 /// `[federation.fleet_models]` in agent.toml: who may change this device's model, and how carefully.

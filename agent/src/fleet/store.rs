@@ -315,7 +315,7 @@ fn read(path: &Path) -> Result<Vec<u8>, StoreError> {
 
 /// The first 12 digits of a version hash, for people.
 pub fn short(version: &str) -> &str {
-    &version[..version.len().min(12)]
+    crate::telemetry::clip(version, 12)
 }
 
 #[cfg(test)]

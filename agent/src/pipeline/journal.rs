@@ -72,6 +72,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
+/// sha256 (hex) of a file, read as a stream (for files too large to hold).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
 /// The open journal: the set of finished (file, hash) pairs and the file to append to. One owner
 /// (the write stage) appends; readers ask [`Journal::is_done`] through the pipeline's shared handle.
 #[derive(Debug)]

@@ -403,8 +403,24 @@ fn decode_stage(
     in_flight: &Mutex<HashSet<(String, String)>>,
 ) {
     while let Some(capture) = rx.blocking_recv() {
-        let bytes = match std::fs::read(&capture.path) {
+        let bytes = match crate::micrograph::read_file(&capture.path) {
             Ok(b) => b,
+            Err(e @ crate::micrograph::MicrographError::TooLarge { .. }) => {
+                // Never read whole: hashed as a stream for the journal, then quarantined.
+                let Ok(sha256) = journal::sha256_file(&capture.path) else {
+                    stats.skipped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let item = Item::Failed {
+                    capture,
+                    sha256,
+                    reason: e.to_string(),
+                };
+                if tx.blocking_send(item).is_err() {
+                    break;
+                }
+                continue;
+            }
             Err(e) => {
                 // Gone or unreadable before we got to it (moved away by the user): nothing to do.
                 tracing::warn!(file = %capture.path.display(), error = %e, "cannot read; skipped");

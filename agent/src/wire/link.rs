@@ -21,6 +21,8 @@ use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, Outgoing, Packet, QoS,
     TlsConfiguration, Transport,
 };
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -253,7 +255,8 @@ pub fn rustls_config(tls: &TlsFiles) -> Result<rustls::ClientConfig, LinkError> 
     let mut roots = rustls::RootCertStore::empty();
     let ca = read(&tls.ca)?;
     let mut n = 0;
-    for cert in rustls_pemfile::certs(&mut ca.as_slice()) {
+    // PEM parsing from rustls-pki-types (rustls-pemfile is unmaintained: RUSTSEC-2025-0134).
+    for cert in CertificateDer::pem_slice_iter(&ca) {
         let cert = cert.map_err(|e| bad(&tls.ca, format!("not a PEM certificate: {e}")))?;
         roots
             .add(cert)
@@ -264,16 +267,17 @@ pub fn rustls_config(tls: &TlsFiles) -> Result<rustls::ClientConfig, LinkError> 
         return Err(bad(&tls.ca, "no certificate in the file".into()));
     }
     let cert_pem = read(&tls.cert)?;
-    let chain: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())
+    let chain: Vec<_> = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| bad(&tls.cert, format!("not a PEM certificate: {e}")))?;
     if chain.is_empty() {
         return Err(bad(&tls.cert, "no certificate in the file".into()));
     }
     let key_pem = read(&tls.key)?;
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| bad(&tls.key, format!("not a PEM key: {e}")))?
-        .ok_or_else(|| bad(&tls.key, "no private key in the file".into()))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => bad(&tls.key, "no private key in the file".into()),
+        e => bad(&tls.key, format!("not a PEM key: {e}")),
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

@@ -52,6 +52,8 @@ pub enum ProtocolError {
     },
     #[error("cannot encode {what}: {message}")]
     Encode { what: &'static str, message: String },
+    #[error("{0}")]
+    Signature(#[from] crate::wire::signing::SigningError),
 }
 
 /// What a message is.
@@ -175,6 +177,10 @@ pub struct Envelope {
     pub digest: String,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// The aggregator's Ed25519 signature of the header and the body's digest
+    /// ([`Envelope::sign`]); absent on devices' messages. Older receivers ignore it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<serde_bytes::ByteBuf>,
 }
 
 /// The header fields of an envelope, for [`Envelope::seal`].
@@ -204,7 +210,45 @@ impl Envelope {
             sent_at: crate::fsio::now_unix(),
             digest: sha256_hex(&body),
             body,
+            signature: None,
         })
+    }
+
+    /// What a signature covers: every header field and the body's digest (so the body too).
+    fn signed_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
+        to_cbor(
+            "signed header",
+            &(
+                self.schema,
+                self.kind,
+                &self.fleet,
+                self.round,
+                &self.model_version,
+                &self.sender,
+                self.sent_at.to_bits(),
+                &self.digest,
+            ),
+        )
+    }
+
+    /// Signs the envelope as the aggregator (globals and round announcements).
+    pub fn sign(mut self, key: &crate::wire::signing::SecretKey) -> Result<Self, ProtocolError> {
+        use crate::wire::signing::Purpose;
+        let sig = key.sign(Purpose::Aggregator, &self.signed_bytes()?);
+        self.signature = Some(serde_bytes::ByteBuf::from(sig.to_vec()));
+        Ok(self)
+    }
+
+    /// Checks the aggregator's signature: call it before reading the body. A missing, foreign or
+    /// changed signature is an error naming why.
+    pub fn verify(&self, key: &crate::wire::signing::PublicKey) -> Result<(), ProtocolError> {
+        use crate::wire::signing::Purpose;
+        key.verify(
+            Purpose::Aggregator,
+            &self.signed_bytes()?,
+            self.signature.as_deref().map(|s| &s[..]),
+        )?;
+        Ok(())
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, ProtocolError> {
@@ -442,11 +486,16 @@ pub fn split(message: &[u8], chunk: usize) -> Result<Vec<Vec<u8>>, ProtocolError
 }
 
 /// Limits of a [`Reassembler`].
+///
+/// Every bound is checked from the frame's header before anything is allocated: a frame's `total`
+/// and `len` are the sender's word, so they only ever size what the frames actually delivered.
 #[derive(Debug, Clone, Copy)]
 pub struct ReassemblyLimits {
     /// Largest whole message accepted.
     pub max_message: usize,
-    /// Bytes held in incomplete messages, all together; the oldest are dropped beyond it.
+    /// Bytes held in incomplete messages, all together; beyond it the stream with the most
+    /// incomplete messages (then the most bytes) is cut back first, so one sender flooding cannot
+    /// evict the others' messages.
     pub max_pending: usize,
     /// An incomplete message older than this is dropped.
     pub timeout: Duration,
@@ -462,21 +511,54 @@ impl Default for ReassemblyLimits {
     }
 }
 
+/// Incomplete messages one stream (one sender's topic) may have at once; a new one beyond it drops
+/// that stream's oldest. An honest sender has one in flight (two across a retry).
+pub const PARTIALS_PER_STREAM: usize = 4;
+
+/// Bookkeeping bytes charged per held chunk on top of its data, so that a flood of tiny chunks is
+/// bounded by `max_pending` too.
+const CHUNK_OVERHEAD: usize = 64;
+
 struct Partial {
     started: Instant,
     total: u32,
     len: usize,
-    parts: Vec<Option<Vec<u8>>>,
-    have: u32,
+    /// Only the chunks that arrived: nothing is sized from the sender's `total`.
+    parts: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// Data bytes of the chunks that arrived.
+    bytes: usize,
     held: usize,
 }
 
-/// Collects frames into whole messages. Keyed by (stream, digest): a stream is the topic (or topic
-/// family) so that frames of different senders never mix.
+/// One stream's incomplete messages, by digest.
+#[derive(Default)]
+struct Stream {
+    partial: HashMap<String, Partial>,
+    held: usize,
+}
+
+impl Stream {
+    /// Drops the oldest incomplete message; returns the bytes freed.
+    fn drop_oldest(&mut self) -> Option<usize> {
+        let oldest = self
+            .partial
+            .iter()
+            .min_by_key(|(_, p)| p.started)
+            .map(|(k, _)| k.clone())?;
+        let p = self.partial.remove(&oldest)?;
+        self.held -= p.held;
+        tracing::warn!(digest = %oldest, "dropped an incomplete chunked message: reassembly memory full");
+        Some(p.held)
+    }
+}
+
+/// Collects frames into whole messages. Each stream (the topic, or topic family, of one sender)
+/// has its own pool, so frames of different senders never mix, and a sender that starts many
+/// messages evicts its own before anyone else's.
 #[derive(Default)]
 pub struct Reassembler {
     limits: ReassemblyLimits,
-    partial: HashMap<(String, String), Partial>,
+    streams: HashMap<String, Stream>,
     held: usize,
     /// Messages given up (timeout or memory bound), for the counters.
     pub dropped: u64,
@@ -485,7 +567,7 @@ pub struct Reassembler {
 impl std::fmt::Debug for Reassembler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Reassembler")
-            .field("pending", &self.partial.len())
+            .field("pending", &self.pending())
             .field("held", &self.held)
             .field("dropped", &self.dropped)
             .finish()
@@ -500,9 +582,19 @@ impl Reassembler {
         }
     }
 
-    /// Bytes held in incomplete messages.
+    /// Bytes held in incomplete messages (chunk data plus a fixed overhead per chunk).
     pub fn held(&self) -> usize {
         self.held
+    }
+
+    /// Incomplete messages held, over all streams.
+    pub fn pending(&self) -> usize {
+        self.streams.values().map(|s| s.partial.len()).sum()
+    }
+
+    /// Bytes `stream` holds in incomplete messages.
+    pub fn held_by(&self, stream: &str) -> usize {
+        self.streams.get(stream).map_or(0, |s| s.held)
     }
 
     /// Adds one frame; returns the whole message when it is complete (and its digest checks).
@@ -546,46 +638,78 @@ impl Reassembler {
             }
             return check_digest(f.data, &f.digest).map(Some);
         }
-        let key = (stream.to_owned(), f.digest.clone());
-        let entry = self.partial.entry(key.clone()).or_insert_with(|| Partial {
-            started: Instant::now(),
-            total: f.total,
-            len,
-            parts: vec![None; f.total as usize],
-            have: 0,
-            held: 0,
-        });
+        // Every chunk of a split message carries at least one byte, so a message of `len` bytes
+        // has at most `len` chunks: this bounds `total` by `max_message` before anything is held.
+        if f.data.is_empty() || u64::from(f.total) > f.len {
+            return Err(frame_err(format!(
+                "{} chunks cannot make a message of {len} bytes",
+                f.total
+            )));
+        }
+        if f.digest.len() != 64 || !f.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(frame_err("digest is not a sha256 in hex".into()));
+        }
+        let cost = f.data.len() + CHUNK_OVERHEAD;
+        let s = self.streams.entry(stream.to_owned()).or_default();
+        if !s.partial.contains_key(&f.digest) {
+            // A new message on this stream: make room among its own first.
+            while s.partial.len() >= PARTIALS_PER_STREAM {
+                let Some(freed) = s.drop_oldest() else { break };
+                self.held -= freed;
+                self.dropped += 1;
+            }
+        }
+        let entry = s
+            .partial
+            .entry(f.digest.clone())
+            .or_insert_with(|| Partial {
+                started: Instant::now(),
+                total: f.total,
+                len,
+                parts: std::collections::BTreeMap::new(),
+                bytes: 0,
+                held: 0,
+            });
         if entry.total != f.total || entry.len != len {
             return Err(frame_err(format!(
                 "disagrees with earlier frames ({} frames, {} bytes)",
                 entry.total, entry.len
             )));
         }
-        let slot = &mut entry.parts[f.index as usize];
-        if slot.is_none() {
-            entry.held += f.data.len();
-            self.held += f.data.len();
-            entry.have += 1;
-            *slot = Some(f.data);
+        if !entry.parts.contains_key(&f.index) {
+            if entry.bytes + f.data.len() > len {
+                return Err(frame_err(format!(
+                    "chunks add up to more than the message's {len} bytes"
+                )));
+            }
+            entry.bytes += f.data.len();
+            entry.held += cost;
+            s.held += cost;
+            self.held += cost;
+            entry.parts.insert(f.index, f.data);
         }
-        if entry.have == entry.total {
-            let Some(p) = self.partial.remove(&key) else {
+        if entry.parts.len() == entry.total as usize {
+            let Some(p) = s.partial.remove(&f.digest) else {
                 return Ok(None);
             };
+            s.held -= p.held;
             self.held -= p.held;
+            if s.partial.is_empty() {
+                self.streams.remove(stream);
+            }
             let mut whole = Vec::with_capacity(p.len);
-            for part in p.parts.into_iter().flatten() {
+            for part in p.parts.into_values() {
                 whole.extend_from_slice(&part);
             }
             if whole.len() != p.len {
                 return Err(ProtocolError::Frame {
-                    digest: key.1,
+                    digest: f.digest,
                     index: 0,
                     total: p.total,
                     problem: format!("chunks add up to {} bytes, expected {}", whole.len(), p.len),
                 });
             }
-            return check_digest(whole, &key.1).map(Some);
+            return check_digest(whole, &f.digest).map(Some);
         }
         self.enforce_memory();
         Ok(None)
@@ -593,17 +717,21 @@ impl Reassembler {
 
     fn expire(&mut self) {
         let timeout = self.limits.timeout;
-        let before = self.partial.len();
+        let mut gone = 0u64;
         let mut freed = 0;
-        self.partial.retain(|_, p| {
-            let keep = p.started.elapsed() < timeout;
-            if !keep {
-                freed += p.held;
-            }
-            keep
-        });
+        for s in self.streams.values_mut() {
+            s.partial.retain(|_, p| {
+                let keep = p.started.elapsed() < timeout;
+                if !keep {
+                    freed += p.held;
+                    s.held -= p.held;
+                    gone += 1;
+                }
+                keep
+            });
+        }
+        self.streams.retain(|_, s| !s.partial.is_empty());
         self.held -= freed;
-        let gone = (before - self.partial.len()) as u64;
         if gone > 0 {
             tracing::warn!(
                 messages = gone,
@@ -613,20 +741,36 @@ impl Reassembler {
         }
     }
 
+    /// Over the byte budget: cut back the stream with the most incomplete messages (an honest
+    /// sender has one), then the one holding the most bytes; its oldest message goes first.
     fn enforce_memory(&mut self) {
         while self.held > self.limits.max_pending {
-            let Some(oldest) = self
-                .partial
+            let Some(biggest) = self
+                .streams
                 .iter()
-                .min_by_key(|(_, p)| p.started)
+                .max_by_key(|(_, s)| (s.partial.len(), s.held))
                 .map(|(k, _)| k.clone())
             else {
                 break;
             };
-            if let Some(p) = self.partial.remove(&oldest) {
-                self.held -= p.held;
-                self.dropped += 1;
-                tracing::warn!(digest = %oldest.1, "dropped an incomplete chunked message: reassembly memory full");
+            let Some(s) = self.streams.get_mut(&biggest) else {
+                break;
+            };
+            match s.drop_oldest() {
+                Some(freed) => {
+                    self.held -= freed;
+                    self.dropped += 1;
+                }
+                None => {
+                    self.streams.remove(&biggest);
+                }
+            }
+            if self
+                .streams
+                .get(&biggest)
+                .is_some_and(|s| s.partial.is_empty())
+            {
+                self.streams.remove(&biggest);
             }
         }
     }
@@ -833,6 +977,47 @@ mod tests {
         ));
     }
 
+    /// Issue 17: globals and round announcements were not authenticated: a forged retained global
+    /// of version u64::MAX pinned an agent. Signed by the aggregator's key, checked before the body.
+    #[test]
+    fn aggregator_signatures_cover_header_and_body_and_refuse_forgeries() {
+        use crate::wire::signing::SecretKey;
+        let key = SecretKey::from_seed([3; 32]);
+        let other = SecretKey::from_seed([4; 32]);
+        let g = GlobalDecoder::new(u64::MAX, 1, 2, &[1.0]);
+        let env = Envelope::seal(Kind::GlobalDecoder, &header(), &g)
+            .unwrap()
+            .sign(&key)
+            .unwrap();
+        let back = Envelope::from_bytes(&env.to_bytes().unwrap(), 1 << 20).unwrap();
+        back.verify(&key.public()).unwrap();
+        // Unsigned, signed by another key, or any header field or the body changed: refused.
+        let mut unsigned = back.clone();
+        unsigned.signature = None;
+        assert!(unsigned.verify(&key.public()).is_err());
+        let foreign = Envelope::seal(Kind::GlobalDecoder, &header(), &g)
+            .unwrap()
+            .sign(&other)
+            .unwrap();
+        assert!(foreign.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.round += 1;
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.kind = Kind::RoundAnnouncement;
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.fleet = "other-fleet".into();
+        assert!(t.verify(&key.public()).is_err());
+        let mut t = back.clone();
+        t.body = to_cbor("b", &GlobalDecoder::new(7, 1, 2, &[1.0])).unwrap();
+        t.digest = sha256_hex(&t.body);
+        assert!(t.verify(&key.public()).is_err());
+        // An unsigned envelope still decodes for receivers without a key (old configurations).
+        let plain = Envelope::seal(Kind::Status, &header(), &"x").unwrap();
+        assert!(plain.to_bytes().unwrap().len() < env.to_bytes().unwrap().len());
+    }
+
     #[test]
     fn garbage_never_panics() {
         use rand::{Rng, SeedableRng};
@@ -924,6 +1109,62 @@ mod tests {
         let one = split(b"hello", 1000).unwrap();
         assert_eq!(r.push("x", &one[0]).unwrap().unwrap(), b"hello");
         assert_eq!(r.held(), 0);
+    }
+
+    /// Issue 17: one ~100-byte frame claiming 4294967295 chunks made the reassembler allocate
+    /// ~100 GB (`vec![None; total]`) and killed `microfed aggregate`. Nothing may be sized from it.
+    #[test]
+    fn a_frame_claiming_four_billion_chunks_is_refused_without_allocating() {
+        let mut r = Reassembler::new(ReassemblyLimits::default());
+        let hostile = |total: u32, len: u64, data: Vec<u8>| {
+            to_cbor(
+                "frame",
+                &Frame {
+                    schema: SCHEMA_VERSION,
+                    digest: sha256_hex(b"whatever"),
+                    index: 0,
+                    total,
+                    len,
+                    data,
+                },
+            )
+            .unwrap()
+        };
+        // More chunks than bytes: no split makes that.
+        assert!(
+            r.push("update/x", &hostile(u32::MAX, 100, vec![1; 10]))
+                .is_err()
+        );
+        // Even when `len` is large enough, nothing is allocated up front for the missing chunks.
+        let _ = r.push(
+            "update/x",
+            &hostile(u32::MAX, u64::from(u32::MAX), vec![1; 10]),
+        );
+        assert!(r.held() < 4096, "held {}", r.held());
+        // An empty chunk of a multi-chunk message is not a chunk.
+        assert!(r.push("update/x", &hostile(3, 100, vec![])).is_err());
+    }
+
+    /// Issue 17: one shared pool let one device evict everyone's in-flight updates.
+    #[test]
+    fn one_stream_flooding_cannot_evict_another_streams_message() {
+        let mut r = Reassembler::new(ReassemblyLimits {
+            max_message: 4000,
+            max_pending: 6000,
+            timeout: Duration::from_secs(60),
+        });
+        let honest: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+        let frames = split(&honest, 1000).unwrap();
+        for f in &frames[..3] {
+            assert!(r.push("update/a", f).unwrap().is_none());
+        }
+        // The flooder starts many messages on its own topic, each newer than the honest one.
+        for m in 0..50u32 {
+            let junk = vec![(m % 256) as u8; 4000];
+            let _ = r.push("update/evil", &split(&junk, 1000).unwrap()[0]);
+            assert!(r.held() <= 6000, "held {}", r.held());
+        }
+        assert_eq!(r.push("update/a", &frames[3]).unwrap().unwrap(), honest);
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl FeatureCache {
         dir: &Path,
         model_version: &str,
     ) -> Result<Self, CacheError> {
-        let dir = dir.join(&model_version[..model_version.len().min(16)]);
+        let dir = dir.join(crate::telemetry::clip(model_version, 16));
         std::fs::create_dir_all(&dir).map_err(|source| CacheError::Io {
             path: dir.clone(),
             source,

@@ -91,6 +91,16 @@ pub struct FederationSection {
     /// Style codes (`[federation.style]`); absent: none published, none used.
     #[serde(default)]
     pub style: Option<StyleSection>,
+    /// The aggregator's Ed25519 public key (64 hex digits; its `signing_key`'s public half). When
+    /// set, globals and round announcements are taken only with its signature, checked before
+    /// their bodies are read. Unset: taken unsigned (a warning at start).
+    #[serde(default)]
+    pub aggregator_key: Option<String>,
+    /// Largest L2 distance of a new global decoder from the current one; a global further away is
+    /// not installed (it is a forgery or a broken aggregator). Default 100 (10 × the aggregator's
+    /// default update bound).
+    #[serde(default = "default_max_global_step")]
+    pub max_global_step: f32,
 }
 
 impl FederationSection {
@@ -126,7 +136,10 @@ fn default_class_weighted() -> bool {
     true
 }
 fn default_max_norm() -> f32 {
-    1e3
+    10.0
+}
+fn default_max_global_step() -> f32 {
+    100.0
 }
 fn default_outbox_items() -> usize {
     8
@@ -144,6 +157,8 @@ pub enum ParticipantError {
     FleetName(String),
     #[error("federation: device id {0:?} is not a valid MQTT topic level")]
     DeviceId(String),
+    #[error("federation: aggregator_key: {0}")]
+    AggregatorKey(crate::wire::signing::SigningError),
     #[error("federation: {path}: {source}")]
     Io {
         path: PathBuf,
@@ -348,6 +363,21 @@ async fn session(
     if current != model.path {
         return Ok(Next::Base(current));
     }
+    let aggregator_key = cfg
+        .aggregator_key
+        .as_deref()
+        .map(crate::wire::signing::PublicKey::parse)
+        .transpose()
+        .map_err(ParticipantError::AggregatorKey)?;
+    if aggregator_key.is_none() {
+        tracing::warn!(
+            "no [federation] aggregator_key: globals and round announcements are taken unsigned"
+        );
+    }
+    let authentic = |e: Envelope| match &aggregator_key {
+        Some(k) => e.verify(k).map(|()| e),
+        None => Ok(e),
+    };
     let mut s = Session::open(cfg, model, device, carried).await?;
     let topics = device.topics.clone();
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
@@ -400,6 +430,7 @@ async fn session(
                     None
                 } else if topic == topics.round() {
                     match Envelope::from_bytes(&payload, protocol::MAX_PACKET_BYTES)
+                        .and_then(authentic)
                         .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                         .and_then(|e| e.body::<RoundAnnouncement>(Kind::RoundAnnouncement))
                     {
@@ -412,11 +443,22 @@ async fn session(
                 } else if topics.device_of("global", &topic).is_some() {
                     match reassembler.push("global", &payload) {
                         Ok(Some(whole)) => match Envelope::from_bytes(&whole, usize::MAX)
+                            .and_then(authentic)
                             .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                             .and_then(|e| e.body::<GlobalDecoder>(Kind::GlobalDecoder))
                             .and_then(|g| Ok((g.version, g.decoder(decoder_len)?)))
                         {
-                            Ok((version, values)) => Some(Event::Global { version, values }),
+                            Ok((version, values)) => match crate::federated::edge::round::check_global(
+                                &values,
+                                carried.rounds.global().map(|(_, g)| g),
+                                cfg.max_global_step,
+                            ) {
+                                Ok(()) => Some(Event::Global { version, values }),
+                                Err(why) => {
+                                    tracing::warn!(version, "refusing a global decoder: {why}");
+                                    None
+                                }
+                            },
                             Err(e) => {
                                 tracing::warn!(error = %e, "ignoring a global decoder");
                                 None
@@ -943,8 +985,8 @@ fn check_env(
             message: format!(
                 "for fleet {} and base model {}, this agent runs fleet {fleet} with base model {}",
                 e.fleet,
-                &e.model_version[..e.model_version.len().min(12)],
-                &model_version[..model_version.len().min(12)]
+                crate::telemetry::clip(&e.model_version, 12),
+                crate::telemetry::clip(model_version, 12)
             ),
         });
     }
@@ -1153,6 +1195,34 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Issue 17: an envelope for another base model was reported by cutting both versions at byte
+    /// 12, which panics (and stops the participant) when byte 12 is inside a character.
+    #[test]
+    fn an_envelope_with_a_hostile_model_version_is_refused_without_panicking() {
+        for forged in [
+            "aaaaaaaaaaaé",
+            "ééééééé",
+            "\u{1F600}\u{1F600}\u{1F600}\u{1F600}",
+        ] {
+            let env = Envelope::seal(
+                Kind::GlobalDecoder,
+                &Header {
+                    fleet: "f",
+                    round: 1,
+                    model_version: forged,
+                    sender: "aggregator",
+                },
+                &"x",
+            )
+            .unwrap();
+            let e = check_env(env, "f", "ababababababababab").unwrap_err();
+            assert!(
+                e.to_string().contains("aaaaaaaaaaaa") || e.to_string().contains("abababababab"),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn the_labelled_fingerprint_changes_with_the_files_and_only_then() {

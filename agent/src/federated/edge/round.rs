@@ -105,7 +105,14 @@ impl Rounds {
                 self.announced = Some(a);
             }
             Event::Global { version, values } => {
-                if self.global.as_ref().is_none_or(|(v, _)| version > *v) {
+                // Newer than the one held, or the very one the current announcement names (so a
+                // forged high version held before cannot pin this device).
+                let announced = self.announced.as_ref().is_some_and(|a| {
+                    a.global_version == version
+                        && self.global.as_ref().is_some_and(|(v, _)| *v != version)
+                        && protocol::sha256_hex(&protocol::f32_bytes(&values)) == a.global_digest
+                });
+                if announced || self.global.as_ref().is_none_or(|(v, _)| version > *v) {
                     actions.push(Action::Install {
                         version,
                         swap: version > 0,
@@ -161,6 +168,31 @@ impl Rounds {
             compression: a.compression.clone(),
         }))
     }
+}
+
+/// Checks a new global decoder before it goes near the running model: every value finite, and
+/// at most `max_step` (L2) from the current one, when there is one. A global is a step of the
+/// server's optimiser from the last; one far away is a forgery or a broken aggregator.
+pub fn check_global(new: &[f32], current: Option<&[f32]>, max_step: f32) -> Result<(), String> {
+    if let Some(i) = new.iter().position(|v| !v.is_finite()) {
+        return Err(format!("value {i} is {}", new[i]));
+    }
+    if let Some(cur) = current
+        && cur.len() == new.len()
+    {
+        let step = new
+            .iter()
+            .zip(cur)
+            .map(|(a, b)| (f64::from(*a) - f64::from(*b)).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        if step > f64::from(max_step) {
+            return Err(format!(
+                "{step:.3e} (L2) from the current decoder, above max_global_step {max_step}"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,5 +321,59 @@ mod tests {
         r.new_base_model();
         assert_eq!(r.global(), None);
         assert_eq!(r.open_round(), None);
+    }
+
+    /// Issue 17: a forged global of version u64::MAX pinned a device on it (no version is higher).
+    /// The global the current announcement names, by version and digest, is taken again.
+    #[test]
+    fn a_forged_maximal_global_version_does_not_pin_the_device() {
+        let mut r = Rounds::default();
+        let forged = vec![9.0f32, 9.0];
+        r.handle(
+            Event::Global {
+                version: u64::MAX,
+                values: forged,
+            },
+            0.0,
+        );
+        assert_eq!(r.global().unwrap().0, u64::MAX);
+        let g = vec![1.0f32, 2.0];
+        r.handle(Event::Announced(announce(6, 5, &g, 100.0)), 0.0);
+        let a = r.handle(
+            Event::Global {
+                version: 5,
+                values: g.clone(),
+            },
+            0.0,
+        );
+        assert!(
+            a.contains(&Action::Install {
+                version: 5,
+                swap: true
+            }),
+            "{a:?}"
+        );
+        assert_eq!(trains(&a), Some(6));
+        // An older global the announcement does not name is still ignored.
+        let a = r.handle(
+            Event::Global {
+                version: 4,
+                values: vec![0.0, 0.0],
+            },
+            0.0,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(r.global().unwrap().0, 5);
+    }
+
+    /// Issue 17: a new global was swapped into production with only a length check.
+    #[test]
+    fn globals_that_are_not_finite_or_far_from_the_current_are_refused() {
+        let cur = [1.0f32, 2.0];
+        assert!(check_global(&[1.1, 2.0], Some(&cur), 1.0).is_ok());
+        assert!(check_global(&[f32::NAN, 2.0], Some(&cur), 1.0).is_err());
+        assert!(check_global(&[1.0, f32::INFINITY], None, 1.0).is_err());
+        assert!(check_global(&[100.0, 2.0], Some(&cur), 1.0).is_err());
+        assert!(check_global(&[100.0, 2.0], None, 1.0).is_ok());
     }
 }

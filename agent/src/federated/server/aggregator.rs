@@ -63,6 +63,8 @@ pub enum Rejection {
     NotFinite,
     Norm,
     Oversized,
+    /// More training samples claimed than `max_samples`.
+    Samples,
 }
 
 impl Rejection {
@@ -79,6 +81,7 @@ impl Rejection {
             Self::NotFinite => "not_finite",
             Self::Norm => "norm",
             Self::Oversized => "oversized",
+            Self::Samples => "samples",
         }
     }
 }
@@ -114,6 +117,8 @@ pub struct Aggregator {
     pub(super) acc: Accumulator,
     server: ServerOptimizer,
     reassembler: Reassembler,
+    /// Signs globals, announcements and summaries (`signing_key` in aggregator.toml).
+    signing_key: Option<crate::wire::signing::SecretKey>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -174,7 +179,18 @@ impl Aggregator {
             Err(_) => ServerOptimizer::new(global.len(), &cfg.aggregation.server)?,
         };
         let acc = Accumulator::new(global.len(), &cfg.aggregation)?;
+        let signing_key = match &cfg.signing_key {
+            Some(p) => Some(crate::wire::signing::SecretKey::load(p).map_err(|e| file_err(p, e))?),
+            None => {
+                tracing::warn!(
+                    "no signing_key in aggregator.toml: globals and round announcements go unsigned, \
+                     and any client of the broker can forge them"
+                );
+                None
+            }
+        };
         let mut me = Self {
+            signing_key,
             topics,
             model_version,
             layout,
@@ -324,6 +340,14 @@ impl Aggregator {
             );
             return Ok(());
         };
+        // Before reassembly: frames from a device that may not take part hold no memory.
+        if !self.cfg.devices.is_empty() && !self.cfg.devices.contains(&device) {
+            self.reject(
+                Rejection::UnknownDevice,
+                &format!("update frame from unknown device {device}"),
+            );
+            return Ok(());
+        }
         let whole = match self.reassembler.push(topic, payload) {
             Ok(Some(w)) => w,
             Ok(None) => return Ok(()),
@@ -425,6 +449,16 @@ impl Aggregator {
             self.reject(
                 Rejection::Duplicate,
                 &format!("second update from {device} this round"),
+            );
+            return Ok(());
+        }
+        if body.samples > self.cfg.max_samples {
+            self.reject(
+                Rejection::Samples,
+                &format!(
+                    "update from {device} claims {} training samples, above max_samples {}",
+                    body.samples, self.cfg.max_samples
+                ),
             );
             return Ok(());
         }
@@ -627,6 +661,15 @@ impl Aggregator {
         Ok(summary)
     }
 
+    /// Signed with the aggregator's key when `signing_key` is configured (agents with
+    /// `aggregator_key` accept nothing else).
+    fn signed(&self, env: Envelope) -> Result<Envelope, AggregatorError> {
+        Ok(match &self.signing_key {
+            Some(k) => env.sign(k)?,
+            None => env,
+        })
+    }
+
     pub(super) async fn publish_global(&self, link: &Link) -> Result<(), AggregatorError> {
         let g = GlobalDecoder::new(
             self.state.global_version,
@@ -634,7 +677,7 @@ impl Aggregator {
             self.classes,
             &self.global,
         );
-        let env = Envelope::seal(Kind::GlobalDecoder, &self.header(), &g)?;
+        let env = self.signed(Envelope::seal(Kind::GlobalDecoder, &self.header(), &g)?)?;
         let frames = protocol::split(&env.to_bytes()?, CHUNK_BYTES)?;
         let topics = self.topics.clone();
         link.publish_frames(|i| topics.global_chunk(i as u32), frames, true)
@@ -643,11 +686,11 @@ impl Aggregator {
     }
 
     pub(super) async fn publish_announcement(&self, link: &Link) -> Result<(), AggregatorError> {
-        let env = Envelope::seal(
+        let env = self.signed(Envelope::seal(
             Kind::RoundAnnouncement,
             &self.header(),
             &self.announcement(),
-        )?;
+        )?)?;
         link.publish(&self.topics.round(), env.to_bytes()?, true)
             .await?;
         Ok(())
@@ -658,7 +701,7 @@ impl Aggregator {
         link: &Link,
         s: &RoundSummary,
     ) -> Result<(), AggregatorError> {
-        let env = Envelope::seal(Kind::RoundSummary, &self.header(), s)?;
+        let env = self.signed(Envelope::seal(Kind::RoundSummary, &self.header(), s)?)?;
         link.publish(&self.topics.summary(), env.to_bytes()?, true)
             .await?;
         Ok(())
@@ -844,6 +887,7 @@ mod tests {
         onnx::save(&onnx::export(&params, &vec![]).unwrap(), &model).unwrap();
         let cfg: AggregatorConfig = toml::from_str(&format!(
             "fleet = \"f\"\nmodel = {model:?}\nstate = {:?}\ndevices = [\"a\", \"b\", \"c\"]\n\
+             max_update_norm = 100.0\n\
              [round]\ndeadline_s = 60.0\nquorum = {quorum}\nlocal_epochs = 1\nsteps_per_epoch = 1\n\
              learning_rate = 0.01\nprox_mu = 0.0\npause_s = 0.0\n\
              [aggregation]\nrule = {rule}\n{extra}",
@@ -994,9 +1038,76 @@ mod tests {
         assert_eq!(again.global(), agg.global());
     }
 
+    /// Issue 17: self-reported `samples` were unbounded FedAvg weights: 2^62 took all the weight,
+    /// and near u64::MAX every later lab's `checked_add` failed and its update was lost as malformed.
+    #[test]
+    fn inflated_sample_counts_are_refused_and_later_labs_still_count() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.001), u64::MAX - 1))
+            .unwrap();
+        agg.handle_update_message("a", &update(&s, "a", 1, 0, &filled(n, 0.001), 1 << 62))
+            .unwrap();
+        agg.handle_update_message("b", &update(&s, "b", 1, 0, &filled(n, -0.001), 3))
+            .unwrap();
+        agg.handle_update_message("c", &update(&s, "c", 1, 0, &filled(n, 0.002), 2))
+            .unwrap();
+        let st = agg.state();
+        assert_eq!(
+            st.accepted.keys().collect::<Vec<_>>(),
+            ["b", "c"],
+            "{:?}",
+            st.rejected
+        );
+        assert_eq!(st.rejected.get("samples"), Some(&2), "{:?}", st.rejected);
+        assert_eq!(st.rejected.get("malformed"), None, "{:?}", st.rejected);
+    }
+
+    /// Issue 17: the default `max_update_norm` (1e3) was ~10⁴ × the measured median update norm
+    /// (0.088, docs/privacy.md): it stopped nothing a poisoning lab would send.
+    #[test]
+    fn the_default_norm_bound_is_within_a_few_hundred_times_the_measured_median() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: AggregatorConfig = toml::from_str(&format!(
+            "fleet = \"f\"\nmodel = \"m.onnx\"\nstate = {:?}\n",
+            dir.path()
+        ))
+        .unwrap();
+        let measured_median = 0.0879f32;
+        assert!(
+            cfg.max_update_norm <= 300.0 * measured_median,
+            "default max_update_norm {}",
+            cfg.max_update_norm
+        );
+        assert!(cfg.max_update_norm >= 20.0 * measured_median);
+    }
+
+    /// Issue 17: frames were reassembled before the sender was checked against the device list,
+    /// so any client could fill the reassembly memory. Now refused before reassembly.
+    #[test]
+    fn frames_from_unlisted_devices_hold_no_reassembly_memory() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        let big = vec![5u8; 3 * CHUNK_BYTES];
+        let frames = protocol::split(&big, CHUNK_BYTES).unwrap();
+        agg.handle_update_frame("microfed/f/update/z", &frames[0])
+            .unwrap();
+        assert_eq!(agg.reassembler.held(), 0);
+        assert_eq!(agg.state().rejected.get("unknown_device"), Some(&1));
+        // A listed device's frame is held until its message completes.
+        agg.handle_update_frame("microfed/f/update/a", &frames[0])
+            .unwrap();
+        assert!(agg.reassembler.held() >= CHUNK_BYTES);
+    }
+
     #[test]
     fn median_resists_a_poisoned_lab() {
-        let s = setup("{ kind = \"median\" }");
+        let mut s = setup("{ kind = \"median\" }");
+        // The norm bound alone would stop this poisoned lab; here the median must.
+        s.cfg.max_update_norm = 1e4;
         let n: usize = s.layout.iter().map(|t| t.len).sum();
         let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
         let base = agg.global().to_vec();

@@ -44,6 +44,9 @@ pub enum Purpose {
     Release,
     /// A fleet command (rollback).
     Command,
+    /// An aggregator's message to the devices: a global decoder or a round announcement (the
+    /// envelope's header and body digest, [`crate::wire::protocol::Envelope::sign`]).
+    Aggregator,
 }
 
 impl Purpose {
@@ -51,12 +54,14 @@ impl Purpose {
         match self {
             Self::Release => b"microfed fleet release v1\0",
             Self::Command => b"microfed fleet command v1\0",
+            Self::Aggregator => b"microfed aggregator message v1\0",
         }
     }
     fn what(self) -> &'static str {
         match self {
             Self::Release => "model version",
             Self::Command => "command",
+            Self::Aggregator => "aggregator message",
         }
     }
     fn message(self, bytes: &[u8]) -> Vec<u8> {
@@ -87,6 +92,18 @@ impl PublicKey {
     }
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
+    }
+
+    /// Checks that `signature` is this key's signature of `bytes` for `purpose`.
+    pub fn verify(
+        &self,
+        purpose: Purpose,
+        bytes: &[u8],
+        signature: Option<&[u8]>,
+    ) -> Result<(), SigningError> {
+        TrustedKeys(vec![*self])
+            .verify(purpose, bytes, Some(&self.0), signature)
+            .map(|_| ())
     }
 }
 
