@@ -383,6 +383,7 @@ fn three_labs_four_rounds_survive_a_cut_link_an_aggregator_crash_and_garbage() {
                 steps_per_epoch: 1,
                 learning_rate: 0.01,
                 prox_mu: 0.0,
+                optimizer: Default::default(),
                 compression: Default::default(),
                 closed: false,
             },
