@@ -394,8 +394,8 @@ fn read_mask(pair: &Pair, manifest: Option<&DatasetManifest>) -> Result<Mask, Ve
     let Some(m) = manifest else {
         return Mask::load(&pair.mask).map_err(|e| vec![e.into()]);
     };
-    let read = labels::read(&pair.mask, &m.classes, m.color_tolerance())
-        .map_err(|e| vec![e.into()])?;
+    let read =
+        labels::read(&pair.mask, &m.classes, m.color_tolerance()).map_err(|e| vec![e.into()])?;
     if read.encoding == Encoding::Colour && !read.unmapped.is_empty() {
         return Err(vec![DatasetError::UnmappedColours {
             mask: pair.mask.clone(),

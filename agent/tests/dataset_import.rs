@@ -157,7 +157,11 @@ fn an_unmapped_colour_is_reported_with_its_pixel_count() {
     }
     let problems = Dataset::check(&src, Some(&classes)).problems;
     assert_eq!(problems.len(), 1, "{problems:?}");
-    assert!(problems[0].to_string().contains("[0, 200, 0]"), "{}", problems[0]);
+    assert!(
+        problems[0].to_string().contains("[0, 200, 0]"),
+        "{}",
+        problems[0]
+    );
 
     // Asked to, the import writes them as ignore.
     let opts = ImportOptions {

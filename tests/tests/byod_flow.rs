@@ -47,7 +47,11 @@ fn import_check_finetune_segment_eval() {
         mask.to_color(&classes.classes)
             .save(lab.join("train_annot").join(&name))
             .unwrap();
-        std::fs::copy(synth.join("images").join(&name), lab.join("train").join(&name)).unwrap();
+        std::fs::copy(
+            synth.join("images").join(&name),
+            lab.join("train").join(&name),
+        )
+        .unwrap();
     }
     let classes_file = root.join("classes.toml");
     classes.save(&classes_file).unwrap();
@@ -96,8 +100,16 @@ fn import_check_finetune_segment_eval() {
     );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("decoder only"), "{out}");
-    assert!(out.contains("| base |") && out.contains("| fine-tuned |"), "{out}");
-    for f in ["model.onnx", "manifest.toml", "MODEL_CARD.md", "finetune.json"] {
+    assert!(
+        out.contains("| base |") && out.contains("| fine-tuned |"),
+        "{out}"
+    );
+    for f in [
+        "model.onnx",
+        "manifest.toml",
+        "MODEL_CARD.md",
+        "finetune.json",
+    ] {
         assert!(model.join(f).is_file(), "{f}");
     }
     let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap();
@@ -119,10 +131,10 @@ fn import_check_finetune_segment_eval() {
         ],
         true,
     );
-    let o = microfed(
-        &["eval", "--pred", &s(&seg), "--truth", &s(&data)],
-        true,
-    );
+    let o = microfed(&["eval", "--pred", &s(&seg), "--truth", &s(&data)], true);
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("4 image(s)") && out.contains("mean IoU"), "{out}");
+    assert!(
+        out.contains("4 image(s)") && out.contains("mean IoU"),
+        "{out}"
+    );
 }

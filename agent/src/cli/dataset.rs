@@ -104,7 +104,10 @@ fn import_folder(args: ImportArgs) -> anyhow::Result<()> {
         println!("{n} mask(s): {enc}");
     }
     if r.transparent > 0 {
-        println!("{} transparent pixel(s) written as ignore (255)", r.transparent);
+        println!(
+            "{} transparent pixel(s) written as ignore (255)",
+            r.transparent
+        );
     }
     for (c, n) in &r.unmapped {
         println!("unmapped colour {c:?}: {n} pixel(s) written as ignore (255)");

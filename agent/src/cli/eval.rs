@@ -154,7 +154,10 @@ fn list_by_stem(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
         if stem.ends_with(".overlay") {
             continue;
         }
-        let stem = stem.strip_suffix(".mask").map(str::to_owned).unwrap_or(stem);
+        let stem = stem
+            .strip_suffix(".mask")
+            .map(str::to_owned)
+            .unwrap_or(stem);
         if let Some(first) = out.insert(stem, p.clone()) {
             bail!(
                 "{} and {} have the same stem; keep one",

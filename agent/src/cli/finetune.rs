@@ -121,7 +121,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Some(train::data::read_image_list(p)?),
         None => None,
     };
-    let (n_images, megapixels, shares) = survey(&args.data, args.classes.as_deref(), only.as_ref())?;
+    let (n_images, megapixels, shares) =
+        survey(&args.data, args.classes.as_deref(), only.as_ref())?;
     let n_val = train::data::validation_count(n_images, args.val_fraction);
     let n_train = n_images - n_val;
     let full = match args.mode {
@@ -249,13 +250,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let scores = if val.is_empty() {
         None
     } else {
-        let before = score(&base.onnx, &args.data, args.classes.as_deref(), &val, &manifest)?;
-        let after = score(&tuned_onnx, &args.data, args.classes.as_deref(), &val, &manifest)?;
+        let before = score(
+            &base.onnx,
+            &args.data,
+            args.classes.as_deref(),
+            &val,
+            &manifest,
+        )?;
+        let after = score(
+            &tuned_onnx,
+            &args.data,
+            args.classes.as_deref(),
+            &val,
+            &manifest,
+        )?;
         Some((before, after))
     };
-    let better = scores.as_ref().map(|(b, a)| {
-        a.mean_iou.unwrap_or(0.0) > b.mean_iou.unwrap_or(0.0)
-    });
+    let better = scores
+        .as_ref()
+        .map(|(b, a)| a.mean_iou.unwrap_or(0.0) > b.mean_iou.unwrap_or(0.0));
     if let Some((before, after)) = &scores {
         println!("\n{}", table(before, after, val.len()));
     }
@@ -269,11 +282,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
              the base model {} (label more images, or more varied ones, and fine-tune again)",
             args.from.display()
         ),
-        None => "no validation images: the fine-tuned model could not be compared with the base"
-            .into(),
+        None => {
+            "no validation images: the fine-tuned model could not be compared with the base".into()
+        }
     };
     println!("{verdict}");
-    let card = model_card(&args, &manifest, &why, scores.as_ref(), &verdict, train_seconds);
+    let card = model_card(
+        &args,
+        &manifest,
+        &why,
+        scores.as_ref(),
+        &verdict,
+        train_seconds,
+    );
     std::fs::write(args.out.join("MODEL_CARD.md"), card)
         .with_context(|| format!("cannot write {}", args.out.join("MODEL_CARD.md").display()))?;
     let json = serde_json::json!({

@@ -64,7 +64,9 @@ pub enum ImportError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{src}: no image/mask pairs found (looked for images/ + masks/, train/ + train_annot/, NAME + NAME_mask)")]
+    #[error(
+        "{src}: no image/mask pairs found (looked for images/ + masks/, train/ + train_annot/, NAME + NAME_mask)"
+    )]
     NoPairs { src: PathBuf },
     #[error(
         "{src}: the masks hold {found} distinct class value(s) or colour(s), which cannot be the \
@@ -119,7 +121,10 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
         .clone()
         .or_else(|| Some(src.join("dataset.toml")).filter(|p| p.is_file()));
     let (mut manifest, classes_inferred) = match given {
-        Some(p) => (DatasetManifest::load(&p).map_err(DatasetError::from)?, false),
+        Some(p) => (
+            DatasetManifest::load(&p).map_err(DatasetError::from)?,
+            false,
+        ),
         None => (infer_classes(src, &found.pairs)?, true),
     };
     if let Some(t) = opts.tolerance {
@@ -146,11 +151,9 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
         .par_iter()
         .map(|pair| -> Result<labels::LabelMask, ImportError> {
             let l = labels::read(&pair.mask, &manifest.classes, tolerance)?;
-            let (w, h) = image::image_dimensions(&pair.image).map_err(|e| {
-                MaskError::Read {
-                    path: pair.image.clone(),
-                    message: e.to_string(),
-                }
+            let (w, h) = image::image_dimensions(&pair.image).map_err(|e| MaskError::Read {
+                path: pair.image.clone(),
+                message: e.to_string(),
             })?;
             if (w, h) != (l.mask.width, l.mask.height) {
                 return Err(ImportError::SizeMismatch {

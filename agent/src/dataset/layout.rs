@@ -50,8 +50,20 @@ const MASK_FOLDER_WORDS: [&str; 11] = [
 ];
 
 const MASK_SUFFIXES: [&str; 14] = [
-    "_mask", "-mask", ".mask", "_masks", "_label", "-label", "_labels", "_annot", "_anno", "_gt",
-    "_seg", "-seg", "_segmentation", "_L",
+    "_mask",
+    "-mask",
+    ".mask",
+    "_masks",
+    "_label",
+    "-label",
+    "_labels",
+    "_annot",
+    "_anno",
+    "_gt",
+    "_seg",
+    "-seg",
+    "_segmentation",
+    "_L",
 ];
 
 /// Is a folder of this name a folder of masks?
@@ -160,7 +172,14 @@ mod tests {
 
     #[test]
     fn mask_folders_and_suffixes() {
-        for f in ["masks", "labels", "train_annot", "trainannot", "SegmentationClass", "GT"] {
+        for f in [
+            "masks",
+            "labels",
+            "train_annot",
+            "trainannot",
+            "SegmentationClass",
+            "GT",
+        ] {
             assert!(is_mask_folder(f), "{f}");
         }
         for f in ["images", "train", "val", "img"] {

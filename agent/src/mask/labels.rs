@@ -155,7 +155,9 @@ pub fn from_image(img: DynamicImage, classes: &[ClassDef], tolerance: u8) -> Lab
     // Grey: indices, 8 or 16 bits (the grey of a grey-looking colour image is its red channel).
     let (values, sixteen): (Vec<u16>, bool) = match img {
         DynamicImage::ImageLuma16(g) => (g.into_raw(), true),
-        DynamicImage::ImageLumaA16(g) => (g.into_raw().chunks_exact(2).map(|p| p[0]).collect(), true),
+        DynamicImage::ImageLumaA16(g) => {
+            (g.into_raw().chunks_exact(2).map(|p| p[0]).collect(), true)
+        }
         DynamicImage::ImageLuma8(g) => (g.into_raw().into_iter().map(u16::from).collect(), false),
         other => (
             other
@@ -180,9 +182,7 @@ pub fn from_image(img: DynamicImage, classes: &[ClassDef], tolerance: u8) -> Lab
     } else {
         values
     };
-    let binary = k == 2
-        && values.contains(&255)
-        && values.iter().all(|&v| v == 0 || v == 255);
+    let binary = k == 2 && values.contains(&255) && values.iter().all(|&v| v == 0 || v == 255);
     if binary {
         encoding = Encoding::Binary;
     }
@@ -260,13 +260,7 @@ mod tests {
     #[test]
     fn rgba16_reduces_to_8_bits_and_transparent_is_ignored() {
         let img = ImageBuffer::from_fn(3, 1, |x, _| {
-            Rgba(
-                [
-                    [0u16, 0, 0, 65535],
-                    [65535, 0, 0, 65535],
-                    [65535, 0, 0, 0],
-                ][x as usize],
-            )
+            Rgba([[0u16, 0, 0, 65535], [65535, 0, 0, 65535], [65535, 0, 0, 0]][x as usize])
         });
         let l = from_image(DynamicImage::ImageRgba16(img), &classes(), 0);
         assert_eq!(l.mask.data, vec![0, 1, IGNORE]);
@@ -282,7 +276,10 @@ mod tests {
         assert_eq!((l.encoding, l.mask.data), (Encoding::Binary, vec![0, 1, 0]));
         let img = ImageBuffer::from_fn(3, 1, |x, _| Luma([[0u16, 2, 1][x as usize]]));
         let l = from_image(DynamicImage::ImageLuma16(img), &classes(), 0);
-        assert_eq!((l.encoding, l.mask.data), (Encoding::Index16, vec![0, 2, 1]));
+        assert_eq!(
+            (l.encoding, l.mask.data),
+            (Encoding::Index16, vec![0, 2, 1])
+        );
         let img = ImageBuffer::from_fn(2, 1, |x, _| Luma([[0u16, 2 * 257][x as usize]]));
         let l = from_image(DynamicImage::ImageLuma16(img), &classes(), 0);
         assert_eq!(l.mask.data, vec![0, 2]);
