@@ -14,12 +14,55 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// One class of a mask: its index (the pixel value in a class-index PNG), a name and a display colour.
+/// `color` may be left out of a file: the class then takes [`default_color`] of its index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "ClassDefFile")]
 pub struct ClassDef {
     pub index: u8,
     pub name: String,
-    /// sRGB colour used for overlays and contact sheets.
+    /// sRGB colour used for overlays and contact sheets, and to read colour masks.
     pub color: [u8; 3],
+}
+
+/// A class as written in a file, where the colour is optional.
+#[derive(Deserialize)]
+struct ClassDefFile {
+    index: u8,
+    name: String,
+    #[serde(default)]
+    color: Option<[u8; 3]>,
+}
+
+impl From<ClassDefFile> for ClassDef {
+    fn from(c: ClassDefFile) -> Self {
+        Self {
+            color: c.color.unwrap_or_else(|| default_color(c.index)),
+            index: c.index,
+            name: c.name,
+        }
+    }
+}
+
+/// The colour of class `index` when its file gives none: dark grey for class 0 (usually the matrix or
+/// background), then ten well-separated hues, repeated.
+pub fn default_color(index: u8) -> [u8; 3] {
+    const PALETTE: [[u8; 3]; 10] = [
+        [230, 25, 75],
+        [60, 180, 75],
+        [0, 130, 200],
+        [255, 225, 25],
+        [245, 130, 48],
+        [145, 30, 180],
+        [70, 240, 240],
+        [240, 50, 230],
+        [210, 245, 60],
+        [250, 190, 212],
+    ];
+    if index == 0 {
+        [40, 40, 40]
+    } else {
+        PALETTE[(usize::from(index) - 1) % PALETTE.len()]
+    }
 }
 
 /// The classes of a dataset or model, with the fields of a `dataset.toml` that describe where the data
@@ -39,8 +82,16 @@ pub struct DatasetManifest {
     pub source: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub license: Option<String>,
+    /// Largest per-channel difference between a colour mask's pixel and its class colour (default
+    /// [`DEFAULT_COLOR_TOLERANCE`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color_tolerance: Option<u8>,
     pub classes: Vec<ClassDef>,
 }
+
+/// Default largest per-channel difference between a colour mask's pixel and its class colour:
+/// anti-aliased edges and lossy re-saves stay within it, distinct class colours do not.
+pub const DEFAULT_COLOR_TOLERANCE: u8 = 24;
 
 /// Errors reading or validating class definitions; each names the file.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +168,11 @@ impl DatasetManifest {
         Ok(())
     }
 
+    /// The colour tolerance for reading colour masks.
+    pub fn color_tolerance(&self) -> u8 {
+        self.color_tolerance.unwrap_or(DEFAULT_COLOR_TOLERANCE)
+    }
+
     /// Number of classes (K).
     pub fn num_classes(&self) -> usize {
         self.classes.len()
@@ -126,5 +182,24 @@ impl DatasetManifest {
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
         let text = toml::to_string_pretty(self).map_err(std::io::Error::other)?;
         std::fs::write(path, text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn color_is_optional_and_defaults_by_index() {
+        let m: DatasetManifest = toml::from_str(
+            "name = \"x\"\n[[classes]]\nindex = 0\nname = \"a\"\n\
+             [[classes]]\nindex = 1\nname = \"b\"\ncolor = [1, 2, 3]\n\
+             [[classes]]\nindex = 2\nname = \"c\"\n",
+        )
+        .unwrap();
+        assert_eq!(m.classes[0].color, default_color(0));
+        assert_eq!(m.classes[1].color, [1, 2, 3]);
+        assert_eq!(m.classes[2].color, default_color(2));
+        assert_ne!(default_color(1), default_color(2));
     }
 }

@@ -17,6 +17,11 @@
 //!   lazily through [`Dataset::load_pair`] and [`Dataset::iter`].
 //! - [`DatasetError`]: one problem, naming the file.
 //!
+//! A folder without `images/` is read as the lab left it ([`layout`]: `train/` + `train_annot/`,
+//! `a.tif` + `a_mask.png`, …), and masks are read by [`crate::mask::labels`] (colour, RGBA and palette
+//! masks through the classes' colours, 16-bit indices); `microfed dataset import` ([`import`]) writes
+//! such a folder out in the layout above.
+//!
 //! Files whose names start with `.` are skipped (editor and OS droppings); other files whose extension
 //! is not an image extension are listed in [`CheckReport::skipped`] but are not problems.
 
@@ -25,15 +30,18 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+pub mod import;
+pub mod layout;
+
+pub use layout::{IMAGE_EXTENSIONS, Pair};
+
 use crate::classes::{ClassesError, DatasetManifest};
+use crate::mask::labels::{self, Encoding};
 use crate::mask::{Mask, MaskError};
 use crate::micrograph::{Micrograph, MicrographError, Normalisation};
 
 /// Pixel value that marks "no label here": ignored by training, metrics and validation.
 pub const IGNORE: u8 = 255;
-
-/// Extensions (lower case) of the files a dataset may hold.
-pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "tif", "tiff", "jpg", "jpeg", "bmp"];
 
 /// One problem with a dataset folder; each names the file (or folder) concerned.
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +90,17 @@ pub enum DatasetError {
         k: usize,
         count: u64,
     },
+    #[error(
+        "{mask}: {} colour(s) match no class (within {tolerance} per channel): {}; add them to the \
+         classes file (`color = [r, g, b]`)",
+        colours.len(),
+        colours.iter().take(6).map(|(c, n)| format!("{c:?} {n} px")).collect::<Vec<_>>().join(", ")
+    )]
+    UnmappedColours {
+        mask: PathBuf,
+        colours: Vec<([u8; 3], u64)>,
+        tolerance: u8,
+    },
     #[error("pair index {index} out of range: the dataset has {len} pairs")]
     NoSuchPair { index: usize, len: usize },
     #[error("{dir}: {count} problem(s); first: {first}")]
@@ -110,19 +129,13 @@ impl DatasetError {
             Mask(MaskError::Read { path, .. })
             | Mask(MaskError::NotIndexed { path, .. })
             | Mask(MaskError::Write { path, .. }) => Some(path),
-            SizeMismatch { mask, .. } | ClassOutOfRange { mask, .. } => Some(mask),
+            SizeMismatch { mask, .. }
+            | ClassOutOfRange { mask, .. }
+            | UnmappedColours { mask, .. } => Some(mask),
             NoSuchPair { .. } => None,
             Invalid { first, .. } => first.path(),
         }
     }
-}
-
-/// One image and its mask, matched by file stem.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Pair {
-    pub stem: String,
-    pub image: PathBuf,
-    pub mask: PathBuf,
 }
 
 /// Everything [`Dataset::check`] found. `problems` is empty for a usable dataset.
@@ -238,43 +251,17 @@ impl Dataset {
             }),
         }
 
-        let images_dir = dir.join("images");
-        let masks_dir = dir.join("masks");
-        let images = list_images(&images_dir, &mut report);
-        let masks = list_images(&masks_dir, &mut report);
-        let (Some(images), Some(masks)) = (images, masks) else {
-            return report;
-        };
-        for (stem, image) in &images {
-            match masks.get(stem) {
-                Some(mask) => report.pairs.push(Pair {
-                    stem: stem.clone(),
-                    image: image.clone(),
-                    mask: mask.clone(),
-                }),
-                None => report.problems.push(DatasetError::MissingMask {
-                    image: image.clone(),
-                    masks_dir: masks_dir.clone(),
-                }),
-            }
+        if dir.join("images").is_dir() {
+            list_pairs(dir, &mut report);
+        } else {
+            find_pairs(dir, &mut report);
         }
-        for (stem, mask) in &masks {
-            if !images.contains_key(stem) {
-                report.problems.push(DatasetError::MaskWithoutImage {
-                    mask: mask.clone(),
-                    images_dir: images_dir.clone(),
-                });
-            }
-        }
-        if images.is_empty() && masks.is_empty() {
-            report.problems.push(DatasetError::Empty {
-                dir: dir.to_owned(),
-            });
-        }
-
-        let k = report.manifest.as_ref().map(DatasetManifest::num_classes);
-        let per_pair: Vec<(Vec<DatasetError>, Option<[u64; 256]>)> =
-            report.pairs.par_iter().map(|p| check_pair(p, k)).collect();
+        let manifest = report.manifest.clone();
+        let per_pair: Vec<(Vec<DatasetError>, Option<[u64; 256]>)> = report
+            .pairs
+            .par_iter()
+            .map(|p| check_pair(p, manifest.as_ref()))
+            .collect();
         for (problems, hist) in per_pair {
             report.problems.extend(problems);
             if let Some(h) = hist {
@@ -307,7 +294,7 @@ impl Dataset {
             len: self.pairs.len(),
         })?;
         let mut image = Micrograph::load_with(&pair.image, &self.normalisation)?;
-        let mask = Mask::load(&pair.mask)?;
+        let mask = read_mask(pair, Some(&self.manifest)).map_err(|mut p| p.remove(0))?;
         if let Some(e) = size_problem(pair, &image, &mask) {
             return Err(e);
         }
@@ -324,6 +311,99 @@ impl Dataset {
     pub fn iter(&self) -> impl Iterator<Item = Result<(Micrograph, Mask), DatasetError>> + '_ {
         (0..self.len()).map(|i| self.load_pair(i))
     }
+}
+
+/// The pairs of the `images/` + `masks/` layout, with every listing problem.
+fn list_pairs(dir: &Path, report: &mut CheckReport) {
+    let images_dir = dir.join("images");
+    let masks_dir = dir.join("masks");
+    let images = list_images(&images_dir, report);
+    let masks = list_images(&masks_dir, report);
+    let (Some(images), Some(masks)) = (images, masks) else {
+        return;
+    };
+    for (stem, image) in &images {
+        match masks.get(stem) {
+            Some(mask) => report.pairs.push(Pair {
+                stem: stem.clone(),
+                image: image.clone(),
+                mask: mask.clone(),
+            }),
+            None => report.problems.push(DatasetError::MissingMask {
+                image: image.clone(),
+                masks_dir: masks_dir.clone(),
+            }),
+        }
+    }
+    for (stem, mask) in &masks {
+        if !images.contains_key(stem) {
+            report.problems.push(DatasetError::MaskWithoutImage {
+                mask: mask.clone(),
+                images_dir: images_dir.clone(),
+            });
+        }
+    }
+    if images.is_empty() && masks.is_empty() {
+        report.problems.push(DatasetError::Empty {
+            dir: dir.to_owned(),
+        });
+    }
+}
+
+/// The pairs of any other layout ([`layout::find`]), with every listing problem.
+fn find_pairs(dir: &Path, report: &mut CheckReport) {
+    let found = match layout::find(dir) {
+        Ok(f) => f,
+        Err(source) => {
+            report.problems.push(DatasetError::ReadDir {
+                dir: dir.to_owned(),
+                source,
+            });
+            return;
+        }
+    };
+    for image in found.images_without_mask {
+        report.problems.push(DatasetError::MissingMask {
+            image,
+            masks_dir: dir.to_owned(),
+        });
+    }
+    for mask in found.masks_without_image {
+        report.problems.push(DatasetError::MaskWithoutImage {
+            mask,
+            images_dir: dir.to_owned(),
+        });
+    }
+    for (first, second) in found.duplicates {
+        report
+            .problems
+            .push(DatasetError::DuplicateStem { first, second });
+    }
+    if found.pairs.is_empty() {
+        report.problems.push(DatasetError::Empty {
+            dir: dir.to_owned(),
+        });
+    }
+    report.pairs = found.pairs;
+    report.skipped = found.skipped;
+}
+
+/// Reads a pair's mask: through the classes' colours when the classes are known (a colour matching no
+/// class is a problem), as class indices otherwise.
+fn read_mask(pair: &Pair, manifest: Option<&DatasetManifest>) -> Result<Mask, Vec<DatasetError>> {
+    let Some(m) = manifest else {
+        return Mask::load(&pair.mask).map_err(|e| vec![e.into()]);
+    };
+    let read =
+        labels::read(&pair.mask, &m.classes, m.color_tolerance()).map_err(|e| vec![e.into()])?;
+    if read.encoding == Encoding::Colour && !read.unmapped.is_empty() {
+        return Err(vec![DatasetError::UnmappedColours {
+            mask: pair.mask.clone(),
+            colours: read.unmapped,
+            tolerance: m.color_tolerance(),
+        }]);
+    }
+    Ok(read.mask)
 }
 
 /// Image files of a folder by stem, recording listing problems; `None` when the folder is unusable.
@@ -383,13 +463,17 @@ fn list_images(dir: &Path, report: &mut CheckReport) -> Option<BTreeMap<String, 
 }
 
 /// Decodes one pair and lists its problems; also returns the mask histogram when the mask was read.
-fn check_pair(pair: &Pair, k: Option<usize>) -> (Vec<DatasetError>, Option<[u64; 256]>) {
+fn check_pair(
+    pair: &Pair,
+    manifest: Option<&DatasetManifest>,
+) -> (Vec<DatasetError>, Option<[u64; 256]>) {
+    let k = manifest.map(DatasetManifest::num_classes);
     let mut problems = Vec::new();
     let image = Micrograph::load(&pair.image)
         .map_err(|e| problems.push(e.into()))
         .ok();
-    let mask = Mask::load(&pair.mask)
-        .map_err(|e| problems.push(e.into()))
+    let mask = read_mask(pair, manifest)
+        .map_err(|e| problems.extend(e))
         .ok();
     if let (Some(image), Some(mask)) = (&image, &mask)
         && let Some(e) = size_problem(pair, image, mask)

@@ -1,6 +1,8 @@
 //! A segmentation mask: one class index per pixel, stored as an 8-bit grayscale PNG whose pixel values are
 //! the indices (not colours). Colour overlays for people are made from it with the class colours.
 
+pub mod labels;
+
 use std::path::{Path, PathBuf};
 
 use image::{GrayImage, ImageReader, Rgb, RgbImage};

@@ -34,6 +34,7 @@ fn manifest(names: &[&str]) -> DatasetManifest {
         pixel_size_um: None,
         source: None,
         license: None,
+        color_tolerance: None,
         classes: names
             .iter()
             .enumerate()

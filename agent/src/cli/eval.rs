@@ -4,7 +4,8 @@
 //! microfed eval --pred runs/pred --truth data/nasa-super --classes nasa-classes.toml \
 //!               --tolerance 2 --json eval.json
 //! ```
-//! Files are matched by stem (`a.png` in `--pred` with `a.png` or `a.tif` in `--truth`). A folder that
+//! Files are matched by stem (`a.png` in `--pred` with `a.png` or `a.tif` in `--truth`); what
+//! `segment --out` writes is read as it is (`a.mask.png`, overlays skipped). A folder that
 //! holds a `masks/` subfolder (a dataset folder) is read from there. Every truth mask needs a
 //! prediction; extra predictions are reported and skipped. The classes come from `--classes`, else
 //! the truth dataset's `dataset.toml`, else K = largest index seen + 1 (named `class i`).
@@ -149,6 +150,14 @@ fn list_by_stem(dir: &Path) -> anyhow::Result<BTreeMap<String, PathBuf>> {
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
+        // `segment --out` writes STEM.mask.png beside STEM.overlay.png: the mask is the prediction.
+        if stem.ends_with(".overlay") {
+            continue;
+        }
+        let stem = stem
+            .strip_suffix(".mask")
+            .map(str::to_owned)
+            .unwrap_or(stem);
         if let Some(first) = out.insert(stem, p.clone()) {
             bail!(
                 "{} and {} have the same stem; keep one",

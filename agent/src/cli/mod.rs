@@ -12,6 +12,7 @@ pub mod demo;
 pub mod eval;
 pub mod experiment;
 pub mod features;
+pub mod finetune;
 pub mod fleet;
 pub mod model;
 pub mod pretrain;
@@ -33,10 +34,12 @@ pub mod synth;
   microfed demo
   microfed synth --structure polycrystal --style sem-se --count 8 --size 512 --seed 1 --out data/sem-se
   microfed dataset check data/sem-se
+  microfed dataset import ~/lab/annotated --out data/ours
+  microfed finetune --data data/ours --from models/precipitates --out models/ours
   microfed features data/sem-se/masks/*.png --pixel-size 0.25
   microfed eval --pred predicted/ --truth data/sem-se/masks
   microfed model check models/grains/model.onnx
-  microfed segment images/ --model models/grains/model.onnx --out segmented/
+  microfed segment images/ --model models/grains --out segmented/
   microfed agent --config agent.toml
   microfed aggregate --config aggregator.toml
   microfed fleet push models/grains --to all --key fleet.key --config fleet.toml
@@ -65,6 +68,8 @@ pub enum Command {
     Model(model::Args),
     /// Train the reference U-Net on labelled datasets (a base model): model.onnx + manifest.toml.
     Pretrain(pretrain::Args),
+    /// Fine-tune a model on your own labelled micrographs (defaults for a new material, before/after).
+    Finetune(finetune::Args),
     /// Segment micrographs: files or folders, with a progress bar.
     Segment(segment::Args),
     /// Run the agent: watch the microscope's folder and segment every micrograph as it is captured.
@@ -88,6 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Features(args) => features::run(args),
         Command::Model(args) => model::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Finetune(args) => finetune::run(args),
         Command::Segment(args) => segment::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Aggregate(args) => aggregate::run(args),

@@ -14,7 +14,7 @@ use anyhow::Context;
 
 use crate::dataset::Dataset;
 use crate::metrics::Evaluator;
-use crate::model::manifest::ModelManifest;
+use crate::model::manifest::ModelFiles;
 use crate::model::{onnx, runtime::Segmenter};
 
 /// Inspect segmentation models.
@@ -47,7 +47,7 @@ pub enum ModelCommand {
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// The ONNX file.
+    /// The model folder or ONNX file.
     pub file: PathBuf,
     /// Where the network runs.
     #[arg(long, value_enum, default_value_t = crate::model::runtime::InferenceDevice::Auto)]
@@ -74,7 +74,7 @@ pub struct BenchArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
-    /// The model folder (with `manifest.toml` and the ONNX file it names).
+    /// The model folder (with `manifest.toml` and the ONNX file it names), or its ONNX file.
     pub model: PathBuf,
     /// Dataset folders (`images/`, `masks/`, `dataset.toml`).
     #[arg(long, required = true, num_args = 1.., value_name = "DIR")]
@@ -95,7 +95,7 @@ pub struct ScoreArgs {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// The ONNX file.
+    /// The model folder or ONNX file.
     pub file: PathBuf,
     /// Also run the model once with tract on a 64×64 input.
     #[arg(long)]
@@ -110,7 +110,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 }
 
-fn check(args: CheckArgs) -> anyhow::Result<()> {
+fn check(mut args: CheckArgs) -> anyhow::Result<()> {
+    args.file = ModelFiles::resolve(&args.file)?.onnx;
     let report = onnx::check_contract(&args.file)?;
     println!("{}: meets the microfed U-Net contract", args.file.display());
     println!("  classes (K)          {}", report.num_classes);
@@ -136,10 +137,14 @@ fn check(args: CheckArgs) -> anyhow::Result<()> {
 }
 
 fn score(args: ScoreArgs) -> anyhow::Result<()> {
-    let manifest_path = args.model.join("manifest.toml");
-    let manifest = ModelManifest::load(&manifest_path)?;
-    manifest.verify_model(&manifest_path)?;
-    let seg = Segmenter::load(&manifest.model_path(&manifest_path))?;
+    let files = ModelFiles::resolve(&args.model)?;
+    let Some((_, manifest)) = files.manifest else {
+        anyhow::bail!(
+            "{}: no manifest.toml beside it; `model score` needs the model's classes and normalisation",
+            args.model.display()
+        );
+    };
+    let seg = Segmenter::load(&files.onnx)?;
     let names: Vec<String> = manifest.classes.iter().map(|c| c.name.clone()).collect();
     let only = match &args.images_from {
         Some(list) => Some(crate::train::data::read_image_list(list)?),
@@ -234,6 +239,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn bench(args: BenchArgs) -> anyhow::Result<()> {
     use crate::model::runtime::{Engine, Outputs, select_engine};
     use std::time::Instant;
+    let mut args = args;
+    args.file = ModelFiles::resolve(&args.file)?.onnx;
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let shapes: Vec<_> = args
         .shapes

@@ -117,8 +117,8 @@ pub struct Args {
     #[arg(long)]
     pub no_flips: bool,
 
-    /// Start from this model's weights (its manifest.toml, when beside it, gives the normalisation).
-    #[arg(long, value_name = "MODEL.onnx")]
+    /// Start from this model's weights: its folder or ONNX file (the manifest gives the normalisation).
+    #[arg(long, value_name = "MODEL")]
     pub init: Option<PathBuf>,
 
     /// Freeze the encoder and train only the decoder and head (needs --init).
@@ -156,7 +156,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         brightness: args.brightness,
         contrast: args.contrast,
     };
-    cfg.init = args.init;
+    cfg.init = match args.init {
+        Some(p) => Some(crate::model::manifest::ModelFiles::resolve(&p)?.onnx),
+        None => None,
+    };
     cfg.decoder_only = args.decoder_only;
     cfg.fresh = args.fresh;
 

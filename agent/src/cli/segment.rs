@@ -2,7 +2,7 @@
 //! without a microscope attached.
 //!
 //! ```text
-//! microfed segment images/ extra.tif --model models/grains/model.onnx --out segmented/
+//! microfed segment images/ extra.tif --model models/grains --out segmented/
 //! ```
 //! Folders are read one level deep (files with image extensions). Outputs are those of the agent
 //! (`STEM.mask.png`, `STEM.overlay.png`, `STEM.features.json`, `features.csv`, `journal.jsonl` in
@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::classes::DatasetManifest;
 use crate::micrograph::Normalisation;
+use crate::model::manifest::ModelFiles;
 use crate::model::runtime::Segmenter;
 use crate::pipeline::capture::{Capture, CaptureFilter};
 use crate::pipeline::config::{
@@ -32,8 +33,8 @@ pub struct Args {
     /// Micrograph files, or folders of them.
     #[arg(required = true, value_name = "PATH")]
     pub paths: Vec<PathBuf>,
-    /// The ONNX U-Net.
-    #[arg(long, value_name = "FILE")]
+    /// The model: its folder (manifest.toml gives the classes and normalisation) or an ONNX file.
+    #[arg(long, value_name = "DIR|FILE")]
     pub model: PathBuf,
     /// Output folder.
     #[arg(long, value_name = "DIR")]
@@ -63,12 +64,14 @@ pub struct Args {
     /// Micrometres per pixel (overrides TIFF resolution tags).
     #[arg(long, value_name = "UM")]
     pub pixel_size: Option<f64>,
-    /// Normalisation mean (grey level in [0, 1]) the model was trained with.
-    #[arg(long, default_value_t = Normalisation::default().mean)]
-    pub norm_mean: f32,
-    /// Normalisation standard deviation the model was trained with.
-    #[arg(long, default_value_t = Normalisation::default().std)]
-    pub norm_std: f32,
+    /// Normalisation mean (grey level in [0, 1]) the model was trained with (default: the model's
+    /// manifest, else 0.5).
+    #[arg(long)]
+    pub norm_mean: Option<f32>,
+    /// Normalisation standard deviation the model was trained with (default: the model's manifest,
+    /// else 0.25).
+    #[arg(long)]
+    pub norm_std: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -123,12 +126,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    let model = ModelFiles::resolve(&args.model)?;
+    let norm = model.normalisation();
     let model_section = ModelSection {
-        path: args.model.clone(),
+        path: model.onnx.clone(),
         reload_on_change: false,
-        classes: match &args.classes {
-            Some(c) => DatasetManifest::load(c)?.classes,
-            None => Vec::new(),
+        classes: match (&args.classes, &model.manifest) {
+            (Some(c), _) => DatasetManifest::load(c)?.classes,
+            (None, Some((_, m))) => m.classes.clone(),
+            (None, None) => Vec::new(),
         },
         features: match args.features {
             FeatureArg::Auto => FeatureChoice::Auto,
@@ -136,8 +142,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             FeatureArg::Phases => FeatureChoice::Phases,
         },
         normalisation: Normalisation {
-            mean: args.norm_mean,
-            std: args.norm_std,
+            mean: args.norm_mean.unwrap_or(norm.mean),
+            std: args.norm_std.unwrap_or(norm.std),
         },
         pixel_size_um: args.pixel_size,
         device: args.device,
@@ -163,7 +169,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let choice = crate::model::runtime::select_engine(args.device)?;
     crate::model::runtime::set_process_engine(choice.engine);
-    let segmenter = Segmenter::load(&args.model)?;
+    let segmenter = Segmenter::load(&model.onnx)?;
     tracing::info!(engine = segmenter.engine().name(), reason = %choice.reason, "inference engine");
     let settings = Settings {
         output: args.out.clone(),

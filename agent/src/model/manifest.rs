@@ -173,6 +173,60 @@ pub fn sha256_file(path: &Path) -> Result<String, ManifestError> {
     Ok(hex::encode(Sha256::digest(&bytes)))
 }
 
+/// A model given on the command line: a model folder (with `manifest.toml`), a manifest file, or an
+/// ONNX file (with the manifest beside it when there is one).
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub onnx: PathBuf,
+    /// The manifest and its path, when there is one.
+    pub manifest: Option<(PathBuf, ModelManifest)>,
+}
+
+impl ModelFiles {
+    /// Finds the ONNX file and manifest of `path` (see the type's docs); a manifest is checked
+    /// against its ONNX file's SHA-256.
+    pub fn resolve(path: &Path) -> Result<Self, ManifestError> {
+        let manifest_path = if path.is_dir() {
+            Some(path.join("manifest.toml"))
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            Some(path.to_owned())
+        } else {
+            Some(path.with_file_name("manifest.toml")).filter(|p| p.is_file())
+        };
+        match manifest_path {
+            Some(mp) => {
+                let m = ModelManifest::load(&mp)?;
+                let onnx = m.model_path(&mp);
+                if path.is_dir() || path == mp {
+                    m.verify_model(&mp)?;
+                } else if onnx != path {
+                    // An ONNX file beside another model's manifest: the manifest is not its.
+                    return Ok(Self {
+                        onnx: path.to_owned(),
+                        manifest: None,
+                    });
+                }
+                Ok(Self {
+                    onnx,
+                    manifest: Some((mp, m)),
+                })
+            }
+            None => Ok(Self {
+                onnx: path.to_owned(),
+                manifest: None,
+            }),
+        }
+    }
+
+    /// The model's normalisation (the default without a manifest).
+    pub fn normalisation(&self) -> Normalisation {
+        self.manifest
+            .as_ref()
+            .map(|(_, m)| m.normalisation)
+            .unwrap_or_default()
+    }
+}
+
 impl ModelManifest {
     /// Reads and validates a manifest.
     pub fn load(path: &Path) -> Result<Self, ManifestError> {
@@ -287,6 +341,7 @@ impl ModelManifest {
             pixel_size_um: None,
             source: None,
             license: None,
+            color_tolerance: None,
             classes: self.classes.clone(),
         }
         .validate()

@@ -406,6 +406,7 @@ impl PipelineConfig {
                 pixel_size_um: None,
                 source: None,
                 license: None,
+                color_tolerance: None,
                 classes: self.model.classes.clone(),
             };
             m.validate().map_err(|p| invalid("model.classes", p))?;

@@ -446,6 +446,7 @@ pub fn manifest(params: &SynthParams, count: u64, format: OutputFormat) -> Datas
         pixel_size_um: None,
         source: Some(params.command_line(count, format)),
         license: None,
+        color_tolerance: None,
         classes: params.structure.classes(),
     }
 }

@@ -1,0 +1,140 @@
+//! Bring your own data, the whole flow through the real binary: a lab's folder with colour masks
+//! (`train/` + `train_annot/`) → `dataset import` → `dataset check` → `finetune` (tiny) from the
+//! shipped precipitates model folder → `segment --model FOLDER` → `eval --pred` on what segment wrote.
+
+use std::path::{Path, PathBuf};
+
+use microfed_e2e::microfed;
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn import_check_finetune_segment_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let s = |p: &Path| p.display().to_string();
+
+    // A lab's folder: synthetic precipitates, masks saved as colour overlays in train_annot/.
+    let synth = root.join("synth");
+    microfed(
+        &[
+            "synth",
+            "--structure",
+            "precipitates",
+            "--style",
+            "sem-bse",
+            "--count",
+            "4",
+            "--size",
+            "96",
+            "--seed",
+            "11",
+            "--out",
+            &s(&synth),
+        ],
+        true,
+    );
+    let lab = root.join("lab");
+    std::fs::create_dir_all(lab.join("train")).unwrap();
+    std::fs::create_dir_all(lab.join("train_annot")).unwrap();
+    let classes = microfed::classes::DatasetManifest::load(&synth.join("dataset.toml")).unwrap();
+    for entry in std::fs::read_dir(synth.join("masks")).unwrap() {
+        let mask_path = entry.unwrap().path();
+        let name = mask_path.file_name().unwrap().to_owned();
+        let mask = microfed::mask::Mask::load(&mask_path).unwrap();
+        mask.to_color(&classes.classes)
+            .save(lab.join("train_annot").join(&name))
+            .unwrap();
+        std::fs::copy(
+            synth.join("images").join(&name),
+            lab.join("train").join(&name),
+        )
+        .unwrap();
+    }
+    let classes_file = root.join("classes.toml");
+    classes.save(&classes_file).unwrap();
+
+    let data = root.join("data");
+    let o = microfed(
+        &[
+            "dataset",
+            "import",
+            &s(&lab),
+            "--classes",
+            &s(&classes_file),
+            "--out",
+            &s(&data),
+        ],
+        true,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("4 image/mask pair(s) imported"), "{out}");
+    assert!(out.contains("colours mapped to classes"), "{out}");
+    microfed(&["dataset", "check", &s(&data)], true);
+
+    let model = root.join("model");
+    let base = repo_root().join("models/precipitates");
+    let o = microfed(
+        &[
+            "finetune",
+            "--data",
+            &s(&data),
+            "--from",
+            &s(&base),
+            "--out",
+            &s(&model),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+            "--val-fraction",
+            "0.25",
+        ],
+        true,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("decoder only"), "{out}");
+    assert!(
+        out.contains("| base |") && out.contains("| fine-tuned |"),
+        "{out}"
+    );
+    for f in [
+        "model.onnx",
+        "manifest.toml",
+        "MODEL_CARD.md",
+        "finetune.json",
+    ] {
+        assert!(model.join(f).is_file(), "{f}");
+    }
+    let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("Recommendation"), "{card}");
+
+    let seg = root.join("segmented");
+    microfed(
+        &[
+            "segment",
+            &s(&data.join("images")),
+            "--model",
+            &s(&model),
+            "--out",
+            &s(&seg),
+            "--tile",
+            "96",
+            "--threads",
+            "1",
+        ],
+        true,
+    );
+    let o = microfed(&["eval", "--pred", &s(&seg), "--truth", &s(&data)], true);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("4 image(s)") && out.contains("mean IoU"),
+        "{out}"
+    );
+}
