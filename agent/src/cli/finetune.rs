@@ -319,13 +319,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Images, labelled megapixels, and each class's share of the pixels.
+type Survey = (usize, f64, Vec<(String, f64)>);
+
 /// Images (after the image list), labelled megapixels and the share of each class, from a check of
 /// every folder (which also stops a broken folder before any training).
 fn survey(
     dirs: &[PathBuf],
     classes: Option<&Path>,
     only: Option<&BTreeSet<String>>,
-) -> anyhow::Result<(usize, f64, Vec<(String, f64)>)> {
+) -> anyhow::Result<Survey> {
     let mut n = 0;
     let mut pixels = 0u64;
     let mut counts: Vec<u64> = Vec::new();

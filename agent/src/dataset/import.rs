@@ -245,9 +245,12 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<ImportRepo
     Ok(report)
 }
 
+/// One mask's colours with their pixel counts (colour masks), its largest index and its pixels.
+type MaskSurvey = (Option<Vec<([u8; 3], u64)>>, u16, u64);
+
 /// Classes made from the masks: one per colour (colour masks) or `class 0..K-1` (index masks).
 fn infer_classes(src: &Path, pairs: &[Pair]) -> Result<DatasetManifest, ImportError> {
-    let per_mask: Vec<(Option<Vec<([u8; 3], u64)>>, u16, u64)> = pairs
+    let per_mask: Vec<MaskSurvey> = pairs
         .par_iter()
         .map(|p| -> Result<_, ImportError> {
             let img = labels::decode(&p.mask)?;
