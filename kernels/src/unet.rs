@@ -743,8 +743,8 @@ impl<B: Backend> UNet<B> {
         floats += self.opt_state.iter().map(|v| sum(v)).sum::<usize>();
         for w in &self.works {
             for set in [
-                &w.pool, &w.a, &w.e, &w.gpool, &w.ga, &w.ge, &w.tmp, &w.cat, &w.d1, &w.d2,
-                &w.gcat, &w.gd1, &w.gd2,
+                &w.pool, &w.a, &w.e, &w.gpool, &w.ga, &w.ge, &w.tmp, &w.cat, &w.d1, &w.d2, &w.gcat,
+                &w.gd1, &w.gd2,
             ] {
                 floats += sum(set);
             }
@@ -967,13 +967,12 @@ impl<B: Backend> UNet<B> {
         if self.works.len() >= MAX_WORKSPACES {
             self.works.remove(0);
         }
-        self.works
-            .push(Workspace::new(
-                &*self.backend,
-                xs,
-                self.classes,
-                !self.inference_only,
-            )?);
+        self.works.push(Workspace::new(
+            &*self.backend,
+            xs,
+            self.classes,
+            !self.inference_only,
+        )?);
         Ok(self.works.len() - 1)
     }
 

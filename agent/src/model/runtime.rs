@@ -468,8 +468,9 @@ impl Segmenter {
                     )
                 }
                 Err(why) => {
-                    let why =
-                        format!("kernels engine not used, tract runs the model: probe failed: {why}");
+                    let why = format!(
+                        "kernels engine not used, tract runs the model: probe failed: {why}"
+                    );
                     tracing::warn!(model = %self.path.display(), "{why}");
                     why
                 }
@@ -492,11 +493,7 @@ impl Segmenter {
             .map_err(|e| format!("tract: {e}"))?;
         let got = net.logits(&x, 1, h, w)?;
         if got.len() != want.len() {
-            return Err(format!(
-                "{} logits, tract gives {}",
-                got.len(),
-                want.len()
-            ));
+            return Err(format!("{} logits, tract gives {}", got.len(), want.len()));
         }
         let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         let worst = got
@@ -528,7 +525,11 @@ impl Segmenter {
             .into_runnable()?;
         let tensor = Tensor::from_shape(&[n, 1, h, w], input)?;
         let out = plan.run(tvec!(tensor.into_tvalue()))?;
-        Ok(out[0].to_plain_array_view::<f32>()?.iter().copied().collect())
+        Ok(out[0]
+            .to_plain_array_view::<f32>()?
+            .iter()
+            .copied()
+            .collect())
     }
 
     /// Where the logits run: `kernels-cpu`, `tract-cpu` or `tract-cuda`.
@@ -707,13 +708,15 @@ impl Segmenter {
             {
                 return Err(RuntimeError::Shape { n, h, w });
             }
-            let logits = net.logits(input, n, h, w).map_err(|message| RuntimeError::Run {
-                path: self.path.clone(),
-                n,
-                h,
-                w,
-                message,
-            })?;
+            let logits = net
+                .logits(input, n, h, w)
+                .map_err(|message| RuntimeError::Run {
+                    path: self.path.clone(),
+                    n,
+                    h,
+                    w,
+                    message,
+                })?;
             return Ok(vec![(vec![n, self.classes, h, w], logits)]);
         }
         let plan = self.plan(n, h, w, outputs)?;
@@ -902,17 +905,22 @@ mod tests {
     }
 
     impl Agreement {
-        fn add(&mut self, kernels: &Segmenter, tract: &Segmenter, pixels: &[f32], w: usize, h: usize) {
+        fn add(
+            &mut self,
+            kernels: &Segmenter,
+            tract: &Segmenter,
+            pixels: &[f32],
+            w: usize,
+            h: usize,
+        ) {
             let a = kernels.predict_mask(pixels, w, h).unwrap();
             let b = tract.predict_mask(pixels, w, h).unwrap();
             self.pixels += w * h;
-            self.same += a
-                .data
-                .iter()
-                .zip(&b.data)
-                .filter(|(x, y)| x == y)
-                .count();
-            let (pw, ph) = (w / INPUT_MULTIPLE * INPUT_MULTIPLE, h / INPUT_MULTIPLE * INPUT_MULTIPLE);
+            self.same += a.data.iter().zip(&b.data).filter(|(x, y)| x == y).count();
+            let (pw, ph) = (
+                w / INPUT_MULTIPLE * INPUT_MULTIPLE,
+                h / INPUT_MULTIPLE * INPUT_MULTIPLE,
+            );
             let crop: Vec<f32> = (0..ph)
                 .flat_map(|y| pixels[y * w..y * w + pw].iter().copied())
                 .collect();
@@ -934,7 +942,7 @@ mod tests {
     /// also runs under qemu for aarch64).
     #[test]
     fn kernels_engine_matches_tract_on_every_shipped_model() {
-        use crate::synth::{Structure, SynthParams, Style, generate};
+        use crate::synth::{Structure, Style, SynthParams, generate};
         let nasa = nasa_super();
         let nasa_images: Vec<PathBuf> = match &nasa {
             Some(dir) => {
@@ -977,8 +985,8 @@ mod tests {
             };
             let mut synthetic = Agreement::default();
             for (i, name) in Style::PRESETS.iter().enumerate() {
-                let params = SynthParams::new(structure, Style::preset(name).unwrap(), 120, 88, 5)
-                    .unwrap();
+                let params =
+                    SynthParams::new(structure, Style::preset(name).unwrap(), 120, 88, 5).unwrap();
                 let sample = generate(&params, i as u64);
                 let pixels: Vec<f32> = sample
                     .image
@@ -1027,7 +1035,10 @@ mod tests {
     /// border differ, and the model runs on tract with the reason recorded, whatever the kind asks.
     #[test]
     fn a_model_that_pads_differently_fails_the_probe_and_stays_on_tract() {
-        use tract_onnx::pb::{AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType, tensor_proto::DataType};
+        use tract_onnx::pb::{
+            AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType,
+            tensor_proto::DataType,
+        };
         let path = repo_root().join("models/grains/model.onnx");
         let mut proto = onnx::load(&path).unwrap();
         let graph = proto.graph.as_mut().unwrap();
@@ -1089,7 +1100,12 @@ mod tests {
             .unwrap()
             .on_engine(Engine::Cpu)
             .with_engine_kind(EngineKind::Auto, 0);
-        assert_eq!(same.engine_name(), "kernels-cpu", "{}", same.engine_reason());
+        assert_eq!(
+            same.engine_name(),
+            "kernels-cpu",
+            "{}",
+            same.engine_reason()
+        );
         assert!(same.engine_reason().contains("parity probe passed"));
     }
 

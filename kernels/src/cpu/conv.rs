@@ -164,11 +164,31 @@ pub(crate) fn forward(
                         rs: hw,
                         cs: 1,
                     };
-                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, Parallelism::None);
+                    matmul(
+                        conv.c_out,
+                        band,
+                        kk,
+                        dst,
+                        hw,
+                        false,
+                        lhs,
+                        rhs,
+                        Parallelism::None,
+                    );
                 } else {
                     im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
                     let rhs = MatRef::rows(&col[..kk * band], band);
-                    matmul(conv.c_out, band, kk, dst, hw, false, lhs, rhs, Parallelism::None);
+                    matmul(
+                        conv.c_out,
+                        band,
+                        kk,
+                        dst,
+                        hw,
+                        false,
+                        lhs,
+                        rhs,
+                        Parallelism::None,
+                    );
                 }
                 // Bias and ReLU on the band while it is still in cache.
                 for co in 0..conv.c_out {
@@ -223,11 +243,7 @@ fn forward_bands_parallel(
     let (h, wd) = (xs.h, xs.w);
     let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
-    let cache_rows = if conv.k == 1 {
-        h
-    } else {
-        band_rows(kk, h, wd)
-    };
+    let cache_rows = if conv.k == 1 { h } else { band_rows(kk, h, wd) };
     // At least four bands per thread over the batch, so a busy core does not hold up the layer;
     // never narrower than MIN_BAND_PIXELS unless the plane is.
     let want_bands = (4 * threads).div_ceil(xs.n.max(1));
@@ -257,11 +273,31 @@ fn forward_bands_parallel(
                     rs: hw,
                     cs: 1,
                 };
-                matmul(conv.c_out, band, kk, acc, band, false, lhs, rhs, Parallelism::None);
+                matmul(
+                    conv.c_out,
+                    band,
+                    kk,
+                    acc,
+                    band,
+                    false,
+                    lhs,
+                    rhs,
+                    Parallelism::None,
+                );
             } else {
                 im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
                 let rhs = MatRef::rows(&col[..kk * band], band);
-                matmul(conv.c_out, band, kk, acc, band, false, lhs, rhs, Parallelism::None);
+                matmul(
+                    conv.c_out,
+                    band,
+                    kk,
+                    acc,
+                    band,
+                    false,
+                    lhs,
+                    rhs,
+                    Parallelism::None,
+                );
             }
             for (co, seg) in acc.chunks_exact_mut(band).enumerate() {
                 epilogue(seg, b.map_or(0.0, |b| b[co]), relu);

@@ -1381,7 +1381,11 @@ pub fn check_inference_only<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Resul
         let feats_train = cx.k(train.encode(&xb, xs))?;
         let feats_infer = cx.k(infer.encode(&xb, xs))?;
         for (l, (a, c)) in feats_train.iter().zip(&feats_infer).enumerate() {
-            cx.compare(&format!("inference-only enc{l} {xs}"), &cx.down(c)?, &to64(&cx.down(a)?))?;
+            cx.compare(
+                &format!("inference-only enc{l} {xs}"),
+                &cx.down(c)?,
+                &to64(&cx.down(a)?),
+            )?;
         }
         let labels = cx.labels(xs.len(), classes, 0.0);
         let lb = cx.k(b.upload_labels(&labels))?;
