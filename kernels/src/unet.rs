@@ -347,13 +347,22 @@ fn level(xs: Shape, l: usize, c: usize) -> Shape {
 }
 
 impl<B: Backend> Workspace<B> {
-    fn new(b: &B, xs: Shape, classes: usize) -> Result<Self, KernelError> {
+    /// Buffers for shape `xs`; without `gradients` (inference) the gradient buffers stay empty,
+    /// which is about half the memory.
+    fn new(b: &B, xs: Shape, classes: usize, gradients: bool) -> Result<Self, KernelError> {
         let z = |s: Shape| b.zeros(s.len());
+        let g = |s: Shape| b.zeros(if gradients { s.len() } else { 0 });
         let per_level = |f: &dyn Fn(usize) -> Shape| -> Result<Vec<B::Buffer>, KernelError> {
             (0..DEPTH).map(|l| z(f(l))).collect()
         };
         let per_stage = |f: &dyn Fn(usize) -> Shape| -> Result<Vec<B::Buffer>, KernelError> {
             (0..DEPTH - 1).map(|j| z(f(j))).collect()
+        };
+        let grad_level = |f: &dyn Fn(usize) -> Shape| -> Result<Vec<B::Buffer>, KernelError> {
+            (0..DEPTH).map(|l| g(f(l))).collect()
+        };
+        let grad_stage = |f: &dyn Fn(usize) -> Shape| -> Result<Vec<B::Buffer>, KernelError> {
+            (0..DEPTH - 1).map(|j| g(f(j))).collect()
         };
         let pool_shape = |l: usize| {
             if l == 0 {
@@ -370,18 +379,18 @@ impl<B: Backend> Workspace<B> {
             pool: per_level(&pool_shape)?,
             a: per_level(&lv)?,
             e: per_level(&lv)?,
-            gpool: per_level(&pool_shape)?,
-            ga: per_level(&lv)?,
-            ge: per_level(&lv)?,
-            tmp: per_level(&lv)?,
+            gpool: grad_level(&pool_shape)?,
+            ga: grad_level(&lv)?,
+            ge: grad_level(&lv)?,
+            tmp: grad_level(&lv)?,
             cat: per_stage(&cat)?,
             d1: per_stage(&lv)?,
             d2: per_stage(&lv)?,
-            gcat: per_stage(&cat)?,
-            gd1: per_stage(&lv)?,
-            gd2: per_stage(&lv)?,
+            gcat: grad_stage(&cat)?,
+            gd1: grad_stage(&lv)?,
+            gd2: grad_stage(&lv)?,
             logits: z(logits)?,
-            dlogits: z(logits)?,
+            dlogits: g(logits)?,
             restyled: None,
         })
     }
@@ -640,6 +649,8 @@ pub struct UNet<B: Backend> {
     global_decoder: Option<Vec<B::Buffer>>,
     precision: Precision,
     works: Vec<Workspace<B>>,
+    /// Built by [`UNet::for_inference`]: no gradient or optimiser buffers, training is an error.
+    inference_only: bool,
 }
 
 impl<B: Backend> UNet<B> {
@@ -672,8 +683,75 @@ impl<B: Backend> UNet<B> {
             global_decoder: None,
             precision: Precision::Fp32,
             works: Vec::new(),
+            inference_only: false,
             backend,
         })
+    }
+
+    /// Uploads `params` for inference only: no gradient, optimiser or backward buffers (the
+    /// activation workspace of a shape is about half that of a training network, and it is reused
+    /// across calls with that shape). [`UNet::forward`], [`UNet::encode`] and [`UNet::decode`] work;
+    /// every training call is an error.
+    pub fn for_inference(backend: Arc<B>, params: &Params) -> Result<Self, KernelError> {
+        params.validate()?;
+        let specs = layer_specs(params.classes);
+        let dev: Vec<B::Buffer> = params
+            .tensors
+            .iter()
+            .map(|t| backend.upload(&t.data))
+            .collect::<Result<_, _>>()?;
+        let n = params.tensors.len();
+        Ok(Self {
+            classes: params.classes,
+            names: params.tensors.iter().map(|t| t.name.clone()).collect(),
+            shapes: params.tensors.iter().map(|t| t.shape.clone()).collect(),
+            layers: specs.into_iter().map(|(_, c)| c).collect(),
+            params: dev,
+            grads: Vec::new(),
+            opt_state: (0..n).map(|_| Vec::new()).collect(),
+            opt_steps: vec![0; n],
+            opt_kind: None,
+            global_decoder: None,
+            precision: Precision::Fp32,
+            works: Vec::new(),
+            inference_only: true,
+            backend,
+        })
+    }
+
+    /// Whether this network was built by [`UNet::for_inference`].
+    pub fn is_inference_only(&self) -> bool {
+        self.inference_only
+    }
+
+    fn require_training(&self) -> Result<(), KernelError> {
+        if self.inference_only {
+            return Err(KernelError::Params(
+                "this U-Net was built for inference only: it has no gradient or optimiser buffers"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Bytes held on the backend: parameters, gradients, optimiser state and every activation
+    /// workspace made so far (what [`UNet::for_inference`] saves is measured with this).
+    pub fn device_bytes(&self) -> usize {
+        let b = &*self.backend;
+        let sum = |bufs: &[B::Buffer]| bufs.iter().map(|x| b.len(x)).sum::<usize>();
+        let mut floats = sum(&self.params) + sum(&self.grads);
+        floats += self.opt_state.iter().map(|v| sum(v)).sum::<usize>();
+        for w in &self.works {
+            for set in [
+                &w.pool, &w.a, &w.e, &w.gpool, &w.ga, &w.ge, &w.tmp, &w.cat, &w.d1, &w.d2, &w.gcat,
+                &w.gd1, &w.gd2,
+            ] {
+                floats += sum(set);
+            }
+            floats += b.len(&w.logits) + b.len(&w.dlogits);
+            floats += w.restyled.as_deref().map_or(0, sum);
+        }
+        floats * std::mem::size_of::<f32>()
     }
 
     /// A freshly initialised network ([`Params::init`]).
@@ -701,6 +779,7 @@ impl<B: Backend> UNet<B> {
     }
     /// The gradients of the last backward pass (zeros for tensors it did not reach).
     pub fn gradients(&self) -> Result<Params, KernelError> {
+        self.require_training()?;
         self.download_set(&self.grads)
     }
     fn download_set(&self, bufs: &[B::Buffer]) -> Result<Params, KernelError> {
@@ -814,6 +893,7 @@ impl<B: Backend> UNet<B> {
         optim: &Optim,
         state: &OptimizerState,
     ) -> Result<(), KernelError> {
+        self.require_training()?;
         let n = self.params.len();
         if state.steps.len() != n || state.buffers.len() != n {
             return Err(KernelError::Params(format!(
@@ -887,8 +967,12 @@ impl<B: Backend> UNet<B> {
         if self.works.len() >= MAX_WORKSPACES {
             self.works.remove(0);
         }
-        self.works
-            .push(Workspace::new(&*self.backend, xs, self.classes)?);
+        self.works.push(Workspace::new(
+            &*self.backend,
+            xs,
+            self.classes,
+            !self.inference_only,
+        )?);
         Ok(self.works.len() - 1)
     }
 
@@ -1037,6 +1121,7 @@ impl<B: Backend> UNet<B> {
         labels: &B::Labels,
         loss: &Loss,
     ) -> Result<StepStats, KernelError> {
+        self.require_training()?;
         let wi = self.workspace(xs)?;
         {
             let (net, _, ws) = self.parts(wi);
@@ -1075,6 +1160,7 @@ impl<B: Backend> UNet<B> {
         loss: &Loss,
         restyle: Option<&[(Vec<f32>, Vec<f32>)]>,
     ) -> Result<StepStats, KernelError> {
+        self.require_training()?;
         let wi = self.workspace(xs)?;
         let feats = self.prepare_features(wi, features, restyle)?;
         {
@@ -1103,6 +1189,7 @@ impl<B: Backend> UNet<B> {
     }
 
     fn optimizer_step(&mut self, optim: &Optim, part: Part) -> Result<(), KernelError> {
+        self.require_training()?;
         let kind = std::mem::discriminant(&optim.kind);
         if self.opt_kind != Some(kind) {
             // Another optimiser family: its state means nothing to this one.

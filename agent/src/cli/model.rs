@@ -52,6 +52,10 @@ pub struct BenchArgs {
     /// Where the network runs.
     #[arg(long, value_enum, default_value_t = crate::model::runtime::InferenceDevice::Auto)]
     pub device: crate::model::runtime::InferenceDevice,
+    /// What runs the network: auto (our kernels when the parity probe passes, on the CPU), tract,
+    /// kernels.
+    #[arg(long, value_enum, default_value_t = crate::model::runtime::EngineKind::Auto)]
+    pub engine: crate::model::runtime::EngineKind,
     /// Input shapes as NxHxW (batch, height, width; H and W multiples of 16). Repeatable.
     #[arg(long = "shape", value_name = "NxHxW", default_values_t = vec!["1x512x512".to_string()])]
     pub shapes: Vec<String>,
@@ -252,7 +256,14 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     let threads = crate::pipeline::resolve_threads(args.threads);
     let executor = crate::pipeline::tiling::executor(threads)
         .unwrap_or(tract_linalg::multithread::Executor::SingleThread);
+    crate::model::runtime::set_process_engine(choice.engine);
+    crate::model::runtime::set_process_engine_kind(args.engine, threads);
     let seg = Segmenter::load(&args.file)?.on_engine(choice.engine);
+    println!(
+        "network: {} ({}), {threads} threads",
+        seg.engine_name(),
+        seg.engine_reason()
+    );
     let mut rows = Vec::new();
     println!("| shape | prepare ms | median ms | p90 ms | images/s |");
     println!("|---|---|---|---|---|");
@@ -292,7 +303,11 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         let mut row = serde_json::json!({
             "shape": [n, h, w], "prepare_ms": prepare_ms, "median_ms": median, "p90_ms": p90,
             "runs": args.runs, "engine": choice.engine.name(), "threads": threads,
+            "network": seg.engine_name(),
         });
+        if let Some(net) = seg.kernels() {
+            row["kernels_memory_bytes"] = serde_json::json!(net.memory_bytes());
+        }
         // The GPU's answer against the CPU's, on the first shape: tract-cuda may use TF32 or other
         // reduced-precision paths, so say how far the logits move and whether the classes change.
         if i == 0 && !args.no_check && matches!(choice.engine, Engine::Cuda(_)) {

@@ -55,6 +55,10 @@ pub struct Args {
     /// cuda (the GPU or an error).
     #[arg(long, value_enum, default_value_t = config::Device::Auto)]
     pub device: config::Device,
+    /// What runs the network: auto (our kernels when the model passes the parity probe against
+    /// tract, on the CPU), tract, kernels.
+    #[arg(long, value_enum, default_value_t = config::Engine::Auto)]
+    pub engine: config::Engine,
     /// Classes file (dataset.toml form) naming the model's classes.
     #[arg(long, value_name = "FILE")]
     pub classes: Option<PathBuf>,
@@ -148,6 +152,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         pixel_size_um: args.pixel_size,
         device: args.device,
         threads: args.threads,
+        engine: args.engine,
     };
     let tiling = TilingSection {
         tile: args.tile,
@@ -169,8 +174,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let choice = crate::model::runtime::select_engine(args.device)?;
     crate::model::runtime::set_process_engine(choice.engine);
+    crate::model::runtime::set_process_engine_kind(args.engine, resolve_threads(args.threads));
     let segmenter = Segmenter::load(&model.onnx)?;
-    tracing::info!(engine = segmenter.engine().name(), reason = %choice.reason, "inference engine");
+    tracing::info!(
+        device = segmenter.engine().name(),
+        engine = segmenter.engine_name(),
+        engine_reason = segmenter.engine_reason(),
+        reason = %choice.reason,
+        "inference engine"
+    );
     let settings = Settings {
         output: args.out.clone(),
         journal: args.out.join("journal.jsonl"),

@@ -425,6 +425,7 @@ fn pipeline_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> PipelineConf
             device: Device::Auto,
             // Labs share the machine: one thread each for the network's matrix products.
             threads: 1,
+            engine: crate::pipeline::config::Engine::Auto,
         },
         tiling: TilingSection {
             tile,

@@ -9,6 +9,14 @@
 //! [`select_engine`] decides once at start from `[model] device` (auto, cpu, cuda) and says why; the
 //! choice is made the process's ([`set_process_engine`]), so that every model loaded later — a new
 //! global decoder, a fleet model version — runs where the first one did.
+//!
+//! Which implementation runs it ([`EngineKind`], `[model] engine`): tract, or our own kernels
+//! (`microfed-kernels`' CPU backend, inference-only network, see [`KernelsNet`]). tract always loads
+//! the file and stays the oracle: the kernels engine takes the U-Net's parameters from the ONNX
+//! initializers by name and, at load, runs a parity probe against tract on a random input
+//! ([`PROBE_TOLERANCE`]); a model whose graph computes something else (another padding, another
+//! resize) fails the probe and runs on tract, with the reason logged. `auto` uses the kernels when
+//! the probe passes and the network runs on the CPU (a GPU keeps tract-cuda).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +25,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{Runnable, Runtime, runtime_for_name};
+
+use microfed_kernels::Shape;
+use microfed_kernels::cpu::CpuBackend;
+use microfed_kernels::unet::{Params, UNet};
 
 use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
 use crate::mask::Mask;
@@ -106,6 +118,118 @@ pub fn select_engine(requested: InferenceDevice) -> Result<EngineChoice, Runtime
                 reason: format!("no usable GPU: {why}"),
             },
         }),
+    }
+}
+
+/// Which implementation runs the reference U-Net (`[model] engine`, `--engine`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// Our kernels when the model passes the parity probe and the network runs on the CPU; else tract.
+    #[default]
+    Auto,
+    /// tract (CPU or tract-cuda, by `device`).
+    Tract,
+    /// Our CPU kernels whenever the model passes the parity probe (also on a GPU machine); else tract.
+    Kernels,
+}
+
+static PROCESS_ENGINE_KIND: OnceLock<(EngineKind, usize)> = OnceLock::new();
+
+/// Makes `kind` the engine every later [`Segmenter::load`] of this process asks for, the kernels on
+/// `threads` threads (0: rayon's global pool). The first call wins.
+pub fn set_process_engine_kind(kind: EngineKind, threads: usize) -> bool {
+    PROCESS_ENGINE_KIND.set((kind, threads)).is_ok()
+}
+
+/// The process's engine kind and kernel threads: [`EngineKind::Auto`] on rayon's global pool unless
+/// [`set_process_engine_kind`] said otherwise.
+pub fn process_engine_kind() -> (EngineKind, usize) {
+    PROCESS_ENGINE_KIND.get().copied().unwrap_or_default()
+}
+
+/// The parity probe's bound: the kernels engine's logits must be within this fraction of tract's
+/// largest |logit| everywhere.
+pub const PROBE_TOLERANCE: f32 = 1e-4;
+/// The probe's input: one random image of this size (every level of the U-Net has at least 4×4).
+const PROBE_SIZE: (usize, usize) = (64, 80);
+
+/// The reference U-Net on `microfed-kernels`' CPU backend, built for inference only (no gradient or
+/// optimiser buffers; the activation workspace of a shape is made once and reused), on its own rayon
+/// pool when a thread count is given. One call at a time (a mutex): calls from several threads queue.
+pub struct KernelsNet {
+    net: Mutex<UNet<CpuBackend>>,
+    pool: Option<rayon::ThreadPool>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for KernelsNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelsNet")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+impl KernelsNet {
+    /// Uploads `params`; with `threads` > 0 the network runs on a pool of that many threads, else on
+    /// rayon's global pool (every core unless `RAYON_NUM_THREADS` says otherwise).
+    pub fn new(params: &Params, threads: usize) -> Result<Self, String> {
+        let pool = if threads > 0 && threads != rayon::current_num_threads() {
+            Some(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .thread_name(|i| format!("microfed-kernels-{i}"))
+                    .build()
+                    .map_err(|e| format!("cannot start {threads} kernel threads: {e}"))?,
+            )
+        } else {
+            None
+        };
+        // The backend reads its thread count from the pool it is made in.
+        let build = || {
+            let cpu = Arc::new(CpuBackend::new());
+            let threads = cpu.threads();
+            UNet::for_inference(cpu, params).map(|net| (net, threads))
+        };
+        let (net, threads) = match &pool {
+            Some(p) => p.install(build),
+            None => build(),
+        }
+        .map_err(|e| e.to_string())?;
+        Ok(Self {
+            net: Mutex::new(net),
+            pool,
+            threads,
+        })
+    }
+
+    /// Threads the convolutions spread over.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    /// Logits `[n, K, h, w]` of a batch `[n, 1, h, w]`.
+    pub fn logits(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
+        let run = || {
+            let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
+            let xs = Shape::new(n, 1, h, w);
+            let x = input.to_vec();
+            net.forward(&x, xs).map(|l| l.clone())
+        };
+        match &self.pool {
+            Some(p) => p.install(run),
+            None => run(),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    /// Bytes the network holds (parameters and every workspace made so far).
+    pub fn memory_bytes(&self) -> usize {
+        self.net
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .device_bytes()
     }
 }
 
@@ -244,6 +368,12 @@ pub struct Segmenter {
     plans: Mutex<HashMap<(usize, usize, usize, Outputs), Plan>>,
     classes: usize,
     engine: Engine,
+    /// The U-Net's parameters as read from the initializers (None: not the reference U-Net).
+    params: Option<Arc<Params>>,
+    /// Our kernels, when they run the logits (the probe passed and the engine kind asks for them).
+    kernels: Option<KernelsNet>,
+    /// Why the logits run where they do (logged at load, shown by `model bench`).
+    engine_reason: String,
 }
 
 impl std::fmt::Debug for Segmenter {
@@ -251,7 +381,7 @@ impl std::fmt::Debug for Segmenter {
         f.debug_struct("Segmenter")
             .field("path", &self.path)
             .field("classes", &self.classes)
-            .field("engine", &self.engine.name())
+            .field("engine", &self.engine_name())
             .finish()
     }
 }
@@ -270,20 +400,155 @@ impl Segmenter {
                 path: path.to_owned(),
                 message: format!("tract cannot parse it: {e:#}"),
             })?;
+        let params = onnx::load(path)
+            .map_err(|e| e.to_string())
+            .and_then(|proto| onnx::load_params(&proto, path).map_err(|e| e.to_string()));
         Ok(Self {
             path: path.to_owned(),
             model,
             plans: Mutex::new(HashMap::new()),
             classes: report.num_classes,
             engine: process_engine(),
-        })
+            params: None,
+            kernels: None,
+            engine_reason: String::new(),
+        }
+        .with_kernels(params, process_engine_kind()))
     }
 
-    /// The same model on another engine (plans are made again, lazily).
+    /// The same model on another engine (plans are made again, lazily); the kernels engine, if
+    /// chosen, stays (it runs on the CPU whatever tract's device).
     pub fn on_engine(mut self, engine: Engine) -> Self {
         self.engine = engine;
         self.plans = Mutex::new(HashMap::new());
         self
+    }
+
+    /// The same model with the engine `kind` chosen again (the probe runs again when the kernels
+    /// may be used), the kernels on `threads` threads (0: rayon's global pool).
+    pub fn with_engine_kind(mut self, kind: EngineKind, threads: usize) -> Self {
+        let params = self
+            .params
+            .clone()
+            .map(|p| (*p).clone())
+            .ok_or_else(|| "the model is not the reference U-Net".to_string());
+        self.kernels = None;
+        self.with_kernels(params, (kind, threads))
+    }
+
+    /// Attaches the kernels engine when `kind` asks for it and the probe passes; records why.
+    fn with_kernels(
+        mut self,
+        params: Result<Params, String>,
+        (kind, threads): (EngineKind, usize),
+    ) -> Self {
+        let params = match params {
+            Ok(p) => {
+                let p = Arc::new(p);
+                self.params = Some(p.clone());
+                Ok(p)
+            }
+            Err(e) => Err(e),
+        };
+        self.engine_reason = match (kind, self.engine, params) {
+            (EngineKind::Tract, _, _) => "the configuration asks for tract".into(),
+            (EngineKind::Auto, Engine::Cuda(_), _) => {
+                "a GPU runs tract-cuda (the kernels engine runs on the CPU)".into()
+            }
+            (_, _, Err(why)) => {
+                let why = format!("kernels engine not used, tract runs the model: {why}");
+                tracing::warn!(model = %self.path.display(), "{why}");
+                why
+            }
+            (_, _, Ok(params)) => match self.probe(&params, threads) {
+                Ok((net, worst, scale)) => {
+                    self.kernels = Some(net);
+                    format!(
+                        "parity probe passed (max |Δ| {worst:.2e} ≤ {PROBE_TOLERANCE:.0e} × {scale:.3})"
+                    )
+                }
+                Err(why) => {
+                    let why = format!(
+                        "kernels engine not used, tract runs the model: probe failed: {why}"
+                    );
+                    tracing::warn!(model = %self.path.display(), "{why}");
+                    why
+                }
+            },
+        };
+        tracing::debug!(model = %self.path.display(), engine = self.engine_name(), reason = %self.engine_reason, "engine");
+        self
+    }
+
+    /// Builds the kernels network and compares its logits with tract's (on the CPU) on one random
+    /// image: max |Δ| must be ≤ [`PROBE_TOLERANCE`] × the largest |logit| of tract.
+    fn probe(&self, params: &Params, threads: usize) -> Result<(KernelsNet, f32, f32), String> {
+        use rand::{Rng, SeedableRng};
+        let net = KernelsNet::new(params, threads)?;
+        let (h, w) = PROBE_SIZE;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
+        let x: Vec<f32> = (0..h * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
+        let want = self
+            .tract_cpu_logits(&x, 1, h, w)
+            .map_err(|e| format!("tract: {e}"))?;
+        let got = net.logits(&x, 1, h, w)?;
+        if got.len() != want.len() {
+            return Err(format!("{} logits, tract gives {}", got.len(), want.len()));
+        }
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        if !(worst <= PROBE_TOLERANCE * scale) {
+            return Err(format!(
+                "on a random {h}×{w} image the logits differ from tract's by up to {worst:.3e}, more than {PROBE_TOLERANCE:.0e} of the largest ({scale:.3e})"
+            ));
+        }
+        Ok((net, worst, scale))
+    }
+
+    /// tract's logits on the CPU, from a plan made for this call only (the probe's oracle).
+    fn tract_cpu_logits(
+        &self,
+        input: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+    ) -> TractResult<Vec<f32>> {
+        let plan = self
+            .model
+            .clone()
+            .with_input_fact(0, f32::fact([n, 1, h, w]).into())?
+            .with_outputs_by_name([OUTPUT])?
+            .into_optimized()?
+            .into_runnable()?;
+        let tensor = Tensor::from_shape(&[n, 1, h, w], input)?;
+        let out = plan.run(tvec!(tensor.into_tvalue()))?;
+        Ok(out[0]
+            .to_plain_array_view::<f32>()?
+            .iter()
+            .copied()
+            .collect())
+    }
+
+    /// Where the logits run: `kernels-cpu`, `tract-cpu` or `tract-cuda`.
+    pub fn engine_name(&self) -> &'static str {
+        match (&self.kernels, self.engine) {
+            (Some(_), _) => "kernels-cpu",
+            (None, Engine::Cpu) => "tract-cpu",
+            (None, Engine::Cuda(_)) => "tract-cuda",
+        }
+    }
+
+    /// Why the logits run where they do.
+    pub fn engine_reason(&self) -> &str {
+        &self.engine_reason
+    }
+
+    /// The kernels engine, when it runs the logits.
+    pub fn kernels(&self) -> Option<&KernelsNet> {
+        self.kernels.as_ref()
     }
 
     pub fn engine(&self) -> Engine {
@@ -311,13 +576,18 @@ impl Segmenter {
                 path: label.to_owned(),
                 message: "no decoder.head.bias".into(),
             })?;
+        let params = onnx::load_params(proto, label).map_err(|e| e.to_string());
         Ok(Self {
             path: label.to_owned(),
             model,
             plans: Mutex::new(HashMap::new()),
             classes,
             engine: process_engine(),
-        })
+            params: None,
+            kernels: None,
+            engine_reason: String::new(),
+        }
+        .with_kernels(params, process_engine_kind()))
     }
 
     pub fn path(&self) -> &Path {
@@ -394,6 +664,7 @@ impl Segmenter {
     }
 
     /// Prepares (optimises) the plan for a batch shape ahead of time, so the first image is not slow.
+    /// (The kernels engine needs no plan: its workspace is made on the first batch of a shape.)
     pub fn prepare(
         &self,
         n: usize,
@@ -401,6 +672,9 @@ impl Segmenter {
         w: usize,
         outputs: Outputs,
     ) -> Result<(), RuntimeError> {
+        if outputs == Outputs::Logits && self.kernels.is_some() {
+            return Ok(());
+        }
         self.plan(n, h, w, outputs).map(|_| ())
     }
 
@@ -422,6 +696,28 @@ impl Segmenter {
                 w,
                 message: format!("input has {} values, expected {}", input.len(), n * h * w),
             });
+        }
+        if outputs == Outputs::Logits
+            && let Some(net) = &self.kernels
+        {
+            if h == 0
+                || w == 0
+                || n == 0
+                || !h.is_multiple_of(INPUT_MULTIPLE)
+                || !w.is_multiple_of(INPUT_MULTIPLE)
+            {
+                return Err(RuntimeError::Shape { n, h, w });
+            }
+            let logits = net
+                .logits(input, n, h, w)
+                .map_err(|message| RuntimeError::Run {
+                    path: self.path.clone(),
+                    n,
+                    h,
+                    w,
+                    message,
+                })?;
+            return Ok(vec![(vec![n, self.classes, h, w], logits)]);
         }
         let plan = self.plan(n, h, w, outputs)?;
         let err = |e: TractError| RuntimeError::Run {
@@ -568,6 +864,249 @@ mod tests {
                 names[i]
             );
         }
+    }
+
+    fn repo_root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// Every shipped model (`models/*/model.onnx`) with its normalisation.
+    fn shipped_models() -> Vec<(PathBuf, crate::micrograph::Normalisation)> {
+        let mut out = Vec::new();
+        let mut dirs: Vec<PathBuf> = std::fs::read_dir(repo_root().join("models"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("model.onnx").is_file())
+            .collect();
+        dirs.sort();
+        for d in dirs {
+            let manifest =
+                crate::model::manifest::ModelManifest::load(&d.join("manifest.toml")).unwrap();
+            out.push((d.join("model.onnx"), manifest.normalisation));
+        }
+        assert!(out.len() >= 3, "shipped models: {out:?}");
+        out
+    }
+
+    /// nasa-super's folder: MICROFED_NASA_SUPER, else ../shared/data/nasa-super beside the repository.
+    fn nasa_super() -> Option<PathBuf> {
+        let dir = std::env::var_os("MICROFED_NASA_SUPER")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("../shared/data/nasa-super"));
+        dir.join("images").is_dir().then_some(dir)
+    }
+
+    /// Masks and logits of the two engines on one image, accumulated over a model's images.
+    #[derive(Default)]
+    struct Agreement {
+        pixels: usize,
+        same: usize,
+        worst_rel: f32,
+    }
+
+    impl Agreement {
+        fn add(
+            &mut self,
+            kernels: &Segmenter,
+            tract: &Segmenter,
+            pixels: &[f32],
+            w: usize,
+            h: usize,
+        ) {
+            let a = kernels.predict_mask(pixels, w, h).unwrap();
+            let b = tract.predict_mask(pixels, w, h).unwrap();
+            self.pixels += w * h;
+            self.same += a.data.iter().zip(&b.data).filter(|(x, y)| x == y).count();
+            let (pw, ph) = (
+                w / INPUT_MULTIPLE * INPUT_MULTIPLE,
+                h / INPUT_MULTIPLE * INPUT_MULTIPLE,
+            );
+            let crop: Vec<f32> = (0..ph)
+                .flat_map(|y| pixels[y * w..y * w + pw].iter().copied())
+                .collect();
+            let la = kernels.logits(&crop, 1, ph, pw).unwrap();
+            let lb = tract.logits(&crop, 1, ph, pw).unwrap();
+            let scale = lb.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = la
+                .iter()
+                .zip(&lb)
+                .fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+            self.worst_rel = self.worst_rel.max(worst / scale);
+        }
+    }
+
+    /// The acceptance test of the kernels engine: for every shipped model, on synthetic images of
+    /// every style (the model's own structure) and on nasa-super (a window of each image; skipped,
+    /// with the reason printed, when the data set is absent), the masks equal tract's on ≥ 99.99 %
+    /// of pixels and the logits are within 1e-4 of the largest. Small images keep it to seconds (it
+    /// also runs under qemu for aarch64).
+    #[test]
+    fn kernels_engine_matches_tract_on_every_shipped_model() {
+        use crate::synth::{Structure, Style, SynthParams, generate};
+        let nasa = nasa_super();
+        let nasa_images: Vec<PathBuf> = match &nasa {
+            Some(dir) => {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join("images"))
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                v.sort();
+                v
+            }
+            None => {
+                println!(
+                    "nasa-super not found (MICROFED_NASA_SUPER or ../shared/data/nasa-super): \
+                     its part of the engine parity test is skipped"
+                );
+                Vec::new()
+            }
+        };
+        for (path, norm) in shipped_models() {
+            let kernels = Segmenter::load(&path)
+                .unwrap()
+                .on_engine(Engine::Cpu)
+                .with_engine_kind(EngineKind::Kernels, 0);
+            assert_eq!(
+                kernels.engine_name(),
+                "kernels-cpu",
+                "{}: {}",
+                path.display(),
+                kernels.engine_reason()
+            );
+            let tract = Segmenter::load(&path)
+                .unwrap()
+                .on_engine(Engine::Cpu)
+                .with_engine_kind(EngineKind::Tract, 0);
+            assert_eq!(tract.engine_name(), "tract-cpu");
+            let structure = if path.to_string_lossy().contains("precipitates") {
+                Structure::Precipitates
+            } else {
+                Structure::Polycrystal
+            };
+            let mut synthetic = Agreement::default();
+            for (i, name) in Style::PRESETS.iter().enumerate() {
+                let params =
+                    SynthParams::new(structure, Style::preset(name).unwrap(), 120, 88, 5).unwrap();
+                let sample = generate(&params, i as u64);
+                let pixels: Vec<f32> = sample
+                    .image
+                    .iter()
+                    .map(|&v| norm.normalise(f32::from(v), 65535.0))
+                    .collect();
+                synthetic.add(&kernels, &tract, &pixels, 120, 88);
+            }
+            let mut real = Agreement::default();
+            for img in &nasa_images {
+                let m = crate::micrograph::Micrograph::load_with(img, &norm).unwrap();
+                let (w, h) = (m.width as usize, m.height as usize);
+                let (cw, ch) = (w.min(128), h.min(112));
+                let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
+                let window: Vec<f32> = (y0..y0 + ch)
+                    .flat_map(|y| m.pixels[y * w + x0..y * w + x0 + cw].iter().copied())
+                    .collect();
+                real.add(&kernels, &tract, &window, cw, ch);
+            }
+            for (what, a) in [("synthetic", &synthetic), ("nasa-super", &real)] {
+                if a.pixels == 0 {
+                    continue;
+                }
+                let agree = a.same as f64 / a.pixels as f64;
+                println!(
+                    "{} on {what}: masks agree on {:.4} % of {} pixels, logits within {:.2e} of the largest",
+                    path.display(),
+                    agree * 100.0,
+                    a.pixels,
+                    a.worst_rel
+                );
+                assert!(agree >= 0.9999, "{} on {what}: {agree}", path.display());
+                assert!(
+                    a.worst_rel <= PROBE_TOLERANCE,
+                    "{} on {what}: {}",
+                    path.display(),
+                    a.worst_rel
+                );
+            }
+        }
+    }
+
+    /// A model whose export differs from the reference U-Net — the first convolution pads by
+    /// reflection (an explicit `Pad` node, the conv unpadded) instead of with zeros — keeps the
+    /// contract and the initializer names, so the kernels engine could be built; the probe sees the
+    /// border differ, and the model runs on tract with the reason recorded, whatever the kind asks.
+    #[test]
+    fn a_model_that_pads_differently_fails_the_probe_and_stays_on_tract() {
+        use tract_onnx::pb::{
+            AttributeProto, NodeProto, TensorProto, attribute_proto::AttributeType,
+            tensor_proto::DataType,
+        };
+        let path = repo_root().join("models/grains/model.onnx");
+        let mut proto = onnx::load(&path).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let conv = graph
+            .node
+            .iter_mut()
+            .find(|n| n.name == "encoder.0.conv1")
+            .unwrap();
+        assert_eq!(conv.input[0], onnx::INPUT);
+        conv.input[0] = "image.reflected".into();
+        for a in conv.attribute.iter_mut().filter(|a| a.name == "pads") {
+            a.ints = vec![0, 0, 0, 0];
+        }
+        graph.initializer.push(TensorProto {
+            name: "const.reflect_pads".into(),
+            dims: vec![8],
+            data_type: DataType::Int64 as i32,
+            int64_data: vec![0, 0, 1, 1, 0, 0, 1, 1],
+            ..Default::default()
+        });
+        graph.node.insert(
+            0,
+            NodeProto {
+                op_type: "Pad".into(),
+                name: "image.reflect".into(),
+                input: vec![onnx::INPUT.into(), "const.reflect_pads".into()],
+                output: vec!["image.reflected".into()],
+                attribute: vec![AttributeProto {
+                    name: "mode".into(),
+                    r#type: AttributeType::String as i32,
+                    s: b"reflect".to_vec(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("reflect-padded.onnx");
+        onnx::save(&proto, &odd).unwrap();
+        for kind in [EngineKind::Auto, EngineKind::Kernels] {
+            let seg = Segmenter::load(&odd)
+                .unwrap()
+                .on_engine(Engine::Cpu)
+                .with_engine_kind(kind, 0);
+            assert_eq!(seg.engine_name(), "tract-cpu", "{kind:?}");
+            assert!(seg.kernels().is_none());
+            let why = seg.engine_reason();
+            assert!(
+                why.contains("probe failed") && why.contains("differ from tract"),
+                "{kind:?}: {why}"
+            );
+            // tract runs it: the logits have the right shape and are finite.
+            let logits = seg.logits(&vec![0.25; 32 * 48], 1, 32, 48).unwrap();
+            assert_eq!(logits.len(), seg.classes() * 32 * 48);
+            assert!(logits.iter().all(|v| v.is_finite()));
+        }
+        // The unchanged model passes the same probe under `auto` (on the CPU).
+        let same = Segmenter::load(&path)
+            .unwrap()
+            .on_engine(Engine::Cpu)
+            .with_engine_kind(EngineKind::Auto, 0);
+        assert_eq!(
+            same.engine_name(),
+            "kernels-cpu",
+            "{}",
+            same.engine_reason()
+        );
+        assert!(same.engine_reason().contains("parity probe passed"));
     }
 
     #[test]

@@ -105,6 +105,11 @@ impl Folders {
 /// `cpu`, or `cuda` (the GPU or an error). Decided at start by [`crate::model::runtime::select_engine`].
 pub use crate::model::runtime::InferenceDevice as Device;
 
+/// What runs the network: `auto` (our kernels on the CPU when the model passes the parity probe
+/// against tract, else tract), `tract`, or `kernels` (our CPU kernels even beside a GPU, when the
+/// probe passes). Decided per model at load by [`crate::model::runtime::Segmenter`].
+pub use crate::model::runtime::EngineKind as Engine;
+
 /// The network and how to read its inputs and outputs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,9 +135,13 @@ pub struct ModelSection {
     /// "auto", "cpu" or "cuda": where tract runs the network (see [`Device`]).
     #[serde(default)]
     pub device: Device,
-    /// Threads for tract's matrix products; 0 = every core.
+    /// Threads for tract's matrix products and the kernels engine's convolutions; 0 = every core.
     #[serde(default)]
     pub threads: usize,
+    /// "auto", "tract" or "kernels": what runs the network (see [`Engine`]). `auto` uses our own
+    /// kernels on the CPU when the model passes the parity probe against tract at load.
+    #[serde(default)]
+    pub engine: Engine,
 }
 
 fn yes() -> bool {
@@ -150,6 +159,7 @@ impl Default for ModelSection {
             pixel_size_um: None,
             device: Device::Auto,
             threads: 0,
+            engine: Engine::Auto,
         }
     }
 }

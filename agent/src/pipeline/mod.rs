@@ -767,10 +767,16 @@ impl Agent {
         if !crate::model::runtime::set_process_engine(choice.engine) {
             tracing::debug!("the inference engine was already chosen for this process");
         }
+        crate::model::runtime::set_process_engine_kind(
+            config.model.engine,
+            resolve_threads(config.model.threads),
+        );
         let segmenter = Segmenter::load(&config.model.path)?;
         let settings = Settings::from_config(&config, &segmenter)?;
         tracing::info!(
-            engine = segmenter.engine().name(),
+            device = segmenter.engine().name(),
+            engine = segmenter.engine_name(),
+            engine_reason = segmenter.engine_reason(),
             reason = %choice.reason,
             threads = settings.threads,
             model = %config.model.path.display(),

@@ -124,6 +124,11 @@ fn per_image(
 }
 
 /// `y = conv(x, w) + b` (then ReLU); lengths already checked.
+///
+/// With several threads and fewer images than threads ([`Plan::Inside`]: a single image at
+/// inference), the threads take whole bands of output rows — im2col, a single-threaded GEMM and the
+/// fused bias + ReLU epilogue, all in that thread's cache — instead of splitting each band's small
+/// GEMM over the pool (a fork-join per band, and thin slices of matrices that are already small).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     x: &[f32],
@@ -135,6 +140,12 @@ pub(crate) fn forward(
     y: &mut [f32],
     plan: Plan,
 ) {
+    if let Plan::Inside(threads) = plan
+        && threads > 1
+    {
+        forward_bands_parallel(x, xs, conv, w, b, relu, y, threads);
+        return;
+    }
     let (h, wd) = (xs.h, xs.w);
     let hw = h * wd;
     let kk = conv.c_in * conv.k * conv.k;
@@ -162,7 +173,7 @@ pub(crate) fn forward(
                         false,
                         lhs,
                         rhs,
-                        plan.gemm_par(),
+                        Parallelism::None,
                     );
                 } else {
                     im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
@@ -176,18 +187,128 @@ pub(crate) fn forward(
                         false,
                         lhs,
                         rhs,
-                        plan.gemm_par(),
+                        Parallelism::None,
                     );
                 }
                 // Bias and ReLU on the band while it is still in cache.
                 for co in 0..conv.c_out {
                     let bias = b.map_or(0.0, |b| b[co]);
                     let seg = &mut yi[co * hw + oy0 * wd..][..band];
-                    if relu {
-                        seg.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
-                    } else if bias != 0.0 {
-                        seg.iter_mut().for_each(|v| *v += bias);
-                    }
+                    epilogue(seg, bias, relu);
+                }
+            }
+        });
+    });
+}
+
+/// `v = max(v + bias, 0)` (or `v + bias`) over a band of one output channel.
+#[inline]
+fn epilogue(seg: &mut [f32], bias: f32, relu: bool) {
+    if relu {
+        seg.iter_mut().for_each(|v| *v = (*v + bias).max(0.0));
+    } else if bias != 0.0 {
+        seg.iter_mut().for_each(|v| *v += bias);
+    }
+}
+
+/// The output's base pointer, shared by the band tasks of [`forward_bands_parallel`].
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used by `forward_bands_parallel`, whose tasks write pairwise disjoint ranges of one
+// exclusively borrowed slice that outlives them (rayon's scope joins before the borrow ends).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its raw field).
+    fn base(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// [`forward`] for [`Plan::Inside`] with `threads > 1`: every (image, band of output rows) pair is
+/// one rayon task. A band's GEMM writes into the task's own scratch (`c_out × band`, contiguous), and
+/// the epilogue (bias, ReLU) copies it into `y`'s rows `oy0..oy1` of each channel.
+#[allow(clippy::too_many_arguments)]
+fn forward_bands_parallel(
+    x: &[f32],
+    xs: Shape,
+    conv: Conv,
+    w: &[f32],
+    b: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+    threads: usize,
+) {
+    let (h, wd) = (xs.h, xs.w);
+    let hw = h * wd;
+    let kk = conv.c_in * conv.k * conv.k;
+    let cache_rows = if conv.k == 1 { h } else { band_rows(kk, h, wd) };
+    // At least four bands per thread over the batch, so a busy core does not hold up the layer;
+    // never narrower than MIN_BAND_PIXELS unless the plane is.
+    let want_bands = (4 * threads).div_ceil(xs.n.max(1));
+    let rows = cache_rows
+        .min(h.div_ceil(want_bands))
+        .max(MIN_BAND_PIXELS.div_ceil(wd.max(1)))
+        .clamp(1, h.max(1));
+    let bands = h.div_ceil(rows);
+    assert!(
+        y.len() >= xs.n * conv.c_out * hw && x.len() >= xs.n * conv.c_in * hw,
+        "conv forward: buffers too short"
+    );
+    let out = OutPtr(y.as_mut_ptr());
+    let lhs = MatRef::rows(w, kk);
+    (0..xs.n * bands).into_par_iter().for_each(|task| {
+        let (i, band_index) = (task / bands, task % bands);
+        let oy0 = band_index * rows;
+        let oy1 = (oy0 + rows).min(h);
+        let band = (oy1 - oy0) * wd;
+        let xi = &x[i * conv.c_in * hw..(i + 1) * conv.c_in * hw];
+        let col_len = if conv.k == 1 { 0 } else { kk * band };
+        with_scratch(col_len + conv.c_out * band, |scratch| {
+            let (col, acc) = scratch.split_at_mut(col_len);
+            if conv.k == 1 {
+                let rhs = MatRef {
+                    data: &xi[oy0 * wd..],
+                    rs: hw,
+                    cs: 1,
+                };
+                matmul(
+                    conv.c_out,
+                    band,
+                    kk,
+                    acc,
+                    band,
+                    false,
+                    lhs,
+                    rhs,
+                    Parallelism::None,
+                );
+            } else {
+                im2col3(xi, conv.c_in, h, wd, (oy0, oy1), col);
+                let rhs = MatRef::rows(&col[..kk * band], band);
+                matmul(
+                    conv.c_out,
+                    band,
+                    kk,
+                    acc,
+                    band,
+                    false,
+                    lhs,
+                    rhs,
+                    Parallelism::None,
+                );
+            }
+            for (co, seg) in acc.chunks_exact_mut(band).enumerate() {
+                epilogue(seg, b.map_or(0.0, |b| b[co]), relu);
+                let at = (i * conv.c_out + co) * hw + oy0 * wd;
+                // SAFETY: `at + band ≤ (i·c_out + co + 1)·hw ≤ y.len()` (asserted above), and the
+                // range [at, at + band) — image i, channel co, rows oy0..oy1 — belongs to this task
+                // alone: tasks differ in image or in their row band. `seg` is task-local scratch, so
+                // the two ranges cannot overlap. `y` stays exclusively borrowed for the whole
+                // parallel loop, which returns only after every task has finished.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(seg.as_ptr(), out.base().add(at), band);
                 }
             }
         });

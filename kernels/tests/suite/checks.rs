@@ -1342,3 +1342,74 @@ pub fn check_decoder_mode<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<
     }
     Ok(())
 }
+
+/// The inference-only network ([`UNet::for_inference`]) gives the training network's logits and
+/// skip features, holds less memory for the same shape, reuses its workspace across calls, and
+/// refuses every training call.
+pub fn check_inference_only<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<(), CheckError> {
+    let mut cx = Ctx::new(&*b, tol, seed);
+    let classes = 3;
+    let params = cx.k(Params::init(classes, seed))?;
+    let mut train = cx.k(UNet::new(b.clone(), &params))?;
+    let mut infer = cx.k(UNet::for_inference(b.clone(), &params))?;
+    if !infer.is_inference_only() || train.is_inference_only() {
+        return Err(cx.fail("is_inference_only does not say how the network was built".into()));
+    }
+    for xs in [Shape::new(1, 1, 64, 48), Shape::new(3, 1, 32, 16)] {
+        let x = cx.uniform(xs.len(), -2.0, 2.0);
+        let xb = cx.up(&x)?;
+        let want = {
+            let l = cx.k(train.forward(&xb, xs))?;
+            cx.down(l)?
+        };
+        for pass in 0..2 {
+            let got = {
+                let l = cx.k(infer.forward(&xb, xs))?;
+                cx.down(l)?
+            };
+            cx.compare(
+                &format!("inference-only logits {xs} (pass {pass})"),
+                &got,
+                &to64(&want),
+            )?;
+        }
+        let before = infer.device_bytes();
+        cx.k(infer.forward(&xb, xs))?;
+        if infer.device_bytes() != before {
+            return Err(cx.fail(format!("{xs}: a second forward allocated memory")));
+        }
+        let feats_train = cx.k(train.encode(&xb, xs))?;
+        let feats_infer = cx.k(infer.encode(&xb, xs))?;
+        for (l, (a, c)) in feats_train.iter().zip(&feats_infer).enumerate() {
+            cx.compare(
+                &format!("inference-only enc{l} {xs}"),
+                &cx.down(c)?,
+                &to64(&cx.down(a)?),
+            )?;
+        }
+        let labels = cx.labels(xs.len(), classes, 0.0);
+        let lb = cx.k(b.upload_labels(&labels))?;
+        let loss = Loss {
+            class_weights: None,
+            dice_weight: 0.0,
+        };
+        if infer.loss_and_gradients(&xb, xs, &lb, &loss).is_ok()
+            || infer
+                .train_step(&xb, xs, &lb, &loss, &Optim::sgd(0.1, 0.9))
+                .is_ok()
+            || infer
+                .decoder_train_step(&feats_infer, xs, &lb, &loss, &Optim::adamw(1e-3), None)
+                .is_ok()
+            || infer.gradients().is_ok()
+        {
+            return Err(cx.fail("an inference-only network accepted a training call".into()));
+        }
+    }
+    let (t, i) = (train.device_bytes(), infer.device_bytes());
+    if i * 10 > t * 6 {
+        return Err(cx.fail(format!(
+            "inference-only network holds {i} bytes, the training network {t}: expected ≤ 60 %"
+        )));
+    }
+    Ok(())
+}

@@ -57,6 +57,9 @@ backend_tests! {
     fn decoder_mode_matches_full_backward_and_fedprox(b, tol) {
         check_decoder_mode(b.clone(), tol.fp32, seed())
     }
+    fn inference_only_network_matches_and_is_smaller(b, tol) {
+        check_inference_only(b.clone(), tol.fp32, seed())
+    }
     fn unet_learns_synthetic_micrographs(b, tol) {
         learn::unet_learns_synthetic_micrographs(b.clone())
     }

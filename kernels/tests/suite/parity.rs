@@ -412,3 +412,45 @@ fn rel_err_is_zero_for_equal_and_infinite_for_nan() {
     let e = rel_err(&[3.0, 4.0], &[3.0, 4.5]);
     assert!((e - 0.5 / (9.0f64 + 20.25).sqrt()).abs() < 1e-12);
 }
+
+/// Batch 1 on several threads runs each convolution's row bands in parallel; on one thread the bands
+/// run in order. The whole U-Net must give the same logits both ways (within 1e-5 of the largest:
+/// the GEMM may block a narrower band differently), on planes whose band count does not divide evenly, and for a batch of
+/// three on two threads (not a multiple: bands again) and on three (whole images per thread).
+#[test]
+fn cpu_band_parallel_forward_matches_one_thread() {
+    use microfed_kernels::unet::{Params, UNet};
+    use std::sync::Arc;
+    let params = Params::init(2, 11).unwrap();
+    let logits = |threads: usize, xs: Shape| -> Vec<f32> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let cpu = Arc::new(CpuBackend::new());
+            assert_eq!(cpu.threads(), threads);
+            let mut net = UNet::for_inference(cpu.clone(), &params).unwrap();
+            let x: Vec<f32> = (0..xs.len())
+                .map(|i| ((i * 7919) % 1000) as f32 / 250.0 - 2.0)
+                .collect();
+            let xb = cpu.upload(&x).unwrap();
+            cpu.download(net.forward(&xb, xs).unwrap()).unwrap()
+        })
+    };
+    for xs in [Shape::new(1, 1, 80, 48), Shape::new(3, 1, 48, 32)] {
+        let one = logits(1, xs);
+        for threads in [2, 3] {
+            let got = logits(threads, xs);
+            let scale = one.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = got
+                .iter()
+                .zip(&one)
+                .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(
+                got.len() == one.len() && worst <= 1e-5 * scale,
+                "{xs} on {threads} threads: max |diff| {worst} (largest logit {scale})"
+            );
+        }
+    }
+}
