@@ -5,7 +5,7 @@
 #
 #   experiments/run.sh                 # all of them, in that order
 #   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
-#                                      #   demo-labs | synthetic | nasa-super)
+#                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -28,15 +28,23 @@ make_lab_at() { # folder style count seed
 make_lab() { # style count seed
     make_lab_at "synthetic/$1" "$@"
 }
+# synth_sized folder style count seed size grain: images of one mean grain diameter (px).
+synth_sized() {
+    local out="data/$1"
+    if [[ -f "$out/dataset.toml" && $(ls "$out/images" | wc -l) -eq $3 ]]; then return; fi
+    rm -rf "$out"
+    "$MICROFED" synth --structure polycrystal --style "$2" --count "$3" --size "$5" --seed "$4" \
+        --feature-size "$6" --out "$out"
+}
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs synthetic nasa-super}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
             # Four labs, one style (sem-se): random draws of the same generator, 12 images each.
             for i in 1 2 3 4; do make_lab_at "gate-iid/lab-$i" sem-se 12 $((5200 + i)); done
             ;;
-        demo-labs)
+        demo-labs|sweep-demo)
             # What `microfed demo` synthesises with its defaults (seed 7: labs 700, 701, 702).
             make_lab_at demo-labs/hazy hazy 10 700
             make_lab_at demo-labs/sem-bse sem-bse 10 701
@@ -48,10 +56,40 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
+        transfer)
+            # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
+            # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
+            # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
+            # (hazy, the style most unlike the base model's) with 5 labelled images (3 train, 2
+            # validate), grains of 40 px. Test sets: 12 images per style spanning all three
+            # sizes (T1 own style, T2 the other labs' styles), and fast-scan, which nobody trains
+            # on (T3). Seeds 6000+ meet no other experiment's.
+            synth_sized transfer/base-sem-se sem-se 32 6000 512 40
+            synth_sized transfer/sem-se sem-se 16 6101 256 30
+            synth_sized transfer/optical-etched optical-etched 16 6102 256 40
+            synth_sized transfer/sem-bse sem-bse 16 6103 256 55
+            synth_sized transfer/hazy hazy 5 6104 256 40
+            i=0
+            for style in sem-se optical-etched sem-bse hazy fast-scan; do
+                for grain in 30 40 55; do
+                    synth_sized "transfer/test/$style-$grain" "$style" 4 $((6200 + 10 * i + grain / 10)) 256 "$grain"
+                done
+                i=$((i + 1))
+            done
+            if [[ ! -f models/base-sem-se/model.onnx ]]; then
+                # The grains recipe (models/make.sh) on one style: AdamW 2e-3, warm-up and cosine,
+                # 10 epochs × 50 steps of 8 crops of 128 px, class weights, 0.5 × soft Dice.
+                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se \
+                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
+                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
+                    --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
+                    --out models/base-sem-se
+            fi
+            ;;
         nasa-super)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | synthetic | nasa-super)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"

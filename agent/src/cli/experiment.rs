@@ -9,11 +9,12 @@ use anyhow::Context;
 
 use microfed_kernels::Backend;
 
+use crate::federated::edge::local::CachedImage;
 use crate::federated::edge::local::FeatureCache;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
 use crate::model::runtime::Segmenter;
-use crate::study::experiment::{self, ExperimentConfig, Lab, RunResult};
+use crate::study::experiment::{self, ExperimentConfig, Lab, RunResult, TestSet};
 use crate::train::backend::{OnBackend, on_backend};
 use crate::train::data::{TrainingSet, read_image_list};
 
@@ -38,6 +39,47 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .cache
         .clone()
         .unwrap_or_else(|| cfg.out.join("feature-cache"));
+    // Test images: every labelled image of each folder, features cached per folder.
+    let test_images = |folders: &[PathBuf],
+                       classes: Option<&std::path::Path>,
+                       cache: PathBuf,
+                       what: &str|
+     -> anyhow::Result<Vec<CachedImage>> {
+        let mut images = Vec::new();
+        for (i, folder) in folders.iter().enumerate() {
+            let set = TrainingSet::load(std::slice::from_ref(folder), classes, None, &norm, 0.0, 7)
+                .with_context(|| format!("{what}: test folder {}", folder.display()))?;
+            anyhow::ensure!(
+                set.classes.len() == params.classes,
+                "{what}: {}: {} classes, the model predicts {}",
+                folder.display(),
+                set.classes.len(),
+                params.classes
+            );
+            let c = FeatureCache::build(
+                &segmenter,
+                &set,
+                &cache.join(format!("test-{i}")),
+                &model_version,
+            )?;
+            images.extend(c.train);
+        }
+        Ok(images)
+    };
+    let mut unseen = Vec::new();
+    for u in &cfg.unseen {
+        let images = test_images(
+            &u.data,
+            cfg.labs.first().and_then(|l| l.classes.as_deref()),
+            cache_dir.join("unseen").join(&u.name),
+            &format!("unseen style {}", u.name),
+        )?;
+        tracing::info!(style = %u.name, test = images.len(), "unseen style ready");
+        unseen.push(TestSet {
+            name: u.name.clone(),
+            images,
+        });
+    }
     let mut labs = Vec::new();
     for l in &cfg.labs {
         let list = l
@@ -80,16 +122,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
         let cache =
             FeatureCache::build(&segmenter, &set, &cache_dir.join(&l.name), &model_version)?;
-        tracing::info!(lab = %l.name, train = cache.train.len(), holdout = cache.holdout.len(), "lab ready");
+        let tests = test_images(
+            &l.tests,
+            l.classes.as_deref(),
+            cache_dir.join(&l.name),
+            &format!("lab {}", l.name),
+        )?;
+        tracing::info!(lab = %l.name, train = cache.train.len(), holdout = cache.holdout.len(), test = tests.len(), "lab ready");
         labs.push(Lab {
             name: l.name.clone(),
             cache,
+            tests,
         });
     }
     /// Every run of the configuration, each seed, on one backend.
     struct AllRuns<'a> {
         params: &'a microfed_kernels::unet::Params,
         labs: &'a [Lab],
+        unseen: &'a [TestSet],
         cfg: &'a ExperimentConfig,
     }
     impl OnBackend for AllRuns<'_> {
@@ -104,6 +154,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         backend.clone(),
                         self.params,
                         self.labs,
+                        self.unseen,
                         &self.cfg.train,
                         spec,
                         seed,
@@ -121,21 +172,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         AllRuns {
             params: &params,
             labs: &labs,
+            unseen: &unseen,
             cfg: &cfg,
         },
     )??;
     std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
     let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
     let mut table = experiment::summary_table(&names, &results);
-    if let Some(r) = &cfg.reference {
-        let i = cfg
-            .runs
-            .iter()
-            .position(|s| &s.name == r)
-            .with_context(|| format!("reference {r:?} is not a run of the experiment"))?;
+    let reference = match &cfg.reference {
+        Some(r) => Some(
+            cfg.runs
+                .iter()
+                .position(|s| &s.name == r)
+                .with_context(|| format!("reference {r:?} is not a run of the experiment"))?,
+        ),
+        None => None,
+    };
+    if let Some(i) = reference {
         table += "\n";
         table += &experiment::paired_table(&names, &results, i);
     }
+    table += &experiment::test_tables(&names, &results, reference);
     std::fs::write(cfg.out.join("results.md"), &table)?;
     std::fs::write(
         cfg.out.join("results.csv"),

@@ -25,6 +25,7 @@ use microfed_kernels::Backend;
 use microfed_kernels::unet::Params;
 
 use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
+use crate::federated::edge::cache::CachedImage;
 use crate::federated::edge::local::{
     FeatureCache, HoldoutScores, LocalError, LocalOptimizer, LocalTrainer, LrSchedule, RoundPlan,
 };
@@ -77,6 +78,22 @@ pub struct RunSpec {
     pub schedule: Option<LrSchedule>,
     #[serde(default)]
     pub class_weighted: Option<bool>,
+    /// What a lab would deploy (not for `local`): the global decoder fine-tuned on the lab's own
+    /// training images for a few steps, kept only where the lab's validation score says it is
+    /// better than the global; reported beside the global's own scores.
+    #[serde(default)]
+    pub personalise: Option<Personalise>,
+}
+
+/// The per-lab fine-tuning of a federated run's global decoder.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Personalise {
+    /// Local steps (batches of `[train].batch`).
+    pub steps: u32,
+    /// Default: `[train].learning_rate` (the schedule's peak).
+    #[serde(default)]
+    pub learning_rate: Option<f32>,
 }
 
 impl RunSpec {
@@ -174,6 +191,58 @@ pub struct TrainSpec {
     pub schedule: LrSchedule,
     #[serde(default)]
     pub optimizer: LocalOptimizer,
+    /// Each seed redraws which of a lab's labelled images train and which validate (same counts);
+    /// default: one split for every seed.
+    #[serde(default)]
+    pub resplit: bool,
+}
+
+/// IoU of one decoder on the test sets, from one lab's point of view: T1 its own style's test
+/// images, T2 the mean over the other labs' styles, T3 the mean over styles nobody trained on.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct TestScores {
+    pub t1: Option<f64>,
+    pub t2: Option<f64>,
+    pub t3: Option<f64>,
+}
+
+impl TestScores {
+    pub fn get(&self, which: usize) -> Option<f64> {
+        match which {
+            0 => self.t1,
+            1 => self.t2,
+            _ => self.t3,
+        }
+    }
+}
+
+/// Which decoder of a run a lab's reported test scores belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Selection {
+    /// The last round's.
+    Final,
+    /// The round with the lab's best validation IoU (earliest of ties).
+    BestValidation,
+    /// The last round's global, or its personalised fine-tune where validation prefers it.
+    FinalPersonalised,
+    /// The best-validation round's global, or its personalised fine-tune where validation
+    /// prefers it.
+    BestValidationPersonalised,
+}
+
+/// One lab's reported decoder of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Pick {
+    pub lab: usize,
+    pub selection: Selection,
+    pub round: u64,
+    /// Validation IoU of the picked decoder.
+    pub validation: Option<f64>,
+    pub tests: TestScores,
+    /// The personalised fine-tune won on validation (personalised selections only).
+    #[serde(default)]
+    pub personalised: bool,
 }
 
 /// One round's outcome in one run.
@@ -208,6 +277,11 @@ pub struct RoundRecord {
     pub lab_pred_fraction: Vec<Vec<f64>>,
     #[serde(default)]
     pub lab_truth_fraction: Vec<Vec<f64>>,
+    /// Per lab, its decoder's test scores; only where test sets are configured, and only in
+    /// rounds that can be reported: round 0, the last round and rounds where the lab's
+    /// validation IoU reached a new best (otherwise all None).
+    #[serde(default)]
+    pub lab_tests: Vec<TestScores>,
 }
 
 /// What a run produced.
@@ -225,6 +299,18 @@ pub struct RunResult {
     /// Wall time of the run.
     #[serde(default)]
     pub seconds: f64,
+    /// Per lab, the decoders reported on the test sets (empty without test sets).
+    #[serde(default)]
+    pub picks: Vec<Pick>,
+}
+
+impl RunResult {
+    /// Lab `lab`'s pick of kind `selection`.
+    pub fn pick(&self, lab: usize, selection: Selection) -> Option<&Pick> {
+        self.picks
+            .iter()
+            .find(|p| p.lab == lab && p.selection == selection)
+    }
 }
 
 impl RoundRecord {
@@ -260,6 +346,7 @@ impl RoundRecord {
                 .collect(),
             lab_pred_fraction: each(|s| s.pred_fraction.clone()),
             lab_truth_fraction: each(|s| s.truth_fraction.clone()),
+            lab_tests: vec![TestScores::default(); scores.len()],
         }
     }
 }
@@ -273,11 +360,89 @@ pub fn distance(a: &[f32], b: &[f32]) -> f32 {
         .sqrt() as f32
 }
 
-/// A lab in the experiment: its name and its cached features.
+/// A lab in the experiment: its name, its cached features (training and validation images) and
+/// its own style's test images (T1; never trained on, never used to pick a round).
 #[derive(Debug, Clone)]
 pub struct Lab {
     pub name: String,
     pub cache: FeatureCache,
+    pub tests: Vec<CachedImage>,
+}
+
+/// Test images of a style no lab trains on (T3).
+#[derive(Debug, Clone)]
+pub struct TestSet {
+    pub name: String,
+    pub images: Vec<CachedImage>,
+}
+
+/// `labs` with each lab's training and validation images redrawn from `seed` (same counts).
+fn resplit(labs: &[Lab], seed: u64) -> Vec<Lab> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    labs.iter()
+        .enumerate()
+        .map(|(i, lab)| {
+            let mut all: Vec<CachedImage> = lab
+                .cache
+                .train
+                .iter()
+                .chain(&lab.cache.holdout)
+                .cloned()
+                .collect();
+            // Sorted first: the draw depends on the seed only, not on the cache's order.
+            all.sort_by(|a, b| a.stem.cmp(&b.stem));
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+                seed.wrapping_mul(0x2545_f491_4f6c_dd1d) ^ i as u64,
+            );
+            all.shuffle(&mut rng);
+            let holdout = all.split_off(lab.cache.train.len());
+            Lab {
+                cache: FeatureCache {
+                    train: all,
+                    holdout,
+                    ..lab.cache.clone()
+                },
+                ..lab.clone()
+            }
+        })
+        .collect()
+}
+
+/// IoU of `decoder` on each lab's test images and on each unseen style's.
+fn test_ious<B: Backend>(
+    scorer: &mut LocalTrainer<B>,
+    decoder: &[f32],
+    labs: &[Lab],
+    unseen: &[TestSet],
+) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), LocalError> {
+    let mut one = |images: &[CachedImage]| -> Result<Option<f64>, LocalError> {
+        Ok(scorer.scores_on(decoder, images)?.and_then(|s| s.iou))
+    };
+    let own = labs
+        .iter()
+        .map(|l| one(&l.tests))
+        .collect::<Result<Vec<_>, _>>()?;
+    let other = unseen
+        .iter()
+        .map(|u| one(&u.images))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((own, other))
+}
+
+/// Lab `lab`'s T1/T2/T3 from [`test_ious`]'s figures.
+fn lab_view(lab: usize, own: &[Option<f64>], unseen: &[Option<f64>]) -> TestScores {
+    let others: Vec<Option<f64>> = own
+        .iter()
+        .enumerate()
+        .filter(|&(j, _)| j != lab)
+        .map(|(_, v)| *v)
+        .collect();
+    TestScores {
+        t1: own.get(lab).copied().flatten(),
+        t2: mean(&others),
+        t3: mean(unseen),
+    }
 }
 
 fn mean(v: &[Option<f64>]) -> Option<f64> {
@@ -285,16 +450,26 @@ fn mean(v: &[Option<f64>]) -> Option<f64> {
     (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64)
 }
 
-/// Runs one configuration over `labs`, from the base model `params`.
+/// Runs one configuration over `labs`, from the base model `params`; `unseen` are test sets of
+/// styles no lab trains on.
 pub fn run<B: Backend>(
     backend: Arc<B>,
     params: &Params,
     labs: &[Lab],
+    unseen: &[TestSet],
     train: &TrainSpec,
     spec: &RunSpec,
     seed: u64,
 ) -> Result<RunResult, LocalError> {
     let train = &spec.train(train);
+    let redrawn;
+    let labs = if train.resplit {
+        redrawn = resplit(labs, seed);
+        redrawn.as_slice()
+    } else {
+        labs
+    };
+    let has_tests = !unseen.is_empty() || labs.iter().any(|l| !l.tests.is_empty());
     let layout: Vec<TensorSpan> = compress::decoder_layout(params.classes);
     let base = params.decoder_flat();
     let len = base.len();
@@ -394,8 +569,57 @@ pub fn run<B: Backend>(
             .map(|(t, d)| t.holdout_scores(d))
             .collect()
     };
-    let scores = score(&mut trainers, &vec![global.as_slice(); labs.len()])?;
-    rounds.push(RoundRecord::new(0, &scores, vec![0; labs.len()], vec![]));
+    // Per lab: the best validation IoU so far, its round and (for personalisation) its decoder.
+    let mut best: Vec<Option<(u64, f64)>> = vec![None; labs.len()];
+    let mut best_decoder: Vec<Vec<f32>> = vec![base.clone(); labs.len()];
+    let keep_best = spec.personalise.is_some() && spec.strategy != Strategy::Local;
+    // Test scores of the round's decoders where a lab's validation reached a new best (and in
+    // round 0 and the last round): the only rounds a report can pick.
+    let mut tests = |trainers: &mut [LocalTrainer<B>],
+                     record: &mut RoundRecord,
+                     decoders: &[&[f32]],
+                     last: bool|
+     -> Result<(), LocalError> {
+        let improved: Vec<bool> = (0..labs.len())
+            .map(|l| {
+                let v = record.lab_iou[l];
+                let better = match (v, best[l]) {
+                    (Some(v), Some((_, b))) => v > b,
+                    (Some(_), None) => true,
+                    (None, _) => false,
+                };
+                if let (true, Some(v)) = (better, v) {
+                    best[l] = Some((record.round, v));
+                    if keep_best {
+                        best_decoder[l] = decoders[l].to_vec();
+                    }
+                }
+                better || record.round == 0 || last
+            })
+            .collect();
+        if !has_tests {
+            return Ok(());
+        }
+        if spec.strategy == Strategy::Local {
+            for (l, t) in trainers.iter_mut().enumerate() {
+                if improved[l] {
+                    let (own, other) = test_ious(t, decoders[l], labs, unseen)?;
+                    record.lab_tests[l] = lab_view(l, &own, &other);
+                }
+            }
+        } else if improved.iter().any(|&b| b) {
+            let (own, other) = test_ious(&mut trainers[0], decoders[0], labs, unseen)?;
+            for l in 0..labs.len() {
+                record.lab_tests[l] = lab_view(l, &own, &other);
+            }
+        }
+        Ok(())
+    };
+    let decoders0 = vec![global.as_slice(); labs.len()];
+    let scores = score(&mut trainers, &decoders0)?;
+    let mut record = RoundRecord::new(0, &scores, vec![0; labs.len()], vec![]);
+    tests(&mut trainers, &mut record, &decoders0, train.rounds == 0)?;
+    rounds.push(record);
     for round in 1..=train.rounds {
         let plan = RoundPlan {
             round,
@@ -474,6 +698,7 @@ pub fn run<B: Backend>(
         let mut record = RoundRecord::new(round, &scores, bytes, losses);
         record.learning_rate = plan.learning_rate;
         record.update_norm = norms;
+        tests(&mut trainers, &mut record, &decoders, round == train.rounds)?;
         tracing::info!(
             run = %spec.name,
             round,
@@ -485,6 +710,68 @@ pub fn run<B: Backend>(
         );
         rounds.push(record);
     }
+    let mut picks = Vec::new();
+    if has_tests {
+        let last = rounds.last().map_or(0, |r| r.round);
+        for l in 0..labs.len() {
+            let at = |round: u64, selection: Selection| {
+                let r = &rounds[round as usize];
+                Pick {
+                    lab: l,
+                    selection,
+                    round,
+                    validation: r.lab_iou[l],
+                    tests: r.lab_tests[l],
+                    personalised: false,
+                }
+            };
+            let best_round = best[l].map_or(last, |(r, _)| r);
+            picks.push(at(last, Selection::Final));
+            picks.push(at(best_round, Selection::BestValidation));
+            if let Some(p) = spec
+                .personalise
+                .filter(|_| spec.strategy != Strategy::Local)
+            {
+                let finals = [
+                    (Selection::FinalPersonalised, last, global.clone()),
+                    (
+                        Selection::BestValidationPersonalised,
+                        best_round,
+                        best_decoder[l].clone(),
+                    ),
+                ];
+                for (selection, round, decoder) in finals {
+                    let plan = RoundPlan {
+                        round: train.rounds + 1,
+                        epochs: 1,
+                        steps_per_epoch: p.steps,
+                        learning_rate: p.learning_rate.unwrap_or(train.learning_rate),
+                        prox_mu: 0.0,
+                        optimizer: train.optimizer,
+                    };
+                    let t = &mut trainers[l];
+                    let (tuned, _) = t.train_round(&decoder, &plan)?;
+                    let global_val = t.holdout_iou(&decoder)?;
+                    let tuned_val = t.holdout_iou(&tuned)?;
+                    let take = matches!((tuned_val, global_val), (Some(a), Some(b)) if a > b);
+                    let (chosen, validation) = if take {
+                        (&tuned, tuned_val)
+                    } else {
+                        (&decoder, global_val)
+                    };
+                    let (own, other) = test_ious(t, chosen, labs, unseen)?;
+                    picks.push(Pick {
+                        lab: l,
+                        selection,
+                        round,
+                        validation,
+                        tests: lab_view(l, &own, &other),
+                        personalised: take,
+                    });
+                }
+            }
+        }
+    }
     Ok(RunResult {
         name: spec.name.clone(),
         strategy: spec.strategy,
@@ -492,6 +779,7 @@ pub fn run<B: Backend>(
         dense_bytes: compress::dense_len(&layout),
         style_codes,
         seconds: started.elapsed().as_secs_f64(),
+        picks,
     })
 }
 
@@ -523,8 +811,19 @@ pub struct ExperimentConfig {
     #[serde(default = "default_device")]
     pub device: String,
     pub labs: Vec<LabSpec>,
+    /// Test sets of styles no lab trains on (T3).
+    #[serde(default)]
+    pub unseen: Vec<UnseenSpec>,
     pub train: TrainSpec,
     pub runs: Vec<RunSpec>,
+}
+
+/// A style nobody trains on: dataset folders whose labelled images are all test images.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnseenSpec {
+    pub name: String,
+    pub data: Vec<PathBuf>,
 }
 
 fn default_name() -> String {
@@ -556,6 +855,11 @@ pub struct LabSpec {
     pub holdout: Option<PathBuf>,
     #[serde(default = "default_holdout")]
     pub holdout_fraction: f64,
+    /// Test images of the lab's own style (T1): dataset folders whose labelled images are all
+    /// scored, never trained on and never used to pick a round. With tests, the hold-out images
+    /// above are the lab's validation images.
+    #[serde(default)]
+    pub tests: Vec<PathBuf>,
 }
 
 fn default_holdout() -> f64 {
@@ -592,6 +896,10 @@ impl ExperimentConfig {
             if let Some(h) = &mut l.holdout {
                 fix(h);
             }
+            l.tests.iter_mut().for_each(fix);
+        }
+        for u in &mut c.unseen {
+            u.data.iter_mut().for_each(fix);
         }
         if c.labs.is_empty() || c.runs.is_empty() || c.seeds.is_empty() {
             return Err(format!(
@@ -619,6 +927,25 @@ impl ExperimentConfig {
             r.compression
                 .validate()
                 .map_err(|e| format!("{}: run {}: {e}", path.display(), r.name))?;
+            if let Some(p) = &r.personalise {
+                if r.strategy == Strategy::Local {
+                    return Err(format!(
+                        "{}: run {}: personalise needs a global decoder (not strategy local)",
+                        path.display(),
+                        r.name
+                    ));
+                }
+                if p.steps == 0
+                    || p.learning_rate
+                        .is_some_and(|lr| !(lr > 0.0 && lr.is_finite()))
+                {
+                    return Err(format!(
+                        "{}: run {}: personalise needs steps > 0 and a positive learning_rate",
+                        path.display(),
+                        r.name
+                    ));
+                }
+            }
             if let Some(style) = &r.style {
                 if !matches!(r.strategy, Strategy::FedAvg | Strategy::FedProx) {
                     return Err(format!(
@@ -855,13 +1182,128 @@ pub fn paired_table(labs: &[String], results: &[Vec<RunResult>], reference: usiz
     out
 }
 
+/// The rows of the test tables: a run's global (or own, for local) decoder, then the personalised
+/// decoders where the run has them.
+const ROWS: [(Selection, Selection, &str); 2] = [
+    (Selection::Final, Selection::BestValidation, ""),
+    (
+        Selection::FinalPersonalised,
+        Selection::BestValidationPersonalised,
+        " → personalised",
+    ),
+];
+
+/// Lab `lab`'s test IoU `which` (0 T1, 1 T2, 2 T3) of `selection` over the seeds of one run.
+fn pick_values(seeds: &[RunResult], lab: usize, selection: Selection, which: usize) -> Vec<f64> {
+    seeds
+        .iter()
+        .filter_map(|r| r.pick(lab, selection)?.tests.get(which))
+        .collect()
+}
+
+/// Markdown tables of the test sets, per lab, in points: T1 (own style), T2 (the other labs'
+/// styles, mean), T3 (styles nobody trained on, mean), for the last round and for the round of
+/// the lab's best validation IoU, mean ± standard deviation over seeds; with `reference`, every
+/// row minus the reference run's, paired by seed, with 95 % intervals. Empty without test sets.
+pub fn test_tables(
+    labs: &[String],
+    results: &[Vec<RunResult>],
+    reference: Option<usize>,
+) -> String {
+    let mut out = String::new();
+    if !results.iter().flatten().any(|r| !r.picks.is_empty()) {
+        return out;
+    }
+    let cell = |d: Vec<f64>| match paired_interval(&d) {
+        None => "–".to_string(),
+        Some((m, None)) => format!("{:+.1}", 100.0 * m),
+        Some((m, Some(h))) => format!(
+            "{:+.1} [{:+.1}, {:+.1}]",
+            100.0 * m,
+            100.0 * (m - h),
+            100.0 * (m + h)
+        ),
+    };
+    let head = "| run | T1 final | T2 final | T3 final | T1 best-val | T2 best-val | T3 best-val |";
+    for (l, name) in labs.iter().enumerate() {
+        out += &format!(
+            "\n#### {name}: test IoU in points (T1 own style, T2 other labs' styles, T3 unseen styles)\n\n\
+             {head} best round | personalised kept |\n|---|---|---|---|---|---|---|---|---|\n"
+        );
+        for seeds in results {
+            let Some(first) = seeds.first() else { continue };
+            for (fin, bv, suffix) in ROWS {
+                if first.pick(l, fin).is_none() {
+                    continue;
+                }
+                out += &format!("| {}{suffix} | ", first.name);
+                for sel in [fin, bv] {
+                    for which in 0..3 {
+                        out += &format!("{} | ", pm(&pick_values(seeds, l, sel, which)));
+                    }
+                }
+                let rounds: Vec<f64> = seeds
+                    .iter()
+                    .filter_map(|r| r.pick(l, bv).map(|p| p.round as f64))
+                    .collect();
+                let kept = seeds
+                    .iter()
+                    .filter(|r| r.pick(l, bv).is_some_and(|p| p.personalised))
+                    .count();
+                out += &format!(
+                    "{} | {} |\n",
+                    mean_sd(&rounds).map_or("–".into(), |(m, _)| format!("{m:.1}")),
+                    if suffix.is_empty() {
+                        "–".to_string()
+                    } else {
+                        format!("{kept} of {}", seeds.len())
+                    }
+                );
+            }
+        }
+        let Some(reference) = reference.and_then(|i| results.get(i)) else {
+            continue;
+        };
+        let Some(base) = reference.first() else {
+            continue;
+        };
+        out += &format!(
+            "\n{name}: minus {}'s, paired by seed, in points: mean [95 % interval].\n\n{head}\n\
+             |---|---|---|---|---|---|---|\n",
+            base.name
+        );
+        for seeds in results {
+            let Some(first) = seeds.first() else { continue };
+            for (fin, bv, suffix) in ROWS {
+                if first.pick(l, fin).is_none()
+                    || (std::ptr::eq(seeds, reference) && suffix.is_empty())
+                {
+                    continue;
+                }
+                out += &format!("| {}{suffix} | ", first.name);
+                for (sel, plain) in [(fin, Selection::Final), (bv, Selection::BestValidation)] {
+                    for which in 0..3 {
+                        let a = pick_values(seeds, l, sel, which);
+                        let b = pick_values(reference, l, plain, which);
+                        let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
+                        out += &format!("{} | ", cell(d));
+                    }
+                }
+                out.truncate(out.trim_end().len());
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 /// One CSV row per run, seed, round and lab: the scores, the bytes sent, the round's learning rate,
 /// the lab's update norm, the IoU of each class (`;`-separated) and the fraction of hold-out pixels
 /// predicted as / labelled with the last class (the boundary class of the reference models).
 pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String {
     let mut out = String::from(
         "run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes,learning_rate,update_norm,\
-         class_iou,last_class_pred_fraction,last_class_truth_fraction\n",
+         class_iou,last_class_pred_fraction,last_class_truth_fraction,test_t1,test_t2,test_t3\n",
     );
     let f = |v: Option<f64>| v.map(|v| format!("{v:.5}")).unwrap_or_default();
     for runs in results {
@@ -874,8 +1316,9 @@ pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String
                         .map(|v| v.iter().map(|&x| f(x)).collect::<Vec<_>>().join(";"))
                         .unwrap_or_default();
                     let last = |v: &[Vec<f64>]| f(v.get(l).and_then(|x| x.last()).copied());
+                    let t = rec.lab_tests.get(l).copied().unwrap_or_default();
                     out += &format!(
-                        "{},{:?},{},{},{},{},{},{},{},{},{},{},{},{}\n",
+                        "{},{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
                         r.name,
                         r.strategy,
                         seed,
@@ -890,6 +1333,9 @@ pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String
                         classes,
                         last(&rec.lab_pred_fraction),
                         last(&rec.lab_truth_fraction),
+                        f(t.t1),
+                        f(t.t2),
+                        f(t.t3),
                     );
                 }
             }
@@ -994,6 +1440,7 @@ mod tests {
             dense_bytes: 100,
             style_codes: vec![],
             seconds: 1.0,
+            picks: vec![],
         }
     }
 
@@ -1014,7 +1461,7 @@ mod tests {
         let csv = csv(&labs, std::slice::from_ref(&seeds), &[1, 2, 3]);
         assert!(csv.starts_with("run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes,"));
         assert!(
-            csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0,0,,,,\n"),
+            csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0,0,,,,,,,\n"),
             "{csv}"
         );
         let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);

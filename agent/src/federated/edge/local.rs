@@ -486,15 +486,27 @@ impl<B: Backend> LocalTrainer<B> {
     /// Mean IoU, mean Dice and boundary F1 of `decoder` on the hold-out images, pooled over them
     /// (None without hold-out images).
     pub fn holdout_scores(&mut self, decoder: &[f32]) -> Result<Option<HoldoutScores>, LocalError> {
-        if self.cache.holdout.is_empty() {
+        let holdout = std::mem::take(&mut self.cache.holdout);
+        let scores = self.scores_on(decoder, &holdout);
+        self.cache.holdout = holdout;
+        scores
+    }
+
+    /// The same scores of `decoder` on other images of the same base model (a test set held
+    /// apart from the lab's own hold-out); None for no images.
+    pub fn scores_on(
+        &mut self,
+        decoder: &[f32],
+        images: &[CachedImage],
+    ) -> Result<Option<HoldoutScores>, LocalError> {
+        if images.is_empty() {
             return Ok(None);
         }
         self.net.set_decoder_flat(decoder)?;
         let k = self.cache.classes;
         let mut ev = Evaluator::new(k, BOUNDARY_TOLERANCE_PX)
             .map_err(|e| LocalError::Data(e.to_string()))?;
-        for i in 0..self.cache.holdout.len() {
-            let img = &self.cache.holdout[i];
+        for img in images {
             let (pw, ph, w, h) = (img.pw, img.ph, img.width, img.height);
             let feats = (0..DEPTH)
                 .map(|l| {

@@ -953,7 +953,14 @@ fn own_style_code(
     {
         return Some((key, saved.code));
     }
-    match StyleCode::from_cache(cache, style.kind, &style.knobs(), &cfg.device) {
+    match StyleCode::from_cache_with_band(
+        cache,
+        style.kind,
+        &style.knobs(),
+        &cfg.device,
+        &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::from_os_rng(),
+        style.band(),
+    ) {
         Ok(code) => {
             let saved = SavedCode { key, code };
             if let Ok(b) = serde_json::to_vec(&saved)
@@ -1295,5 +1302,10 @@ mod tests {
             ..s
         };
         assert_ne!(k, style_key("m", "d", &noisy));
+        let wide = StyleSection {
+            band: Some(32),
+            ..s
+        };
+        assert_ne!(k, style_key("m", "d", &wide), "a new band makes a new code");
     }
 }

@@ -119,6 +119,11 @@ pub struct StyleSection {
     /// See [`PrivacyKnobs::noise_sigma`].
     #[serde(default)]
     pub noise_sigma: f32,
+    /// Fourier codes: the band radius in frequency bins of the 128 px window (1..=63, default
+    /// [`super::FOURIER_BAND`]); a wider band carries blur and noise, and reveals more of the
+    /// images. Ignored for feature-stats codes.
+    #[serde(default)]
+    pub band: Option<usize>,
     /// `[federation.style.restyle]`: how local training uses the other labs' codes.
     #[serde(default)]
     pub restyle: RestyleConfig,
@@ -131,12 +136,18 @@ impl Default for StyleSection {
             kind: StyleKind::default(),
             min_images: k.min_images,
             noise_sigma: k.noise_sigma,
+            band: None,
             restyle: RestyleConfig::default(),
         }
     }
 }
 
 impl StyleSection {
+    /// The Fourier band radius to use.
+    pub fn band(&self) -> usize {
+        self.band.unwrap_or(super::FOURIER_BAND)
+    }
+
     pub fn knobs(&self) -> PrivacyKnobs {
         PrivacyKnobs {
             min_images: self.min_images,
@@ -147,6 +158,15 @@ impl StyleSection {
     /// Checks the knobs; errors name the field as written in `[federation.style]`.
     pub fn validate(&self) -> Result<(), StyleError> {
         self.knobs().validate()?;
+        if let Some(band) = self.band
+            && (band == 0 || band >= super::FOURIER_WINDOW / 2)
+        {
+            return Err(StyleError::Knob {
+                field: "band",
+                rule: "1 ≤ band < 64 (half the 128 px window)",
+                value: band as f64,
+            });
+        }
         self.restyle.validate().map_err(|e| match e {
             StyleError::Knob { field, rule, value } => StyleError::Knob {
                 field: match field {

@@ -578,6 +578,20 @@ mod tests {
         };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("restyle.mix"), "{err}");
+        for band in [0, 64] {
+            let err = StyleSection {
+                band: Some(band),
+                ..s
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("band"), "{err}");
+        }
+        let wide: StyleSection = toml::from_str("kind = \"fourier\"\nband = 32").unwrap();
+        wide.validate().unwrap();
+        assert_eq!(wide.band(), 32);
+        assert_eq!(StyleSection::default().band(), FOURIER_BAND);
         let bad = StyleSection { min_images: 0, ..s };
         assert!(
             bad.validate()
