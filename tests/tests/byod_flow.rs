@@ -138,3 +138,66 @@ fn import_check_finetune_segment_eval() {
         "{out}"
     );
 }
+
+/// A fine-tune that makes the model worse (one AdamW step at a rate of 0.5 scrambles the decoder)
+/// is not passed off as an improvement: the command says so, finetune.json recommends the base
+/// model and says `better_than_base: false`, and the model card says to keep the base.
+#[test]
+fn a_finetune_that_does_not_help_says_so_and_recommends_the_base() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let s = |p: &Path| p.display().to_string();
+    let data = root.join("data");
+    microfed(
+        &[
+            "synth",
+            "--structure",
+            "precipitates",
+            "--style",
+            "sem-bse",
+            "--count",
+            "4",
+            "--size",
+            "96",
+            "--seed",
+            "12",
+            "--out",
+            &s(&data),
+        ],
+        true,
+    );
+    let base = repo_root().join("models/precipitates");
+    let model = root.join("model");
+    let o = microfed(
+        &[
+            "finetune",
+            "--data",
+            &s(&data),
+            "--from",
+            &s(&base),
+            "--out",
+            &s(&model),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+            "--lr",
+            "0.5",
+            "--val-fraction",
+            "0.5",
+        ],
+        true,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("NOT better than the base"), "{out}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("finetune.json")).unwrap()).unwrap();
+    assert_eq!(json["better_than_base"], false, "{json}");
+    assert_eq!(json["recommended"], s(&base), "{json}");
+    let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap();
+    assert!(card.contains("NOT better"), "{card}");
+}

@@ -278,7 +278,7 @@ impl Aggregator {
             learning_rate: self
                 .cfg
                 .round
-                .schedule
+                .schedule(self.cfg.rounds)
                 .rate(self.cfg.round.learning_rate, self.state.round),
             prox_mu: self.cfg.round.prox_mu,
             optimizer: self.cfg.round.optimizer,
