@@ -1271,7 +1271,18 @@ mod tests {
             .collect();
         let table: toml::Table = toml::from_str(&text).unwrap();
         let style: StyleSection = table["federation"]["style"].clone().try_into().unwrap();
-        assert_eq!(style, StyleSection::default());
+        // The example spells out the default band.
+        assert_eq!(
+            style.band,
+            Some(crate::federated::edge::style::FOURIER_BAND)
+        );
+        assert_eq!(
+            StyleSection {
+                band: None,
+                ..style
+            },
+            StyleSection::default()
+        );
         // At config load, a bad knob names its field.
         let config = |style: &str| {
             format!(
