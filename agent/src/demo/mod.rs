@@ -346,6 +346,9 @@ fn prepare_out(out: &Path) -> Result<(), DemoError> {
 
 /// The `[federation]` section of one lab, as agent.toml would give it. Built as TOML so that every
 /// field the participant gains later takes its default here.
+/// The band radius of the demo's Fourier style codes (bins of the 128 px window).
+pub const DEMO_FOURIER_BAND: usize = 32;
+
 /// A lab publishes a style code only when computed over at least this many training images.
 const DEMO_STYLE_MIN_IMAGES: u32 = 3;
 
@@ -385,15 +388,19 @@ fn federation_section(
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
     t.insert("aggregator_key".into(), aggregator_key.into());
-    // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
-    // retained, and trains on its labels re-styled with the other labs' codes half of the time. The
-    // demo's labs have a handful of training images, so the privacy floor is lowered to 3 (agent.toml's
-    // default is higher; docs/privacy.md says why a floor matters).
+    // Style codes (Fourier, band 32 of the 128 px window): each lab publishes the mean amplitude
+    // spectrum of its images up to a band wide enough to carry blur and noise, retained, and
+    // trains on its labels re-styled with the other labs' codes for half of the crops. Chosen on
+    // the demo's own labs (experiments/sweep-demo.toml, docs/results.md): the narrow band and the
+    // feature statistics left the hazy lab's blur unlearnt. The demo's labs have a handful of
+    // training images, so the privacy floor is lowered to 3 (agent.toml's default is higher;
+    // docs/privacy.md says why a floor matters).
     let mut restyle = toml::Table::new();
     restyle.insert("probability".into(), 0.5.into());
     restyle.insert("mix".into(), 1.0.into());
     let mut style = toml::Table::new();
-    style.insert("kind".into(), "feature-stats".into());
+    style.insert("kind".into(), "fourier".into());
+    style.insert("band".into(), (DEMO_FOURIER_BAND as i64).into());
     style.insert("min_images".into(), (DEMO_STYLE_MIN_IMAGES as i64).into());
     style.insert("restyle".into(), toml::Value::Table(restyle));
     t.insert("style".into(), toml::Value::Table(style));
@@ -563,10 +570,12 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         dense,
         &files,
         &format!(
-            "feature-stats codes (992 numbers per lab, published retained on \
+            "Fourier codes, band {DEMO_FOURIER_BAND} ({} numbers per lab: the mean amplitude \
+             spectrum of the lab's images up to that band, published retained on \
              microfed/{FLEET}/style/<lab>, at least {DEMO_STYLE_MIN_IMAGES} training images); each \
-             lab's local training re-styles half of its batches with another lab's code. The \
-             re-styled batch counts are in each lab's agent log."
+             lab's local training takes half of its crops from its images re-styled with another \
+             lab's code. The re-styled batch counts are in each lab's agent log.",
+            crate::federated::edge::style::fourier_len(DEMO_FOURIER_BAND)
         ),
     );
     let report_path = cfg.out.join("report.md");
