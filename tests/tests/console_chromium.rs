@@ -124,7 +124,9 @@ fn the_console_shows_labs_rounds_the_iou_plot_and_a_killed_agent_going_offline()
             std::env::var_os("MICROFED_REQUIRE_CHROMIUM").is_none(),
             "MICROFED_REQUIRE_CHROMIUM is set but no chromium is installed (tests/run.sh installs it)"
         );
-        eprintln!("SKIPPED: chromium is not installed (apt-get install chromium; tests/run.sh does)");
+        eprintln!(
+            "SKIPPED: chromium is not installed (apt-get install chromium; tests/run.sh does)"
+        );
         return;
     };
     let tmp = tempfile::tempdir().unwrap();
@@ -214,9 +216,10 @@ fn the_console_shows_labs_rounds_the_iou_plot_and_a_killed_agent_going_offline()
     .unwrap();
     let mut agent = AgentProcess::start(&lab.join("agent.toml"), &lab.join("agent.log"));
     assert!(
-        wait_until(Duration::from_secs(120), || state(&console)["devices"]
-            ["lab-x"]["online"]
-            == true),
+        wait_until(
+            Duration::from_secs(120),
+            || state(&console)["devices"]["lab-x"]["online"] == true
+        ),
         "lab-x never showed online; agent log:\n{}",
         agent.log()
     );
@@ -224,9 +227,10 @@ fn the_console_shows_labs_rounds_the_iou_plot_and_a_killed_agent_going_offline()
     agent.child.kill().unwrap();
     agent.child.wait().unwrap();
     assert!(
-        wait_until(Duration::from_secs(60), || state(&console)["devices"]
-            ["lab-x"]["online"]
-            == false),
+        wait_until(
+            Duration::from_secs(60),
+            || state(&console)["devices"]["lab-x"]["online"] == false
+        ),
         "lab-x still online after it was killed: {}",
         state(&console)["devices"]["lab-x"]
     );
