@@ -563,6 +563,65 @@ mod tests {
         assert!(!f.devices()["lab-a"].style_code);
     }
 
+    /// The size of what the page carries at 100 devices and 50 rounds of 100 participants each
+    /// (docs/benchmarks.md): `cargo test -p microfed --lib page_weight -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn page_weight_at_a_hundred_devices() {
+        let mut f = Fleet::new("f", Limits::default(), None).unwrap();
+        let names: Vec<String> = (0..100).map(|i| format!("lab-{i:03}")).collect();
+        let t0 = std::time::Instant::now();
+        for (i, d) in names.iter().enumerate() {
+            let mut st = status(d, true);
+            st.model_version = format!("{:064x}", i % 3);
+            st.last_error = None;
+            f.ingest(&format!("microfed/f/status/{d}"), &sealed(Kind::Status, d, &st), 1.0);
+            for k in 0..100 {
+                let r = ResultBody {
+                    device: d.clone(),
+                    file: format!("{k}.png"),
+                    sha256: String::new(),
+                    model: "m".into(),
+                    latency_ms: 40.0 + k as f64,
+                    features_json: "{}".into(),
+                };
+                f.ingest(&format!("microfed/f/result/{d}"), &sealed(Kind::Result, d, &r), 2.0);
+            }
+        }
+        for round in 1..=50 {
+            let mut s = RoundSummary {
+                round,
+                global_version: round,
+                accepted: names.clone(),
+                ..RoundSummary::default()
+            };
+            for d in &names {
+                s.devices.insert(
+                    d.clone(),
+                    DeviceReport {
+                        bytes: 27_000,
+                        samples: 40,
+                        train_loss: 0.3,
+                        holdout_iou: Some(0.71),
+                        holdout_iou_before: Some(0.69),
+                    },
+                );
+            }
+            f.ingest("microfed/f/summary", &sealed(Kind::RoundSummary, "aggregator", &s), 3.0);
+        }
+        let ingest = t0.elapsed();
+        let t1 = std::time::Instant::now();
+        let snap = f.snapshot();
+        let one = t1.elapsed();
+        println!(
+            "100 devices (10,000 results) + 50 rounds x 100 labs ingested in {:.1} ms; snapshot \
+             {} bytes, serialised in {:.2} ms",
+            ingest.as_secs_f64() * 1e3,
+            snap.len(),
+            one.as_secs_f64() * 1e3
+        );
+    }
+
     #[test]
     fn forged_garbage_unsigned_and_too_many_are_refused() {
         let key = crate::wire::signing::SecretKey::generate();
