@@ -166,7 +166,7 @@ fn parse(text: &str) -> Result<Vec<Sample>, String> {
                 .ok_or_else(|| err("bucket without le".into()))?;
             buckets.push((value(le).map_err(err)?, v));
         }
-        if kind == "counter" && !(v >= 0.0) {
+        if kind == "counter" && (v.is_nan() || v < 0.0) {
             return Err(err("negative counter".into()));
         }
         out.push((name.to_owned(), labels, v));

@@ -575,7 +575,11 @@ mod tests {
             let mut st = status(d, true);
             st.model_version = format!("{:064x}", i % 3);
             st.last_error = None;
-            f.ingest(&format!("microfed/f/status/{d}"), &sealed(Kind::Status, d, &st), 1.0);
+            f.ingest(
+                &format!("microfed/f/status/{d}"),
+                &sealed(Kind::Status, d, &st),
+                1.0,
+            );
             for k in 0..100 {
                 let r = ResultBody {
                     device: d.clone(),
@@ -585,7 +589,11 @@ mod tests {
                     latency_ms: 40.0 + k as f64,
                     features_json: "{}".into(),
                 };
-                f.ingest(&format!("microfed/f/result/{d}"), &sealed(Kind::Result, d, &r), 2.0);
+                f.ingest(
+                    &format!("microfed/f/result/{d}"),
+                    &sealed(Kind::Result, d, &r),
+                    2.0,
+                );
             }
         }
         for round in 1..=50 {
@@ -607,7 +615,11 @@ mod tests {
                     },
                 );
             }
-            f.ingest("microfed/f/summary", &sealed(Kind::RoundSummary, "aggregator", &s), 3.0);
+            f.ingest(
+                "microfed/f/summary",
+                &sealed(Kind::RoundSummary, "aggregator", &s),
+                3.0,
+            );
         }
         let ingest = t0.elapsed();
         let t1 = std::time::Instant::now();
