@@ -130,6 +130,11 @@ pub struct DemoConfig {
     /// How many of its images are captured.
     pub real_captures: usize,
     pub seed: u64,
+    /// Where the live console listens (`microfed console`'s page, on the demo's broker); port 0
+    /// picks a free one. None: no console.
+    pub console: Option<std::net::SocketAddr>,
+    /// How long everything keeps running after the last round, for a look at the console.
+    pub hold: Duration,
 }
 
 impl DemoConfig {
@@ -167,6 +172,8 @@ impl DemoConfig {
             real: None,
             real_captures: 18,
             seed: 7,
+            console: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            hold: Duration::ZERO,
         }
     }
 
@@ -264,6 +271,8 @@ impl DemoConfig {
 /// What the demo produced.
 #[derive(Debug, Clone)]
 pub struct DemoOutcome {
+    /// The console's address while the demo ran.
+    pub console: Option<String>,
     pub rows: Vec<RoundRow>,
     pub labs: Vec<LabReport>,
     pub rounds_csv: PathBuf,
@@ -509,7 +518,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         .enable_all()
         .build()
         .map_err(|e| part_err("async runtime")(e.to_string()))?;
-    let rows = runtime.block_on(orchestrate(cfg, &plans, federated, say))?;
+    let (rows, console) = runtime.block_on(orchestrate(cfg, &plans, federated, say))?;
     // Tasks still parked on the broker (none should be) must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(5));
 
@@ -578,12 +587,22 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             crate::federated::edge::style::fourier_len(DEMO_FOURIER_BAND)
         ),
     );
+    let mut md = md;
+    if let Some(url) = &console {
+        md.push_str(&format!(
+            "\n## Live console\n\nWhile the demo ran, the operator's console served the fleet live at \
+             <{url}> (devices online/offline, rounds, hold-out IoU per lab and round, model versions). \
+             It stops with the demo; `microfed console --config console.toml` serves the same page for \
+             a real fleet (docs/console.md).\n"
+        ));
+    }
     let report_path = cfg.out.join("report.md");
     std::fs::write(&report_path, md).map_err(|e| DemoError::Output {
         path: report_path.clone(),
         message: e.to_string(),
     })?;
     Ok(DemoOutcome {
+        console,
         rows,
         labs: lab_reports,
         rounds_csv,
@@ -599,7 +618,7 @@ async fn orchestrate(
     plans: &[LabPlan],
     federated: usize,
     say: &mut dyn FnMut(&str),
-) -> Result<Vec<RoundRow>, DemoError> {
+) -> Result<(Vec<RoundRow>, Option<String>), DemoError> {
     let broker =
         crate::wire::embedded::start(0).map_err(|e| part_err("embedded broker")(e.to_string()))?;
     let settings = BrokerSettings {
@@ -608,6 +627,29 @@ async fn orchestrate(
         ..BrokerSettings::default()
     };
     say(&format!("embedded broker (rumqttd) on {}", broker.addr));
+    let (console_stop_tx, console_stop_rx) = watch::channel(false);
+    let mut console_url = None;
+    if let Some(listen) = cfg.console {
+        let console_cfg = crate::console::ConsoleConfig {
+            fleet: FLEET.into(),
+            id: "demo-console".into(),
+            aggregator_key: None,
+            broker: settings.clone(),
+            web: crate::web::ListenSection {
+                listen,
+                token_file: None,
+                tls: None,
+            },
+            max_devices: 100,
+            max_rounds: 1000,
+        };
+        let (addr, _) = crate::console::start(&console_cfg, console_stop_rx)
+            .await
+            .map_err(|e| part_err("console")(e.to_string()))?;
+        let url = format!("http://{addr}/");
+        say(&format!("console: {url}"));
+        console_url = Some(url);
+    }
     // The aggregator signs its globals and announcements; the labs accept only those.
     let signing_key = cfg.out.join("aggregator.key");
     let _ = std::fs::remove_file(&signing_key);
@@ -634,6 +676,7 @@ async fn orchestrate(
             let config = AgentConfig {
                 pipeline: pipeline_config(cfg, p, tile),
                 federation,
+                metrics: None,
             };
             let name = p.name.clone();
             let node = tokio::task::spawn_blocking(move || Node::prepare(config))
@@ -691,6 +734,7 @@ async fn orchestrate(
         dp: None,
         scale_out: None,
         signing_key: Some(signing_key.clone()),
+        metrics: None,
     };
     let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
     let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;
@@ -733,7 +777,7 @@ async fn orchestrate(
                             })
                         })
                         .collect();
-                    let r = wait_for_the_end(
+                    let mut r = wait_for_the_end(
                         cfg,
                         plans,
                         federated,
@@ -747,6 +791,28 @@ async fn orchestrate(
                     .await;
                     for f in feeders {
                         f.abort();
+                    }
+                    if r.is_ok() && !cfg.hold.is_zero() {
+                        say(&format!(
+                            "every round closed; holding for {} s{} (Ctrl-C ends it)",
+                            cfg.hold.as_secs(),
+                            console_url
+                                .as_deref()
+                                .map(|u| format!(": the console is at {u}"))
+                                .unwrap_or_default()
+                        ));
+                        tokio::select! {
+                            _ = tokio::time::sleep(cfg.hold) => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                        // A lab that stopped while we held is still a failure.
+                        for (name, task) in lab_tasks.iter() {
+                            if task.is_finished() {
+                                r = Err(lab_err(name, "agent")(
+                                    "stopped while the demo held".into(),
+                                ));
+                            }
+                        }
                     }
                     r
                 }
@@ -783,10 +849,11 @@ async fn orchestrate(
         shutdown_error.get_or_insert(part_err("aggregator")("did not stop within 15 s".into()));
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), monitor.disconnect()).await;
+    let _ = console_stop_tx.send(true);
     let rows = result?;
     match shutdown_error {
         Some(e) => Err(e),
-        None => Ok(rows),
+        None => Ok((rows, console_url)),
     }
 }
 

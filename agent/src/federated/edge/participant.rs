@@ -837,11 +837,14 @@ impl<'a> Session<'a> {
             {
                 Ok(()) => {
                     tracing::info!(round = item.round, bytes = n, "update delivered");
+                    self.device.counters.updates_sent.inc();
+                    self.device.counters.update_bytes_sent.add(n as u64);
                     self.outbox.remove(entry.id).ok();
                     let q = self.outbox.len() as u64;
                     self.device.status.update(|st| st.queue_depth = q);
                 }
                 Err(e) => {
+                    self.device.counters.update_send_failures.inc();
                     tracing::warn!(round = item.round, error = %e, "update not delivered; kept in the outbox");
                     break;
                 }
