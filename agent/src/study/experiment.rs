@@ -1151,6 +1151,20 @@ pub fn paired_interval(d: &[f64]) -> Option<(f64, Option<f64>)> {
     Some((m, half))
 }
 
+/// Paired differences in points: "mean [low, high]" with the 95 % t interval ("–" without any).
+fn paired_cell(d: &[f64]) -> String {
+    match paired_interval(d) {
+        None => "–".to_string(),
+        Some((m, None)) => format!("{:+.1}", 100.0 * m),
+        Some((m, Some(h))) => format!(
+            "{:+.1} [{:+.1}, {:+.1}]",
+            100.0 * m,
+            100.0 * (m - h),
+            100.0 * (m + h)
+        ),
+    }
+}
+
 /// Final-round differences of every run against run `reference`, paired by seed (the runs list
 /// their seeds in the same order), in points: per lab IoU and the mean IoU over labs, as
 /// "mean [low, high]" with the 95 % t interval.
@@ -1169,16 +1183,6 @@ pub fn paired_table(labs: &[String], results: &[Vec<RunResult>], reference: usiz
     out += "mean IoU |\n|---|";
     out += &"---|".repeat(n + 1);
     out.push('\n');
-    let cell = |d: Vec<f64>| match paired_interval(&d) {
-        None => "–".to_string(),
-        Some((m, None)) => format!("{:+.1}", 100.0 * m),
-        Some((m, Some(h))) => format!(
-            "{:+.1} [{:+.1}, {:+.1}]",
-            100.0 * m,
-            100.0 * (m - h),
-            100.0 * (m + h)
-        ),
-    };
     for (i, seeds) in results.iter().enumerate() {
         let Some(first) = seeds.first() else { continue };
         if i == reference {
@@ -1189,7 +1193,7 @@ pub fn paired_table(labs: &[String], results: &[Vec<RunResult>], reference: usiz
             let a = final_values(seeds, Metric::Iou, lab, n);
             let b = final_values(&results[reference], Metric::Iou, lab, n);
             let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
-            out += &format!("{} | ", cell(d));
+            out += &format!("{} | ", paired_cell(&d));
         }
         out.truncate(out.trim_end().len());
         out.push('\n');
@@ -1229,16 +1233,6 @@ pub fn test_tables(
     if !results.iter().flatten().any(|r| !r.picks.is_empty()) {
         return out;
     }
-    let cell = |d: Vec<f64>| match paired_interval(&d) {
-        None => "–".to_string(),
-        Some((m, None)) => format!("{:+.1}", 100.0 * m),
-        Some((m, Some(h))) => format!(
-            "{:+.1} [{:+.1}, {:+.1}]",
-            100.0 * m,
-            100.0 * (m - h),
-            100.0 * (m + h)
-        ),
-    };
     let head = "| run | T1 final | T2 final | T3 final | T1 best-val | T2 best-val | T3 best-val |";
     for (l, name) in labs.iter().enumerate() {
         out += &format!(
@@ -1301,7 +1295,7 @@ pub fn test_tables(
                         let a = pick_values(seeds, l, sel, which);
                         let b = pick_values(reference, l, plain, which);
                         let d: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x - y).collect();
-                        out += &format!("{} | ", cell(d));
+                        out += &format!("{} | ", paired_cell(&d));
                     }
                 }
                 out.truncate(out.trim_end().len());
