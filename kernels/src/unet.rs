@@ -110,6 +110,19 @@ impl Params {
         Ok(Self { classes, tensors })
     }
 
+    /// The same network for `classes` output classes: every tensor whose shape does not depend on
+    /// the class count (the encoder, the decoder) is kept; the head is drawn afresh from `seed` as
+    /// [`Params::init`] draws it. Fine-tuning a base model on data with other classes starts here.
+    pub fn with_classes(&self, classes: usize, seed: u64) -> Result<Self, KernelError> {
+        let mut fresh = Self::init(classes, seed)?;
+        for t in &mut fresh.tensors {
+            if let Some(old) = self.get(&t.name).filter(|o| o.shape == t.shape) {
+                t.data.clone_from(&old.data);
+            }
+        }
+        Ok(fresh)
+    }
+
     /// Total number of scalars.
     pub fn len(&self) -> usize {
         self.tensors.iter().map(|t| t.data.len()).sum()
@@ -1296,6 +1309,27 @@ impl<B: Backend> UNet<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_classes_keeps_every_tensor_but_the_head() {
+        let base = Params::init(2, 1).unwrap();
+        let three = base.with_classes(3, 9).unwrap();
+        assert_eq!(three.classes, 3);
+        assert_eq!(three.tensors.len(), base.tensors.len());
+        let mut redrawn = Vec::new();
+        for (a, b) in base.tensors.iter().zip(&three.tensors) {
+            assert_eq!(a.name, b.name);
+            if a.shape == b.shape {
+                assert_eq!(a.data, b.data, "{} kept", a.name);
+            } else {
+                redrawn.push(b.name.clone());
+            }
+        }
+        // Only the head's weight and bias depend on the class count.
+        assert_eq!(redrawn.len(), 2, "{redrawn:?}");
+        assert_eq!(three, Params::init(2, 1).unwrap().with_classes(3, 9).unwrap());
+        assert!(base.with_classes(0, 0).is_err());
+    }
 
     #[test]
     fn parameter_counts_match_the_architecture() {

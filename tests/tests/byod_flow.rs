@@ -201,3 +201,81 @@ fn a_finetune_that_does_not_help_says_so_and_recommends_the_base() {
     let card = std::fs::read_to_string(model.join("MODEL_CARD.md")).unwrap();
     assert!(card.contains("NOT better"), "{card}");
 }
+
+/// A lab whose classes differ from the base model's (three precipitate classes on the two-class
+/// grains model): finetune trains a new head on the base model's encoder and decoder, says so,
+/// makes no before/after claim, and the model it writes segments into the lab's three classes.
+#[test]
+fn finetune_on_other_classes_trains_a_new_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let s = |p: &Path| p.display().to_string();
+    let data = root.join("data");
+    microfed(
+        &[
+            "synth",
+            "--structure",
+            "precipitates",
+            "--style",
+            "sem-se",
+            "--count",
+            "3",
+            "--size",
+            "96",
+            "--seed",
+            "13",
+            "--out",
+            &s(&data),
+        ],
+        true,
+    );
+    let model = root.join("model");
+    let o = microfed(
+        &[
+            "finetune",
+            "--data",
+            &s(&data),
+            "--from",
+            &s(&repo_root().join("models/grains")),
+            "--out",
+            &s(&model),
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "1",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+        ],
+        true,
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("new head: the base model predicts 2 classes, the data has 3"),
+        "{out}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("finetune.json")).unwrap()).unwrap();
+    assert!(json["better_than_base"].is_null(), "{json}");
+    let manifest =
+        microfed::model::manifest::ModelManifest::load(&model.join("manifest.toml")).unwrap();
+    assert_eq!(manifest.classes.len(), 3);
+    let seg = root.join("segmented");
+    microfed(
+        &[
+            "segment",
+            &s(&data.join("images")),
+            "--model",
+            &s(&model),
+            "--out",
+            &s(&seg),
+            "--threads",
+            "1",
+        ],
+        true,
+    );
+    let o = microfed(&["eval", "--pred", &s(&seg), "--truth", &s(&data)], true);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("3 image(s)"), "{out}");
+}

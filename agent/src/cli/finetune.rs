@@ -184,6 +184,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.init = Some(base.onnx.clone());
     cfg.decoder_only = !full;
     cfg.fresh = args.fresh;
+    // Another set of classes than the base model's: a new head on its encoder and decoder.
+    let base_classes = crate::model::onnx::load_params(
+        &crate::model::onnx::load(&base.onnx)?,
+        &base.onnx,
+    )?
+    .classes;
+    cfg.new_head = base_classes != shares.len();
+    if cfg.new_head {
+        println!(
+            "new head: the base model predicts {base_classes} classes, the data has {}; its output \
+             layer is trained afresh on top of the base model's encoder and decoder (so no \
+             before/after comparison: the base cannot predict these classes)",
+            shares.len()
+        );
+    }
 
     let steps = args.epochs * args.steps_per_epoch;
     let threads = rayon::current_num_threads().max(1) as f64;
@@ -247,7 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .flat_map(|d| d.validation_images.iter().cloned())
         .collect();
     let tuned_onnx = args.out.join("model.onnx");
-    let scores = if val.is_empty() {
+    let scores = if val.is_empty() || cfg.new_head {
         None
     } else {
         let before = score(
@@ -281,6 +296,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "the fine-tuned model is NOT better than the base on the validation images: keep using \
              the base model {} (label more images, or more varied ones, and fine-tune again)",
             args.from.display()
+        ),
+        None if cfg.new_head => format!(
+            "a new head: the base model predicts other classes, so there is no before/after \
+             comparison; validation mean IoU of the fine-tuned model {} (training_log.csv): use {} \
+             if that is good enough",
+            outcome
+                .state
+                .best_mean_iou
+                .map_or("–".to_string(), |v| format!("{v:.3}")),
+            args.out.display()
         ),
         None => {
             "no validation images: the fine-tuned model could not be compared with the base".into()

@@ -419,13 +419,16 @@ fn resplit(labs: &[Lab], seed: u64) -> Vec<Lab> {
         .collect()
 }
 
+/// Test IoU of one decoder: per lab's own test set, and per unseen style.
+type TestIous = (Vec<Option<f64>>, Vec<Option<f64>>);
+
 /// IoU of `decoder` on each lab's test images and on each unseen style's.
 fn test_ious<B: Backend>(
     scorer: &mut LocalTrainer<B>,
     decoder: &[f32],
     labs: &[Lab],
     unseen: &[TestSet],
-) -> Result<(Vec<Option<f64>>, Vec<Option<f64>>), LocalError> {
+) -> Result<TestIous, LocalError> {
     let mut one = |images: &[CachedImage]| -> Result<Option<f64>, LocalError> {
         Ok(scorer.scores_on(decoder, images)?.and_then(|s| s.iou))
     };
@@ -591,7 +594,7 @@ pub fn run<B: Backend>(
                      last: bool|
      -> Result<(), LocalError> {
         let checkpoint =
-            record.round == 0 || last || record.round % train.checkpoint_every.max(1) == 0;
+            record.round == 0 || last || record.round.is_multiple_of(train.checkpoint_every.max(1));
         if !checkpoint {
             return Ok(());
         }

@@ -189,6 +189,9 @@ pub struct TrainConfig {
     pub decoder_only: bool,
     /// Ignore (and delete) an existing checkpoint.
     pub fresh: bool,
+    /// When the initial model predicts another number of classes than the data has: train a new
+    /// head (the output layer, drawn afresh) on top of its encoder and decoder instead of refusing.
+    pub new_head: bool,
 }
 
 impl TrainConfig {
@@ -221,6 +224,7 @@ impl TrainConfig {
             init: None,
             decoder_only: false,
             fresh: false,
+            new_head: false,
         }
     }
 

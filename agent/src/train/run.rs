@@ -63,14 +63,19 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared, TrainError> {
     )?;
     let k = set.num_classes();
     let class_names: Vec<String> = set.classes.iter().map(|c| c.name.clone()).collect();
-    if let Some(p) = &init_params
+    if let Some(p) = init_params.as_mut()
         && p.classes != k
     {
-        return Err(TrainError::Config(format!(
-            "{}: the model has {} classes, the data {k}",
-            cfg.init.as_deref().unwrap_or(Path::new("")).display(),
-            p.classes
-        )));
+        let model = cfg.init.as_deref().unwrap_or(Path::new("")).display();
+        if !cfg.new_head {
+            return Err(TrainError::Config(format!(
+                "{model}: the model has {} classes, the data {k} (a new head for the data's classes: \
+                 `microfed finetune` makes one)",
+                p.classes
+            )));
+        }
+        tracing::info!(model = %model, from = p.classes, to = k, "a new head for the data's classes; encoder and decoder start from the model");
+        *p = p.with_classes(k, cfg.seed)?;
     }
     let class_weights = match &cfg.class_weights {
         ClassWeights::Auto => data::auto_class_weights(&set.class_pixels()),
