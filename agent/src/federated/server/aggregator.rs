@@ -969,10 +969,16 @@ pub fn connect(
         path: cfg.state.clone(),
         message,
     })?;
+    // A single aggregator subscribes to the updates directly, not through the share group: Mosquitto
+    // (2.0.11) does not bring a persistent session's shared subscriptions back from its database
+    // after a restart, so updates published between the broker's restart and the aggregator's
+    // resubscription were acknowledged to the devices and dropped (faults_mosquitto.rs); a plain
+    // subscription is restored and they wait for the aggregator. (It also keeps devices, which
+    // Mosquitto lets join any share group, from taking turns of the single aggregator's updates.)
     // A coordinator takes no updates (it would take a share); it hears its workers. A worker hears
     // its share of the updates, the coordinator's announcements and its close requests.
     let subscriptions = match &cfg.scale_out {
-        None => vec![topics.update_shared_filter("aggregators")],
+        None => vec![topics.update_filter()],
         Some(so) => match so.role {
             Role::Coordinator => vec![topics.partial_filter()],
             Role::Worker => vec![
