@@ -8,9 +8,10 @@
 //!   again after the restart, as its outbox does when a PUBACK never came.
 //! - `an_aggregator_killed_mid_reassembly_of_a_dense_update_completes_the_round`: SIGKILL while a
 //!   dense (uncompressed, multi-chunk) update is half received; the rest arrives after the restart.
-//! - `soak_100_devices_20_rounds_memory_flat` (ignored: about N min; `cargo test -p microfed-e2e
-//!   --test faults_mosquitto -- --ignored --nocapture soak`): 100 devices, 20 rounds, the
-//!   aggregator's resident memory sampled from /proc after each round.
+//! - `soak_100_devices_20_rounds_memory_flat`: 100 devices, 20 rounds, the aggregator's resident
+//!   memory sampled from /proc after each round (74 s on the 2-core dev machine, so not ignored;
+//!   longer: `MICROFED_SOAK_DEVICES=200 MICROFED_SOAK_ROUNDS=50 cargo test -p microfed-e2e --test
+//!   faults_mosquitto -- --nocapture soak`).
 //!
 //! Every round is checked the same way: its summary lists each device once, and the new global
 //! decoder is the previous one plus the FedAvg of the updates computed here: an update counted
@@ -475,7 +476,6 @@ fn hex_name(s: &str) -> String {
 /// counted once each round, and the aggregator's resident memory flat (the last ten rounds' peak
 /// within 10 % + 8 MiB of the peak of rounds 3..=10).
 #[test]
-#[ignore = "soak, several minutes: cargo test -p microfed-e2e --test faults_mosquitto -- --ignored --nocapture soak"]
 fn soak_100_devices_20_rounds_memory_flat() {
     let devices: usize = std::env::var("MICROFED_SOAK_DEVICES")
         .ok()
@@ -519,10 +519,13 @@ fn soak_100_devices_20_rounds_memory_flat() {
                 agg.log()
             );
             fleet.check_round(round, &seen, 0);
-            rss.push(agg.rss_kib());
+            // After the last round the process may have exited (0: not sampled).
+            let kib = agg.rss_kib();
+            if kib > 0 {
+                rss.push(kib);
+            }
             println!(
-                "round {round}: aggregator RSS {} KiB, {:.1} s",
-                rss.last().unwrap(),
+                "round {round}: aggregator RSS {kib} KiB, {:.1} s",
                 t0.elapsed().as_secs_f64()
             );
         }
@@ -537,7 +540,7 @@ fn soak_100_devices_20_rounds_memory_flat() {
         rss.len() / 2,
         rss.len() / 2 + 1
     );
-    assert!(early > 0, "{rss:?}");
+    assert!(rss.len() as u64 >= rounds - 1 && early > 0, "{rss:?}");
     assert!(
         late <= early + early / 10 + 8 * 1024,
         "aggregator memory grows: {rss:?}"
