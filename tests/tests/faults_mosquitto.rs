@@ -13,6 +13,11 @@
 //!   longer: `MICROFED_SOAK_DEVICES=200 MICROFED_SOAK_ROUNDS=50 cargo test -p microfed-e2e --test
 //!   faults_mosquitto -- --nocapture soak`).
 //!
+//! - `a_full_disk_holds_updates_unacknowledged_and_loses_none_once_space_is_back`: every write
+//!   under the aggregator's state fails (ENOSPC, injected: `MICROFED_FAIL_WRITES`, debug builds),
+//!   then only `aggregator.json`'s; the aggregator says so, goes on running, and counts every
+//!   update once when the disk has room again.
+//!
 //! Every round is checked the same way: its summary lists each device once, and the new global
 //! decoder is the previous one plus the FedAvg of the updates computed here: an update counted
 //! twice (or lost) moves it elsewhere.
@@ -38,7 +43,15 @@ struct Proc {
 
 impl Proc {
     fn start(config: &Path, log: PathBuf) -> Self {
-        let child = Command::new(microfed_bin())
+        Self::start_with(config, log, None)
+    }
+    /// `fail_writes`: the file that, while it exists, fills the disk (`MICROFED_FAIL_WRITES`).
+    fn start_with(config: &Path, log: PathBuf, fail_writes: Option<&Path>) -> Self {
+        let mut cmd = Command::new(microfed_bin());
+        if let Some(f) = fail_writes {
+            cmd.env(microfed::fsio::FAIL_WRITES_ENV, f);
+        }
+        let child = cmd
             .args(["aggregate", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")
@@ -466,6 +479,78 @@ fn an_aggregator_killed_mid_reassembly_of_a_dense_update_completes_the_round() {
     );
     fleet.check_round(1, &[(0, dense_seen), (1, light_seen)], 0);
     assert!(!spool.exists(), "the spool was not emptied");
+}
+
+#[test]
+fn a_full_disk_holds_updates_unacknowledged_and_loses_none_once_space_is_back() {
+    let fleet = Fleet::new(3);
+    let broker = fleet.broker();
+    let cfg = fleet.aggregator(&broker, 2);
+    let full = fleet.dir.join("disk-full");
+    let mut agg = Proc::start_with(&cfg, fleet.dir.join("aggregator.log"), Some(&full));
+    let rt = runtime();
+    let state = fleet.state_dir().to_string_lossy().into_owned();
+    for (round, fragment) in [(1u64, state.as_str()), (2, "aggregator.json")] {
+        let mut seen = Vec::new();
+        rt.block_on(async {
+            let mut obs = observer(&broker).await;
+            let gv = open_round(&mut obs, round, &|| agg.log()).await;
+            // The disk fills up: round 1, every write under the state folder; round 2, only the
+            // state file (the update itself is on disk and counted, its acknowledgement waits).
+            std::fs::write(&full, format!("{fragment}\n")).unwrap();
+            for i in 0..3 {
+                // lab-3 sends a dense update in several chunks (the chunk spool fails too).
+                let (frames, s) = if i == 2 {
+                    fleet.update(i, round, gv, &dense(), CHUNK_BYTES)
+                } else {
+                    fleet.update(i, round, gv, &compressed(), CHUNK_BYTES)
+                };
+                send(&broker, &fleet, i, &frames).await;
+                seen.push((i, s));
+            }
+        });
+        assert!(
+            wait_until(Duration::from_secs(30), || agg
+                .log()
+                .matches("cannot write an update to disk")
+                .count()
+                >= round as usize),
+            "round {round}: no error logged:\n{}",
+            agg.log()
+        );
+        std::thread::sleep(Duration::from_secs(2));
+        assert!(
+            matches!(agg.child.try_wait(), Ok(None)),
+            "round {round}: the aggregator stopped:\n{}",
+            agg.log()
+        );
+        assert_eq!(
+            fleet.rounds_closed(),
+            round as usize - 1,
+            "closed on a full disk"
+        );
+        let log = agg.log();
+        assert!(
+            log.contains("No space left on device") && log.contains(&state),
+            "the error names neither the cause nor the file:\n{log}"
+        );
+        // Space again.
+        std::fs::remove_file(&full).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(60), || fleet.rounds_closed()
+                >= round as usize),
+            "round {round} did not close once writes worked:\n{}",
+            agg.log()
+        );
+        assert_eq!(
+            agg.log().matches("writes work again").count(),
+            round as usize,
+            "{}",
+            agg.log()
+        );
+        fleet.check_round(round, &seen, 0);
+    }
+    agg.wait_exit(Duration::from_secs(60));
 }
 
 fn hex_name(s: &str) -> String {

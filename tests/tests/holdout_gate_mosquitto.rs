@@ -130,7 +130,10 @@ fn a_global_that_scores_worse_on_the_hold_out_is_kept_out_of_production() {
         agent.log()
     );
     let log = agent.log();
-    assert!(log.contains("scoring the new global on the hold-out"), "{log}");
+    assert!(
+        log.contains("scoring the new global on the hold-out"),
+        "{log}"
+    );
     assert!(log.contains("below the running decoder's"), "{log}");
     assert!(
         !log.contains("global decoder swapped into the running model"),

@@ -385,6 +385,11 @@ struct Session<'a> {
     state_path: PathBuf,
     pstate: ParticipantState,
     outbox: Outbox,
+    /// Updates the outbox could not store (a full disk): kept in memory, oldest first, and stored
+    /// again before each flush; at most `outbox_max_items`.
+    unstored: Vec<OutboxItem>,
+    /// The last store failed (logged once, not at every retry).
+    store_failing: bool,
     residual_path: PathBuf,
     residual: Residual,
     pending_code: Option<PendingCode>,
@@ -711,6 +716,8 @@ impl<'a> Session<'a> {
             state_path,
             pstate,
             outbox,
+            unstored: Vec::new(),
+            store_failing: false,
             residual_path,
             residual,
             pending_code,
@@ -822,17 +829,8 @@ impl<'a> Session<'a> {
                     model_version: self.prepared.model_version.clone(),
                     payload: bytes,
                 };
-                match self.outbox.push(item) {
-                    Ok(evicted) => {
-                        for e in evicted {
-                            tracing::warn!(
-                                round = e.round,
-                                "outbox full: dropped the oldest update"
-                            );
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot store the update in the outbox"),
-                }
+                self.unstored.push(item);
+                self.store_unstored();
                 None
             }
             Err(e) => {
@@ -888,8 +886,61 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Stores the updates waiting in memory in the outbox, oldest first. A write that fails (a full
+    /// disk) keeps them in memory, to be tried again before the next flush, so the update is not
+    /// lost while the process runs; beyond `outbox_max_items` of them, the oldest is dropped, as
+    /// the outbox itself would.
+    fn store_unstored(&mut self) {
+        while !self.unstored.is_empty() {
+            let item = self.unstored.remove(0);
+            let round = item.round;
+            match self.outbox.push(item.clone()) {
+                Ok(evicted) => {
+                    if self.unstored.is_empty() {
+                        tracing::debug!(round, "update stored in the outbox");
+                    }
+                    for e in evicted {
+                        tracing::warn!(round = e.round, "outbox full: dropped the oldest update");
+                    }
+                }
+                Err(e) => {
+                    if !self.store_failing {
+                        tracing::error!(
+                            round,
+                            error = %e,
+                            "cannot store the update in the outbox; keeping it in memory and retrying"
+                        );
+                        let msg = format!("cannot store the round {round} update: {e}");
+                        self.device.status.update(|st| st.last_error = Some(msg));
+                    }
+                    self.store_failing = true;
+                    self.unstored.insert(0, item);
+                    if self.unstored.len() > self.cfg.outbox_max_items.max(1) {
+                        let dropped = self.unstored.remove(0);
+                        tracing::warn!(
+                            round = dropped.round,
+                            "outbox full (in memory): dropped the oldest update"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
     /// Sends what waits, oldest first, while the round it belongs to is open.
     async fn flush_outbox(&mut self, open_round: Option<u64>) {
+        if !self.unstored.is_empty() {
+            let before = self.unstored.len();
+            self.store_unstored();
+            if self.unstored.is_empty() {
+                self.store_failing = false;
+                tracing::info!(
+                    updates = before,
+                    "writes work again: the updates kept in memory are in the outbox"
+                );
+            }
+        }
         let link = &self.device.link;
         if !link.is_connected() || self.outbox.is_empty() {
             return;

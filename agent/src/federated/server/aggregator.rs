@@ -858,6 +858,7 @@ impl Aggregator {
         mut stop: watch::Receiver<bool>,
     ) -> Result<RoundState, AggregatorError> {
         self.publish_current(link, &mut stop).await?;
+        let mut held = Held::default();
         loop {
             if *stop.borrow() {
                 break;
@@ -867,13 +868,17 @@ impl Aggregator {
             }
             tokio::select! {
                 m = inbox.recv() => match m {
-                    Some(m) => self.take_update_frame(&m)?,
+                    Some(m) => self.take_or_hold(m, &mut held)?,
                     None => break,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = stop.changed() => {}
             }
-            if self.round_due() {
+            if !held.0.is_empty() {
+                self.retry_held(&mut held)?;
+            }
+            // A round is not closed over updates that are waiting for the disk.
+            if held.0.is_empty() && self.round_due() {
                 let summary = self.close_round()?;
                 retry(|| self.publish_global(link), &mut stop).await?;
                 retry(|| self.publish_announcement(link), &mut stop).await?;
@@ -884,7 +889,102 @@ impl Aggregator {
     }
 }
 
+/// Most update frames held, unacknowledged, while their writes fail; beyond it the aggregator stops
+/// (the broker delivers them again to the next session).
+const MAX_HELD: usize = 512;
+
+/// Update frames whose handling failed on a write (a full disk, say), oldest first, kept
+/// unacknowledged and handled again until writes work. `counted`: the update is in the round's sums
+/// and in `accepted`, only `aggregator.json` could not be saved: it is acknowledged once the state
+/// is saved, not handled again (that would count a spurious duplicate). Dropped with the
+/// aggregator (stop or error), their acknowledgements are withheld.
+#[derive(Default)]
+struct Held(std::collections::VecDeque<(Message, bool)>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (m, _) in &self.0 {
+            m.withhold_ack();
+        }
+    }
+}
+
 impl Aggregator {
+    /// One update frame in the single aggregator's loop: handled, or, when a write failed, held
+    /// (not acknowledged) to be handled again; the process goes on. Frames after a held one wait
+    /// behind it, so a device's chunks stay in order.
+    fn take_or_hold(&mut self, m: Message, held: &mut Held) -> Result<(), AggregatorError> {
+        if !held.0.is_empty() {
+            held.0.push_back((m, false));
+        } else {
+            let before = self.state.accepted.len();
+            match self.handle_update_frame(&m.topic, &m.payload) {
+                Ok(()) => return Ok(()),
+                Err(e @ AggregatorError::File { .. }) => {
+                    tracing::error!(
+                        error = %e,
+                        "cannot write an update to disk; holding it unacknowledged and retrying \
+                         (the process goes on; free space on the disk)"
+                    );
+                    let counted = self.state.accepted.len() > before;
+                    held.0.push_back((m, counted));
+                }
+                Err(e) => {
+                    m.withhold_ack();
+                    return Err(e);
+                }
+            }
+        }
+        if held.0.len() > MAX_HELD {
+            return Err(AggregatorError::File {
+                path: self.cfg.state.clone(),
+                message: format!(
+                    "more than {MAX_HELD} update frames wait for the disk; stopping (the broker \
+                     delivers them again to the next session)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Handles held frames again, oldest first, while writes work.
+    fn retry_held(&mut self, held: &mut Held) -> Result<(), AggregatorError> {
+        if held.0.iter().any(|(_, counted)| *counted) {
+            if let Err(e) = self.save_state() {
+                tracing::debug!(error = %e, "still cannot save the state");
+                return Ok(());
+            }
+        }
+        let waiting = held.0.len();
+        while let Some((m, counted)) = held.0.front_mut() {
+            if *counted {
+                // The state with it is saved now: acknowledged as it drops.
+                held.0.pop_front();
+                continue;
+            }
+            let before = self.state.accepted.len();
+            match self.handle_update_frame(&m.topic, &m.payload) {
+                Ok(()) => {
+                    held.0.pop_front();
+                }
+                Err(e @ AggregatorError::File { .. }) => {
+                    tracing::debug!(error = %e, "still cannot write");
+                    *counted = self.state.accepted.len() > before;
+                    return Ok(());
+                }
+                Err(e) => {
+                    m.withhold_ack();
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(
+            frames = waiting,
+            "writes work again: every held update frame is handled"
+        );
+        Ok(())
+    }
+
     /// One received update frame, for the single process and a scale-out worker alike: handled, and
     /// acknowledged to the broker when the message is dropped; on an error (a failed write) its
     /// acknowledgement is withheld, so the broker delivers it again to the next session.
