@@ -949,11 +949,11 @@ impl Aggregator {
 
     /// Handles held frames again, oldest first, while writes work.
     fn retry_held(&mut self, held: &mut Held) -> Result<(), AggregatorError> {
-        if held.0.iter().any(|(_, counted)| *counted) {
-            if let Err(e) = self.save_state() {
-                tracing::debug!(error = %e, "still cannot save the state");
-                return Ok(());
-            }
+        if held.0.iter().any(|(_, counted)| *counted)
+            && let Err(e) = self.save_state()
+        {
+            tracing::debug!(error = %e, "still cannot save the state");
+            return Ok(());
         }
         let waiting = held.0.len();
         while let Some((m, counted)) = held.0.front_mut() {
