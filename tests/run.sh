@@ -20,8 +20,9 @@ say() { printf '\n== %s\n' "$*"; }
 
 # ---- 1. set-up ---------------------------------------------------------------------------------
 # mosquitto: the real broker of the federation tests (started by the tests themselves, on free ports,
-# with broker-config/mosquitto/); openssl: broker-config/mosquitto/make-certs.sh makes their TLS CA.
-APT_PACKAGES=(python3-venv mosquitto openssl)
+# with broker-config/mosquitto/); openssl: broker-config/mosquitto/make-certs.sh makes their TLS CA;
+# chromium: the headless browser that renders the operator's console (tests/tests/console_chromium.rs).
+APT_PACKAGES=(python3-venv mosquitto openssl chromium)
 PIP_PACKAGES=(
   # An independent ONNX runtime: checks that our ONNX files are valid, and the CPU peer in benchmarks.
   "onnxruntime>=1.20" numpy
@@ -65,6 +66,8 @@ if [[ -n "$nvrtc13_dir" ]]; then
   export MICROFED_REQUIRE_ARCHS=87,90
 fi
 export MICROFED_PYTHON="$root/.venv/bin/python"
+# The console test renders the page in Chromium; here it is installed, so a missing one is a failure.
+export MICROFED_REQUIRE_CHROMIUM="${MICROFED_REQUIRE_CHROMIUM:-1}"
 # A test run builds each crate once: incremental caches would only add gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 

@@ -14,11 +14,15 @@
 //! - [`federated`]: update compression, aggregation and the outbox of federated decoder fine-tuning.
 //! - [`fleet`]: signed base-model versions pushed to the agents, checked and swapped in, rolled back.
 //! - [`demo`]: `microfed demo`, everything above in one process on synthetic labs.
+//! - [`console`]: `microfed console`, the operator's live page of the fleet and its rounds.
+//! - [`prometheus`]: counters, gauges, histograms and their text exposition; [`web`]: the read-only
+//!   listener that serves `/metrics` and the console.
 //! - [`cli`]: the `microfed` command line; [`telemetry`]: logs and progress bars.
 
 pub mod augment;
 pub mod classes;
 pub mod cli;
+pub mod console;
 pub mod dataset;
 pub mod demo;
 pub mod features;
@@ -31,8 +35,10 @@ pub mod micrograph;
 pub mod model;
 pub mod node;
 pub mod pipeline;
+pub mod prometheus;
 pub mod study;
 pub mod synth;
 pub mod telemetry;
 pub mod train;
+pub mod web;
 pub mod wire;

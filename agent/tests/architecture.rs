@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 /// Bottom to top. A module may import modules of lower layers only; modules of one layer never
 /// import each other.
 const LAYERS: &[&[&str]] = &[
-    &["fsio", "telemetry"],
-    &["classes", "micrograph"],
+    &["fsio", "telemetry", "prometheus"],
+    &["classes", "micrograph", "web"],
     &["mask"],
     &["synth", "metrics", "features", "dataset"],
     &["augment"],
@@ -24,7 +24,7 @@ const LAYERS: &[&[&str]] = &[
     &["pipeline"],
     &["wire"],
     &["fleet", "federated"],
-    &["study"],
+    &["study", "console"],
     &["node"],
     &["demo"],
     &["cli"],

@@ -293,6 +293,63 @@ async fn aggregators_and_the_fleet_manager_write_only_their_own_topics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_reads_the_fleet_and_may_publish_nothing() {
+    let broker = Mosquitto::start(&["dev-a", "aggregator", "console"]).unwrap();
+    let mut console = connect(&broker, "console").await;
+    for f in ["status/+", "result/+", "summary"] {
+        subscribe(&mut console, &topic(f)).await;
+    }
+    let mut dev = connect(&broker, "dev-a").await;
+    for f in ["round", "summary", "command", "update/+"] {
+        subscribe(&mut dev, &topic(f)).await;
+    }
+    let mut agg = connect(&broker, "aggregator").await;
+    subscribe(&mut agg, &topic("update/+")).await;
+    // Everything the console might try to write, as itself or as a device or the aggregator.
+    let forged = [
+        "round",
+        "summary",
+        "command",
+        "global/0",
+        "update/console",
+        "status/console",
+        "result/console",
+        "style/console",
+        "update/dev-a",
+        "status/dev-a",
+    ];
+    for t in forged {
+        console
+            .publish_acked(&topic(t), false, "forged")
+            .await
+            .unwrap();
+    }
+    // Controls: what it reads arrives.
+    dev.publish_acked(&topic("status/dev-a"), false, "control")
+        .await
+        .unwrap();
+    agg.publish_acked(&topic("summary"), false, "control")
+        .await
+        .unwrap();
+    for t in ["status/dev-a", "summary"] {
+        let p = console.expect_publish(t, ARRIVE).await.unwrap();
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            (topic(t).as_str(), &b"control"[..])
+        );
+    }
+    assert_eq!(console.drain(QUIET).await.len(), 0);
+    // The device saw the aggregator's summary only; the aggregator saw no forged update.
+    let p = dev.expect_publish("summary", ARRIVE).await.unwrap();
+    assert_eq!(&p.payload[..], b"control");
+    assert_eq!(dev.drain(QUIET).await.len(), 0);
+    assert_eq!(agg.drain(QUIET).await.len(), 0);
+    for t in forged {
+        assert_eq!(denied(&broker, "console", &topic(t)), 1, "{t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partial_sums_travel_only_between_aggregators_each_on_its_own_topic() {
     // Scale-out (agent/src/federated/scaleout.rs): aggregator-1 (a worker) writes partial/aggregator-1,
     // the coordinator reads partial/+; a device neither reads nor writes partial/.

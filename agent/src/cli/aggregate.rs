@@ -51,6 +51,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             );
         }
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        if let Some(m) = &cfg.metrics {
+            let site = crate::web::MetricsSite {
+                sources: vec![agg.metrics()],
+            };
+            let (addr, _) =
+                crate::web::start("metrics", m, std::sync::Arc::new(site), stop_rx.clone())
+                    .await
+                    .context("[metrics]")?;
+            let scheme = if m.tls.is_some() { "https" } else { "http" };
+            println!("metrics on {scheme}://{addr}/metrics");
+            tracing::info!(%addr, "serving /metrics");
+        }
         tokio::spawn(async move {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("stopping after the current step");

@@ -14,6 +14,7 @@ use crate::demo::{self, DemoConfig};
   cargo run --release -- demo
   microfed demo --out /tmp/demo --labs 4 --rounds 8
   microfed demo --quick              (the CI configuration: 2 labs, 2 rounds, tiny images)
+  microfed demo --quick --hold 600   (then open the console address it prints)
 
 Output (printed at the start and the end): per lab LAB/segmented/ (masks, overlays, features JSON,
 features.csv), rounds.csv, iou-per-round.png and report.md.")]
@@ -46,6 +47,15 @@ pub struct Args {
     /// Give up after this many seconds (default: 300 with --quick, else 1800).
     #[arg(long, value_name = "S")]
     pub timeout: Option<u64>,
+    /// Where the live console listens (default: a free port on 127.0.0.1; printed at start).
+    #[arg(long, value_name = "ADDR", conflicts_with = "no_console")]
+    pub console: Option<std::net::SocketAddr>,
+    /// Run without the live console.
+    #[arg(long)]
+    pub no_console: bool,
+    /// Keep everything running this many seconds after the last round (to look at the console).
+    #[arg(long, value_name = "S", default_value_t = 0)]
+    pub hold: u64,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -67,6 +77,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(s) = args.timeout {
         cfg.timeout = Duration::from_secs(s);
     }
+    if args.no_console {
+        cfg.console = None;
+    } else if let Some(a) = args.console {
+        anyhow::ensure!(
+            a.ip().is_loopback(),
+            "--console {a}: the demo's console serves loopback only (`microfed console` with a \
+             token and TLS serves a network)"
+        );
+        cfg.console = Some(a);
+    }
+    cfg.hold = Duration::from_secs(args.hold);
     cfg.real = match (args.no_real, args.real) {
         (true, _) => None,
         (false, Some(dir)) => {
@@ -124,6 +145,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 t.iter().sum::<f64>() / t.len() as f64
             );
         }
+    }
+    if let Some(url) = &outcome.console {
+        println!("the console ran at {url} (stopped with the demo)");
     }
     println!(
         "done in {:.1} s. Report: {}\nOutputs in {}",

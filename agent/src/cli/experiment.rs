@@ -163,6 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     per_seed.push(r);
                 }
                 results.push(per_seed);
+                // The tables so far: a long grid that is stopped keeps every finished run.
+                if let Err(e) = write_results(self.cfg, self.labs, &results) {
+                    tracing::warn!(error = %e, "cannot write the results so far");
+                }
             }
             Ok(results)
         }
@@ -176,9 +180,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg: &cfg,
         },
     )??;
+    let table = write_results(&cfg, &labs, &results)?;
+    println!("{table}");
+    println!("results in {}", cfg.out.display());
+    Ok(())
+}
+
+/// Writes results.md, results.csv, results.json and the learning curves of `results` (the runs
+/// finished so far); returns the markdown tables.
+fn write_results(
+    cfg: &ExperimentConfig,
+    labs: &[Lab],
+    results: &[Vec<RunResult>],
+) -> anyhow::Result<String> {
     std::fs::create_dir_all(&cfg.out).with_context(|| cfg.out.display().to_string())?;
     let names: Vec<String> = labs.iter().map(|l| l.name.clone()).collect();
-    let mut table = experiment::summary_table(&names, &results);
+    let mut table = experiment::summary_table(&names, results);
     let reference = match &cfg.reference {
         Some(r) => Some(
             cfg.runs
@@ -190,17 +207,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     if let Some(i) = reference {
         table += "\n";
-        table += &experiment::paired_table(&names, &results, i);
+        table += &experiment::paired_table(&names, results, i);
     }
-    table += &experiment::test_tables(&names, &results, reference);
+    table += &experiment::test_tables(&names, results, reference);
     std::fs::write(cfg.out.join("results.md"), &table)?;
     std::fs::write(
         cfg.out.join("results.csv"),
-        experiment::csv(&names, &results, &cfg.seeds),
+        experiment::csv(&names, results, &cfg.seeds),
     )?;
     std::fs::write(
         cfg.out.join("results.json"),
-        serde_json::to_vec_pretty(&results)?,
+        serde_json::to_vec_pretty(results)?,
     )?;
     let plots = cfg.plots.clone().unwrap_or_else(|| cfg.out.clone());
     std::fs::create_dir_all(&plots).with_context(|| plots.display().to_string())?;
@@ -209,11 +226,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &format!("results-{}", cfg.name),
         &cfg.name,
         &names,
-        &results,
+        results,
     )? {
         tracing::info!(plot = %path.display(), "wrote learning curves");
     }
-    println!("{table}");
-    println!("results in {}", cfg.out.display());
-    Ok(())
+    Ok(table)
 }

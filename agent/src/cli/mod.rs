@@ -7,6 +7,7 @@ use crate::telemetry::LogFormat;
 
 pub mod agent;
 pub mod aggregate;
+pub mod console;
 pub mod dataset;
 pub mod demo;
 pub mod eval;
@@ -42,6 +43,7 @@ pub mod synth;
   microfed segment images/ --model models/grains --out segmented/
   microfed agent --config agent.toml
   microfed aggregate --config aggregator.toml
+  microfed console --config console.toml
   microfed fleet push models/grains --to all --key fleet.key --config fleet.toml
 
 Logs: RUST_LOG=debug for more detail; --log-format json for log collectors.")]
@@ -76,6 +78,8 @@ pub enum Command {
     Agent(agent::Args),
     /// Run federated rounds for a fleet: announce, collect the labs' updates, publish the new decoder.
     Aggregate(aggregate::Args),
+    /// The operator's live web page of the fleet and its rounds (read-only MQTT client).
+    Console(console::Args),
     /// Fleet model versions: sign and push base models, roll back, show every device's status.
     Fleet(fleet::Args),
     /// Compare federation strategies, compression and aggregation in-process (no broker).
@@ -97,6 +101,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Segment(args) => segment::run(args),
         Command::Agent(args) => agent::run(args),
         Command::Aggregate(args) => aggregate::run(args),
+        Command::Console(args) => console::run(args),
         Command::Experiment(args) => experiment::run(args),
         Command::Fleet(args) => fleet::run(args),
         Command::Demo(args) => demo::run(args),

@@ -130,6 +130,11 @@ pub struct DemoConfig {
     /// How many of its images are captured.
     pub real_captures: usize,
     pub seed: u64,
+    /// Where the live console listens (`microfed console`'s page, on the demo's broker); port 0
+    /// picks a free one. None: no console.
+    pub console: Option<std::net::SocketAddr>,
+    /// How long everything keeps running after the last round, for a look at the console.
+    pub hold: Duration,
 }
 
 impl DemoConfig {
@@ -167,6 +172,8 @@ impl DemoConfig {
             real: None,
             real_captures: 18,
             seed: 7,
+            console: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            hold: Duration::ZERO,
         }
     }
 
@@ -264,6 +271,8 @@ impl DemoConfig {
 /// What the demo produced.
 #[derive(Debug, Clone)]
 pub struct DemoOutcome {
+    /// The console's address while the demo ran.
+    pub console: Option<String>,
     pub rows: Vec<RoundRow>,
     pub labs: Vec<LabReport>,
     pub rounds_csv: PathBuf,
@@ -346,6 +355,9 @@ fn prepare_out(out: &Path) -> Result<(), DemoError> {
 
 /// The `[federation]` section of one lab, as agent.toml would give it. Built as TOML so that every
 /// field the participant gains later takes its default here.
+/// The band radius of the demo's Fourier style codes (bins of the 128 px window).
+pub const DEMO_FOURIER_BAND: usize = 32;
+
 /// A lab publishes a style code only when computed over at least this many training images.
 const DEMO_STYLE_MIN_IMAGES: u32 = 3;
 
@@ -385,15 +397,19 @@ fn federation_section(
     t.insert("seed".into(), ((cfg.seed + index as u64) as i64).into());
     t.insert("broker".into(), toml::Value::Table(broker_t));
     t.insert("aggregator_key".into(), aggregator_key.into());
-    // Style codes (feature-stats): each lab publishes the statistics of its encoder features,
-    // retained, and trains on its labels re-styled with the other labs' codes half of the time. The
-    // demo's labs have a handful of training images, so the privacy floor is lowered to 3 (agent.toml's
-    // default is higher; docs/privacy.md says why a floor matters).
+    // Style codes (Fourier, band 32 of the 128 px window): each lab publishes the mean amplitude
+    // spectrum of its images up to a band wide enough to carry blur and noise, retained, and
+    // trains on its labels re-styled with the other labs' codes for half of the crops. Chosen on
+    // the demo's own labs (experiments/sweep-demo.toml, docs/results.md): the narrow band and the
+    // feature statistics left the hazy lab's blur unlearnt. The demo's labs have a handful of
+    // training images, so the privacy floor is lowered to 3 (agent.toml's default is higher;
+    // docs/privacy.md says why a floor matters).
     let mut restyle = toml::Table::new();
     restyle.insert("probability".into(), 0.5.into());
     restyle.insert("mix".into(), 1.0.into());
     let mut style = toml::Table::new();
-    style.insert("kind".into(), "feature-stats".into());
+    style.insert("kind".into(), "fourier".into());
+    style.insert("band".into(), (DEMO_FOURIER_BAND as i64).into());
     style.insert("min_images".into(), (DEMO_STYLE_MIN_IMAGES as i64).into());
     style.insert("restyle".into(), toml::Value::Table(restyle));
     t.insert("style".into(), toml::Value::Table(style));
@@ -502,7 +518,7 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         .enable_all()
         .build()
         .map_err(|e| part_err("async runtime")(e.to_string()))?;
-    let rows = runtime.block_on(orchestrate(cfg, &plans, federated, say))?;
+    let (rows, console) = runtime.block_on(orchestrate(cfg, &plans, federated, say))?;
     // Tasks still parked on the broker (none should be) must not keep the process alive.
     runtime.shutdown_timeout(Duration::from_secs(5));
 
@@ -563,18 +579,30 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         dense,
         &files,
         &format!(
-            "feature-stats codes (992 numbers per lab, published retained on \
+            "Fourier codes, band {DEMO_FOURIER_BAND} ({} numbers per lab: the mean amplitude \
+             spectrum of the lab's images up to that band, published retained on \
              microfed/{FLEET}/style/<lab>, at least {DEMO_STYLE_MIN_IMAGES} training images); each \
-             lab's local training re-styles half of its batches with another lab's code. The \
-             re-styled batch counts are in each lab's agent log."
+             lab's local training takes half of its crops from its images re-styled with another \
+             lab's code. The re-styled batch counts are in each lab's agent log.",
+            crate::federated::edge::style::fourier_len(DEMO_FOURIER_BAND)
         ),
     );
+    let mut md = md;
+    if let Some(url) = &console {
+        md.push_str(&format!(
+            "\n## Live console\n\nWhile the demo ran, the operator's console served the fleet live at \
+             <{url}> (devices online/offline, rounds, hold-out IoU per lab and round, model versions). \
+             It stops with the demo; `microfed console --config console.toml` serves the same page for \
+             a real fleet (docs/console.md).\n"
+        ));
+    }
     let report_path = cfg.out.join("report.md");
     std::fs::write(&report_path, md).map_err(|e| DemoError::Output {
         path: report_path.clone(),
         message: e.to_string(),
     })?;
     Ok(DemoOutcome {
+        console,
         rows,
         labs: lab_reports,
         rounds_csv,
@@ -590,7 +618,7 @@ async fn orchestrate(
     plans: &[LabPlan],
     federated: usize,
     say: &mut dyn FnMut(&str),
-) -> Result<Vec<RoundRow>, DemoError> {
+) -> Result<(Vec<RoundRow>, Option<String>), DemoError> {
     let broker =
         crate::wire::embedded::start(0).map_err(|e| part_err("embedded broker")(e.to_string()))?;
     let settings = BrokerSettings {
@@ -599,6 +627,29 @@ async fn orchestrate(
         ..BrokerSettings::default()
     };
     say(&format!("embedded broker (rumqttd) on {}", broker.addr));
+    let (console_stop_tx, console_stop_rx) = watch::channel(false);
+    let mut console_url = None;
+    if let Some(listen) = cfg.console {
+        let console_cfg = crate::console::ConsoleConfig {
+            fleet: FLEET.into(),
+            id: "demo-console".into(),
+            aggregator_key: None,
+            broker: settings.clone(),
+            web: crate::web::ListenSection {
+                listen,
+                token_file: None,
+                tls: None,
+            },
+            max_devices: 100,
+            max_rounds: 1000,
+        };
+        let (addr, _) = crate::console::start(&console_cfg, console_stop_rx)
+            .await
+            .map_err(|e| part_err("console")(e.to_string()))?;
+        let url = format!("http://{addr}/");
+        say(&format!("console: {url}"));
+        console_url = Some(url);
+    }
     // The aggregator signs its globals and announcements; the labs accept only those.
     let signing_key = cfg.out.join("aggregator.key");
     let _ = std::fs::remove_file(&signing_key);
@@ -625,6 +676,7 @@ async fn orchestrate(
             let config = AgentConfig {
                 pipeline: pipeline_config(cfg, p, tile),
                 federation,
+                metrics: None,
             };
             let name = p.name.clone();
             let node = tokio::task::spawn_blocking(move || Node::prepare(config))
@@ -682,6 +734,7 @@ async fn orchestrate(
         dp: None,
         scale_out: None,
         signing_key: Some(signing_key.clone()),
+        metrics: None,
     };
     let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
     let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;
@@ -724,7 +777,7 @@ async fn orchestrate(
                             })
                         })
                         .collect();
-                    let r = wait_for_the_end(
+                    let mut r = wait_for_the_end(
                         cfg,
                         plans,
                         federated,
@@ -738,6 +791,28 @@ async fn orchestrate(
                     .await;
                     for f in feeders {
                         f.abort();
+                    }
+                    if r.is_ok() && !cfg.hold.is_zero() {
+                        say(&format!(
+                            "every round closed; holding for {} s{} (Ctrl-C ends it)",
+                            cfg.hold.as_secs(),
+                            console_url
+                                .as_deref()
+                                .map(|u| format!(": the console is at {u}"))
+                                .unwrap_or_default()
+                        ));
+                        tokio::select! {
+                            _ = tokio::time::sleep(cfg.hold) => {}
+                            _ = tokio::signal::ctrl_c() => {}
+                        }
+                        // A lab that stopped while we held is still a failure.
+                        for (name, task) in lab_tasks.iter() {
+                            if task.is_finished() {
+                                r = Err(lab_err(name, "agent")(
+                                    "stopped while the demo held".into(),
+                                ));
+                            }
+                        }
                     }
                     r
                 }
@@ -774,10 +849,11 @@ async fn orchestrate(
         shutdown_error.get_or_insert(part_err("aggregator")("did not stop within 15 s".into()));
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), monitor.disconnect()).await;
+    let _ = console_stop_tx.send(true);
     let rows = result?;
     match shutdown_error {
         Some(e) => Err(e),
-        None => Ok(rows),
+        None => Ok((rows, console_url)),
     }
 }
 

@@ -618,6 +618,7 @@ mod tests {
             samples: 8,
             seconds: 2.5,
             privacy: None,
+            devices: BTreeMap::new(),
         }
     }
 

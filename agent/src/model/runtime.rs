@@ -215,7 +215,7 @@ impl KernelsNet {
             let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
             let xs = Shape::new(n, 1, h, w);
             let x = input.to_vec();
-            net.forward(&x, xs).map(|l| l.clone())
+            net.forward(&x, xs).cloned()
         };
         match &self.pool {
             Some(p) => p.install(run),
@@ -500,6 +500,8 @@ impl Segmenter {
             .iter()
             .zip(&want)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        // Negated on purpose: a NaN difference must fail the probe.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
         if !(worst <= PROBE_TOLERANCE * scale) {
             return Err(format!(
                 "on a random {h}×{w} image the logits differ from tract's by up to {worst:.3e}, more than {PROBE_TOLERANCE:.0e} of the largest ({scale:.3e})"

@@ -1,6 +1,6 @@
 //! The agent's whole configuration file (`agent.toml`): the pipeline's sections
-//! ([`PipelineConfig`]) and `[federation]` (the participant's settings, with
-//! `[federation.fleet_models]` for the fleet task).
+//! ([`PipelineConfig`]), `[federation]` (the participant's settings, with
+//! `[federation.fleet_models]` for the fleet task) and `[metrics]` (Prometheus, [`ListenSection`]).
 //!
 //! Each part is parsed by the module that owns it, with `deny_unknown_fields` at every level; this
 //! file only splits the TOML table between them, so the pipeline never depends on the federation and
@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _, se
 use crate::federated::edge::participant::FederationSection;
 use crate::fleet::FleetSection;
 use crate::pipeline::config::{ConfigError, PipelineConfig, invalid, read_toml};
+use crate::web::ListenSection;
 
 /// The whole `agent.toml`.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -21,6 +22,8 @@ pub struct AgentConfig {
     pub pipeline: PipelineConfig,
     /// Federated rounds (absent: the agent only segments).
     pub federation: Option<FederationConfig>,
+    /// `[metrics]`: Prometheus `/metrics` on this address (absent: off).
+    pub metrics: Option<ListenSection>,
 }
 
 /// `[federation]`: the participant's settings and, optionally, `[federation.fleet_models]`.
@@ -32,6 +35,7 @@ pub struct FederationConfig {
 }
 
 const FEDERATION: &str = "federation";
+const METRICS: &str = "metrics";
 const FLEET_MODELS: &str = "fleet_models";
 
 /// Splits `key` out of a table and parses it; the rest stays.
@@ -50,12 +54,14 @@ impl<'de> Deserialize<'de> for AgentConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let mut table = toml::Table::deserialize(d)?;
         let federation = take::<FederationConfig, D::Error>(&mut table, FEDERATION)?;
+        let metrics = take::<ListenSection, D::Error>(&mut table, METRICS)?;
         let pipeline = toml::Value::Table(table)
             .try_into::<PipelineConfig>()
             .map_err(D::Error::custom)?;
         Ok(Self {
             pipeline,
             federation,
+            metrics,
         })
     }
 }
@@ -92,7 +98,15 @@ fn table_with<S: Serializer, T: Serialize, X: Serialize>(
 
 impl Serialize for AgentConfig {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        table_with::<S, _, _>(&self.pipeline, FEDERATION, self.federation.as_ref())?.serialize(s)
+        let mut table =
+            table_with::<S, _, _>(&self.pipeline, FEDERATION, self.federation.as_ref())?;
+        if let Some(m) = &self.metrics {
+            table.insert(
+                METRICS.to_owned(),
+                toml::Value::try_from(m).map_err(S::Error::custom)?,
+            );
+        }
+        table.serialize(s)
     }
 }
 
@@ -120,6 +134,9 @@ impl AgentConfig {
                 *p = base.join(&*p);
             }
         };
+        if let Some(m) = &mut self.metrics {
+            m.resolve_paths(base);
+        }
         if let Some(f) = &mut self.federation {
             let f = &mut f.participant;
             fix(&mut f.labelled);
@@ -135,6 +152,10 @@ impl AgentConfig {
     /// Checks every field that can be checked without touching the disk.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.pipeline.validate()?;
+        if let Some(m) = &self.metrics {
+            m.validate(METRICS)
+                .map_err(|e| invalid("metrics", e.to_string()))?;
+        }
         if let Some(f) = &self.federation {
             f.participant
                 .validate()
@@ -189,6 +210,22 @@ mod tests {
         let text = toml::to_string(&c).unwrap();
         let back: AgentConfig = toml::from_str(&text).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn the_metrics_section_is_parsed_and_checked() {
+        let c: AgentConfig = toml::from_str("[metrics]\nlisten = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(c.metrics.as_ref().unwrap().listen.port(), 9464);
+        c.validate().unwrap();
+        let back: AgentConfig = toml::from_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        let open: AgentConfig = toml::from_str("[metrics]\nlisten = \"0.0.0.0:9464\"\n").unwrap();
+        let e = open.validate().unwrap_err().to_string();
+        assert!(e.contains("token_file"), "{e}");
+        let e = toml::from_str::<AgentConfig>("[metrics]\nlisten = \"127.0.0.1:1\"\nport = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 pub mod config;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -50,6 +51,8 @@ pub enum NodeError {
     FederationEnded,
     #[error("the {0} task failed: {1}")]
     Task(&'static str, String),
+    #[error("[metrics]: {0}")]
+    Metrics(#[from] crate::web::WebError),
 }
 
 /// The fleet task's parts, ready before the runtime starts.
@@ -67,12 +70,30 @@ pub struct Node {
     model_path: PathBuf,
     federation: Option<FederationSection>,
     fleet: Option<FleetParts>,
+    metrics: Option<crate::web::ListenSection>,
 }
 
 /// How long the participant may take to stop after the pipeline drained.
 const FEDERATION_STOP: Duration = Duration::from_secs(60);
 /// How long closing the MQTT connection may take.
 const LINK_CLOSE: Duration = Duration::from_secs(10);
+
+/// Starts `/metrics` for the node's parts; it stops with the node.
+async fn serve_metrics(
+    section: &crate::web::ListenSection,
+    sources: Vec<Arc<dyn crate::prometheus::Collect>>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), NodeError> {
+    let (addr, _) = crate::web::start(
+        "metrics",
+        section,
+        Arc::new(crate::web::MetricsSite { sources }),
+        stop,
+    )
+    .await?;
+    tracing::info!(%addr, "serving /metrics");
+    Ok(())
+}
 
 impl Node {
     /// Validates `config`, opens the fleet's model store (with a fleet, the model that runs is the
@@ -85,6 +106,7 @@ impl Node {
         let AgentConfig {
             mut pipeline,
             federation,
+            metrics,
         } = config;
         let (federation, fleet_section) = match federation {
             Some(f) => (Some(f.participant), f.fleet_models),
@@ -122,6 +144,7 @@ impl Node {
             model_path,
             federation,
             fleet,
+            metrics,
         })
     }
 
@@ -146,14 +169,26 @@ impl Node {
             model_path,
             federation,
             fleet,
+            metrics,
         } = self;
         let Some(f) = federation else {
+            if let Some(m) = &metrics {
+                serve_metrics(m, vec![agent.stats()], stop.clone()).await?;
+            }
             return Ok(agent.run(LogPublisher, shutdown).await?);
         };
         // One MQTT connection for the device: federated rounds, results and status share it.
         let model_version =
             crate::model::manifest::sha256_file(&model_path).map_err(NodeError::ModelVersion)?;
         let (device, routes) = DeviceLink::connect(&f.broker, &f.fleet, &f.device, &model_version)?;
+        if let Some(m) = &metrics {
+            serve_metrics(
+                m,
+                vec![agent.stats(), Arc::new(device.clone())],
+                stop.clone(),
+            )
+            .await?;
+        }
         // The fleet task announces a new base model here; the participant follows it. Without a
         // fleet the sender lives as long as the participant (a closed channel would end its wait).
         let (base_tx, base_rx) = watch::channel(model_path.clone());

@@ -722,6 +722,7 @@ impl Writer<'_> {
             FailurePolicy::Quarantine(dir) => match outputs::quarantine(&capture.path, dir, reason)
             {
                 Ok(to) => {
+                    self.stats.quarantined.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(file = %capture.key, quarantined = %to.display(), reason, "cannot segment; quarantined");
                     let entry = Entry {
                         file: capture.key.clone(),

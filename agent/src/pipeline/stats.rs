@@ -2,12 +2,15 @@
 //!
 //! Every stage bumps atomic counters; the write stage records the capture → outputs-written latency
 //! of each image in a bounded window, from which the status line takes the throughput of the last
-//! minute and the p50 and p99 latencies.
+//! minute and the p50 and p99 latencies, and counts it into a Prometheus histogram. [`Stats`] is
+//! also the agent's pipeline metrics (`/metrics`, [`crate::prometheus::Collect`]).
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use crate::prometheus::{Collect, Exposition, Histogram, LATENCY_BUCKETS};
 
 /// Latencies kept for the percentiles (the most recent ones).
 const WINDOW: usize = 4096;
@@ -21,6 +24,8 @@ pub struct Stats {
     pub segmented: AtomicU64,
     /// Files that could not be decoded or segmented.
     pub failed: AtomicU64,
+    /// Failed files moved to the quarantine folder (the agent's policy; `segment` only reports).
+    pub quarantined: AtomicU64,
     /// Files skipped because the journal already had them (or they vanished before reading).
     pub skipped: AtomicU64,
     /// Results the publisher refused.
@@ -29,6 +34,8 @@ pub struct Stats {
     pub waiting: AtomicU64,
     started: Instant,
     latencies: Mutex<VecDeque<(Instant, Duration)>>,
+    /// Every capture → mask latency since start, in seconds (the window above forgets).
+    latency_histogram: Histogram,
 }
 
 impl Default for Stats {
@@ -37,11 +44,13 @@ impl Default for Stats {
             captured: AtomicU64::new(0),
             segmented: AtomicU64::new(0),
             failed: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             publish_errors: AtomicU64::new(0),
             waiting: AtomicU64::new(0),
             started: Instant::now(),
             latencies: Mutex::new(VecDeque::with_capacity(WINDOW)),
+            latency_histogram: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -65,6 +74,7 @@ pub struct Status {
 impl Stats {
     /// Records one finished image.
     pub fn record_latency(&self, latency: Duration) {
+        self.latency_histogram.observe(latency.as_secs_f64());
         let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
         if l.len() == WINDOW {
             l.pop_front();
@@ -110,6 +120,58 @@ impl Stats {
             p50: percentile(&recent, 0.50),
             p99: percentile(&recent, 0.99),
         }
+    }
+}
+
+impl Collect for Stats {
+    fn collect(&self, out: &mut Exposition) {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        out.counter(
+            "microfed_images_captured_total",
+            "Micrographs handed to the pipeline by the capture stage.",
+            get(&self.captured),
+        );
+        out.counter(
+            "microfed_images_segmented_total",
+            "Micrographs segmented (mask and outputs written).",
+            get(&self.segmented),
+        );
+        out.counter(
+            "microfed_images_failed_total",
+            "Micrographs that could not be decoded or segmented.",
+            get(&self.failed),
+        );
+        out.counter(
+            "microfed_images_quarantined_total",
+            "Failed micrographs moved to the quarantine folder.",
+            get(&self.quarantined),
+        );
+        out.counter(
+            "microfed_images_skipped_total",
+            "Files skipped: already in the journal, or gone before they were read.",
+            get(&self.skipped),
+        );
+        out.counter(
+            "microfed_result_publish_errors_total",
+            "Per-image results the publisher could not send.",
+            get(&self.publish_errors),
+        );
+        let st = self.status();
+        out.gauge(
+            "microfed_images_in_pipeline",
+            "Micrographs captured and not yet finished.",
+            st.in_pipeline as f64,
+        );
+        out.gauge(
+            "microfed_images_waiting",
+            "Files in the watched folder waiting to settle or for room in the pipeline.",
+            st.waiting as f64,
+        );
+        out.histogram(
+            "microfed_capture_to_mask_seconds",
+            "Time from a micrograph's capture to its mask written.",
+            &self.latency_histogram,
+        );
     }
 }
 
@@ -173,5 +235,19 @@ mod tests {
         assert_eq!(st.p50, Some(Duration::from_millis(20)));
         assert_eq!(st.p99, Some(Duration::from_millis(40)));
         assert!(st.to_string().contains("queue 3"), "{st}");
+        let text = Exposition::of(&[&s]);
+        assert!(
+            text.contains("microfed_images_segmented_total 6\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("microfed_capture_to_mask_seconds_bucket{le=\"0.025\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("microfed_capture_to_mask_seconds_count 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("microfed_images_in_pipeline 3\n"), "{text}");
     }
 }

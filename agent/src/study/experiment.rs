@@ -195,6 +195,16 @@ pub struct TrainSpec {
     /// default: one split for every seed.
     #[serde(default)]
     pub resplit: bool,
+    /// Rounds between two checkpoints (default 1: every round): only a checkpoint's decoder can be
+    /// a lab's best-validation pick, and test sets are scored only there (round 0 and the last
+    /// round are always checkpoints). Scoring every test image every round is most of a round's
+    /// time on a CPU.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+}
+
+fn default_checkpoint_every() -> u64 {
+    1
 }
 
 /// IoU of one decoder on the test sets, from one lab's point of view: T1 its own style's test
@@ -222,7 +232,7 @@ impl TestScores {
 pub enum Selection {
     /// The last round's.
     Final,
-    /// The round with the lab's best validation IoU (earliest of ties).
+    /// The checkpoint with the lab's best validation IoU (earliest of ties).
     BestValidation,
     /// The last round's global, or its personalised fine-tune where validation prefers it.
     FinalPersonalised,
@@ -278,7 +288,7 @@ pub struct RoundRecord {
     #[serde(default)]
     pub lab_truth_fraction: Vec<Vec<f64>>,
     /// Per lab, its decoder's test scores; only where test sets are configured, and only in
-    /// rounds that can be reported: round 0, the last round and rounds where the lab's
+    /// rounds that can be reported: round 0, the last round and checkpoints where the lab's
     /// validation IoU reached a new best (otherwise all None).
     #[serde(default)]
     pub lab_tests: Vec<TestScores>,
@@ -580,6 +590,11 @@ pub fn run<B: Backend>(
                      decoders: &[&[f32]],
                      last: bool|
      -> Result<(), LocalError> {
+        let checkpoint =
+            record.round == 0 || last || record.round % train.checkpoint_every.max(1) == 0;
+        if !checkpoint {
+            return Ok(());
+        }
         let improved: Vec<bool> = (0..labs.len())
             .map(|l| {
                 let v = record.lab_iou[l];

@@ -12,12 +12,15 @@
 //!   link's last will marks the device offline.
 //! - [`MqttPublisher`]: the pipeline's [`Publisher`] that sends each segmented micrograph's figures
 //!   (never the image) on `result/<device>`.
+//! - [`LinkCounters`]: what the link sent, counted where it is sent; [`DeviceLink`] writes them,
+//!   with the connection state and the outbox depth, as the agent's federation metrics.
 
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, watch};
 
 use crate::pipeline::publish::{PublishError, Publisher, SegmentedImage};
+use crate::prometheus::{Collect, Counter, Exposition};
 use crate::wire::link::{BrokerSettings, Link, LinkError, Message, offline_will};
 use crate::wire::protocol::{Envelope, Header, Kind, ResultBody, StatusBody, Topics};
 
@@ -53,6 +56,63 @@ pub struct DeviceLink {
     pub fleet: String,
     pub device: String,
     pub status: Arc<StatusBoard>,
+    /// Shared by every task that sends on the link.
+    pub counters: Arc<LinkCounters>,
+}
+
+/// What the device sent, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct LinkCounters {
+    /// Updates the broker acknowledged (every frame), from the outbox.
+    pub updates_sent: Counter,
+    /// Their encoded size (envelope and compressed body, before framing).
+    pub update_bytes_sent: Counter,
+    /// Attempts that failed (link lost, no acknowledgement): the update stays in the outbox.
+    pub update_send_failures: Counter,
+    /// Per-image results acknowledged by the broker.
+    pub results_sent: Counter,
+}
+
+impl Collect for DeviceLink {
+    fn collect(&self, out: &mut Exposition) {
+        let c = &self.counters;
+        out.counter(
+            "microfed_updates_sent_total",
+            "Decoder updates delivered to the broker (acknowledged).",
+            c.updates_sent.get(),
+        );
+        out.counter(
+            "microfed_update_sent_bytes_total",
+            "Bytes of the decoder updates delivered (encoded messages, before framing).",
+            c.update_bytes_sent.get(),
+        );
+        out.counter(
+            "microfed_update_send_failures_total",
+            "Update deliveries that failed and were left in the outbox for a retry.",
+            c.update_send_failures.get(),
+        );
+        out.counter(
+            "microfed_results_sent_total",
+            "Per-image results (figures, never pixels) acknowledged by the broker.",
+            c.results_sent.get(),
+        );
+        let st = self.status.get();
+        out.gauge(
+            "microfed_outbox_updates",
+            "Updates waiting in the outbox.",
+            st.queue_depth as f64,
+        );
+        out.gauge(
+            "microfed_global_version",
+            "Version of the global decoder installed.",
+            st.global_version as f64,
+        );
+        out.gauge(
+            "microfed_broker_connected",
+            "1 while the MQTT connection is up.",
+            if self.link.is_connected() { 1.0 } else { 0.0 },
+        );
+    }
 }
 
 /// Incoming messages by purpose.
@@ -144,6 +204,7 @@ impl DeviceLink {
                 fleet: fleet.to_owned(),
                 device: device.to_owned(),
                 status: board,
+                counters: Arc::default(),
             },
             Routes {
                 rounds,
@@ -244,6 +305,8 @@ impl Publisher for MqttPublisher {
         d.link
             .publish(&d.topics.result(&d.device), bytes, false)
             .await
-            .map_err(|e| err(e.to_string()))
+            .map_err(|e| err(e.to_string()))?;
+        d.counters.results_sent.inc();
+        Ok(())
     }
 }

@@ -451,6 +451,24 @@ pub struct RoundSummary {
     /// The privacy spent so far (ε at δ) when the fleet runs DP-FedAvg (docs/privacy.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyReport>,
+    /// Each accepted device's part, as its update reported it (the operator's console plots the
+    /// hold-out IoU per lab and round from it). Empty from older aggregators and from a scale-out
+    /// coordinator, which sees partial sums only.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub devices: std::collections::BTreeMap<String, DeviceReport>,
+}
+
+/// One accepted device's part in a round (in [`RoundSummary::devices`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DeviceReport {
+    /// Size of its compressed update.
+    pub bytes: u64,
+    pub samples: u64,
+    pub train_loss: f32,
+    /// Mean IoU of its local model on its hold-out images ([`LocalMetrics::holdout_mean_iou`]).
+    pub holdout_iou: Option<f32>,
+    /// Mean IoU of the global decoder it started from, on the same images.
+    pub holdout_iou_before: Option<f32>,
 }
 
 /// One MQTT payload: a whole message (`total == 1`) or one chunk of one.

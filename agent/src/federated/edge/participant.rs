@@ -983,11 +983,14 @@ impl<'a> Session<'a> {
             {
                 Ok(()) => {
                     tracing::info!(round = item.round, bytes = n, "update delivered");
+                    self.device.counters.updates_sent.inc();
+                    self.device.counters.update_bytes_sent.add(n as u64);
                     self.outbox.remove(entry.id).ok();
                     let q = self.outbox.len() as u64;
                     self.device.status.update(|st| st.queue_depth = q);
                 }
                 Err(e) => {
+                    self.device.counters.update_send_failures.inc();
                     tracing::warn!(round = item.round, error = %e, "update not delivered; kept in the outbox");
                     break;
                 }
@@ -1424,7 +1427,18 @@ mod tests {
             .collect();
         let table: toml::Table = toml::from_str(&text).unwrap();
         let style: StyleSection = table["federation"]["style"].clone().try_into().unwrap();
-        assert_eq!(style, StyleSection::default());
+        // The example spells out the default band.
+        assert_eq!(
+            style.band,
+            Some(crate::federated::edge::style::FOURIER_BAND)
+        );
+        assert_eq!(
+            StyleSection {
+                band: None,
+                ..style
+            },
+            StyleSection::default()
+        );
         // At config load, a bad knob names its field.
         let config = |style: &str| {
             format!(

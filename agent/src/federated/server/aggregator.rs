@@ -43,10 +43,13 @@ use crate::federated::server::merge::{Accumulator, ServerOptimizer};
 use crate::fsio::now_unix;
 use crate::fsio::write_atomic;
 use crate::model::onnx;
+use crate::prometheus::{
+    Collect, Counter, Exposition, Gauge, Histogram, MetricType, ROUND_BUCKETS,
+};
 use crate::wire::link::{BrokerSettings, Link, Message};
 use crate::wire::protocol::{
-    self, CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, Reassembler, ReassemblyLimits,
-    RoundAnnouncement, RoundSummary, Topics, UpdateBody,
+    self, CHUNK_BYTES, DeviceReport, Envelope, GlobalDecoder, Header, Kind, Reassembler,
+    ReassemblyLimits, RoundAnnouncement, RoundSummary, Topics, UpdateBody,
 };
 
 /// Why an update was not counted (the summary's keys).
@@ -68,6 +71,22 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Every reason, in the order of the metrics' labels.
+    pub const ALL: [Rejection; 12] = [
+        Self::Malformed,
+        Self::WrongFleet,
+        Self::WrongModel,
+        Self::WrongRound,
+        Self::WrongVersion,
+        Self::SpoofedSender,
+        Self::UnknownDevice,
+        Self::Duplicate,
+        Self::NotFinite,
+        Self::Norm,
+        Self::Oversized,
+        Self::Samples,
+    ];
+
     pub fn key(self) -> &'static str {
         match self {
             Self::Malformed => "malformed",
@@ -102,6 +121,105 @@ pub struct RoundState {
     /// DP-FedAvg's privacy spent so far (saved with the rest, so a restart keeps ε).
     #[serde(default)]
     pub accountant: RdpAccountant,
+    /// What each device accepted in the open round reported with its update (for the summary).
+    #[serde(default)]
+    pub reports: BTreeMap<String, DeviceReport>,
+}
+
+/// The aggregator's counters since the process started (`/metrics`); the round state on disk is
+/// the record, these are for watching.
+#[derive(Debug)]
+pub struct AggregatorMetrics {
+    pub updates_accepted: Counter,
+    /// By [`Rejection::ALL`]'s order.
+    pub rejected: [Counter; 12],
+    /// Every update frame received, whatever became of it.
+    pub frame_bytes: Counter,
+    /// Compressed update bytes merged.
+    pub accepted_bytes: Counter,
+    pub rounds_closed: Counter,
+    pub round_seconds: Histogram,
+    /// Bytes held in incomplete chunked updates.
+    pub reassembly_bytes: Gauge,
+    pub round: Gauge,
+    pub round_open: Gauge,
+    pub global_version: Gauge,
+}
+
+impl Default for AggregatorMetrics {
+    fn default() -> Self {
+        Self {
+            updates_accepted: Counter::default(),
+            rejected: Default::default(),
+            frame_bytes: Counter::default(),
+            accepted_bytes: Counter::default(),
+            rounds_closed: Counter::default(),
+            round_seconds: Histogram::new(ROUND_BUCKETS),
+            reassembly_bytes: Gauge::default(),
+            round: Gauge::default(),
+            round_open: Gauge::default(),
+            global_version: Gauge::default(),
+        }
+    }
+}
+
+impl Collect for AggregatorMetrics {
+    fn collect(&self, out: &mut Exposition) {
+        out.counter(
+            "microfed_aggregator_updates_accepted_total",
+            "Device updates that passed every check and were merged into the round.",
+            self.updates_accepted.get(),
+        );
+        let name = "microfed_aggregator_updates_rejected_total";
+        out.family(
+            name,
+            MetricType::Counter,
+            "Update messages refused, by reason (the round summary's keys).",
+        );
+        for (why, c) in Rejection::ALL.iter().zip(&self.rejected) {
+            out.sample(name, &[("reason", why.key())], c.get() as f64);
+        }
+        out.counter(
+            "microfed_aggregator_update_frame_bytes_total",
+            "Bytes of update frames received, accepted or not.",
+            self.frame_bytes.get(),
+        );
+        out.counter(
+            "microfed_aggregator_accepted_update_bytes_total",
+            "Compressed bytes of the accepted updates.",
+            self.accepted_bytes.get(),
+        );
+        out.counter(
+            "microfed_aggregator_rounds_closed_total",
+            "Rounds closed (by quorum or deadline).",
+            self.rounds_closed.get(),
+        );
+        out.histogram(
+            "microfed_aggregator_round_duration_seconds",
+            "Time from a round's opening to its close.",
+            &self.round_seconds,
+        );
+        out.gauge(
+            "microfed_aggregator_reassembly_bytes",
+            "Bytes held in incomplete chunked updates (bounded by the reassembly limits).",
+            self.reassembly_bytes.get(),
+        );
+        out.gauge(
+            "microfed_aggregator_round",
+            "The current (or last) round number.",
+            self.round.get(),
+        );
+        out.gauge(
+            "microfed_aggregator_round_open",
+            "1 while a round is open.",
+            self.round_open.get(),
+        );
+        out.gauge(
+            "microfed_aggregator_global_version",
+            "Version of the latest global decoder.",
+            self.global_version.get(),
+        );
+    }
 }
 
 /// The running aggregator.
@@ -119,6 +237,8 @@ pub struct Aggregator {
     reassembler: Reassembler,
     /// Signs globals, announcements and summaries (`signing_key` in aggregator.toml).
     signing_key: Option<crate::wire::signing::SecretKey>,
+    /// Shared with the `/metrics` listener.
+    metrics: std::sync::Arc<AggregatorMetrics>,
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -215,16 +335,31 @@ impl Aggregator {
                 ..ReassemblyLimits::default()
             }),
             cfg,
+            metrics: Default::default(),
         };
         if me.state.open {
             me.replay_open_round()?;
         }
         me.replay_spool()?;
+        me.show_round();
         Ok(me)
     }
 
     pub fn state(&self) -> &RoundState {
         &self.state
+    }
+
+    /// The counters `/metrics` serves.
+    pub fn metrics(&self) -> std::sync::Arc<AggregatorMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The round gauges, after the round state changed.
+    fn show_round(&self) {
+        let m = &self.metrics;
+        m.round.set(self.state.round as f64);
+        m.round_open.set(if self.state.open { 1.0 } else { 0.0 });
+        m.global_version.set(self.state.global_version as f64);
     }
 
     pub fn global(&self) -> &[f32] {
@@ -320,8 +455,10 @@ impl Aggregator {
         self.state.accepted.clear();
         self.state.rejected.clear();
         self.state.update_bytes = 0;
+        self.state.reports.clear();
         self.acc = Accumulator::new(self.global.len(), &self.cfg.aggregation)?;
         self.save_state()?;
+        self.show_round();
         tracing::info!(
             round = self.state.round,
             global_version = self.state.global_version,
@@ -331,6 +468,9 @@ impl Aggregator {
     }
 
     pub(super) fn reject(&mut self, why: Rejection, detail: &str) {
+        if let Some(i) = Rejection::ALL.iter().position(|r| *r == why) {
+            self.metrics.rejected[i].inc();
+        }
         *self
             .state
             .rejected
@@ -345,6 +485,15 @@ impl Aggregator {
         topic: &str,
         payload: &[u8],
     ) -> Result<(), AggregatorError> {
+        self.metrics.frame_bytes.add(payload.len() as u64);
+        let r = self.handle_frame_inner(topic, payload);
+        self.metrics
+            .reassembly_bytes
+            .set(self.reassembler.held() as f64);
+        r
+    }
+
+    fn handle_frame_inner(&mut self, topic: &str, payload: &[u8]) -> Result<(), AggregatorError> {
         let Some(device) = self.topics.device_of("update", topic).map(str::to_owned) else {
             self.reject(
                 Rejection::Malformed,
@@ -626,7 +775,21 @@ impl Aggregator {
             .accepted
             .insert(device.to_owned(), (body.samples, env.digest.clone()));
         self.state.update_bytes += body.compressed.len() as u64;
+        self.state.reports.insert(
+            device.to_owned(),
+            DeviceReport {
+                bytes: body.compressed.len() as u64,
+                samples: body.samples,
+                train_loss: body.metrics.train_loss,
+                holdout_iou: body.metrics.holdout_mean_iou,
+                holdout_iou_before: body.metrics.holdout_mean_iou_before,
+            },
+        );
         self.save_state()?;
+        self.metrics.updates_accepted.inc();
+        self.metrics
+            .accepted_bytes
+            .add(body.compressed.len() as u64);
         tracing::info!(
             round = self.state.round,
             %device,
@@ -772,10 +935,20 @@ impl Aggregator {
             seconds: now_unix() - self.state.started_unix,
             // A round that merged nothing released nothing new: the last report stands.
             privacy: privacy.or_else(|| self.privacy()),
+            devices: self
+                .state
+                .reports
+                .iter()
+                .filter(|(d, _)| self.state.accepted.contains_key(*d))
+                .map(|(d, r)| (d.clone(), r.clone()))
+                .collect(),
         };
         self.state.open = false;
         self.state.history.push(summary.clone());
         self.save_state()?;
+        self.metrics.rounds_closed.inc();
+        self.metrics.round_seconds.observe(summary.seconds.max(0.0));
+        self.show_round();
         tracing::info!(
             round = summary.round,
             global_version = summary.global_version,

@@ -70,6 +70,9 @@ pub struct AggregatorConfig {
     /// None = unsigned (a warning at start): any client of the broker could forge them.
     #[serde(default)]
     pub signing_key: Option<PathBuf>,
+    /// `[metrics]`: Prometheus `/metrics` on this address (off when absent; docs/console.md).
+    #[serde(default)]
+    pub metrics: Option<crate::web::ListenSection>,
 }
 
 /// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
@@ -227,6 +230,9 @@ impl AggregatorConfig {
         if let Some(k) = cfg.signing_key.as_mut() {
             fix(k);
         }
+        if let Some(m) = cfg.metrics.as_mut() {
+            m.resolve_paths(base);
+        }
         if let Some(t) = cfg.broker.as_mut().and_then(|b| b.tls.as_mut()) {
             fix(&mut t.ca);
             fix(&mut t.cert);
@@ -241,6 +247,9 @@ impl AggregatorConfig {
 
     pub fn validate(&self) -> Result<(), String> {
         Topics::new(&self.fleet)?;
+        if let Some(m) = &self.metrics {
+            m.validate("metrics").map_err(|e| e.to_string())?;
+        }
         if !protocol::valid_level(&self.id) {
             return Err(format!("id {:?} is not a valid client id", self.id));
         }
