@@ -457,7 +457,10 @@ fn an_aggregator_killed_mid_reassembly_of_a_dense_update_completes_the_round() {
     // The aggregator has them (on disk, acknowledged): now it dies.
     assert!(
         wait_until(Duration::from_secs(30), || std::fs::read_dir(&spool)
-            .map(|d| d.count())
+            .map(|d| d
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".frame"))
+                .count())
             .unwrap_or(0)
             == k - 1),
         "the chunks never reached the aggregator's spool:\n{}",

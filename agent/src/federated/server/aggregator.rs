@@ -593,6 +593,11 @@ impl Aggregator {
             else {
                 continue;
             };
+            // A chunk being written when the process died was not acknowledged: the broker
+            // delivers it again. Its temporary file goes.
+            if let Err(e) = crate::fsio::remove_stale_temporaries(&d.path()) {
+                tracing::warn!(error = %e, "cannot remove temporaries from the chunk spool");
+            }
             let mut files: Vec<PathBuf> = std::fs::read_dir(d.path())
                 .map_err(|e| file_err(&d.path(), e))?
                 .flatten()
