@@ -9,6 +9,8 @@
 //! - [`sync_dir`]: flush a folder's entries (after a create, rename or delete).
 //! - [`now_unix`]: seconds since the Unix epoch.
 //! - [`injected_failure`]: the fault tests' full disk (debug builds only, `MICROFED_FAIL_WRITES`).
+//! - [`crash_point`]: the fault tests' SIGKILL at a named point (debug builds only,
+//!   `MICROFED_CRASH_AT`).
 
 use std::fs::File;
 use std::io::Write;
@@ -130,6 +132,19 @@ pub fn injected_failure(path: &Path) -> Option<std::io::Error> {
         .map(str::trim)
         .any(|f| !f.is_empty() && path.contains(f))
         .then(|| std::io::Error::from_raw_os_error(28))
+}
+
+/// Environment variable naming the [`crash_point`] at which a debug build stops dead.
+pub const CRASH_AT_ENV: &str = "MICROFED_CRASH_AT";
+
+/// A crash injected for the fault tests: in a debug build whose `MICROFED_CRASH_AT` is `point`, the
+/// process aborts here (no unwinding, no destructors, no flush: as a SIGKILL or a power cut would
+/// leave it). Release builds never look.
+pub fn crash_point(point: &str) {
+    if cfg!(debug_assertions) && std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
+        eprintln!("{CRASH_AT_ENV}={point}: stopping dead here");
+        std::process::abort();
+    }
 }
 
 /// Seconds since the Unix epoch, now.

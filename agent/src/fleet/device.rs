@@ -292,6 +292,8 @@ impl FleetDevice {
                 ("release.cbor".into(), record),
             ],
         )?;
+        // Downloaded and on disk, not swapped in yet (the fault tests stop dead here).
+        crate::fsio::crash_point("fleet-install");
         // Read back from disk: what runs is what was checked.
         let manifest_path = folder.join("manifest.toml");
         let on_disk = ModelManifest::load(&manifest_path)
