@@ -8,6 +8,9 @@
 //! - [`remove_stale_temporaries`]: delete what a crash left under temporary names.
 //! - [`sync_dir`]: flush a folder's entries (after a create, rename or delete).
 //! - [`now_unix`]: seconds since the Unix epoch.
+//! - [`injected_failure`]: the fault tests' full disk (debug builds only, `MICROFED_FAIL_WRITES`).
+//! - [`crash_point`]: the fault tests' SIGKILL at a named point (debug builds only,
+//!   `MICROFED_CRASH_AT`).
 
 use std::fs::File;
 use std::io::Write;
@@ -56,6 +59,9 @@ pub fn is_temporary(name: &str) -> bool {
 /// folder so the rename is durable.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FsError> {
     let tmp = temporary_for(path);
+    if let Some(e) = injected_failure(path) {
+        return Err(at(&tmp)(e));
+    }
     let result = (|| {
         let mut f = File::create(&tmp).map_err(at(&tmp))?;
         f.write_all(bytes).map_err(at(&tmp))?;
@@ -105,6 +111,40 @@ pub fn remove_stale_temporaries(dir: &Path) -> Result<usize, FsError> {
         }
     }
     Ok(removed)
+}
+
+/// Environment variable of the fault tests' write failures (debug builds only).
+pub const FAIL_WRITES_ENV: &str = "MICROFED_FAIL_WRITES";
+
+/// A full disk, injected for the fault tests: in a debug build, when `MICROFED_FAIL_WRITES` names
+/// a file that exists, every write whose path contains one of that file's lines (non-empty) fails
+/// with "No space left on device" (ENOSPC). The test creates the file to fill the disk and deletes
+/// it to free it, while the process runs. Release builds never look.
+pub fn injected_failure(path: &Path) -> Option<std::io::Error> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    let trigger = std::env::var_os(FAIL_WRITES_ENV)?;
+    let fragments = std::fs::read_to_string(trigger).ok()?;
+    let path = path.to_string_lossy();
+    fragments
+        .lines()
+        .map(str::trim)
+        .any(|f| !f.is_empty() && path.contains(f))
+        .then(|| std::io::Error::from_raw_os_error(28))
+}
+
+/// Environment variable naming the [`crash_point`] at which a debug build stops dead.
+pub const CRASH_AT_ENV: &str = "MICROFED_CRASH_AT";
+
+/// A crash injected for the fault tests: in a debug build whose `MICROFED_CRASH_AT` is `point`, the
+/// process aborts here (no unwinding, no destructors, no flush: as a SIGKILL or a power cut would
+/// leave it). Release builds never look.
+pub fn crash_point(point: &str) {
+    if cfg!(debug_assertions) && std::env::var(CRASH_AT_ENV).is_ok_and(|v| v == point) {
+        eprintln!("{CRASH_AT_ENV}={point}: stopping dead here");
+        std::process::abort();
+    }
 }
 
 /// Seconds since the Unix epoch, now.

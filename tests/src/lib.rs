@@ -134,8 +134,15 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts `microfed agent --config CONFIG`, logging at debug level into `log`.
     pub fn start(config: &Path, log: &Path) -> Self {
+        Self::start_with_env(config, log, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables (e.g. the fault tests'
+    /// `MICROFED_FAIL_WRITES`).
+    pub fn start_with_env(config: &Path, log: &Path, env: &[(&str, &Path)]) -> Self {
         let file = std::fs::File::create(log).expect("log file");
         let child = Command::new(microfed_bin())
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .args(["agent", "--config"])
             .arg(config)
             .env("RUST_LOG", "info")

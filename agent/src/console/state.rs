@@ -484,6 +484,8 @@ mod tests {
             last_error: Some("é".repeat(300)),
             style_codes: vec!["x".into()],
             style_rejected: 0,
+            live_global_version: 3,
+            globals_refused: 0,
         }
     }
 

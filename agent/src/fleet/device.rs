@@ -66,6 +66,11 @@ pub enum InstallError {
     Load(String),
     #[error("swap: {0}")]
     Swap(String),
+    #[error(
+        "{version}: its install was cut short {attempts} times (the agent stopped in the middle); \
+         given up"
+    )]
+    Interrupted { version: String, attempts: u32 },
 }
 
 /// Where the fleet task reports the running version and its last error: the device's
@@ -232,14 +237,28 @@ impl FleetDevice {
                 short(&version)
             )));
         }
-        // From here on the instruction counts as acted on, whatever the outcome: a retained release
-        // delivered again after a reconnect is not checked again.
-        self.store.note_instruction(release.issued_ms)?;
         if self.store.current().is_some_and(|c| c.version == version) {
+            self.store.note_instruction(release.issued_ms)?;
             return Ok(Applied::Ignored(format!(
                 "{} already runs",
                 short(&version)
             )));
+        }
+        // Issue 17: the instruction used to count as acted on before the install, so a crash in
+        // the middle dropped the release (delivered again, it was "issued before the last
+        // instruction"). The install is recorded as begun instead; delivered again after a
+        // restart, it is installed again, up to MAX_INSTALL_ATTEMPTS times.
+        let attempts = self.store.begin_install(release.issued_ms)?;
+        if attempts > crate::fleet::store::MAX_INSTALL_ATTEMPTS {
+            self.store.note_instruction(release.issued_ms)?;
+            self.store.discard(&version);
+            return Err(InstallError::Interrupted {
+                version: short(&version).to_owned(),
+                attempts: attempts - 1,
+            });
+        }
+        if attempts > 1 {
+            tracing::warn!(version = %short(&version), attempts, "fleet: installing again a release whose install was cut short");
         }
         tracing::info!(version = %short(&version), name = %manifest.name, semver = %manifest.version, signer = %key, "fleet: checking a new model version");
         let held = self.store.get(&version).is_some();
@@ -247,6 +266,9 @@ impl FleetDevice {
         if result.is_err() && !held {
             self.store.discard(&version);
         }
+        // Acted on, whatever the outcome: a retained release delivered again after a reconnect is
+        // not checked again.
+        self.store.note_instruction(release.issued_ms)?;
         result
     }
 
@@ -270,6 +292,8 @@ impl FleetDevice {
                 ("release.cbor".into(), record),
             ],
         )?;
+        // Downloaded and on disk, not swapped in yet (the fault tests stop dead here).
+        crate::fsio::crash_point("fleet-install");
         // Read back from disk: what runs is what was checked.
         let manifest_path = folder.join("manifest.toml");
         let on_disk = ModelManifest::load(&manifest_path)
@@ -707,6 +731,54 @@ mod tests {
 
     fn signed(r: &Release, key: &SecretKey) -> Signed {
         Signed::sign(r, Purpose::Release, key).unwrap()
+    }
+
+    /// Issue 17: the release counted as acted on before its install, so a crash between download
+    /// and swap dropped it (delivered again after the restart, it was "issued before the last
+    /// instruction"). Now it is installed again; one that keeps stopping the agent is given up.
+    #[test]
+    fn a_release_whose_install_was_cut_short_is_installed_after_the_restart() {
+        let mut rig = rig();
+        let v1 = release(grains_reexport("grains-v1"), Target::All);
+        // The first attempt: begun (on disk), then the process dies before the swap.
+        rig.fleet.store.begin_install(v1.issued_ms).unwrap();
+        let dir = rig._dir.path().join("store");
+        let reopened = Store::open(&dir, 3).unwrap();
+        assert_eq!(
+            reopened.state().installing.map(|i| i.attempts),
+            Some(1),
+            "the begun install is on disk"
+        );
+        assert_eq!(reopened.state().last_instruction_ms, 0);
+        // After the restart the retained release arrives again: installed.
+        match rig.fleet.handle_release(&signed(&v1, &rig.key)).unwrap() {
+            Applied::Installed { version, .. } => assert_eq!(version, v1.version),
+            other => panic!("expected an install, got {other:?}"),
+        }
+        assert_eq!(rig.fleet.store().current().unwrap().version, v1.version);
+        assert_eq!(rig.fleet.store().state().installing, None);
+        assert_eq!(rig.fleet.store().state().last_instruction_ms, v1.issued_ms);
+        // Delivered once more: acted on already.
+        assert!(matches!(
+            rig.fleet.handle_release(&signed(&v1, &rig.key)).unwrap(),
+            Applied::Ignored(_)
+        ));
+
+        // A release whose install was cut short twice is given up, not tried a third time.
+        let v2 = release(grains_reexport("grains-v2"), Target::All);
+        rig.fleet.store.begin_install(v2.issued_ms).unwrap();
+        rig.fleet.store.begin_install(v2.issued_ms).unwrap();
+        let e = rig
+            .fleet
+            .handle_release(&signed(&v2, &rig.key))
+            .unwrap_err();
+        assert!(
+            matches!(e, InstallError::Interrupted { attempts: 2, .. }),
+            "{e}"
+        );
+        assert_eq!(rig.fleet.store().current().unwrap().version, v1.version);
+        assert_eq!(rig.fleet.store().state().installing, None);
+        assert!(!rig.fleet.store().folder(&v2.version).exists());
     }
 
     #[test]

@@ -350,6 +350,8 @@ mod tests {
             last_error: err.map(str::to_owned),
             style_codes: Vec::new(),
             style_rejected: 0,
+            live_global_version: 0,
+            globals_refused: 0,
         }
     }
 

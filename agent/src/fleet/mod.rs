@@ -80,7 +80,10 @@ pub fn store_dir(state: &Path) -> PathBuf {
 
 /// Opens the device's store (adopting `configured`, the model of the agent's configuration, as its
 /// first version) and returns it with the model the agent must run: the store's current version, so
-/// that a restart keeps what the fleet installed.
+/// that a restart keeps what the fleet installed. A current version whose file is not what was
+/// installed (its SHA-256 differs: a torn or corrupted file, a disk error) is marked failed and the
+/// previous good version runs instead, said in an error line; with none left, the error names the
+/// file.
 pub fn open_store(
     state: &Path,
     fleet: &FleetSection,
@@ -104,6 +107,27 @@ pub fn open_store(
     signing::TrustedKeys::parse(&fleet.trusted_keys)?;
     let mut s = store::Store::open(&store_dir(state), fleet.keep_versions)?;
     s.adopt(configured)?;
+    while let Some(cur) = s.current().cloned() {
+        let path = s.model_path(&cur);
+        let why = match crate::model::manifest::sha256_file(&path) {
+            Ok(found) if found == cur.version => break,
+            Ok(found) => format!("it hashes to {}", store::short(&found)),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(
+            version = %store::short(&cur.version),
+            path = %path.display(),
+            "fleet: the current model version cannot run ({why}); returning to the previous one"
+        );
+        s.mark_failed(&cur.version)?;
+        let Some(previous) = s.previous().cloned() else {
+            return Err(FleetError::Config(format!(
+                "{}: the current model version cannot run ({why}) and no earlier version is left",
+                path.display()
+            )));
+        };
+        s.activate(previous)?;
+    }
     let current = s
         .current()
         .map(|v| s.model_path(v))
@@ -132,4 +156,78 @@ pub fn load_holdout(
         message: e.to_string(),
     })?;
     Ok(set.validation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section() -> FleetSection {
+        FleetSection {
+            trusted_keys: vec![signing::SecretKey::from_seed([1; 32]).public().to_hex()],
+            groups: Vec::new(),
+            keep_versions: 3,
+            holdout_margin: 0.02,
+            max_runtime_failures: 3,
+        }
+    }
+
+    /// Issue 17: a start with a broken current version (a torn or corrupted file) stopped the agent
+    /// for good. It returns to the previous version, marks the broken one failed, and says so.
+    #[test]
+    fn a_start_with_a_broken_current_version_returns_to_the_previous_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let configured = tmp.path().join("configured.onnx");
+        std::fs::write(&configured, b"the configured model").unwrap();
+        let state = tmp.path().join("state");
+        let (mut s, running) = open_store(&state, &section(), &configured).unwrap();
+        let v0 = s.current().unwrap().clone();
+        assert_eq!(running, s.model_path(&v0));
+        // A release installed over it.
+        let bytes = b"release one".to_vec();
+        let v1 = crate::wire::protocol::sha256_hex(&bytes);
+        s.write_version(&v1, &[("model.onnx".into(), bytes)])
+            .unwrap();
+        s.activate(store::StoredVersion {
+            version: v1.clone(),
+            label: None,
+            model_file: "model.onnx".into(),
+            origin: store::Origin::Release,
+            activated_at: 0.0,
+        })
+        .unwrap();
+        let v1_path = s.model_path(s.current().unwrap());
+        drop(s);
+        let (s, running) = open_store(&state, &section(), &configured).unwrap();
+        assert_eq!(running, v1_path, "a good current version runs");
+        drop(s);
+        // The disk tears it.
+        std::fs::write(&v1_path, b"release o").unwrap();
+        let (s, running) = open_store(&state, &section(), &configured).unwrap();
+        assert_eq!(running, s.model_path(&v0), "back to the previous version");
+        assert_eq!(s.current().unwrap().version, v0.version);
+        assert!(s.state().failed.contains(&v1));
+        drop(s);
+        // And it stays there (the broken one is never returned to automatically).
+        let (_, again) = open_store(&state, &section(), &configured).unwrap();
+        assert_eq!(again, running);
+    }
+
+    #[test]
+    fn a_broken_only_version_is_an_error_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let configured = tmp.path().join("configured.onnx");
+        std::fs::write(&configured, b"the configured model").unwrap();
+        let state = tmp.path().join("state");
+        let (s, running) = open_store(&state, &section(), &configured).unwrap();
+        drop(s);
+        std::fs::write(&running, b"torn").unwrap();
+        let e = open_store(&state, &section(), &configured)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(&running.display().to_string()) && e.contains("no earlier version"),
+            "{e}"
+        );
+    }
 }

@@ -73,7 +73,23 @@ pub struct StoreState {
     pub last_instruction_ms: u64,
     /// Versions that failed at run time: never returned to automatically.
     pub failed: Vec<String>,
+    /// A release being installed: a crash in the middle leaves it here, and the retained release,
+    /// delivered again after the restart, is installed again (at most [`MAX_INSTALL_ATTEMPTS`]
+    /// times: one that keeps stopping the agent is given up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub installing: Option<Installing>,
 }
+
+/// A release install begun and not finished ([`StoreState::installing`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installing {
+    pub issued_ms: u64,
+    /// Installs of it begun (1: the first).
+    pub attempts: u32,
+}
+
+/// Installs of one release begun (and cut short by the process stopping) before it is given up.
+pub const MAX_INSTALL_ATTEMPTS: u32 = 2;
 
 /// The on-device store of model versions.
 #[derive(Debug)]
@@ -290,10 +306,33 @@ impl Store {
         self.save()
     }
 
-    /// Records the newest signed instruction acted on.
+    /// Records the newest signed instruction acted on (an install of it, or of an older one, is
+    /// finished).
     pub fn note_instruction(&mut self, issued_ms: u64) -> Result<(), StoreError> {
         self.state.last_instruction_ms = self.state.last_instruction_ms.max(issued_ms);
+        if self
+            .state
+            .installing
+            .is_some_and(|i| i.issued_ms <= self.state.last_instruction_ms)
+        {
+            self.state.installing = None;
+        }
         self.save()
+    }
+
+    /// Records that the install of release `issued_ms` begins (durably, before anything of it is
+    /// written); returns how many installs of it have begun, this one included.
+    pub fn begin_install(&mut self, issued_ms: u64) -> Result<u32, StoreError> {
+        let attempts = match self.state.installing {
+            Some(i) if i.issued_ms == issued_ms => i.attempts.saturating_add(1),
+            _ => 1,
+        };
+        self.state.installing = Some(Installing {
+            issued_ms,
+            attempts,
+        });
+        self.save()?;
+        Ok(attempts)
     }
 
     fn save(&self) -> Result<(), StoreError> {

@@ -160,6 +160,9 @@ impl AgentConfig {
             f.participant
                 .validate()
                 .map_err(|e| invalid("federation.style", e.to_string()))?;
+            f.participant
+                .validate_margin()
+                .map_err(|e| invalid("federation.holdout_margin", e))?;
         }
         Ok(())
     }

@@ -144,6 +144,8 @@ impl DeviceLink {
             last_error: None,
             style_codes: Vec::new(),
             style_rejected: 0,
+            live_global_version: 0,
+            globals_refused: 0,
         };
         let offline = seal_status(
             fleet,

@@ -412,6 +412,13 @@ pub struct StatusBody {
     /// not the topic's device), or an invalid code.
     #[serde(default)]
     pub style_rejected: u64,
+    /// The global decoder segmenting now (0: the base model's own); it lags `global_version` while
+    /// a new global is scored on the hold-out, or when one was kept out.
+    #[serde(default)]
+    pub live_global_version: u64,
+    /// New globals kept out of production by the hold-out gate since start.
+    #[serde(default)]
+    pub globals_refused: u64,
 }
 
 /// One segmented micrograph (on `result/<device>`): the figures, never the image.
@@ -613,6 +620,13 @@ impl Reassembler {
     /// Bytes `stream` holds in incomplete messages.
     pub fn held_by(&self, stream: &str) -> usize {
         self.streams.get(stream).map_or(0, |s| s.held)
+    }
+
+    /// Whether `stream` holds an incomplete message of this digest.
+    pub fn holds(&self, stream: &str, digest: &str) -> bool {
+        self.streams
+            .get(stream)
+            .is_some_and(|s| s.partial.contains_key(digest))
     }
 
     /// Adds one frame; returns the whole message when it is complete (and its digest checks).

@@ -101,6 +101,12 @@ pub struct FederationSection {
     /// default update bound).
     #[serde(default = "default_max_global_step")]
     pub max_global_step: f32,
+    /// The hold-out gate: a new global whose hold-out mean IoU is below the running decoder's by
+    /// more than this is not swapped into production segmentation (local training still starts
+    /// from it). 0..=1; 1 turns the gate off. No hold-out images (`holdout_fraction` 0, or too few
+    /// labelled images): no gate.
+    #[serde(default = "default_holdout_margin")]
+    pub holdout_margin: f64,
 }
 
 impl FederationSection {
@@ -110,6 +116,17 @@ impl FederationSection {
             Some(s) => s.validate(),
             None => Ok(()),
         }
+    }
+
+    /// Checks `holdout_margin` (a fraction of IoU: 0..=1).
+    pub fn validate_margin(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.holdout_margin) {
+            return Err(format!(
+                "{} is not within 0..=1 (a fraction of mean IoU; 1 turns the gate off)",
+                self.holdout_margin
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -140,6 +157,9 @@ fn default_max_norm() -> f32 {
 }
 fn default_max_global_step() -> f32 {
     100.0
+}
+fn default_holdout_margin() -> f64 {
+    0.02
 }
 fn default_outbox_items() -> usize {
     8
@@ -322,6 +342,31 @@ struct InTraining {
     reply: oneshot::Receiver<Result<Trained, LocalError>>,
 }
 
+/// A hold-out score asked of the training thread ([`Action::Score`]).
+struct InScoring {
+    version: u64,
+    reply: oneshot::Receiver<Result<Vec<Option<f64>>, LocalError>>,
+}
+
+/// Resolves when the training thread answers a score; pends forever when none is asked.
+async fn scoring_done(t: &mut Option<InScoring>) -> Event {
+    let Some(s) = t else {
+        return std::future::pending().await;
+    };
+    let result = match (&mut s.reply).await {
+        Ok(Ok(v)) => match v[..] {
+            [live, candidate] => Ok(crate::federated::edge::round::Scores { candidate, live }),
+            _ => Err(format!("{} scores for 2 decoders", v.len())),
+        },
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the training thread stopped".into()),
+    };
+    Event::Scored {
+        version: s.version,
+        result,
+    }
+}
+
 /// Resolves when the training thread answers; pends forever when nothing trains.
 async fn training_done(
     t: &mut Option<InTraining>,
@@ -340,6 +385,11 @@ struct Session<'a> {
     state_path: PathBuf,
     pstate: ParticipantState,
     outbox: Outbox,
+    /// Updates the outbox could not store (a full disk): kept in memory, oldest first, and stored
+    /// again before each flush; at most `outbox_max_items`.
+    unstored: Vec<OutboxItem>,
+    /// The last store failed (logged once, not at every retry).
+    store_failing: bool,
     residual_path: PathBuf,
     residual: Residual,
     pending_code: Option<PendingCode>,
@@ -389,6 +439,7 @@ async fn session(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let decoder_len: usize = s.prepared.layout.iter().map(|t| t.len).sum();
     let mut training: Option<InTraining> = None;
+    let mut scoring: Option<InScoring> = None;
 
     loop {
         let event = tokio::select! {
@@ -415,6 +466,10 @@ async fn session(
                     Err(e) => tracing::debug!(error = %e, "cannot fingerprint the labelled data"),
                 }
                 None
+            }
+            e = scoring_done(&mut scoring) => {
+                scoring = None;
+                Some(e)
             }
             r = training_done(&mut training) => {
                 let t = training.take().expect("a reply comes only while training");
@@ -480,7 +535,7 @@ async fn session(
                 match action {
                     Action::DropUpdatesUpTo(round) => s.drop_closed(round),
                     Action::Install { version, swap } => {
-                        if swap && let Some((_, values)) = carried.rounds.global() {
+                        if swap && let Some((_, values)) = carried.rounds.live() {
                             swap_in(
                                 &s.prepared.proto,
                                 &s.prepared.layout,
@@ -490,7 +545,48 @@ async fn session(
                             )
                             .await;
                         }
+                        device.status.update(|st| {
+                            st.global_version = version;
+                            if swap {
+                                st.live_global_version = version;
+                            }
+                        });
+                    }
+                    Action::Score { version } => {
+                        let (Some((live_version, live)), Some((_, candidate))) =
+                            (carried.rounds.live(), carried.rounds.global())
+                        else {
+                            continue;
+                        };
+                        tracing::info!(
+                            version,
+                            live_version,
+                            "scoring the new global on the hold-out before it goes live"
+                        );
                         device.status.update(|st| st.global_version = version);
+                        scoring = Some(InScoring {
+                            version,
+                            reply: s
+                                .prepared
+                                .trainer
+                                .score(vec![live.to_vec(), candidate.to_vec()]),
+                        });
+                    }
+                    Action::KeepLive {
+                        version,
+                        live_version,
+                        why,
+                    } => {
+                        tracing::warn!(
+                            version,
+                            live_version,
+                            "global decoder not swapped into production (training goes on from it): {why}"
+                        );
+                        device.status.update(|st| {
+                            st.globals_refused += 1;
+                            st.last_error =
+                                Some(format!("global {version} kept out of production: {why}"));
+                        });
                     }
                     Action::DigestMismatch { round, version } => tracing::warn!(
                         round,
@@ -568,7 +664,11 @@ impl<'a> Session<'a> {
                 last_trained_round: 0,
             };
         }
-        carried.rounds.start_session(pstate.last_trained_round);
+        // The gate needs hold-out images to score on.
+        let gate = (prepared.holdout > 0).then_some(cfg.holdout_margin);
+        carried
+            .rounds
+            .start_session(pstate.last_trained_round, &prepared.base_decoder, gate);
         let outbox = Outbox::open(
             &cfg.state.join("outbox"),
             cfg.outbox_max_items,
@@ -616,6 +716,8 @@ impl<'a> Session<'a> {
             state_path,
             pstate,
             outbox,
+            unstored: Vec::new(),
+            store_failing: false,
             residual_path,
             residual,
             pending_code,
@@ -727,17 +829,8 @@ impl<'a> Session<'a> {
                     model_version: self.prepared.model_version.clone(),
                     payload: bytes,
                 };
-                match self.outbox.push(item) {
-                    Ok(evicted) => {
-                        for e in evicted {
-                            tracing::warn!(
-                                round = e.round,
-                                "outbox full: dropped the oldest update"
-                            );
-                        }
-                    }
-                    Err(e) => tracing::error!(error = %e, "cannot store the update in the outbox"),
-                }
+                self.unstored.push(item);
+                self.store_unstored();
                 None
             }
             Err(e) => {
@@ -793,8 +886,61 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Stores the updates waiting in memory in the outbox, oldest first. A write that fails (a full
+    /// disk) keeps them in memory, to be tried again before the next flush, so the update is not
+    /// lost while the process runs; beyond `outbox_max_items` of them, the oldest is dropped, as
+    /// the outbox itself would.
+    fn store_unstored(&mut self) {
+        while !self.unstored.is_empty() {
+            let item = self.unstored.remove(0);
+            let round = item.round;
+            match self.outbox.push(item.clone()) {
+                Ok(evicted) => {
+                    if self.unstored.is_empty() {
+                        tracing::debug!(round, "update stored in the outbox");
+                    }
+                    for e in evicted {
+                        tracing::warn!(round = e.round, "outbox full: dropped the oldest update");
+                    }
+                }
+                Err(e) => {
+                    if !self.store_failing {
+                        tracing::error!(
+                            round,
+                            error = %e,
+                            "cannot store the update in the outbox; keeping it in memory and retrying"
+                        );
+                        let msg = format!("cannot store the round {round} update: {e}");
+                        self.device.status.update(|st| st.last_error = Some(msg));
+                    }
+                    self.store_failing = true;
+                    self.unstored.insert(0, item);
+                    if self.unstored.len() > self.cfg.outbox_max_items.max(1) {
+                        let dropped = self.unstored.remove(0);
+                        tracing::warn!(
+                            round = dropped.round,
+                            "outbox full (in memory): dropped the oldest update"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
     /// Sends what waits, oldest first, while the round it belongs to is open.
     async fn flush_outbox(&mut self, open_round: Option<u64>) {
+        if !self.unstored.is_empty() {
+            let before = self.unstored.len();
+            self.store_unstored();
+            if self.unstored.is_empty() {
+                self.store_failing = false;
+                tracing::info!(
+                    updates = before,
+                    "writes work again: the updates kept in memory are in the outbox"
+                );
+            }
+        }
         let link = &self.device.link;
         if !link.is_connected() || self.outbox.is_empty() {
             return;
@@ -1128,6 +1274,10 @@ struct Prepared {
     fingerprint: String,
     /// This lab's style code and its [`style_key`] (None: codes off, or none may be published).
     own_code: Option<(String, StyleCode)>,
+    /// The base model's own decoder (what segments until a global goes live).
+    base_decoder: Vec<f32>,
+    /// Hold-out images (0: no hold-out gate).
+    holdout: usize,
 }
 
 /// Loads the base model and the labelled data, builds the feature cache and this lab's style code,
@@ -1175,6 +1325,7 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         "encoder features ready"
     );
     let samples = cache.samples();
+    let holdout = cache.holdout.len();
     let own_code = cfg.style.as_ref().and_then(|style| {
         let key = style_key(&model_version, &fingerprint, style);
         own_style_code(cfg, style, &cache, key)
@@ -1199,6 +1350,8 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         samples,
         fingerprint,
         own_code,
+        base_decoder: params.decoder_flat(),
+        holdout,
     })
 }
 
@@ -1302,6 +1455,28 @@ mod tests {
             "{err}"
         );
         assert!(toml::from_str::<crate::node::AgentConfig>(&config("colour = 1\n")).is_err());
+    }
+
+    #[test]
+    fn the_hold_out_margin_defaults_to_two_points_and_is_checked_at_load() {
+        let config = |extra: &str| {
+            format!(
+                "[model]\npath = \"m.onnx\"\n[federation]\nfleet = \"f\"\ndevice = \"d\"\n\
+                 labelled = \"l\"\nstate = \"s\"\n{extra}"
+            )
+        };
+        let ok: crate::node::AgentConfig = toml::from_str(&config("")).unwrap();
+        ok.validate().unwrap();
+        assert_eq!(ok.participant().unwrap().holdout_margin, 0.02);
+        for bad in [
+            "holdout_margin = 1.5\n",
+            "holdout_margin = -0.1\n",
+            "holdout_margin = nan\n",
+        ] {
+            let c: crate::node::AgentConfig = toml::from_str(&config(bad)).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("federation.holdout_margin"), "{err}");
+        }
     }
 
     #[test]

@@ -7,6 +7,12 @@
 //! A round is trained once, when all of these hold: its announcement is open, it is newer than the
 //! last round this device trained, the global decoder it starts from has arrived (same version and
 //! digest as announced), its deadline has not passed, and nothing is training now.
+//!
+//! The hold-out gate: a new global is trained from at once, but it reaches production segmentation
+//! (the running model) only after it has been scored on the lab's hold-out images beside the decoder
+//! running now ([`Action::Score`] out, [`Event::Scored`] in): a global whose mean IoU is below the
+//! running decoder's by more than the margin is kept out ([`Action::KeepLive`]). Without hold-out
+//! images (no gate) a new global goes live when it arrives.
 
 use crate::federated::edge::local::RoundPlan;
 use crate::wire::protocol::{self, CompressionConfig, RoundAnnouncement};
@@ -20,6 +26,12 @@ pub enum Event {
     Global { version: u64, values: Vec<f32> },
     /// The training thread finished `round` (its update is handled, or it failed).
     Trained { round: u64 },
+    /// The training thread scored global `version` ([`Action::Score`]) and the decoder running now on
+    /// the hold-out images: mean IoU of each (None: nothing to score on), or why it could not.
+    Scored {
+        version: u64,
+        result: Result<Scores, String>,
+    },
     /// Time passed (deadlines).
     Tick,
 }
@@ -36,6 +48,52 @@ pub enum Action {
     Train(TrainOrder),
     /// The global decoder's digest differs from the announcement's: wait for the right one.
     DigestMismatch { round: u64, version: u64 },
+    /// Score global `version` ([`Rounds::global`]) and the running decoder ([`Rounds::live`]) on
+    /// the hold-out images, and answer with [`Event::Scored`]. Training from it goes on meanwhile.
+    Score { version: u64 },
+    /// Global `version` is not swapped into production: the running decoder (`live_version`) stays.
+    KeepLive {
+        version: u64,
+        live_version: u64,
+        why: Refusal,
+    },
+}
+
+/// Hold-out mean IoU of a candidate global and of the decoder running now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub candidate: Option<f64>,
+    pub live: Option<f64>,
+}
+
+/// Why a global was kept out of production.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// It scores worse than the running decoder by more than the margin (or not a finite score).
+    Worse {
+        candidate: f64,
+        live: f64,
+        margin: f64,
+    },
+    /// It could not be scored (the training thread failed): not verified, not swapped in.
+    NotScored(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Worse {
+                candidate,
+                live,
+                margin,
+            } => write!(
+                f,
+                "hold-out mean IoU {candidate:.4} is below the running decoder's {live:.4} by more \
+                 than holdout_margin {margin}"
+            ),
+            Self::NotScored(why) => write!(f, "could not be scored on the hold-out: {why}"),
+        }
+    }
 }
 
 /// A round to train now.
@@ -58,14 +116,30 @@ pub struct Rounds {
     training: Option<u64>,
     /// (round, version) whose digest mismatch was reported already.
     mismatch_reported: Option<(u64, u64)>,
+    /// The decoder in production (version 0: the base model's own).
+    live: Option<(u64, Vec<f32>)>,
+    /// The hold-out margin; None: no gate (no hold-out images), a new global goes live at once.
+    gate: Option<f64>,
+    /// The global version being scored now.
+    scoring: Option<u64>,
+    /// The last global version decided (swapped in or kept out).
+    decided: Option<u64>,
 }
 
 impl Rounds {
-    /// A session's start: the last round trained on this base model (from disk), nothing training.
-    pub fn start_session(&mut self, last_trained: u64) {
+    /// A session's start: the last round trained on this base model (from disk), nothing training
+    /// or being scored; `base` is the base model's own decoder (what runs until a global goes live);
+    /// `gate` the hold-out margin (None: no hold-out images, no gate). A score asked for in the
+    /// last session is asked for again.
+    pub fn start_session(&mut self, last_trained: u64, base: &[f32], gate: Option<f64>) {
         self.last_trained = last_trained;
         self.training = None;
         self.mismatch_reported = None;
+        self.scoring = None;
+        self.gate = gate;
+        if self.live.is_none() {
+            self.live = Some((0, base.to_vec()));
+        }
     }
 
     /// A new base model: its rounds and decoders mean nothing on the old one, and vice versa.
@@ -76,6 +150,11 @@ impl Rounds {
     /// The current global decoder (version, values).
     pub fn global(&self) -> Option<(u64, &[f32])> {
         self.global.as_ref().map(|(v, g)| (*v, g.as_slice()))
+    }
+
+    /// The decoder in production (version, values), as far as this machine knows.
+    pub fn live(&self) -> Option<(u64, &[f32])> {
+        self.live.as_ref().map(|(v, g)| (*v, g.as_slice()))
     }
 
     /// The open round, if any (updates of older rounds are stale).
@@ -113,11 +192,31 @@ impl Rounds {
                         && protocol::sha256_hex(&protocol::f32_bytes(&values)) == a.global_digest
                 });
                 if announced || self.global.as_ref().is_none_or(|(v, _)| version > *v) {
-                    actions.push(Action::Install {
-                        version,
-                        swap: version > 0,
-                    });
                     self.global = Some((version, values));
+                }
+            }
+            Event::Scored { version, result } => {
+                if self.scoring == Some(version) {
+                    self.scoring = None;
+                    // A newer global arrived meanwhile: it is scored next (below).
+                    if let Some((gv, g)) = self.global.as_ref().filter(|(gv, _)| *gv == version) {
+                        self.decided = Some(*gv);
+                        let margin = self.gate.unwrap_or(f64::INFINITY);
+                        match verdict(result, margin) {
+                            Ok(()) => {
+                                self.live = Some((*gv, g.clone()));
+                                actions.push(Action::Install {
+                                    version,
+                                    swap: true,
+                                });
+                            }
+                            Err(why) => actions.push(Action::KeepLive {
+                                version,
+                                live_version: self.live.as_ref().map_or(0, |(v, _)| *v),
+                                why,
+                            }),
+                        }
+                    }
                 }
             }
             Event::Trained { round } => {
@@ -128,8 +227,31 @@ impl Rounds {
             }
             Event::Tick => {}
         }
+        actions.extend(self.go_live());
         actions.extend(self.next_round(now_unix));
         actions
+    }
+
+    /// The global held, when not decided yet: swapped in (no gate, or the base model's own), or
+    /// scored first.
+    fn go_live(&mut self) -> Option<Action> {
+        let (gv, g) = self.global.as_ref()?;
+        let gv = *gv;
+        if self.decided == Some(gv) || self.scoring.is_some() {
+            return None;
+        }
+        if gv == 0 || self.gate.is_none() {
+            self.decided = Some(gv);
+            if gv > 0 {
+                self.live = Some((gv, g.clone()));
+            }
+            return Some(Action::Install {
+                version: gv,
+                swap: gv > 0,
+            });
+        }
+        self.scoring = Some(gv);
+        Some(Action::Score { version: gv })
     }
 
     /// The round to train now, if any.
@@ -167,6 +289,23 @@ impl Rounds {
             global_version: *gv,
             compression: a.compression.clone(),
         }))
+    }
+}
+
+/// Whether a scored global may go live: not when it could not be scored, nor when its hold-out
+/// mean IoU is not finite or below the running decoder's by more than `margin`. Nothing to score
+/// on (no score either side) lets it through: there is nothing to compare.
+pub fn verdict(result: Result<Scores, String>, margin: f64) -> Result<(), Refusal> {
+    let s = result.map_err(Refusal::NotScored)?;
+    match (s.candidate, s.live) {
+        (Some(candidate), Some(live)) if !candidate.is_finite() || candidate < live - margin => {
+            Err(Refusal::Worse {
+                candidate,
+                live,
+                margin,
+            })
+        }
+        _ => Ok(()),
     }
 }
 
@@ -272,7 +411,7 @@ mod tests {
         assert_eq!(a, vec![Action::DropUpdatesUpTo(2)]);
         // Already trained (a restart keeps the last round).
         let mut r = Rounds::default();
-        r.start_session(3);
+        r.start_session(3, &[0.0, 0.0], None);
         r.handle(global(0), 0.0);
         assert_eq!(
             trains(&r.handle(Event::Announced(announce(3, 0, &g, 100.0)), 0.0)),
@@ -375,5 +514,156 @@ mod tests {
         assert!(check_global(&[1.0, f32::INFINITY], None, 1.0).is_err());
         assert!(check_global(&[100.0, 2.0], Some(&cur), 1.0).is_err());
         assert!(check_global(&[100.0, 2.0], None, 1.0).is_ok());
+    }
+
+    fn scored(version: u64, candidate: f64, live: f64) -> Event {
+        Event::Scored {
+            version,
+            result: Ok(Scores {
+                candidate: Some(candidate),
+                live: Some(live),
+            }),
+        }
+    }
+
+    /// Issue 17: a new global went into production segmentation with no hold-out check. With a
+    /// hold-out, it is scored first; one worse than the running decoder by more than the margin
+    /// stays out, while the round still trains from it.
+    #[test]
+    fn a_global_worse_on_the_hold_out_is_kept_out_of_production_but_trained_from() {
+        let base = vec![0.0f32, 0.0];
+        let bad = vec![5.0f32, 5.0];
+        let mut r = Rounds::default();
+        r.start_session(0, &base, Some(0.02));
+        r.handle(Event::Announced(announce(1, 1, &bad, 100.0)), 0.0);
+        let a = r.handle(
+            Event::Global {
+                version: 1,
+                values: bad.clone(),
+            },
+            0.0,
+        );
+        assert_eq!(a[0], Action::Score { version: 1 }, "{a:?}");
+        assert!(
+            !a.iter().any(|a| matches!(a, Action::Install { .. })),
+            "not live before it is scored: {a:?}"
+        );
+        assert_eq!(trains(&a), Some(1), "training starts from it at once");
+        assert_eq!(r.global(), Some((1, &bad[..])));
+        // Asked once, even as ticks go by.
+        assert!(r.handle(Event::Tick, 1.0).is_empty());
+        // Worse by 0.1 IoU: kept out, the base decoder stays live.
+        let a = r.handle(scored(1, 0.60, 0.70), 1.0);
+        assert_eq!(
+            a,
+            vec![Action::KeepLive {
+                version: 1,
+                live_version: 0,
+                why: Refusal::Worse {
+                    candidate: 0.60,
+                    live: 0.70,
+                    margin: 0.02
+                }
+            }]
+        );
+        assert_eq!(r.live(), Some((0, &base[..])));
+        assert!(r.handle(Event::Tick, 2.0).is_empty(), "decided once");
+        // The next global, within the margin: swapped in.
+        let good = vec![0.1f32, 0.0];
+        let a = r.handle(
+            Event::Global {
+                version: 2,
+                values: good.clone(),
+            },
+            2.0,
+        );
+        assert_eq!(a, vec![Action::Score { version: 2 }]);
+        let a = r.handle(scored(2, 0.69, 0.70), 3.0);
+        assert_eq!(
+            a,
+            vec![Action::Install {
+                version: 2,
+                swap: true
+            }]
+        );
+        assert_eq!(r.live(), Some((2, &good[..])));
+    }
+
+    #[test]
+    fn unscorable_or_non_finite_globals_stay_out_and_no_hold_out_lets_them_through() {
+        let m = 0.02;
+        let s = |c, l| {
+            Ok(Scores {
+                candidate: c,
+                live: l,
+            })
+        };
+        assert!(verdict(s(Some(0.5), Some(0.5)), m).is_ok());
+        assert!(
+            verdict(s(Some(0.49), Some(0.5)), m).is_ok(),
+            "within the margin"
+        );
+        assert!(verdict(s(Some(0.47), Some(0.5)), m).is_err());
+        assert!(verdict(s(Some(f64::NAN), Some(0.5)), m).is_err());
+        assert!(verdict(s(None, None), m).is_ok(), "nothing to compare");
+        assert!(matches!(
+            verdict(Err("kernel".into()), m),
+            Err(Refusal::NotScored(_))
+        ));
+        // No hold-out images: no gate, a global goes live when it arrives.
+        let mut r = Rounds::default();
+        r.start_session(0, &[0.0], None);
+        let a = r.handle(
+            Event::Global {
+                version: 1,
+                values: vec![1.0],
+            },
+            0.0,
+        );
+        assert_eq!(
+            a,
+            vec![Action::Install {
+                version: 1,
+                swap: true
+            }]
+        );
+    }
+
+    #[test]
+    fn a_score_overtaken_by_a_newer_global_or_a_new_session_is_asked_again() {
+        let mut r = Rounds::default();
+        r.start_session(0, &[0.0], Some(0.02));
+        let g = |v, x| Event::Global {
+            version: v,
+            values: vec![x],
+        };
+        assert_eq!(r.handle(g(1, 1.0), 0.0), vec![Action::Score { version: 1 }]);
+        // Version 2 arrives while 1 is scored: nothing new is asked until 1 answers ...
+        assert!(r.handle(g(2, 2.0), 0.0).is_empty());
+        // ... and 1's answer decides nothing (it is no longer the global): 2 is scored.
+        assert_eq!(
+            r.handle(scored(1, 0.9, 0.1), 0.0),
+            vec![Action::Score { version: 2 }]
+        );
+        assert_eq!(r.live().unwrap().0, 0);
+        // The session ends before 2 is answered: the next session asks again.
+        r.start_session(0, &[0.0], Some(0.02));
+        assert_eq!(
+            r.handle(Event::Tick, 1.0),
+            vec![Action::Score { version: 2 }]
+        );
+        // A late answer for another version is ignored.
+        assert_eq!(r.handle(scored(7, 0.0, 1.0), 1.0), vec![]);
+        assert_eq!(
+            r.handle(scored(2, 0.5, 0.5), 1.0),
+            vec![Action::Install {
+                version: 2,
+                swap: true
+            }]
+        );
+        // A new base model forgets what ran: its own decoder is live at the next session.
+        r.new_base_model();
+        r.start_session(0, &[3.0], Some(0.02));
+        assert_eq!(r.live(), Some((0, &[3.0f32][..])));
     }
 }

@@ -34,9 +34,25 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Trained, LocalError>>,
 }
 
+/// Hold-out mean IoU of each decoder (None: no hold-out images).
+pub type ScoreReply = oneshot::Sender<Result<Vec<Option<f64>>, LocalError>>;
+
+/// What the thread is asked to do.
+#[derive(Debug)]
+enum Work {
+    Train(Job),
+    /// Score decoders on the hold-out images (the gate before a global goes live).
+    Score {
+        decoders: Vec<Vec<f32>>,
+        reply: ScoreReply,
+    },
+}
+
 /// A [`LocalTrainer`] on any backend, behind one object.
 pub trait RoundTrainer: Send {
     fn train(&mut self, job: &Job) -> Result<Trained, LocalError>;
+    /// Hold-out mean IoU of `decoder` (None: no hold-out images).
+    fn score(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError>;
 }
 
 impl<B: Backend> RoundTrainer for LocalTrainer<B> {
@@ -56,6 +72,10 @@ impl<B: Backend> RoundTrainer for LocalTrainer<B> {
             seconds: t0.elapsed().as_secs_f32(),
             restyled_batches: self.restyled_batches(),
         })
+    }
+
+    fn score(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError> {
+        self.holdout_iou(decoder)
     }
 }
 
@@ -104,24 +124,48 @@ pub enum TrainerError {
 /// The training thread, ready for jobs; it ends when this handle is dropped.
 #[derive(Debug)]
 pub struct TrainingThread {
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::Sender<Work>,
 }
 
 impl TrainingThread {
     /// Opens the backend `device_kind` names, builds the trainer and starts its thread.
     pub fn start(device_kind: &str, setup: TrainerSetup<'_>) -> Result<Self, TrainerError> {
-        let mut trainer = on_backend(device_kind, setup)??;
-        let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
+        let trainer = on_backend(device_kind, setup)??;
+        Self::spawn(trainer)
+    }
+
+    /// Starts the thread around any [`RoundTrainer`].
+    pub fn spawn(mut trainer: Box<dyn RoundTrainer>) -> Result<Self, TrainerError> {
+        let (jobs, inbox) = std::sync::mpsc::channel::<Work>();
         std::thread::Builder::new()
             .name("local-training".into())
             .spawn(move || {
-                while let Ok(job) = inbox.recv() {
-                    let r = trainer.train(&job);
-                    let _ = job.reply.send(r);
+                while let Ok(work) = inbox.recv() {
+                    match work {
+                        Work::Train(job) => {
+                            let r = trainer.train(&job);
+                            let _ = job.reply.send(r);
+                        }
+                        Work::Score { decoders, reply } => {
+                            let r = decoders.iter().map(|d| trainer.score(d)).collect();
+                            let _ = reply.send(r);
+                        }
+                    }
                 }
             })
             .map_err(TrainerError::Thread)?;
         Ok(Self { jobs })
+    }
+
+    /// Scores `decoders` on the hold-out images, in order, after any job queued before; the result
+    /// comes on the returned receiver (closed if the thread has stopped).
+    pub fn score(
+        &self,
+        decoders: Vec<Vec<f32>>,
+    ) -> oneshot::Receiver<Result<Vec<Option<f64>>, LocalError>> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.jobs.send(Work::Score { decoders, reply });
+        rx
     }
 
     /// Hands a round to the thread; the result comes on the returned receiver (closed if the thread
@@ -133,12 +177,12 @@ impl TrainingThread {
         styles: Option<(Vec<StyleCode>, RestyleConfig)>,
     ) -> oneshot::Receiver<Result<Trained, LocalError>> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.jobs.send(Job {
+        let _ = self.jobs.send(Work::Train(Job {
             global,
             plan,
             styles,
             reply,
-        });
+        }));
         rx
     }
 }

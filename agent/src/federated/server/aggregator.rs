@@ -251,6 +251,17 @@ impl std::fmt::Debug for Aggregator {
     }
 }
 
+/// The digest of a spooled chunk's file name `<64 hex digits>-<index>.frame`.
+fn spooled_digest(name: &str) -> Option<&str> {
+    let (digest, rest) = name.split_once('-')?;
+    let index = rest.strip_suffix(".frame")?;
+    (digest.len() == 64
+        && digest.bytes().all(|b| b.is_ascii_hexdigit())
+        && !index.is_empty()
+        && index.bytes().all(|b| b.is_ascii_digit()))
+    .then_some(digest)
+}
+
 fn file_err(path: &Path, e: impl std::fmt::Display) -> AggregatorError {
     AggregatorError::File {
         path: path.to_owned(),
@@ -329,6 +340,7 @@ impl Aggregator {
         if me.state.open {
             me.replay_open_round()?;
         }
+        me.replay_spool()?;
         me.show_round();
         Ok(me)
     }
@@ -499,7 +511,12 @@ impl Aggregator {
         }
         let whole = match self.reassembler.push(topic, payload) {
             Ok(Some(w)) => w,
-            Ok(None) => return Ok(()),
+            Ok(None) => {
+                // One chunk of a dense update: on disk before the broker is told it arrived.
+                self.spool_frame(&device, payload)?;
+                self.prune_spool(&device);
+                return Ok(());
+            }
             Err(e) => {
                 let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
                     Rejection::Oversized
@@ -507,10 +524,114 @@ impl Aggregator {
                     Rejection::Malformed
                 };
                 self.reject(why, &format!("{topic}: {e}"));
+                self.prune_spool(&device);
                 return Ok(());
             }
         };
-        self.handle_update_message(&device, &whole)
+        self.handle_update_message(&device, &whole)?;
+        self.prune_spool(&device);
+        Ok(())
+    }
+
+    /// `state/partial/<device, hex>/`: the chunks of `device`'s incomplete chunked updates. Each
+    /// chunk is written here before it is acknowledged to the broker, so a crash in the middle of a
+    /// dense (multi-chunk) update loses no chunk the broker has forgotten; a restart reads them
+    /// back ([`Aggregator::replay_spool`]). The device id is hex-encoded: it comes from a topic.
+    fn spool_dir(&self, device: &str) -> PathBuf {
+        self.cfg.state.join("partial").join(hex::encode(device))
+    }
+
+    fn spool_frame(&self, device: &str, payload: &[u8]) -> Result<(), AggregatorError> {
+        // The reassembler has just taken this frame: its header is valid (digest: 64 hex digits).
+        let f: protocol::Frame = protocol::from_cbor("frame", payload)?;
+        let dir = self.spool_dir(device);
+        std::fs::create_dir_all(&dir).map_err(|e| file_err(&dir, e))?;
+        let path = dir.join(format!("{}-{:010}.frame", f.digest, f.index));
+        write_atomic(&path, payload).map_err(|e| file_err(&path, e))
+    }
+
+    /// Deletes the spooled chunks of `device`'s messages that the reassembler no longer holds
+    /// (completed and handled, evicted, timed out): the spool never outgrows the reassembler's
+    /// bounds. Only files named `<64 hex digits>-<index>.frame` are touched.
+    fn prune_spool(&self, device: &str) {
+        let dir = self.spool_dir(device);
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        let stream = self.topics.update(device);
+        let mut left = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(digest) = spooled_digest(&name) else {
+                left += 1;
+                continue;
+            };
+            if self.reassembler.holds(&stream, digest) {
+                left += 1;
+            } else if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot delete a spooled chunk");
+                left += 1;
+            }
+        }
+        if left == 0 {
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// At start: the spooled chunks go back into the reassembler (a message they complete is
+    /// handled as if it had just arrived: one counted before the crash is a duplicate).
+    fn replay_spool(&mut self) -> Result<(), AggregatorError> {
+        let root = self.cfg.state.join("partial");
+        let Ok(devices) = std::fs::read_dir(&root) else {
+            return Ok(());
+        };
+        let mut chunks = 0;
+        for d in devices.flatten() {
+            let Some(device) = hex::decode(d.file_name().to_string_lossy().as_bytes())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+            else {
+                continue;
+            };
+            // A chunk being written when the process died was not acknowledged: the broker
+            // delivers it again. Its temporary file goes.
+            if let Err(e) = crate::fsio::remove_stale_temporaries(&d.path()) {
+                tracing::warn!(error = %e, "cannot remove temporaries from the chunk spool");
+            }
+            let mut files: Vec<PathBuf> = std::fs::read_dir(d.path())
+                .map_err(|e| file_err(&d.path(), e))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| spooled_digest(n).is_some())
+                })
+                .collect();
+            files.sort();
+            let topic = self.topics.update(&device);
+            for path in files {
+                // Bounded like any frame: the reassembler refuses one above the packet limit.
+                let bytes = std::fs::read(&path).map_err(|e| file_err(&path, e))?;
+                chunks += 1;
+                match self.reassembler.push(&topic, &bytes) {
+                    Ok(Some(whole)) => self.handle_update_message(&device, &whole)?,
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "dropping a spooled chunk")
+                    }
+                }
+            }
+            self.prune_spool(&device);
+        }
+        if chunks > 0 {
+            tracing::info!(
+                chunks,
+                pending = self.reassembler.pending(),
+                "read back the chunks of incomplete updates from disk"
+            );
+        }
+        Ok(())
     }
 
     /// Checks and counts one whole update message from `device` (the topic's device).
@@ -757,6 +878,17 @@ impl Aggregator {
 
     /// Merges the accepted updates into the next global version and closes the round.
     pub fn close_round(&mut self) -> Result<RoundSummary, AggregatorError> {
+        // Chunks of messages given up (timed out) while their devices sent nothing more.
+        if let Ok(devices) = std::fs::read_dir(self.cfg.state.join("partial")) {
+            for d in devices.flatten() {
+                if let Some(device) = hex::decode(d.file_name().to_string_lossy().as_bytes())
+                    .ok()
+                    .and_then(|b| String::from_utf8(b).ok())
+                {
+                    self.prune_spool(&device);
+                }
+            }
+        }
         let accepted: Vec<String> = self.state.accepted.keys().cloned().collect();
         let samples: u64 = self.state.accepted.values().map(|(s, _)| s).sum();
         let mut privacy = None;
@@ -904,6 +1036,7 @@ impl Aggregator {
         mut stop: watch::Receiver<bool>,
     ) -> Result<RoundState, AggregatorError> {
         self.publish_current(link, &mut stop).await?;
+        let mut held = Held::default();
         loop {
             if *stop.borrow() {
                 break;
@@ -913,13 +1046,17 @@ impl Aggregator {
             }
             tokio::select! {
                 m = inbox.recv() => match m {
-                    Some(m) => self.take_update_frame(&m)?,
+                    Some(m) => self.take_or_hold(m, &mut held)?,
                     None => break,
                 },
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = stop.changed() => {}
             }
-            if self.round_due() {
+            if !held.0.is_empty() {
+                self.retry_held(&mut held)?;
+            }
+            // A round is not closed over updates that are waiting for the disk.
+            if held.0.is_empty() && self.round_due() {
                 let summary = self.close_round()?;
                 retry(|| self.publish_global(link), &mut stop).await?;
                 retry(|| self.publish_announcement(link), &mut stop).await?;
@@ -930,7 +1067,102 @@ impl Aggregator {
     }
 }
 
+/// Most update frames held, unacknowledged, while their writes fail; beyond it the aggregator stops
+/// (the broker delivers them again to the next session).
+const MAX_HELD: usize = 512;
+
+/// Update frames whose handling failed on a write (a full disk, say), oldest first, kept
+/// unacknowledged and handled again until writes work. `counted`: the update is in the round's sums
+/// and in `accepted`, only `aggregator.json` could not be saved: it is acknowledged once the state
+/// is saved, not handled again (that would count a spurious duplicate). Dropped with the
+/// aggregator (stop or error), their acknowledgements are withheld.
+#[derive(Default)]
+struct Held(std::collections::VecDeque<(Message, bool)>);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for (m, _) in &self.0 {
+            m.withhold_ack();
+        }
+    }
+}
+
 impl Aggregator {
+    /// One update frame in the single aggregator's loop: handled, or, when a write failed, held
+    /// (not acknowledged) to be handled again; the process goes on. Frames after a held one wait
+    /// behind it, so a device's chunks stay in order.
+    fn take_or_hold(&mut self, m: Message, held: &mut Held) -> Result<(), AggregatorError> {
+        if !held.0.is_empty() {
+            held.0.push_back((m, false));
+        } else {
+            let before = self.state.accepted.len();
+            match self.handle_update_frame(&m.topic, &m.payload) {
+                Ok(()) => return Ok(()),
+                Err(e @ AggregatorError::File { .. }) => {
+                    tracing::error!(
+                        error = %e,
+                        "cannot write an update to disk; holding it unacknowledged and retrying \
+                         (the process goes on; free space on the disk)"
+                    );
+                    let counted = self.state.accepted.len() > before;
+                    held.0.push_back((m, counted));
+                }
+                Err(e) => {
+                    m.withhold_ack();
+                    return Err(e);
+                }
+            }
+        }
+        if held.0.len() > MAX_HELD {
+            return Err(AggregatorError::File {
+                path: self.cfg.state.clone(),
+                message: format!(
+                    "more than {MAX_HELD} update frames wait for the disk; stopping (the broker \
+                     delivers them again to the next session)"
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Handles held frames again, oldest first, while writes work.
+    fn retry_held(&mut self, held: &mut Held) -> Result<(), AggregatorError> {
+        if held.0.iter().any(|(_, counted)| *counted)
+            && let Err(e) = self.save_state()
+        {
+            tracing::debug!(error = %e, "still cannot save the state");
+            return Ok(());
+        }
+        let waiting = held.0.len();
+        while let Some((m, counted)) = held.0.front_mut() {
+            if *counted {
+                // The state with it is saved now: acknowledged as it drops.
+                held.0.pop_front();
+                continue;
+            }
+            let before = self.state.accepted.len();
+            match self.handle_update_frame(&m.topic, &m.payload) {
+                Ok(()) => {
+                    held.0.pop_front();
+                }
+                Err(e @ AggregatorError::File { .. }) => {
+                    tracing::debug!(error = %e, "still cannot write");
+                    *counted = self.state.accepted.len() > before;
+                    return Ok(());
+                }
+                Err(e) => {
+                    m.withhold_ack();
+                    return Err(e);
+                }
+            }
+        }
+        tracing::info!(
+            frames = waiting,
+            "writes work again: every held update frame is handled"
+        );
+        Ok(())
+    }
+
     /// One received update frame, for the single process and a scale-out worker alike: handled, and
     /// acknowledged to the broker when the message is dropped; on an error (a failed write) its
     /// acknowledgement is withheld, so the broker delivers it again to the next session.
@@ -1015,10 +1247,16 @@ pub fn connect(
         path: cfg.state.clone(),
         message,
     })?;
+    // A single aggregator subscribes to the updates directly, not through the share group: Mosquitto
+    // (2.0.11) does not bring a persistent session's shared subscriptions back from its database
+    // after a restart, so updates published between the broker's restart and the aggregator's
+    // resubscription were acknowledged to the devices and dropped (faults_mosquitto.rs); a plain
+    // subscription is restored and they wait for the aggregator. (It also keeps devices, which
+    // Mosquitto lets join any share group, from taking turns of the single aggregator's updates.)
     // A coordinator takes no updates (it would take a share); it hears its workers. A worker hears
     // its share of the updates, the coordinator's announcements and its close requests.
     let subscriptions = match &cfg.scale_out {
-        None => vec![topics.update_shared_filter("aggregators")],
+        None => vec![topics.update_filter()],
         Some(so) => match so.role {
             Role::Coordinator => vec![topics.partial_filter()],
             Role::Worker => vec![
@@ -1255,6 +1493,89 @@ mod tests {
             cfg.max_update_norm
         );
         assert!(cfg.max_update_norm >= 20.0 * measured_median);
+    }
+
+    /// Issue 17: the chunks of a dense update were acknowledged to the broker frame by frame while
+    /// the whole lived only in memory: a crash in the middle lost an update the device's outbox had
+    /// already deleted. Now each chunk is on disk before it is acknowledged, and read back at start.
+    #[test]
+    fn a_dense_update_cut_by_a_crash_completes_after_the_restart_and_counts_once() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let n: usize = s.layout.iter().map(|t| t.len).sum();
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        let dense = CompressionConfig {
+            top_k: None,
+            error_feedback: false,
+            quantize: compress::Quantize::None,
+            zstd_level: None,
+        };
+        let values: Vec<f32> = (0..n).map(|i| 1e-4 * (i % 7) as f32).collect();
+        let compressed = compress::compress(&values, &s.layout, &dense, None).unwrap();
+        let bytes = update_raw(&s, "a", "a", 1, 0, compressed, 4);
+        let frames = protocol::split(&bytes, 4096).unwrap();
+        assert!(frames.len() >= 3, "{} frames", frames.len());
+        let topic = "microfed/f/update/a";
+        let (last, first) = frames.split_last().unwrap();
+        for f in first {
+            agg.handle_update_frame(topic, f).unwrap();
+        }
+        let spool = s.cfg.state.join("partial").join(hex::encode("a"));
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), first.len());
+        // SIGKILL: the memory is gone; the broker has forgotten the acknowledged chunks.
+        drop(agg);
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        assert_eq!(agg.reassembler.pending(), 1, "the chunks were read back");
+        agg.handle_update_frame(topic, last).unwrap();
+        assert_eq!(agg.state().accepted.len(), 1, "{:?}", agg.state());
+        assert!(
+            !spool.exists(),
+            "the spool is emptied once the update is on disk"
+        );
+        // The device sends it all again (its outbox kept it): a duplicate, not counted twice.
+        for f in &frames {
+            agg.handle_update_frame(topic, f).unwrap();
+        }
+        assert_eq!(agg.state().accepted.len(), 1);
+        assert_eq!(agg.state().rejected.get("duplicate"), Some(&1));
+        assert!(!spool.exists());
+        // A restart with nothing spooled replays nothing twice.
+        drop(agg);
+        let agg = Aggregator::open(s.cfg.clone()).unwrap();
+        assert_eq!(agg.state().accepted.len(), 1);
+        assert_eq!(agg.reassembler.pending(), 0);
+    }
+
+    /// The spool is bounded by the reassembler: chunks of messages a device's own new ones evict
+    /// are deleted, and stray files (not `<digest>-<index>.frame`) are never touched.
+    #[test]
+    fn the_chunk_spool_follows_the_reassemblers_evictions() {
+        let s = setup("{ kind = \"fedavg\" }");
+        let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+        agg.open_round().unwrap();
+        let spool = s.cfg.state.join("partial").join(hex::encode("b"));
+        std::fs::create_dir_all(&spool).unwrap();
+        std::fs::write(spool.join("notes.txt"), b"keep").unwrap();
+        for i in 0..(protocol::PARTIALS_PER_STREAM + 3) {
+            let msg = vec![i as u8; 3 * 1024];
+            let frames = protocol::split(&msg, 1024).unwrap();
+            agg.handle_update_frame("microfed/f/update/b", &frames[0])
+                .unwrap();
+        }
+        let frames = std::fs::read_dir(&spool)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".frame")
+            })
+            .count();
+        assert_eq!(frames, protocol::PARTIALS_PER_STREAM);
+        assert!(spool.join("notes.txt").exists());
+        assert_eq!(spooled_digest("../aggregator.json"), None);
+        assert!(spooled_digest(&format!("{}-1.frame", "a".repeat(64))).is_some());
     }
 
     /// Issue 17: frames were reassembled before the sender was checked against the device list,
