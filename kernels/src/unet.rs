@@ -1327,7 +1327,10 @@ mod tests {
         }
         // Only the head's weight and bias depend on the class count.
         assert_eq!(redrawn.len(), 2, "{redrawn:?}");
-        assert_eq!(three, Params::init(2, 1).unwrap().with_classes(3, 9).unwrap());
+        assert_eq!(
+            three,
+            Params::init(2, 1).unwrap().with_classes(3, 9).unwrap()
+        );
         assert!(base.with_classes(0, 0).is_err());
     }
 

@@ -185,11 +185,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     cfg.decoder_only = !full;
     cfg.fresh = args.fresh;
     // Another set of classes than the base model's: a new head on its encoder and decoder.
-    let base_classes = crate::model::onnx::load_params(
-        &crate::model::onnx::load(&base.onnx)?,
-        &base.onnx,
-    )?
-    .classes;
+    let base_classes =
+        crate::model::onnx::load_params(&crate::model::onnx::load(&base.onnx)?, &base.onnx)?
+            .classes;
     cfg.new_head = base_classes != shares.len();
     if cfg.new_head {
         println!(
