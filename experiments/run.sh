@@ -95,3 +95,7 @@ for fed in ${which[*]}; do
     nice "$MICROFED" experiment --config "$fed.toml"
     echo "$fed: $((SECONDS - start)) s"
 done
+# The transfer grid's tables across its four processes (paired by seed): docs/results.md quotes them.
+if [[ " ${which[*]} " == *" transfer"* ]]; then
+    python3 transfer_summary.py > ../docs/results/transfer-summary.md
+fi

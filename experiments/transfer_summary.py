@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""The transfer grid's summary tables (docs/results.md) from the results of its four configs.
+
+The grid runs as four `microfed experiment` processes (transfer, transfer-b, -c, -d: the CPU step
+uses one core); their runs share labs, splits and seeds, so they pair by seed across the files.
+This prints, in points: the mean validation IoU over labs at the last round; per lab T1/T2/T3 at
+the last round and at the lab's best-validation checkpoint, for every run and its personalised
+decoders; and every run minus FedAvg, paired by seed, with 95 % t intervals.
+
+    python3 experiments/transfer_summary.py > docs/results/transfer-summary.md
+"""
+import json
+import math
+import pathlib
+import statistics
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE.parent / "docs" / "results"
+CONFIGS = ["transfer", "transfer-b", "transfer-c", "transfer-d"]
+LABS = ["sem-se", "optical", "sem-bse", "hazy (target)"]
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
+
+
+def load():
+    runs = {}
+    for c in CONFIGS:
+        path = RESULTS / c / "results.json"
+        if not path.is_file():
+            continue
+        for seeds in json.loads(path.read_text()):
+            if seeds:
+                runs[seeds[0]["name"]] = seeds
+    return runs
+
+
+def pick(run, lab, selection):
+    for p in run.get("picks", []):
+        if p["lab"] == lab and p["selection"] == selection:
+            return p
+    return None
+
+
+def pm(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    m = 100 * statistics.mean(values)
+    if len(values) < 2:
+        return f"{m:.1f}"
+    return f"{m:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def paired(a, b):
+    d = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+    if not d:
+        return "–"
+    m = 100 * statistics.mean(d)
+    if len(d) < 2:
+        return f"{m:+.1f} (1 seed)"
+    h = 100 * T95.get(len(d) - 1, 1.96) * statistics.stdev(d) / math.sqrt(len(d))
+    return f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}]"
+
+
+def rows(runs):
+    """(label, seeds, final selection, best selection) for every run and personalised variant."""
+    out = []
+    for name, seeds in runs.items():
+        out.append((name, seeds, "final", "best-validation"))
+        if any(pick(s, 0, "final-personalised") for s in seeds):
+            out.append((name + " → personalised", seeds, "final-personalised",
+                        "best-validation-personalised"))
+    return out
+
+
+def main():
+    runs = load()
+    if "FedAvg" not in runs:
+        raise SystemExit("no FedAvg results yet (run experiments/run.sh transfer)")
+    ref = runs["FedAvg"]
+    print("Mean validation IoU over the four labs, last round (points, mean ± sd over seeds):\n")
+    print("| run | seeds | " + " | ".join(LABS) + " | mean |")
+    print("|---|---|" + "---|" * (len(LABS) + 1))
+    for name, seeds in runs.items():
+        cells = [pm([s["rounds"][-1]["lab_iou"][l] for s in seeds]) for l in range(len(LABS))]
+        mean = pm([s["rounds"][-1]["mean_iou"] for s in seeds])
+        print(f"| {name} | {len(seeds)} | " + " | ".join(cells) + f" | {mean} |")
+    for l, lab in enumerate(LABS):
+        print(f"\n{lab}: test IoU (T1 own style, T2 the other labs' styles, T3 fast-scan), points\n")
+        print("| run | T1 final | T2 final | T3 final | T1 best-val | T2 best-val | T3 best-val |"
+              " T1 − FedAvg's (final) | T2 − FedAvg's (final) | T1 − FedAvg's (best-val) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for label, seeds, fin, best in rows(runs):
+            v = lambda sel, t: [(pick(s, l, sel) or {}).get("tests", {}).get(t) for s in seeds]
+            r = lambda sel, t: [(pick(s, l, sel) or {}).get("tests", {}).get(t) for s in ref]
+            cells = [pm(v(fin, t)) for t in ("t1", "t2", "t3")]
+            cells += [pm(v(best, t)) for t in ("t1", "t2", "t3")]
+            if seeds is ref and fin == "final":
+                cells += ["", "", ""]
+            else:
+                cells += [paired(v(fin, "t1"), r("final", "t1")),
+                          paired(v(fin, "t2"), r("final", "t2")),
+                          paired(v(best, "t1"), r("best-validation", "t1"))]
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
