@@ -945,6 +945,7 @@ mod tests {
     #[test]
     fn kernels_engine_matches_tract_on_every_shipped_model() {
         use crate::synth::{Structure, Style, SynthParams, generate};
+        let under_qemu = std::env::var_os("MICROFED_UNDER_QEMU").is_some();
         let nasa = nasa_super();
         let nasa_images: Vec<PathBuf> = match &nasa {
             Some(dir) => {
@@ -953,6 +954,11 @@ mod tests {
                     .map(|e| e.unwrap().path())
                     .collect();
                 v.sort();
+                // Under qemu (cross/check.sh) arithmetic is 5-20x slower: 2 images per model keep
+                // the aarch64 parity check to minutes.
+                if under_qemu {
+                    v.truncate(2);
+                }
                 v
             }
             None => {
@@ -986,7 +992,8 @@ mod tests {
                 Structure::Polycrystal
             };
             let mut synthetic = Agreement::default();
-            for (i, name) in Style::PRESETS.iter().enumerate() {
+            let styles = if under_qemu { 2 } else { Style::PRESETS.len() };
+            for (i, name) in Style::PRESETS.iter().take(styles).enumerate() {
                 let params =
                     SynthParams::new(structure, Style::preset(name).unwrap(), 120, 88, 5).unwrap();
                 let sample = generate(&params, i as u64);
