@@ -10,6 +10,30 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// `microfed synth` of a precipitates dataset into `out`.
+fn synth_precipitates(out: &Path, style: &str, count: u32, size: u32, seed: u64) {
+    let (count, size, seed) = (count.to_string(), size.to_string(), seed.to_string());
+    let out = out.display().to_string();
+    microfed(
+        &[
+            "synth",
+            "--structure",
+            "precipitates",
+            "--style",
+            style,
+            "--count",
+            &count,
+            "--size",
+            &size,
+            "--seed",
+            &seed,
+            "--out",
+            &out,
+        ],
+        true,
+    );
+}
+
 #[test]
 fn import_check_finetune_segment_eval() {
     let tmp = tempfile::tempdir().unwrap();
@@ -18,24 +42,7 @@ fn import_check_finetune_segment_eval() {
 
     // A lab's folder: synthetic precipitates, masks saved as colour overlays in train_annot/.
     let synth = root.join("synth");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "precipitates",
-            "--style",
-            "sem-bse",
-            "--count",
-            "4",
-            "--size",
-            "96",
-            "--seed",
-            "11",
-            "--out",
-            &s(&synth),
-        ],
-        true,
-    );
+    synth_precipitates(&synth, "sem-bse", 4, 96, 11);
     let lab = root.join("lab");
     std::fs::create_dir_all(lab.join("train")).unwrap();
     std::fs::create_dir_all(lab.join("train_annot")).unwrap();
@@ -148,24 +155,7 @@ fn a_finetune_that_does_not_help_says_so_and_recommends_the_base() {
     let root = tmp.path();
     let s = |p: &Path| p.display().to_string();
     let data = root.join("data");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "precipitates",
-            "--style",
-            "sem-bse",
-            "--count",
-            "4",
-            "--size",
-            "96",
-            "--seed",
-            "12",
-            "--out",
-            &s(&data),
-        ],
-        true,
-    );
+    synth_precipitates(&data, "sem-bse", 4, 96, 12);
     let base = repo_root().join("models/precipitates");
     let model = root.join("model");
     let o = microfed(
@@ -211,24 +201,7 @@ fn finetune_on_other_classes_trains_a_new_head() {
     let root = tmp.path();
     let s = |p: &Path| p.display().to_string();
     let data = root.join("data");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "precipitates",
-            "--style",
-            "sem-se",
-            "--count",
-            "3",
-            "--size",
-            "96",
-            "--seed",
-            "13",
-            "--out",
-            &s(&data),
-        ],
-        true,
-    );
+    synth_precipitates(&data, "sem-se", 3, 96, 13);
     let model = root.join("model");
     let o = microfed(
         &[
