@@ -436,7 +436,17 @@ fn agent_and_aggregator_metrics_count_a_real_round_and_refuse_a_request_without_
     let sent = get(&a, "microfed_update_sent_bytes_total", &[]);
     assert!(sent > 0.0);
     assert_eq!(get(&a, "microfed_broker_connected", &[]), 1.0);
-    assert_eq!(get(&a, "microfed_global_version", &[]), 1.0);
+    // The round closed on the aggregator; the agent installs the global it published a moment
+    // later.
+    assert!(
+        wait_until(Duration::from_secs(60), || get(
+            &agent_metrics(),
+            "microfed_global_version",
+            &[]
+        ) == 1.0),
+        "the agent did not install global version 1:\n{}",
+        agent.log()
+    );
 
     // The aggregator, over TLS: refused without the token or with a wrong one.
     let ca = broker.ca_pem();
