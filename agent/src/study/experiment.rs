@@ -78,6 +78,8 @@ pub struct RunSpec {
     pub schedule: Option<LrSchedule>,
     #[serde(default)]
     pub class_weighted: Option<bool>,
+    #[serde(default)]
+    pub keep_optimizer_state: Option<bool>,
     /// What a lab would deploy (not for `local`): the global decoder fine-tuned on the lab's own
     /// training images for a few steps, kept only where the lab's validation score says it is
     /// better than the global; reported beside the global's own scores.
@@ -105,6 +107,9 @@ impl RunSpec {
             steps_per_epoch: self.steps_per_epoch.unwrap_or(train.steps_per_epoch),
             schedule: self.schedule.unwrap_or(train.schedule),
             class_weighted: self.class_weighted.unwrap_or(train.class_weighted),
+            keep_optimizer_state: self
+                .keep_optimizer_state
+                .unwrap_or(train.keep_optimizer_state),
             ..train.clone()
         }
     }
@@ -201,6 +206,11 @@ pub struct TrainSpec {
     /// time on a CPU.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,
+    /// Each lab's (and the pooled trainer's) optimiser keeps its moments from round to round
+    /// instead of starting afresh every round (see
+    /// [`LocalTrainer::set_keep_optimizer_state`]); default false.
+    #[serde(default)]
+    pub keep_optimizer_state: bool,
 }
 
 fn default_checkpoint_every() -> u64 {
@@ -505,6 +515,7 @@ pub fn run<B: Backend>(
     for t in &mut trainers {
         t.set_dice_weight(train.dice_weight);
         t.set_class_weighting(train.class_weighted);
+        t.set_keep_optimizer_state(train.keep_optimizer_state);
     }
     let mut style_codes = Vec::new();
     if let Some(style) = spec
@@ -561,6 +572,7 @@ pub fn run<B: Backend>(
             .map(|mut t| {
                 t.set_dice_weight(train.dice_weight);
                 t.set_class_weighting(train.class_weighted);
+                t.set_keep_optimizer_state(train.keep_optimizer_state);
                 t
             })?,
         )

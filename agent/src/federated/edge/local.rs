@@ -136,6 +136,8 @@ pub struct LocalTrainer<B: Backend> {
     restyled_batches: u64,
     /// The lab's inverse-√frequency class weights (used when weighting is on).
     auto_weights: Vec<f32>,
+    /// Keep the optimiser's moments across rounds (see [`LocalTrainer::set_keep_optimizer_state`]).
+    keep_optimizer_state: bool,
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -194,6 +196,7 @@ impl<B: Backend> LocalTrainer<B> {
             fourier_variants: Vec::new(),
             restyle: RestyleConfig::default(),
             restyled_batches: 0,
+            keep_optimizer_state: false,
         })
     }
 
@@ -335,6 +338,18 @@ impl<B: Backend> LocalTrainer<B> {
         self.loss.class_weights = weighted.then(|| self.auto_weights.clone());
     }
 
+    /// Whether [`LocalTrainer::train_round`] keeps the optimiser's moments (momentum, Adam's first
+    /// and second moments and step count) from the lab's previous round instead of starting them
+    /// afresh (the default). A lab that takes part in every round can keep them: freshly reset,
+    /// Adam's first steps are sign steps of the full rate on every weight, whatever the gradient's
+    /// size, so the small, noisy gradients of a lab the model already serves move the weights as
+    /// far as the large ones of a lab it does not, and averaging such steps across labs drifts
+    /// (measured in docs/results.md). Kept, the second moment scales each weight's step by what
+    /// that lab has seen of its gradient.
+    pub fn set_keep_optimizer_state(&mut self, keep: bool) {
+        self.keep_optimizer_state = keep;
+    }
+
     pub fn has_holdout(&self) -> bool {
         !self.cache.holdout.is_empty()
     }
@@ -347,7 +362,9 @@ impl<B: Backend> LocalTrainer<B> {
         plan: &RoundPlan,
     ) -> Result<(Vec<f32>, f32), LocalError> {
         self.net.set_decoder_flat(global)?;
-        self.net.reset_optimizer();
+        if !self.keep_optimizer_state {
+            self.net.reset_optimizer();
+        }
         self.net
             .set_global_decoder((plan.prox_mu > 0.0).then_some(global))?;
         let optim = plan.optimizer.optim(plan.learning_rate, plan.prox_mu);
@@ -838,6 +855,36 @@ mod tests {
         assert_eq!(t.loss.class_weights, None);
         t.set_class_weighting(true);
         assert_eq!(t.loss.class_weights.as_deref(), Some(&[1.0f32, 1.0][..]));
+    }
+
+    #[test]
+    fn kept_optimiser_state_carries_adams_moments_into_the_next_round() {
+        let (backend, params, cache) = setup(2);
+        let global = params.decoder_flat();
+        let adam = RoundPlan {
+            optimizer: LocalOptimizer::Adam,
+            ..plan()
+        };
+        // Two rounds from the same global: reset (the default) repeats round 1's update exactly
+        // when the round number (and so the batches) is the same; kept, round 2's steps are
+        // scaled by round 1's moments.
+        let mut reset =
+            LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 32, 1).unwrap();
+        let (a1, _) = reset.train_round(&global, &adam).unwrap();
+        let (a2, _) = reset.train_round(&global, &adam).unwrap();
+        assert_eq!(a1, a2);
+        let mut kept = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
+        kept.set_keep_optimizer_state(true);
+        let (k1, _) = kept.train_round(&global, &adam).unwrap();
+        let (k2, _) = kept.train_round(&global, &adam).unwrap();
+        assert_eq!(
+            k1, a1,
+            "the first round starts from fresh moments either way"
+        );
+        assert_ne!(
+            k2, k1,
+            "the second round's steps must use the first round's moments"
+        );
     }
 
     #[test]
