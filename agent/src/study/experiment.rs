@@ -1324,6 +1324,16 @@ pub fn test_tables(
 /// One CSV row per run, seed, round and lab: the scores, the bytes sent, the round's learning rate,
 /// the lab's update norm, the IoU of each class (`;`-separated) and the fraction of hold-out pixels
 /// predicted as / labelled with the last class (the boundary class of the reference models).
+/// A CSV field (RFC 4180): quoted, with quotes doubled, where it holds a comma, a quote or a line
+/// break (run and lab names are free text: "FedAvg, momentum SGD 0.01").
+fn csv_field(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\"")).into()
+    } else {
+        s.into()
+    }
+}
+
 pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String {
     let mut out = String::from(
         "run,strategy,seed,round,lab,iou,dice,boundary_f1,bytes,learning_rate,update_norm,\
@@ -1343,11 +1353,11 @@ pub fn csv(labs: &[String], results: &[Vec<RunResult>], seeds: &[u64]) -> String
                     let t = rec.lab_tests.get(l).copied().unwrap_or_default();
                     out += &format!(
                         "{},{:?},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
-                        r.name,
+                        csv_field(&r.name),
                         r.strategy,
                         seed,
                         rec.round,
-                        name,
+                        csv_field(name),
                         f(Metric::Iou.of(rec, l)),
                         f(Metric::Dice.of(rec, l)),
                         f(Metric::BoundaryF1.of(rec, l)),
@@ -1487,6 +1497,14 @@ mod tests {
         assert!(
             csv.contains("x,FedAvg,3,1,b,0.60000,0.70000,,0,0,,,,,,,\n"),
             "{csv}"
+        );
+        // Free-text names are quoted: every row keeps the header's 17 columns.
+        let named = vec![result("FedAvg, \"fast\" SGD", [0.6, 0.4])];
+        let labs_named = vec!["hazy, target".to_string(), "b".to_string()];
+        let quoted = super::csv(&labs_named, std::slice::from_ref(&named), &[1]);
+        assert!(
+            quoted.contains("\"FedAvg, \"\"fast\"\" SGD\",FedAvg,1,1,\"hazy, target\",0.60000,"),
+            "{quoted}"
         );
         let chart = learning_curves("t", &labs, &[seeds], Metric::Iou);
         assert_eq!(chart.panels.len(), 3);
