@@ -825,15 +825,16 @@ impl Aggregator {
         Ok(())
     }
 
-    /// The accountant's sampling rate for a round with `participants` accepted updates.
-    fn sampling_rate(&self, participants: usize) -> f64 {
-        match self.cfg.dp.as_ref().and_then(|d| d.sampling_rate) {
-            Some(q) => q,
-            None if self.cfg.devices.is_empty() => 1.0,
-            None => {
-                (participants as f64 / self.cfg.devices.len() as f64).clamp(f64::MIN_POSITIVE, 1.0)
-            }
-        }
+    /// The accountant's sampling rate: the configured one, else 1. Amplification by sampling holds
+    /// only for a random, undisclosed subset of labs; the labs of a round are the ones that chose
+    /// to answer, and the summary names them, so the share of listed devices that took part is no
+    /// sampling rate (it under-stated ε when it was the default).
+    fn sampling_rate(&self) -> f64 {
+        self.cfg
+            .dp
+            .as_ref()
+            .and_then(|d| d.sampling_rate)
+            .unwrap_or(1.0)
     }
 
     /// The privacy spent so far (none without `[dp]`).
@@ -897,7 +898,7 @@ impl Aggregator {
             if let Some(d) = &self.cfg.dp {
                 // `update` is the sum of the clipped updates over n; N(0, (zC)²) on the sum is
                 // N(0, (zC/n)²) on the mean. OS-seeded ChaCha20: DP noise must not be predictable.
-                let q = self.sampling_rate(accepted.len());
+                let q = self.sampling_rate();
                 let cfg = d.config(q);
                 let n = accepted.len() as f64;
                 let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
@@ -1622,7 +1623,8 @@ mod tests {
 
     #[test]
     fn dp_round_clips_adds_calibrated_noise_and_its_epsilon_survives_a_restart() {
-        // C = 1, z = 0.002; quorum 2 of the 3 listed devices, so round 1 has q = 2/3.
+        // C = 1, z = 0.002; quorum 2 of the 3 listed devices. Without a configured rate round 1 is
+        // accounted with q = 1, not 2/3: the two labs that answered were not drawn at random.
         let (c, z) = (1.0f64, 0.002f64);
         let s = setup_with(
             FEDAVG,
@@ -1643,9 +1645,9 @@ mod tests {
         let s1 = agg.close_round().unwrap();
         let p1 = s1.privacy.clone().expect("privacy report");
         let mut independent = RdpAccountant::new();
-        independent.step(2.0 / 3.0, z, 1).unwrap();
+        independent.step(1.0, z, 1).unwrap();
         assert_eq!(p1.steps, 1);
-        assert!((p1.sampling_rate - 2.0 / 3.0).abs() < 1e-15);
+        assert_eq!(p1.sampling_rate, 1.0);
         assert_eq!(p1.epsilon, independent.epsilon(1e-5).0);
         assert_eq!(p1.mechanism, DP_MECHANISM);
 
@@ -1669,7 +1671,7 @@ mod tests {
         assert!(m.abs() < 5.0 * want / (n as f64).sqrt(), "noise mean {m}");
         drop(agg);
 
-        // Restart: ε is where it was, and round 2 (all three devices: q = 1) adds to it.
+        // Restart: ε is where it was, and round 2 (all three devices) adds to it.
         let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
         assert_eq!(agg.state().accountant.steps, 1);
         assert_eq!(agg.privacy().unwrap().epsilon, p1.epsilon);

@@ -86,10 +86,9 @@ pub struct DpSection {
     /// The δ that ε is reported for.
     #[serde(default = "default_delta")]
     pub delta: f64,
-    /// The sampling rate `q` the accountant uses. None = the round's participants over the listed
-    /// devices (1 when no list). Amplification by sampling assumes a random, undisclosed subset of
-    /// labs; devices here select themselves and the summary names them, so `1.0` is the
-    /// conservative setting.
+    /// The sampling rate `q` the accountant uses; default 1 (no amplification). Amplification by
+    /// sampling assumes a random, undisclosed subset of labs; devices here select themselves and
+    /// the summary names them, so set a rate below 1 only where labs really are drawn at random.
     #[serde(default)]
     pub sampling_rate: Option<f64>,
     /// Stop before opening a round that could take ε (at δ) above this.
