@@ -500,8 +500,8 @@ proptest! {
         if let Ok(env) = env
             && let Ok((_, s)) = package::decode(&env, "f")
         {
-            prop_assert!(s.open_release(&trusted).is_err());
-            prop_assert!(s.open_command(&trusted).is_err());
+            prop_assert!(s.open_release("f", &trusted).is_err());
+            prop_assert!(s.open_command("f", &trusted).is_err());
         }
         // The right key over other bytes still fails.
         let real = trusted_key.sign(Purpose::Command, b"something else");
@@ -510,7 +510,7 @@ proptest! {
             key: Some(serde_bytes::ByteBuf::from(trusted_key.public().0.to_vec())),
             signature: Some(serde_bytes::ByteBuf::from(real.to_vec())),
         };
-        prop_assert!(forged.open_command(&trusted).is_err());
+        prop_assert!(forged.open_command("f", &trusted).is_err());
     }
 }
 

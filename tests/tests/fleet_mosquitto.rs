@@ -294,6 +294,19 @@ fn signed_versions_reach_the_fleet_forgeries_and_worse_models_are_refused_and_ro
             Signed::sign(&release, Purpose::Release, &rogue).unwrap(),
             "does not trust",
         ),
+        // Signed by the fleet's own key, for another fleet that trusts it too: a replay.
+        (
+            Signed::sign(
+                &Release {
+                    fleet: "another-fleet".into(),
+                    ..release.clone()
+                },
+                Purpose::Release,
+                &key,
+            )
+            .unwrap(),
+            "signed for fleet \"another-fleet\"",
+        ),
     ];
     for (signed, reason) in forgeries {
         rt.block_on(async {

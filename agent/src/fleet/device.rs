@@ -219,7 +219,8 @@ impl FleetDevice {
 
     /// Checks a signed release and, when everything passes, makes it the running model.
     pub fn handle_release(&mut self, signed: &Signed) -> Result<Applied, InstallError> {
-        let (release, manifest, key) = signed.open_release(&self.settings.trusted)?;
+        let (release, manifest, key) =
+            signed.open_release(&self.settings.fleet, &self.settings.trusted)?;
         let version = release.version.clone();
         if !release
             .target
@@ -426,7 +427,8 @@ impl FleetDevice {
 
     /// Checks a signed command and carries it out.
     pub fn handle_command(&mut self, signed: &Signed) -> Result<Applied, InstallError> {
-        let (cmd, _key): (FleetCommand, _) = signed.open_command(&self.settings.trusted)?;
+        let (cmd, _key): (FleetCommand, _) =
+            signed.open_command(&self.settings.fleet, &self.settings.trusted)?;
         if !cmd
             .target
             .includes(&self.settings.device, &self.settings.groups)
@@ -652,6 +654,7 @@ mod tests {
 
     fn release(onnx: Vec<u8>, target: Target) -> Release {
         Release {
+            fleet: "f".into(),
             version: sha256_hex(&onnx),
             issued_ms: now_ms(),
             target,
@@ -867,6 +870,7 @@ mod tests {
 
         // Rollback to the configured model by a hash prefix.
         let cmd = FleetCommand {
+            fleet: "f".into(),
             issued_ms: v1.issued_ms + 1,
             target: Target::Device("lab-a".into()),
             order: Order::Rollback {
@@ -887,6 +891,7 @@ mod tests {
         ));
         // Rollback to a version the device does not hold.
         let cmd = FleetCommand {
+            fleet: "f".into(),
             issued_ms: cmd.issued_ms + 1,
             target: Target::All,
             order: Order::Rollback {

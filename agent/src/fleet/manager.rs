@@ -181,6 +181,7 @@ impl Manager {
         view: &FleetView,
     ) -> Result<u32, ManagerError> {
         release.issued_ms = release.issued_ms.max(view.last_issued_ms() + 1);
+        release.fleet = self.fleet.clone();
         let signed = Signed::sign(&release, Purpose::Release, key)?;
         self.publish_release(&release.version, &signed, view).await
     }
@@ -218,6 +219,7 @@ impl Manager {
         view: &FleetView,
     ) -> Result<FleetCommand, ManagerError> {
         let cmd = FleetCommand {
+            fleet: self.fleet.clone(),
             issued_ms: package::now_ms().max(view.last_issued_ms() + 1),
             target,
             order: Order::Rollback {

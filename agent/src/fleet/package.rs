@@ -51,6 +51,15 @@ pub enum PackageError {
     Manifest(String),
     #[error("target `{0}`: expected `all`, `group:NAME` or `device:ID`")]
     Target(String),
+    #[error(
+        "signed for fleet {signed:?}, this device is in fleet {ours:?}: refused (a {what} of another \
+         fleet replayed here, or one signed before releases and commands named their fleet)"
+    )]
+    OtherFleet {
+        what: &'static str,
+        signed: String,
+        ours: String,
+    },
 }
 
 /// Which devices an instruction is for.
@@ -109,6 +118,11 @@ impl From<Target> for String {
 /// One base-model version, as signed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Release {
+    /// The fleet it is for, inside what is signed: fleets that share a signing key cannot replay
+    /// each other's releases. Stamped by the fleet manager when it signs (empty until then; a
+    /// release signed before this field existed decodes with it empty and is refused).
+    #[serde(default)]
+    pub fleet: String,
     /// SHA-256 (hex) of the ONNX file: the version id everywhere.
     pub version: String,
     /// Milliseconds since the Unix epoch at the fleet manager.
@@ -136,6 +150,7 @@ impl Release {
             message: e.to_string(),
         })?;
         let release = Self {
+            fleet: String::new(),
             version: protocol::sha256_hex(&onnx),
             issued_ms: now_ms(),
             target,
@@ -189,6 +204,9 @@ pub enum Order {
 /// A fleet command, as signed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetCommand {
+    /// The fleet it is for, inside what is signed (see [`Release::fleet`]).
+    #[serde(default)]
+    pub fleet: String,
     pub issued_ms: u64,
     pub target: Target,
     pub order: Order,
@@ -237,24 +255,30 @@ impl Signed {
         )?)
     }
 
-    /// Verifies the signature, decodes the release and checks its hashes and manifest.
+    /// Verifies the signature, decodes the release, checks that it was signed for `fleet` and
+    /// checks its hashes and manifest.
     pub fn open_release(
         &self,
+        fleet: &str,
         trusted: &TrustedKeys,
     ) -> Result<(Release, ModelManifest, PublicKey), PackageError> {
         let key = self.verify(Purpose::Release, trusted)?;
         let r: Release = protocol::from_cbor("release", &self.bytes)?;
+        same_fleet("release", &r.fleet, fleet)?;
         let m = r.check()?;
         Ok((r, m, key))
     }
 
-    /// Verifies the signature and decodes the command.
+    /// Verifies the signature, decodes the command and checks that it was signed for `fleet`.
     pub fn open_command(
         &self,
+        fleet: &str,
         trusted: &TrustedKeys,
     ) -> Result<(FleetCommand, PublicKey), PackageError> {
         let key = self.verify(Purpose::Command, trusted)?;
-        Ok((protocol::from_cbor("command", &self.bytes)?, key))
+        let c: FleetCommand = protocol::from_cbor("command", &self.bytes)?;
+        same_fleet("command", &c.fleet, fleet)?;
+        Ok((c, key))
     }
 
     /// The release inside without checking the signature: for the fleet manager's own listing only.
@@ -265,6 +289,18 @@ impl Signed {
     /// The command inside without checking the signature: for the fleet manager's own listing only.
     pub fn peek_command(&self) -> Result<FleetCommand, PackageError> {
         Ok(protocol::from_cbor("command", &self.bytes)?)
+    }
+}
+
+fn same_fleet(what: &'static str, signed: &str, ours: &str) -> Result<(), PackageError> {
+    if signed == ours {
+        Ok(())
+    } else {
+        Err(PackageError::OtherFleet {
+            what,
+            signed: signed.to_owned(),
+            ours: ours.to_owned(),
+        })
     }
 }
 
@@ -340,6 +376,7 @@ pub(crate) mod tests {
 
     fn release(onnx: &[u8]) -> Release {
         Release {
+            fleet: "f".into(),
             version: protocol::sha256_hex(onnx),
             issued_ms: 1000,
             target: Target::All,
@@ -372,7 +409,7 @@ pub(crate) mod tests {
         let bytes = encode_release("f", &r.version, &signed).unwrap();
         let (kind, back) = decode(&bytes, "f").unwrap();
         assert_eq!(kind, Kind::ModelVersion);
-        let (opened, m, k) = back.open_release(&trusted).unwrap();
+        let (opened, m, k) = back.open_release("f", &trusted).unwrap();
         assert_eq!(opened, r);
         assert_eq!(m.name, "grains");
         assert_eq!(k, key.public());
@@ -389,7 +426,7 @@ pub(crate) mod tests {
             .position(|w| w == b"pretend onnx")
             .unwrap();
         t.bytes[at] ^= 1;
-        let e = t.open_release(&trusted).unwrap_err();
+        let e = t.open_release("f", &trusted).unwrap_err();
         assert!(e.to_string().contains("bad signature"), "{e}");
         // A release signed as a command does not open as a release.
         let cmd_signed = Signed {
@@ -398,17 +435,17 @@ pub(crate) mod tests {
             )),
             ..back.clone()
         };
-        assert!(cmd_signed.open_release(&trusted).is_err());
+        assert!(cmd_signed.open_release("f", &trusted).is_err());
         // Unsigned; signed by someone else.
         let e = Signed::unsigned(&r)
             .unwrap()
-            .open_release(&trusted)
+            .open_release("f", &trusted)
             .unwrap_err();
         assert!(e.to_string().starts_with("unsigned"), "{e}");
         let other = SecretKey::from_seed([2; 32]);
         let e = Signed::sign(&r, Purpose::Release, &other)
             .unwrap()
-            .open_release(&trusted)
+            .open_release("f", &trusted)
             .unwrap_err();
         assert!(e.to_string().contains("does not trust"), "{e}");
         // Signed, but the version is not the ONNX file's hash (the signer's mistake).
@@ -416,9 +453,25 @@ pub(crate) mod tests {
         wrong.version = "0".repeat(64);
         let e = Signed::sign(&wrong, Purpose::Release, &key)
             .unwrap()
-            .open_release(&trusted)
+            .open_release("f", &trusted)
             .unwrap_err();
         assert!(matches!(e, PackageError::Digest { .. }), "{e}");
+        // Validly signed by the trusted key, for another fleet (fleets may share a key), or before
+        // releases named their fleet: refused, naming both fleets.
+        for (fleet, signed_for) in [("other", "other"), ("", "")] {
+            let elsewhere = Release {
+                fleet: fleet.into(),
+                ..r.clone()
+            };
+            let e = Signed::sign(&elsewhere, Purpose::Release, &key)
+                .unwrap()
+                .open_release("f", &trusted)
+                .unwrap_err();
+            assert!(
+                matches!(&e, PackageError::OtherFleet { signed, ours, .. } if signed == signed_for && ours == "f"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
@@ -426,6 +479,7 @@ pub(crate) mod tests {
         let key = SecretKey::from_seed([1; 32]);
         let trusted = TrustedKeys::parse(&[key.public().to_hex()]).unwrap();
         let c = FleetCommand {
+            fleet: "f".into(),
             issued_ms: 5,
             target: Target::Group("g".into()),
             order: Order::Rollback {
@@ -436,7 +490,10 @@ pub(crate) mod tests {
             encode_command("f", &Signed::sign(&c, Purpose::Command, &key).unwrap()).unwrap();
         let (kind, s) = decode(&bytes, "f").unwrap();
         assert_eq!(kind, Kind::Command);
-        assert_eq!(s.open_command(&trusted).unwrap().0, c);
-        assert!(s.open_release(&trusted).is_err());
+        assert_eq!(s.open_command("f", &trusted).unwrap().0, c);
+        assert!(s.open_release("f", &trusted).is_err());
+        // The same signed rollback replayed into another fleet that trusts the same key.
+        let e = s.open_command("g", &trusted).unwrap_err();
+        assert!(matches!(e, PackageError::OtherFleet { .. }), "{e}");
     }
 }
