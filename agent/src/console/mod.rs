@@ -4,11 +4,14 @@
 //!  broker ──status/+ result/+ style/+ summary round command──▶ Link (subscribe only)
 //!                                                                │ one task owns the state
 //!                                                     state::Fleet::ingest (pure, bounded)
-//!                                                                │ snapshot (JSON), ≤ 4 per second
-//!                                                          watch channel
+//!                                              │ snapshot and update (JSON), ≤ 4 per second
+//!                                                         watch channels
 //!                        web::start ◀── ConsoleSite: /  /console.js  /console.css
 //!                                                    /state.json  /events (SSE)  /metrics
 //! ```
+//! The page and `/state.json` carry the whole snapshot; each event on `/events` is an update: the
+//! devices and the newest closed rounds only ([`state::Fleet::update`]), which the page merges into
+//! the rounds it holds (and reloads `/state.json` when it has missed more, or reconnects).
 //! Map:
 //! - [`ConsoleConfig`]: `console.toml` (fleet, client id, broker, `[web]` listener, caps).
 //! - [`state`]: the pure model, messages in, snapshot out.
@@ -195,6 +198,7 @@ impl Collect for Mutex<ConsoleFigures> {
 /// The console's web site: the page, its assets, the snapshot and its stream, its metrics.
 struct ConsoleSite {
     snapshots: watch::Receiver<Arc<str>>,
+    updates: watch::Receiver<Arc<str>>,
     figures: Arc<Mutex<ConsoleFigures>>,
 }
 
@@ -230,7 +234,7 @@ impl Site for ConsoleSite {
                 "application/json",
                 self.snapshots.borrow().as_bytes().to_vec(),
             ),
-            "/events" => Reply::Events(self.snapshots.clone()),
+            "/events" => Reply::Events(self.updates.clone()),
             "/metrics" => body(
                 crate::prometheus::CONTENT_TYPE,
                 Exposition::of(&[self.figures.as_ref()]).into_bytes(),
@@ -267,9 +271,11 @@ pub async fn start(
         message,
     })?;
     let (tx, rx) = watch::channel::<Arc<str>>(Arc::from(fleet.snapshot()));
+    let (updates_tx, updates) = watch::channel::<Arc<str>>(Arc::from(fleet.update()));
     let figures = Arc::new(Mutex::new(ConsoleFigures::default()));
     let site = Arc::new(ConsoleSite {
         snapshots: rx,
+        updates,
         figures: figures.clone(),
     });
     let (addr, _web) = crate::web::start("web", &cfg.web, site, stop.clone()).await?;
@@ -294,6 +300,7 @@ pub async fn start(
             }
             if dirty && shown.elapsed() >= SNAPSHOT_INTERVAL {
                 let _ = tx.send(Arc::from(fleet.snapshot()));
+                let _ = updates_tx.send(Arc::from(fleet.update()));
                 {
                     let mut f = figures.lock().unwrap_or_else(|e| e.into_inner());
                     f.messages = fleet.messages();

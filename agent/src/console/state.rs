@@ -138,14 +138,26 @@ pub struct Fleet {
     refused: Refused,
     messages: u64,
     now: f64,
+    /// Round summaries taken in so far (new or replacing): the page compares it with what it holds
+    /// to tell whether an update's recent rounds are all it missed.
+    rounds_seq: u64,
 }
+
+/// Closed rounds an update carries (the page holds the rest): the newest two, so that two rounds
+/// closing between two updates still both arrive.
+pub const UPDATE_ROUNDS: usize = 2;
 
 #[derive(Serialize)]
 struct Snapshot<'a> {
     fleet: &'a str,
     now: f64,
     devices: &'a BTreeMap<String, DeviceView>,
-    rounds: &'a VecDeque<RoundView>,
+    rounds: Vec<&'a RoundView>,
+    /// True in an update: `rounds` holds only the newest rounds, to be merged into the page's.
+    partial: bool,
+    rounds_seq: u64,
+    /// How many rounds the page keeps.
+    max_rounds: usize,
     announced: &'a Option<Announced>,
     command: &'a Option<CommandView>,
     /// Devices per model version.
@@ -173,6 +185,7 @@ impl Fleet {
             refused: Refused::default(),
             messages: 0,
             now: 0.0,
+            rounds_seq: 0,
         })
     }
 
@@ -393,6 +406,7 @@ impl Fleet {
                 })
                 .collect(),
         };
+        self.rounds_seq += 1;
         // The retained summary comes again on every reconnect: replace, never duplicate.
         if let Some(r) = self.rounds.iter_mut().find(|r| r.round == view.round) {
             *r = view;
@@ -413,17 +427,32 @@ impl Fleet {
         }
     }
 
-    /// The page's JSON.
+    /// The page's JSON: everything (the page at load, `/state.json`).
     pub fn snapshot(&self) -> String {
+        self.json(self.rounds.len(), false)
+    }
+
+    /// An update for a page that holds a snapshot: everything but the closed rounds, of which only
+    /// the newest [`UPDATE_ROUNDS`] (the page merges them by round number). At 100 devices and 50
+    /// rounds the snapshot is ~0.5 MB, almost all of it per-lab round figures the page already has.
+    pub fn update(&self) -> String {
+        self.json(UPDATE_ROUNDS, true)
+    }
+
+    fn json(&self, rounds: usize, partial: bool) -> String {
         let mut model_versions: BTreeMap<&str, usize> = BTreeMap::new();
         for d in self.devices.values() {
             *model_versions.entry(d.model_version.as_str()).or_default() += 1;
         }
+        let skip = self.rounds.len().saturating_sub(rounds);
         serde_json::to_string(&Snapshot {
             fleet: &self.fleet,
             now: self.now,
             devices: &self.devices,
-            rounds: &self.rounds,
+            rounds: self.rounds.iter().skip(skip).collect(),
+            partial,
+            rounds_seq: self.rounds_seq,
+            max_rounds: self.limits.rounds,
             announced: &self.announced,
             command: &self.command,
             model_versions,
@@ -558,6 +587,39 @@ mod tests {
         let snap: serde_json::Value = serde_json::from_str(&f.snapshot()).unwrap();
         assert_eq!(snap["rounds"][0]["round"], 1);
         assert_eq!(snap["model_versions"]["abc"], 1);
+        assert_eq!(
+            (snap["partial"].clone(), snap["rounds_seq"].clone()),
+            (false.into(), 2.into())
+        );
+        // Updates carry the newest rounds only, and count every summary taken in.
+        for round in 2..=4 {
+            let s = RoundSummary {
+                round,
+                global_version: round,
+                ..s.clone()
+            };
+            f.ingest(
+                "microfed/f/summary",
+                &sealed(Kind::RoundSummary, "aggregator", &s),
+                32.0,
+            );
+        }
+        let full: serde_json::Value = serde_json::from_str(&f.snapshot()).unwrap();
+        let update: serde_json::Value = serde_json::from_str(&f.update()).unwrap();
+        let rounds = |v: &serde_json::Value| -> Vec<u64> {
+            v["rounds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|r| r["round"].as_u64().unwrap())
+                .collect()
+        };
+        assert_eq!(rounds(&full), [1, 2, 3, 4]);
+        assert_eq!(rounds(&update), [3, 4]);
+        assert_eq!(update["partial"], true);
+        assert_eq!(update["rounds_seq"], 5);
+        assert_eq!(update["devices"], full["devices"]);
+        assert_eq!(update["max_rounds"], Limits::default().rounds);
         // Style code presence, and its withdrawal.
         f.ingest("microfed/f/style/lab-a", b"x", 40.0);
         assert!(f.devices()["lab-a"].style_code);
@@ -627,12 +689,17 @@ mod tests {
         let t1 = std::time::Instant::now();
         let snap = f.snapshot();
         let one = t1.elapsed();
+        let t2 = std::time::Instant::now();
+        let update = f.update();
+        let two = t2.elapsed();
         println!(
             "100 devices (10,000 results) + 50 rounds x 100 labs ingested in {:.1} ms; snapshot \
-             {} bytes, serialised in {:.2} ms",
+             {} bytes, serialised in {:.2} ms; update {} bytes, serialised in {:.2} ms",
             ingest.as_secs_f64() * 1e3,
             snap.len(),
-            one.as_secs_f64() * 1e3
+            one.as_secs_f64() * 1e3,
+            update.len(),
+            two.as_secs_f64() * 1e3
         );
     }
 

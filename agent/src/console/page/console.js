@@ -150,9 +150,38 @@ function live(on) {
   p.textContent = on ? "live" : "disconnected: retrying";
 }
 
-render(JSON.parse(document.getElementById("initial").textContent));
+// The page holds the whole state; each event is an update with the devices and only the newest
+// closed rounds (the console's snapshot at 100 devices and 50 rounds is ~0.5 MB, an update a small
+// part of it). Rounds merge by number; a gap (more summaries than the update carries) or a
+// reconnection reloads the whole state.
+let state = JSON.parse(document.getElementById("initial").textContent);
+
+function merge(update) {
+  if (!update.partial) return update;
+  if (update.rounds_seq - state.rounds_seq > update.rounds.length) return null;
+  const byRound = new Map(state.rounds.map(r => [r.round, r]));
+  for (const r of update.rounds) byRound.set(r.round, r);
+  const rounds = [...byRound.values()].sort((a, b) => a.round - b.round).slice(-update.max_rounds);
+  return Object.assign({}, update, { rounds, partial: false });
+}
+
+function reload() {
+  fetch("/state.json", { cache: "no-store" })
+    .then(r => r.json())
+    .then(s => { state = s; render(state); })
+    .catch(() => live(false));
+}
+
+render(state);
 if (window.EventSource) {
   const events = new EventSource("/events");
-  events.onmessage = m => { live(true); render(JSON.parse(m.data)); };
+  events.onopen = () => reload();
+  events.onmessage = m => {
+    live(true);
+    const next = merge(JSON.parse(m.data));
+    if (next === null) { reload(); return; }
+    state = next;
+    render(state);
+  };
   events.onerror = () => live(false);
 }
