@@ -5,7 +5,8 @@
 #
 #   experiments/run.sh                 # all of them, in that order
 #   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
-#                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d)
+#                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d |
+#                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -37,7 +38,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -56,7 +57,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -69,6 +70,10 @@ for fed in ${which[*]}; do
             synth_sized transfer/optical-etched optical-etched 16 6102 256 40
             synth_sized transfer/sem-bse sem-bse 16 6103 256 55
             synth_sized transfer/hazy hazy 5 6104 256 40
+            # The decoder's ceiling on the hazy style with ample labels (transfer-ceiling.toml).
+            synth_sized transfer/hazy-ample hazy 16 6105 256 40
+            # A target lab the decoder can learn, with few labels (transfer3.toml).
+            synth_sized transfer/optical-few optical-etched 5 6107 256 40
             i=0
             for style in sem-se optical-etched sem-bse hazy fast-scan; do
                 for grain in 30 40 55; do
@@ -89,13 +94,19 @@ for fed in ${which[*]}; do
         nasa-super)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
     echo "$fed: $((SECONDS - start)) s"
 done
 # The transfer grid's tables across its four processes (paired by seed): docs/results.md quotes them.
-if [[ " ${which[*]} " == *" transfer"* ]]; then
+if [[ " ${which[*]} " == *" transfer "* || " ${which[*]} " == *" transfer-"[bcd]" "* ]]; then
     python3 transfer_summary.py > ../docs/results/transfer-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer2"* ]]; then
+    python3 transfer_summary.py transfer2 transfer2-b > ../docs/results/transfer2-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer3 "* ]]; then
+    python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
 fi

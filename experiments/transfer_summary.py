@@ -1,29 +1,32 @@
 #!/usr/bin/env python3
-"""The transfer grid's summary tables (docs/results.md) from the results of its four configs.
+"""A transfer grid's summary tables (docs/results.md) from the results of its configs.
 
-The grid runs as four `microfed experiment` processes (transfer, transfer-b, -c, -d: the CPU step
-uses one core); their runs share labs, splits and seeds, so they pair by seed across the files.
+A grid runs as several `microfed experiment` processes (transfer, transfer-b, -c, -d; transfer2,
+transfer2-b: the CPU step uses one core); their runs share labs, splits and seeds, so they pair by
+seed across the files. The configs are the arguments (default: the first grid's four).
 This prints, in points: the mean validation IoU over labs at the last round; per lab T1/T2/T3 at
 the last round and at the lab's best-validation checkpoint, for every run and its personalised
 decoders; and every run minus FedAvg, paired by seed, with 95 % t intervals.
 
     python3 experiments/transfer_summary.py > docs/results/transfer-summary.md
+    python3 experiments/transfer_summary.py transfer2 transfer2-b > docs/results/transfer2-summary.md
 """
 import json
 import math
 import pathlib
 import statistics
+import sys
+import tomllib
 
 HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE.parent / "docs" / "results"
 CONFIGS = ["transfer", "transfer-b", "transfer-c", "transfer-d"]
-LABS = ["sem-se", "optical", "sem-bse", "hazy (target)"]
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}
 
 
-def load():
+def load(configs):
     runs = {}
-    for c in CONFIGS:
+    for c in configs:
         path = RESULTS / c / "results.json"
         if not path.is_file():
             continue
@@ -73,7 +76,11 @@ def rows(runs):
 
 
 def main():
-    runs = load()
+    configs = sys.argv[1:] or CONFIGS
+    global LABS
+    # The labs of the grid, in order, from its first config.
+    LABS = [l["name"] for l in tomllib.loads((HERE / f"{configs[0]}.toml").read_text())["labs"]]
+    runs = load(configs)
     if "FedAvg" not in runs:
         raise SystemExit("no FedAvg results yet (run experiments/run.sh transfer)")
     ref = runs["FedAvg"]
