@@ -17,14 +17,14 @@ use std::time::Duration;
 
 use microfed::federated::compress::{self, CompressionConfig, Quantize, decoder_layout};
 use microfed::federated::edge::style::{StyleCode, StyleKind};
+use microfed::federated::secagg::{
+    ClientMessage, DeviceKeys, Sealed, SecAggClient, SecAggConfig, SecAggServer, ServerMessage,
+    Share,
+};
 use microfed::federated::server::config::AggregatorConfig;
 use microfed::fleet::package::{self, Signed};
 use microfed::fleet::signing::{Purpose, SecretKey, TrustedKeys};
 use microfed::micrograph::{Micrograph, Normalisation};
-use microfed::study::secagg::{
-    ClientMessage, DeviceKeys, Sealed, SecAggClient, SecAggConfig, SecAggServer, ServerMessage,
-    Share,
-};
 use microfed::wire::protocol::{
     self, Envelope, Frame, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
     ReassemblyLimits, RoundAnnouncement, RoundSummary, SCHEMA_VERSION, StatusBody, UpdateBody,
@@ -354,6 +354,7 @@ fn hostile_keys(device: String) -> impl Strategy<Value = DeviceKeys> {
             device: device.clone(),
             cipher_pk,
             mask_pk,
+            signature: vec![],
         })
 }
 
@@ -462,7 +463,7 @@ proptest! {
         survivors in prop::collection::vec(hostile_string(), 0..5),
     ) {
         let mut c = SecAggClient::new("a", vec![0.1; 8]);
-        let config = SecAggConfig { threshold, clip, ring_bits, len };
+        let config = SecAggConfig { threshold, clip, ring_bits, len, norm_clip: None };
         let _ = c.handle(ServerMessage::Start { round, config });
         let _ = c.handle(ServerMessage::Roster { round, keys });
         let _ = c.handle(ServerMessage::Shares { round, shares: vec![] });
