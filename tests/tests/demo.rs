@@ -149,3 +149,62 @@ fn demo_refuses_a_folder_that_is_not_its_own() {
         b"precious"
     );
 }
+
+/// `microfed demo --quick --secure` (issue 18): every round is merged by secure aggregation, the
+/// report says so, and the aggregator's folder holds no lab's update message.
+#[test]
+fn quick_demo_with_secure_aggregation_completes_its_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo-secure");
+    let t0 = std::time::Instant::now();
+    let run = microfed(
+        &[
+            "demo",
+            "--quick",
+            "--secure",
+            "--no-real",
+            "--no-console",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        true,
+    );
+    eprintln!(
+        "demo --quick --secure took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for r in 1..=2 {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("| {r} | "))),
+            "round {r} not printed:\n{stdout}"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("- secure aggregation: on:"),
+        "configuration does not say secure aggregation was on:\n{report}"
+    );
+    assert!(
+        report.contains("Secure aggregation was on: 2 of 2 rounds were merged"),
+        "{report}"
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("aggregator").join("aggregator.json")).unwrap(),
+    )
+    .unwrap();
+    let history = state["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{state:#}");
+    for h in history {
+        assert_eq!(h["secure_aggregation"], true, "{h:#}");
+        assert_eq!(
+            h["accepted"],
+            serde_json::json!(["lab-a", "lab-b"]),
+            "{h:#}"
+        );
+    }
+    assert_eq!(state["global_version"], 2);
+    for r in 1..=2 {
+        assert!(!out.join("aggregator").join(format!("round-{r}")).exists());
+    }
+}

@@ -302,7 +302,8 @@ pub struct DemoOutcome {
     pub rows: Vec<RoundRow>,
     pub labs: Vec<LabReport>,
     pub rounds_csv: PathBuf,
-    pub plot: PathBuf,
+    /// The IoU plot (none with `--secure`: the aggregator sees no lab's IoU).
+    pub plot: Option<PathBuf>,
     pub report: PathBuf,
     pub seconds: f64,
 }
@@ -568,8 +569,11 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             message: e.to_string(),
         }
     })?;
-    let plot = cfg.out.join("iou-per-round.png");
-    report::write_plot(&rows, &lab_names, &plot)?;
+    // With secure aggregation no lab's hold-out IoU reaches the aggregator: nothing to plot.
+    let plot = (!cfg.secure).then(|| cfg.out.join("iou-per-round.png"));
+    if let Some(plot) = &plot {
+        report::write_plot(&rows, &lab_names, plot)?;
+    }
     let mut lab_reports = Vec::new();
     for (i, p) in plans.iter().enumerate() {
         let features_csv = p.output().join("features.csv");
@@ -590,14 +594,14 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         .collect();
     let mut table = vec![report::table_header(&labs_styles)];
     table.extend(rows.iter().map(report::table_line));
-    let mut files = vec![
-        ("round table (CSV)".to_string(), rounds_csv.clone()),
-        ("hold-out IoU per lab per round (PNG)".into(), plot.clone()),
-        (
-            "aggregator state, globals and accepted updates".into(),
-            cfg.out.join("aggregator"),
-        ),
-    ];
+    let mut files = vec![("round table (CSV)".to_string(), rounds_csv.clone())];
+    if let Some(plot) = &plot {
+        files.push(("hold-out IoU per lab per round (PNG)".into(), plot.clone()));
+    }
+    files.push((
+        "aggregator state, globals and accepted updates".into(),
+        cfg.out.join("aggregator"),
+    ));
     for p in &plans {
         files.push((
             format!(
