@@ -137,7 +137,12 @@ async fn plain_round(
     let topics = Topics::new(fleet).map_err(anyhow::Error::msg)?;
     let layout = compress::decoder_layout(classes);
     let len: usize = layout.iter().map(|t| t.len).sum();
-    let (server, mut rx) = Link::start(settings, "bench-aggregator", vec![topics.update_filter()], None)?;
+    let (server, mut rx) = Link::start(
+        settings,
+        "bench-aggregator",
+        vec![topics.update_filter()],
+        None,
+    )?;
     server.wait_connected(Duration::from_secs(20)).await?;
     let mut links = Vec::new();
     for i in 0..n {
@@ -155,8 +160,12 @@ async fn plain_round(
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, (name, link, rx)) in links.into_iter().enumerate() {
-        let (cfg, layout, fleet, topic) =
-            (cfg.clone(), layout.clone(), fleet.to_owned(), topics.update(&name));
+        let (cfg, layout, fleet, topic) = (
+            cfg.clone(),
+            layout.clone(),
+            fleet.to_owned(),
+            topics.update(&name),
+        );
         tasks.push(tokio::spawn(async move {
             let u = update(len, i as u64);
             let compressed =
@@ -172,7 +181,8 @@ async fn plain_round(
             };
             let frames = envelope(&fleet, &name, 1, Kind::Update, &body)?;
             let bytes: usize = frames.iter().map(Vec::len).sum();
-            link.publish_frames(|_| topic.clone(), frames, false).await?;
+            link.publish_frames(|_| topic.clone(), frames, false)
+                .await?;
             drop(rx);
             Ok::<(usize, Link), anyhow::Error>((bytes, link))
         }));
@@ -225,7 +235,10 @@ async fn secure_round(
     drop_after_shares: bool,
 ) -> anyhow::Result<Measured> {
     let topics = Topics::new(fleet).map_err(anyhow::Error::msg)?;
-    let len: usize = compress::decoder_layout(classes).iter().map(|t| t.len).sum();
+    let len: usize = compress::decoder_layout(classes)
+        .iter()
+        .map(|t| t.len)
+        .sum();
     let names: Vec<String> = (0..n).map(|i| format!("dev-{i:04}")).collect();
     let keys: Vec<Arc<SecretKey>> = (0..n)
         .map(|i| {
@@ -240,8 +253,12 @@ async fn secure_round(
         .map(|(d, k)| (d.clone(), k.public()))
         .collect();
     let threshold = n / 2 + 1;
-    let (server_link, mut rx) =
-        Link::start(settings, "bench-aggregator", vec![topics.update_filter()], None)?;
+    let (server_link, mut rx) = Link::start(
+        settings,
+        "bench-aggregator",
+        vec![topics.update_filter()],
+        None,
+    )?;
     server_link.wait_connected(Duration::from_secs(20)).await?;
     let mut tasks = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -253,11 +270,8 @@ async fn secure_round(
             min_threshold: threshold,
         };
         let (name, fleet, topic) = (name.clone(), fleet.to_owned(), topics.update(name));
-        let vanish_after: Option<&'static str> = (i < drops).then_some(if drop_after_shares {
-            "shares"
-        } else {
-            "keys"
-        });
+        let vanish_after: Option<&'static str> =
+            (i < drops).then_some(if drop_after_shares { "shares" } else { "keys" });
         tasks.push(tokio::spawn(async move {
             let mut client =
                 Some(SecAggClient::new(&name, update(len, i as u64)).with_trust(trust));
@@ -267,7 +281,8 @@ async fn secure_round(
             });
             let (mut sent, mut received) = (0usize, 0usize);
             loop {
-                let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(300), inbox.recv()).await
+                let Ok(Some(m)) =
+                    tokio::time::timeout(Duration::from_secs(300), inbox.recv()).await
                 else {
                     anyhow::bail!("{name}: nothing from the aggregator for 300 s");
                 };
@@ -275,7 +290,8 @@ async fn secure_round(
                 let Some(whole) = reassembler.push(&m.topic, &m.payload)? else {
                     continue;
                 };
-                let msg: ServerMessage = Envelope::from_bytes(&whole, MAX_MESSAGE)?.body(Kind::SecAgg)?;
+                let msg: ServerMessage =
+                    Envelope::from_bytes(&whole, MAX_MESSAGE)?.body(Kind::SecAgg)?;
                 let mut c = client.take().context("the client")?;
                 let (answer, c) = tokio::task::spawn_blocking(move || {
                     let a = c.handle(msg);
@@ -292,7 +308,8 @@ async fn secure_round(
                 };
                 let frames = envelope(&fleet, &name, 1, Kind::SecAgg, &answer)?;
                 sent += frames.iter().map(Vec::len).sum::<usize>();
-                link.publish_frames(|_| topic.clone(), frames, false).await?;
+                link.publish_frames(|_| topic.clone(), frames, false)
+                    .await?;
                 if vanish_after == Some(step) {
                     // Gone: the connection dropped without a DISCONNECT, nothing more read.
                     drop(link);
@@ -326,7 +343,9 @@ async fn secure_round(
                 SecureAction::Send { to, msg, .. } => {
                     let frames = envelope(fleet, "bench-aggregator", 1, Kind::SecAgg, &msg)?;
                     let topic = topics.secagg(&to);
-                    server_link.publish_frames(|_| topic.clone(), frames, false).await?;
+                    server_link
+                        .publish_frames(|_| topic.clone(), frames, false)
+                        .await?;
                 }
                 SecureAction::Refused { device, reason } => {
                     anyhow::bail!("{device}: refused: {reason}")

@@ -133,7 +133,7 @@ impl SecureParticipant {
         if *r != round {
             return Vec::new();
         }
-        let out = match client.handle(msg) {
+        match client.handle(msg) {
             Ok(Some(answer)) => {
                 let mut out = Vec::new();
                 if matches!(answer, ClientMessage::Masked { .. }) {
@@ -158,8 +158,7 @@ impl SecureParticipant {
                     why: e.to_string(),
                 }]
             }
-        };
-        out
+        }
     }
 
     /// Rounds up to `round` have closed: their start, update and protocol go.
