@@ -698,6 +698,57 @@ mod tests {
     }
 
     #[test]
+    fn the_rounds_norm_clip_bounds_each_devices_contribution() {
+        // DP with secure aggregation: the aggregator cannot clip, so the devices clip to the
+        // round's norm_clip before quantising; what each contributes is within C plus rounding.
+        let n = 3;
+        let len = 2000;
+        let names: Vec<String> = (0..n).map(|i| format!("lab-{i}")).collect();
+        let mut clients: Vec<SecAggClient> = names
+            .iter()
+            .zip(inputs(n, len, 21))
+            .enumerate()
+            .map(|(i, (d, v))| {
+                SecAggClient::with_rng(d, v, ChaCha20Rng::seed_from_u64(300 + i as u64))
+            })
+            .collect();
+        let mut config = SecAggConfig::new(n, len, 0.01);
+        config.norm_clip = Some(0.05);
+        let scale = config.scale();
+        let mut server = SecAggServer::new(5, config, &names).unwrap();
+        let out = server.start();
+        deliver(&mut server, &mut clients, out);
+        for _ in 0..3 {
+            let out = server.advance().unwrap();
+            deliver(&mut server, &mut clients, out);
+        }
+        server.advance().unwrap();
+        let rounding = scale * (len as f32).sqrt();
+        for c in &clients {
+            let norm = c
+                .codes()
+                .iter()
+                .map(|&v| (f32::from(v) * scale).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            // Inputs of norm ≈ 0.26 come out near 0.05, never above it by more than the rounding.
+            assert!(norm <= 0.05 + rounding, "{}: {norm}", c.device());
+            assert!(norm < 0.1, "{}: {norm}: not clipped", c.device());
+        }
+        let bad = SecAggConfig {
+            norm_clip: Some(f32::NAN),
+            ..SecAggConfig::new(n, len, 0.01)
+        };
+        assert!(matches!(
+            bad.validate(n),
+            Err(SecAggError::Config {
+                field: "norm_clip",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn signed_round_keys_give_the_exact_sum() {
         let (names, mut clients) = trusted(4, 500, 3);
         let mut server = SecAggServer::new(3, SecAggConfig::new(4, 500, 0.01), &names).unwrap();

@@ -37,7 +37,7 @@ use crate::federated::dp::{self, PrivacyReport, RdpAccountant};
 use crate::federated::secagg::{ClientMessage, SecAggConfig, ring_bits_for};
 use crate::federated::server::config::Role;
 pub use crate::federated::server::config::{
-    AggregatorConfig, DP_MECHANISM, DpSection, MAX_UPDATE_BYTES, RoundSection,
+    AggregatorConfig, DP_MECHANISM, DP_MECHANISM_SECURE, DpSection, MAX_UPDATE_BYTES, RoundSection,
 };
 pub use crate::federated::server::error::AggregatorError;
 use crate::federated::server::merge::{Accumulator, ServerOptimizer};
@@ -870,6 +870,15 @@ impl Aggregator {
         }
     }
 
+    /// The name of the DP mechanism in the privacy reports.
+    fn dp_mechanism(&self) -> &'static str {
+        if self.cfg.secure_aggregation.is_some() {
+            DP_MECHANISM_SECURE
+        } else {
+            DP_MECHANISM
+        }
+    }
+
     /// The privacy spent so far (none without `[dp]`).
     pub fn privacy(&self) -> Option<PrivacyReport> {
         let d = self.cfg.dp.as_ref()?;
@@ -881,7 +890,7 @@ impl Aggregator {
             .find_map(|s| s.privacy.as_ref().map(|p| p.sampling_rate))
             .unwrap_or_else(|| d.worst_case_rate());
         Some(PrivacyReport::new(
-            DP_MECHANISM,
+            self.dp_mechanism(),
             &d.config(q),
             &self.state.accountant,
         ))
@@ -956,7 +965,7 @@ impl Aggregator {
                 )?;
                 self.state.accountant.step(q, d.noise_multiplier, 1)?;
                 privacy = Some(PrivacyReport::new(
-                    DP_MECHANISM,
+                    self.dp_mechanism(),
                     &cfg,
                     &self.state.accountant,
                 ));

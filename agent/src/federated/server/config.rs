@@ -139,6 +139,9 @@ fn default_delta() -> f64 {
 
 /// The name of the mechanism in [`PrivacyReport::mechanism`].
 pub const DP_MECHANISM: &str = "dp-fedavg (central, trusted aggregator)";
+/// The same with `[secure_aggregation]`: the devices clip, the aggregator noises the unmasked sum.
+pub const DP_MECHANISM_SECURE: &str =
+    "dp-fedavg (devices clip; noise added by the aggregator to the secure aggregation's sum)";
 
 impl DpSection {
     /// The [`DpConfig`] of a round with sampling rate `q`.
