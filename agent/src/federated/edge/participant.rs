@@ -500,7 +500,7 @@ async fn session(
                             .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
                             .and_then(|e| e.body::<ServerMessage>(Kind::SecAgg))
                         {
-                            Ok(msg) => s.on_secure_message(msg),
+                            Ok(msg) => s.on_secure_message(msg).await,
                             Err(e) => tracing::warn!(error = %e, "ignoring a secure-aggregation message"),
                         },
                         Ok(None) => {}
@@ -854,7 +854,9 @@ impl<'a> Session<'a> {
             model_version: &self.prepared.model_version,
             sender: &self.cfg.device,
         };
-        if self.secure.is_some() {
+        // Secure mode is the configuration's, never the state machine's: an update of this agent
+        // never goes out in the clear, whatever happened to the protocol.
+        if self.cfg.secure_aggregation.is_some() {
             let made = trained
                 .map_err(RoundError::from)
                 .and_then(|tr| checked_update(self.cfg, &t.global, &tr));
@@ -864,11 +866,17 @@ impl<'a> Session<'a> {
                         round,
                         "local round done; the update goes out only through secure aggregation"
                     );
-                    if let Some(sp) = self.secure.as_mut() {
-                        let out = sp.on_update(round, update);
-                        self.secure_out.extend(out);
+                    match self.secure.as_mut() {
+                        Some(sp) => {
+                            let out = sp.on_update(round, update);
+                            self.secure_out.extend(out);
+                            None
+                        }
+                        None => Some(
+                            "secure aggregation stopped (see the log): the update is not sent"
+                                .to_owned(),
+                        ),
                     }
-                    None
                 }
                 Err(e) => {
                     tracing::error!(round, error = %e, "round failed locally");
@@ -1007,11 +1015,32 @@ impl<'a> Session<'a> {
     }
 
     /// Sends what waits, oldest first, while the round it belongs to is open.
-    fn on_secure_message(&mut self, msg: ServerMessage) {
-        if let Some(sp) = self.secure.as_mut() {
-            let out = sp.on_message(msg);
-            self.secure_out.extend(out);
-        } else if matches!(msg, ServerMessage::Start { .. }) {
+    /// One of the aggregator's secure-aggregation messages. The protocol's work (sealing shares,
+    /// the pairwise masks: one PRG expansion of the whole update per peer) runs on a blocking
+    /// thread, so the device's other tasks (status, results) go on meanwhile.
+    async fn on_secure_message(&mut self, msg: ServerMessage) {
+        if let Some(mut sp) = self.secure.take() {
+            match tokio::task::spawn_blocking(move || {
+                let out = sp.on_message(msg);
+                (sp, out)
+            })
+            .await
+            {
+                Ok((sp, out)) => {
+                    self.secure = Some(sp);
+                    self.secure_out.extend(out);
+                }
+                Err(e) => {
+                    // The state machine is lost with the task: secure rounds stop here, said loudly.
+                    tracing::error!(error = %e, "secure aggregation: the protocol task failed; no further secure rounds until restart");
+                    self.device.status.update(|st| {
+                        st.last_error = Some(format!("secure aggregation stopped: {e}"))
+                    });
+                }
+            }
+        } else if self.cfg.secure_aggregation.is_none()
+            && matches!(msg, ServerMessage::Start { .. })
+        {
             tracing::warn!(
                 "the aggregator runs secure aggregation but this agent has no \
                  [federation.secure_aggregation]: not taking part"
