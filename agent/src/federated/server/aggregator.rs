@@ -1347,6 +1347,18 @@ impl Aggregator {
                 return Vec::new();
             }
         };
+        if env.kind == Kind::Update {
+            // A device without [federation.secure_aggregation] sent its update in the clear: it is
+            // discarded unread (not decoded, not stored, not counted).
+            self.reject(
+                Rejection::Malformed,
+                &format!(
+                    "a plain update from {device} in a secure round: discarded unread (the device \
+                     needs [federation.secure_aggregation])"
+                ),
+            );
+            return Vec::new();
+        }
         if env.fleet != self.cfg.fleet {
             self.reject(
                 Rejection::WrongFleet,
