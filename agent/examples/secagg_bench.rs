@@ -30,7 +30,8 @@ use rand_chacha::ChaCha20Rng;
 
 use microfed::federated::compress::{self, CompressionConfig, Quantize};
 use microfed::federated::secagg::{
-    ClientMessage, SecAggClient, SecAggConfig, ServerMessage, Trust, ring_bits_for,
+    ClientMessage, SecAggClient, SecAggConfig, ServerMessage, Support, Trust, ring_bits_for,
+    support_indices,
 };
 use microfed::federated::server::secure::{SecureAction, SecureEvent, SecureRound};
 use microfed::fsio::now_unix;
@@ -50,6 +51,8 @@ struct Args {
     classes: usize,
     step_timeout: f64,
     drop_after_shares: bool,
+    /// Sparse secure rounds: this fraction of the coordinates, shared from a seed.
+    support: Option<f64>,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -59,6 +62,7 @@ fn parse_args() -> anyhow::Result<Args> {
         classes: 2,
         step_timeout: 3.0,
         drop_after_shares: false,
+        support: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(k) = it.next() {
@@ -79,6 +83,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--classes" => a.classes = v()?.parse().context("--classes")?,
             "--step-timeout" => a.step_timeout = v()?.parse().context("--step-timeout")?,
             "--drop-after-shares" => a.drop_after_shares = true,
+            "--support" => a.support = Some(v()?.parse().context("--support")?),
             other => anyhow::bail!("unknown argument {other}"),
         }
     }
@@ -233,6 +238,7 @@ async fn secure_round(
     classes: usize,
     step_timeout: f64,
     drop_after_shares: bool,
+    support: Option<f64>,
 ) -> anyhow::Result<Measured> {
     let topics = Topics::new(fleet).map_err(anyhow::Error::msg)?;
     let len: usize = compress::decoder_layout(classes)
@@ -253,6 +259,21 @@ async fn secure_round(
         .map(|(d, k)| (d.clone(), k.public()))
         .collect();
     let threshold = n / 2 + 1;
+    // Sparse rounds: every device masks the same coordinates, drawn from the round's seed.
+    let sparse = support.map(|f| {
+        let k = ((f * len as f64).ceil() as usize).clamp(1, len);
+        (
+            Support {
+                seed: 42,
+                dense: len,
+            },
+            k,
+        )
+    });
+    let idx = match sparse {
+        Some((s, k)) => Some(Arc::new(support_indices(s.seed, s.dense, k)?)),
+        None => None,
+    };
     let (server_link, mut rx) = Link::start(
         settings,
         "bench-aggregator",
@@ -270,11 +291,16 @@ async fn secure_round(
             min_threshold: threshold,
         };
         let (name, fleet, topic) = (name.clone(), fleet.to_owned(), topics.update(name));
+        let idx = idx.clone();
         let vanish_after: Option<&'static str> =
             (i < drops).then_some(if drop_after_shares { "shares" } else { "keys" });
         tasks.push(tokio::spawn(async move {
-            let mut client =
-                Some(SecAggClient::new(&name, update(len, i as u64)).with_trust(trust));
+            let full = update(len, i as u64);
+            let input = match &idx {
+                Some(idx) => idx.iter().map(|&j| full[j]).collect(),
+                None => full,
+            };
+            let mut client = Some(SecAggClient::new(&name, input).with_trust(trust));
             let mut reassembler = Reassembler::new(ReassemblyLimits {
                 max_message: MAX_MESSAGE,
                 ..ReassemblyLimits::default()
@@ -325,8 +351,9 @@ async fn secure_round(
         threshold,
         clip: VALUE_CLIP,
         ring_bits: ring_bits_for(n),
-        len,
+        len: sparse.map_or(len, |(_, k)| k),
         norm_clip: None,
+        support: sparse.map(|(s, _)| s),
     };
     let started = Instant::now();
     let (mut round, actions) =
@@ -461,10 +488,15 @@ fn main() -> anyhow::Result<()> {
                     args.classes,
                     args.step_timeout,
                     args.drop_after_shares,
+                    args.support,
                 )
                 .await?;
+                let label = match args.support {
+                    Some(f) => format!("secure, support {:.0} %", f * 100.0),
+                    None => "secure".to_string(),
+                };
                 println!(
-                    "| {n} | secure | {drops} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                    "| {n} | {label} | {drops} | {} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | {:.2} |",
                     m.in_sum,
                     m.sent / 1e3,
                     m.received / 1e3,

@@ -476,7 +476,7 @@ proptest! {
                 min_threshold: 2,
             });
         }
-        let config = SecAggConfig { threshold, clip, ring_bits, len, norm_clip };
+        let config = SecAggConfig { threshold, clip, ring_bits, len, norm_clip, support: None };
         let _ = c.handle(ServerMessage::Start { round, config });
         let _ = c.handle(ServerMessage::Roster { round, keys });
         let _ = c.handle(ServerMessage::Shares { round, shares: vec![] });

@@ -207,4 +207,42 @@ fn quick_demo_with_secure_aggregation_completes_its_rounds() {
     for r in 1..=2 {
         assert!(!out.join("aggregator").join(format!("round-{r}")).exists());
     }
+    // Round 2 merged the two labs' contributed codes (kept on their own disks, over the whole
+    // update: zero off the round's shared 10 % support), and nothing else.
+    let global = |v: u32| -> Vec<f32> {
+        std::fs::read(out.join("aggregator").join(format!("global-{v}.bin")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let (g1, g2) = (global(1), global(2));
+    let codes: Vec<Vec<i8>> = ["lab-a", "lab-b"]
+        .iter()
+        .map(|lab| {
+            std::fs::read(
+                out.join(lab)
+                    .join("federation")
+                    .join("secagg-contributed.i8"),
+            )
+            .unwrap()
+            .into_iter()
+            .map(|b| b as i8)
+            .collect()
+        })
+        .collect();
+    assert_eq!(codes[0].len(), g1.len());
+    let step = 0.05f32 / 127.0;
+    let mut moved = 0;
+    for j in 0..g1.len() {
+        let mean = (i32::from(codes[0][j]) + i32::from(codes[1][j])) as f32 * step / 2.0;
+        let got = g2[j] - g1[j];
+        assert!((got - mean).abs() < 1e-5, "coordinate {j}: {got} vs {mean}");
+        moved += usize::from(got != 0.0);
+    }
+    assert!(
+        moved > 0 && moved <= g1.len().div_ceil(10),
+        "{moved} of {} coordinates moved: not the round's 10 % support",
+        g1.len()
+    );
 }

@@ -56,6 +56,8 @@ use report::{LabReport, RoundRow};
 pub const FLEET: &str = "demo";
 /// `--secure`: the aggregator's `value_clip` (each coordinate of an update is clamped to it).
 const DEMO_VALUE_CLIP: f32 = 0.05;
+/// `--secure`: the fraction of coordinates each round masks (`support_fraction`).
+const DEMO_SUPPORT: f64 = 0.1;
 
 /// A file in the output folder that marks it as the demo's (only such a folder is cleared).
 const MARKER: &str = ".microfed-demo";
@@ -274,9 +276,12 @@ impl DemoConfig {
             if self.secure {
                 format!(
                     "on: each lab's round keys signed with its enrolled device key; updates \
-                     clamped to ±{DEMO_VALUE_CLIP}, quantised to int8 and masked (Bonawitz et al.); \
+                     clamped to ±{DEMO_VALUE_CLIP}, quantised to int8 and masked (Bonawitz et al.) \
+                     on a shared random {:.0} % of the coordinates per round (the rest kept for the \
+                     next, error feedback); \
                      the aggregator merged only the sum of each round (threshold: a majority of \
                      the {} labs)",
+                    DEMO_SUPPORT * 100.0,
                     self.labs
                 )
             } else {
@@ -811,6 +816,9 @@ async fn orchestrate(
             threshold: None,
             step_timeout_s: 60.0,
             value_clip: DEMO_VALUE_CLIP,
+            // The secure analogue of the plain rounds' top-10 %: a shared random 10 % per round,
+            // the rest kept on each lab for its next update (error feedback).
+            support_fraction: Some(DEMO_SUPPORT),
         }),
     };
     agg_cfg.validate().map_err(|e| part_err("aggregator")(e))?;

@@ -13,7 +13,9 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::federated::secagg::{ClientMessage, SecAggClient, SecAggConfig, ServerMessage, Trust};
+use crate::federated::secagg::{
+    ClientMessage, SecAggClient, SecAggConfig, ServerMessage, Trust, support_indices,
+};
 use crate::wire::signing::{PublicKey, SecretKey};
 
 /// `[federation.secure_aggregation]` in agent.toml: present = this device takes part in rounds
@@ -76,8 +78,8 @@ impl SecureAggSection {
 pub enum SecureOut {
     /// Publish on `update/<device>` for `round`.
     Send { round: u64, msg: ClientMessage },
-    /// The masked update of `round` went out: `codes` (this device's own int8 codes, never sent in
-    /// the clear) at `scale` per code.
+    /// The masked update of `round` went out: `codes` (this device's own int8 codes over the whole
+    /// update, zero off a sparse round's support; never sent in the clear) at `scale` per code.
     Masked {
         round: u64,
         codes: Vec<i8>,
@@ -98,6 +100,9 @@ pub struct SecureParticipant {
     update: Option<(u64, Vec<f32>)>,
     /// The running protocol.
     client: Option<(u64, SecAggClient)>,
+    /// Error feedback for sparse rounds: what earlier rounds' supports left out, added to the next
+    /// update (this device's own, never sent as such).
+    residual: Option<Vec<f32>>,
 }
 
 impl SecureParticipant {
@@ -108,6 +113,7 @@ impl SecureParticipant {
             start: None,
             update: None,
             client: None,
+            residual: None,
         }
     }
 
@@ -137,10 +143,25 @@ impl SecureParticipant {
             Ok(Some(answer)) => {
                 let mut out = Vec::new();
                 if matches!(answer, ClientMessage::Masked { .. }) {
+                    let config = self.start.as_ref().map(|(_, c)| c);
+                    // Over the whole update: a sparse round's codes on their coordinates.
+                    let codes = match config.and_then(|c| c.support.map(|s| (s, c.len))) {
+                        Some((s, k)) => match support_indices(s.seed, s.dense, k) {
+                            Ok(idx) => {
+                                let mut dense = vec![0i8; s.dense];
+                                for (&i, &c) in idx.iter().zip(client.codes()) {
+                                    dense[i] = c;
+                                }
+                                dense
+                            }
+                            Err(_) => client.codes().to_vec(),
+                        },
+                        None => client.codes().to_vec(),
+                    };
                     out.push(SecureOut::Masked {
                         round,
-                        codes: client.codes().to_vec(),
-                        scale: self.start.as_ref().map_or(0.0, |(_, c)| c.scale()),
+                        codes,
+                        scale: config.map_or(0.0, |c| c.scale()),
                     });
                 }
                 let done = matches!(answer, ClientMessage::Unmask { .. });
@@ -171,6 +192,35 @@ impl SecureParticipant {
         }
     }
 
+    /// What this round masks: the update plus the residual of earlier sparse rounds, whole or on
+    /// the round's shared support (the rest becomes the new residual).
+    fn input(&mut self, config: &SecAggConfig, update: Vec<f32>) -> Result<Vec<f32>, String> {
+        let mut full = update;
+        if let Some(r) = self.residual.take()
+            && r.len() == full.len()
+        {
+            full.iter_mut().zip(&r).for_each(|(f, r)| *f += r);
+        }
+        let Some(support) = config.support else {
+            return Ok(full);
+        };
+        if support.dense != full.len() {
+            return Err(format!(
+                "the round's support is over {} coordinates, this update has {}",
+                support.dense,
+                full.len()
+            ));
+        }
+        let idx =
+            support_indices(support.seed, support.dense, config.len).map_err(|e| e.to_string())?;
+        let input: Vec<f32> = idx.iter().map(|&i| full[i]).collect();
+        for &i in &idx {
+            full[i] = 0.0;
+        }
+        self.residual = Some(full);
+        Ok(input)
+    }
+
     /// Starts the protocol when the start and the update of one round are both here.
     fn begin(&mut self) -> Vec<SecureOut> {
         let (Some((sr, config)), Some((ur, _))) = (&self.start, &self.update) else {
@@ -183,7 +233,11 @@ impl SecureParticipant {
         let Some((_, update)) = self.update.take() else {
             return Vec::new();
         };
-        let mut client = SecAggClient::new(&self.device, update).with_trust(self.trust.clone());
+        let input = match self.input(&config, update) {
+            Ok(v) => v,
+            Err(why) => return vec![SecureOut::Refused { round, why }],
+        };
+        let mut client = SecAggClient::new(&self.device, input).with_trust(self.trust.clone());
         match client.handle(ServerMessage::Start { round, config }) {
             Ok(Some(msg)) => {
                 self.client = Some((round, client));
@@ -251,6 +305,41 @@ mod tests {
             panic!("{msg:?}")
         };
         assert_eq!(keys.signature.len(), 64, "the round keys are signed");
+    }
+
+    #[test]
+    fn a_sparse_round_masks_the_shared_support_and_keeps_the_rest_for_the_next() {
+        use crate::federated::secagg::Support;
+        let mut config = SecAggConfig::new(2, 4, 0.05);
+        config.support = Some(Support { seed: 9, dense: 10 });
+        let idx = support_indices(9, 10, 4).unwrap();
+        let update: Vec<f32> = (0..10).map(|i| i as f32 * 1e-3).collect();
+        let mut p = participant(2);
+        let input = p.input(&config, update.clone()).unwrap();
+        assert_eq!(input, idx.iter().map(|&i| update[i]).collect::<Vec<_>>());
+        // The rest waits for the next round, added to its update.
+        let input2 = p
+            .input(&SecAggConfig::new(2, 10, 0.05), update.clone())
+            .unwrap();
+        for (i, v) in input2.iter().enumerate() {
+            let want = if idx.contains(&i) {
+                update[i]
+            } else {
+                2.0 * update[i]
+            };
+            assert!((v - want).abs() < 1e-9, "{i}: {v} vs {want}");
+        }
+        // The same indices everywhere, sorted and distinct; bad sizes are errors, not panics.
+        assert_eq!(support_indices(9, 10, 4).unwrap(), idx);
+        assert!(idx.windows(2).all(|w| w[0] < w[1]) && idx[3] < 10);
+        assert!(support_indices(9, 10, 11).is_err());
+        assert!(support_indices(9, usize::MAX, 1).is_err());
+        config.support = Some(Support { seed: 9, dense: 11 });
+        assert!(
+            p.input(&config, update)
+                .unwrap_err()
+                .contains("11 coordinates")
+        );
     }
 
     #[test]

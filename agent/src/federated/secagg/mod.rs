@@ -177,6 +177,37 @@ pub struct SecAggConfig {
     /// which the aggregator's noise is calibrated to). None: no clipping beyond `clip`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_clip: Option<f32>,
+    /// Sparse rounds: the `len` coordinates masked are the ones [`support_indices`] draws from
+    /// `seed` out of `dense` (the same for every device, so the masks cancel on the same
+    /// coordinates). None: `len` is the whole update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support: Option<Support>,
+}
+
+/// A round's shared support: which coordinates of a `dense`-coordinate update are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Support {
+    pub seed: u64,
+    pub dense: usize,
+}
+
+/// Largest update a round may describe (a decoder of 16 classes has under a million coordinates).
+pub const MAX_DENSE: usize = 1 << 26;
+
+/// The `k` coordinates (sorted, distinct) of a `dense`-coordinate vector that a round with this
+/// `seed` sends: a uniform sample, the same on every device and the aggregator.
+pub fn support_indices(seed: u64, dense: usize, k: usize) -> Result<Vec<usize>, SecAggError> {
+    if k == 0 || k > dense || dense > MAX_DENSE {
+        return Err(SecAggError::Config {
+            field: "support",
+            problem: format!("{k} of {dense} coordinates (at most {MAX_DENSE})"),
+        });
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut idx = rand::seq::index::sample(&mut rng, dense, k).into_vec();
+    idx.sort_unstable();
+    Ok(idx)
 }
 
 /// Smallest ring width that holds the sum of `devices` int8 codes: `bitlen(254 · devices)`, at least 9.
@@ -194,6 +225,7 @@ impl SecAggConfig {
             ring_bits: ring_bits_for(devices),
             len,
             norm_clip: None,
+            support: None,
         }
     }
 
@@ -242,6 +274,17 @@ impl SecAggConfig {
             && !(c.is_finite() && c > 0.0)
         {
             return err("norm_clip", format!("{c} is not a positive number"));
+        }
+        if let Some(sp) = self.support
+            && (sp.dense > MAX_DENSE || self.len > sp.dense)
+        {
+            return err(
+                "support",
+                format!(
+                    "{} of {} coordinates (at most {MAX_DENSE})",
+                    self.len, sp.dense
+                ),
+            );
         }
         Ok(())
     }

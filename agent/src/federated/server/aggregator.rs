@@ -34,14 +34,14 @@ use tokio::sync::watch;
 
 use crate::federated::compress::{self, TensorSpan};
 use crate::federated::dp::{self, PrivacyReport, RdpAccountant};
-use crate::federated::secagg::{ClientMessage, SecAggConfig, ring_bits_for};
+use crate::federated::secagg::{ClientMessage, SecAggConfig, Support, ring_bits_for};
 use crate::federated::server::config::Role;
 pub use crate::federated::server::config::{
     AggregatorConfig, DP_MECHANISM, DP_MECHANISM_SECURE, DpSection, MAX_UPDATE_BYTES, RoundSection,
 };
 pub use crate::federated::server::error::AggregatorError;
 use crate::federated::server::merge::{Accumulator, ServerOptimizer};
-use crate::federated::server::secure::{SecureAction, SecureEvent, SecureRound};
+use crate::federated::server::secure::{SecureAction, SecureEvent, SecureRound, merged_mean};
 use crate::fsio::now_unix;
 use crate::fsio::write_atomic;
 use crate::model::onnx;
@@ -1276,12 +1276,23 @@ impl Aggregator {
             return Vec::new();
         };
         let n = self.cfg.devices.len();
+        let dense = self.global.len();
+        let support = sa.support_fraction.map(|_| Support {
+            seed: rand::Rng::random(
+                &mut <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng(),
+            ),
+            dense,
+        });
+        let len = sa.support_fraction.map_or(dense, |f| {
+            ((f * dense as f64).ceil() as usize).clamp(1, dense)
+        });
         let config = SecAggConfig {
             threshold: sa.threshold_for(n),
             clip: sa.value_clip,
             ring_bits: ring_bits_for(n),
-            len: self.global.len(),
+            len,
             norm_clip: self.cfg.dp.as_ref().map(|d| d.clip_norm),
+            support,
         };
         match SecureRound::start(
             self.state.round,
@@ -1446,12 +1457,24 @@ impl Aggregator {
                         dropped = ?agg.dropped,
                         "secure aggregation: the sum is unmasked"
                     );
-                    for d in &agg.contributors {
-                        self.state
-                            .accepted
-                            .insert(d.clone(), (1, "secure-aggregation".into()));
+                    let merged = match self.secure.as_ref() {
+                        Some(r) => merged_mean(r.config(), &agg, self.global.len()),
+                        None => Err("no secure round".into()),
+                    };
+                    match merged {
+                        Ok(m) => {
+                            for d in &agg.contributors {
+                                self.state
+                                    .accepted
+                                    .insert(d.clone(), (1, "secure-aggregation".into()));
+                            }
+                            self.secure_close = Some(SecureClose::Merge(m));
+                        }
+                        Err(e) => {
+                            self.secure_close =
+                                Some(SecureClose::Abandon(format!("the secure sum: {e}")))
+                        }
                     }
-                    self.secure_close = Some(SecureClose::Merge(agg.mean()));
                 }
                 SecureAction::Failed(why) => {
                     tracing::warn!(round = self.state.round, "secure aggregation failed: {why}");

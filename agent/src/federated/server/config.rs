@@ -95,6 +95,11 @@ pub struct SecureSection {
     /// shared step `value_clip / 127` before it is masked (in the ring of `bitlen(254 n)` bits).
     #[serde(default = "default_value_clip")]
     pub value_clip: f32,
+    /// Sparse rounds: each round masks this fraction of the coordinates, the same for every device
+    /// (drawn from a seed the round's start carries, so the masks cancel); each device keeps what
+    /// was not sent and adds it to its next update (error feedback). None: every coordinate.
+    #[serde(default)]
+    pub support_fraction: Option<f64>,
 }
 
 fn default_step_timeout() -> f64 {
@@ -401,6 +406,13 @@ impl AggregatorConfig {
         }
         if !(sa.value_clip.is_finite() && sa.value_clip > 0.0) {
             return Err("secure_aggregation.value_clip must be a positive number".into());
+        }
+        if let Some(f) = sa.support_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(format!(
+                "secure_aggregation.support_fraction: {f} is not in (0, 1]"
+            ));
         }
         if self.quorum() < t {
             return Err(format!(

@@ -11,7 +11,49 @@
 
 use crate::federated::secagg::{
     Aggregate, ClientMessage, SecAggConfig, SecAggError, SecAggServer, ServerMessage, Step,
+    support_indices,
 };
+
+/// The mean of a round's sum as a whole update of `dense` coordinates: as it is, or, in a sparse
+/// round, put back on the round's support with zeros elsewhere. Errors name the mismatch.
+pub fn merged_mean(
+    config: &SecAggConfig,
+    agg: &Aggregate,
+    dense: usize,
+) -> Result<Vec<f32>, String> {
+    let mean = agg.mean();
+    let merged = match config.support {
+        None => mean,
+        Some(s) => {
+            if s.dense != dense {
+                return Err(format!(
+                    "the support is over {} coordinates, the decoder has {dense}",
+                    s.dense
+                ));
+            }
+            let idx = support_indices(s.seed, s.dense, config.len).map_err(|e| e.to_string())?;
+            if idx.len() != mean.len() {
+                return Err(format!(
+                    "{} values for {} coordinates",
+                    mean.len(),
+                    idx.len()
+                ));
+            }
+            let mut out = vec![0.0f32; dense];
+            for (&i, v) in idx.iter().zip(mean) {
+                out[i] = v;
+            }
+            out
+        }
+    };
+    if merged.len() != dense {
+        return Err(format!(
+            "the sum has {} coordinates, the decoder {dense}",
+            merged.len()
+        ));
+    }
+    Ok(merged)
+}
 
 /// What the I/O loop feeds in.
 #[derive(Debug)]
@@ -288,6 +330,37 @@ mod tests {
             .map(|j| c[..4].iter().map(|c| i32::from(c.codes()[j])).sum())
             .collect();
         assert_eq!(a.codes, want);
+    }
+
+    #[test]
+    fn a_sparse_rounds_mean_goes_back_to_its_support() {
+        use crate::federated::secagg::Support;
+        let mut config = SecAggConfig::new(2, 3, 0.05);
+        config.support = Some(Support { seed: 4, dense: 8 });
+        let agg = Aggregate {
+            round: 1,
+            contributors: vec!["a".into(), "b".into()],
+            dropped: vec![],
+            codes: vec![2, -4, 6],
+            scale: 0.5,
+        };
+        let m = merged_mean(&config, &agg, 8).unwrap();
+        let idx = support_indices(4, 8, 3).unwrap();
+        for (i, v) in m.iter().enumerate() {
+            let want = idx
+                .iter()
+                .position(|&j| j == i)
+                .map_or(0.0, |p| agg.mean()[p]);
+            assert_eq!(*v, want, "coordinate {i}");
+        }
+        assert_eq!(m.iter().filter(|v| **v != 0.0).count(), 3);
+        assert!(merged_mean(&config, &agg, 9).is_err());
+        config.support = None;
+        assert!(
+            merged_mean(&config, &agg, 8).is_err(),
+            "3 values are no update of 8"
+        );
+        assert_eq!(merged_mean(&config, &agg, 3).unwrap(), agg.mean());
     }
 
     #[test]
