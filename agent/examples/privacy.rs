@@ -20,12 +20,12 @@ use rand::{Rng, SeedableRng};
 use microfed::federated::dp::{self, DpConfig, RdpAccountant};
 use microfed::federated::edge::local::{LocalOptimizer, RoundPlan};
 use microfed::federated::edge::style::StyleKind;
+use microfed::federated::secagg::{self, Dropouts};
 use microfed::micrograph::Normalisation;
 use microfed::model::runtime::Segmenter;
 use microfed::model::{manifest, onnx};
 use microfed::study::attack::{self, Condition, SyntheticLab};
 use microfed::study::attack_style::{self, StyleDefence};
-use microfed::study::secagg::{self, Dropouts};
 use microfed_kernels::cpu::CpuBackend;
 
 fn inputs(n: usize, len: usize, seed: u64) -> Vec<Vec<f32>> {

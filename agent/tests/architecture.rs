@@ -30,8 +30,12 @@ const LAYERS: &[&[&str]] = &[
     &["cli"],
 ];
 
-/// Inside `federated`: the codec and DP, shared, below the two sides, which never import each other.
-const FEDERATED_LAYERS: &[&[&str]] = &[&["compress", "dp", "schedule"], &["edge", "server"]];
+/// Inside `federated`: the codec, DP and secure aggregation's protocol core, shared, below the two sides, which never import each other.
+const FEDERATED_LAYERS: &[&[&str]] = &[
+    &["compress", "dp", "schedule"],
+    &["secagg"],
+    &["edge", "server"],
+];
 
 /// The only top-level module that may name the MQTT crates.
 const MQTT_MODULE: &str = "wire";

@@ -17,14 +17,14 @@ use std::time::Duration;
 
 use microfed::federated::compress::{self, CompressionConfig, Quantize, decoder_layout};
 use microfed::federated::edge::style::{StyleCode, StyleKind};
+use microfed::federated::secagg::{
+    ClientMessage, DeviceKeys, Sealed, SecAggClient, SecAggConfig, SecAggServer, ServerMessage,
+    Share,
+};
 use microfed::federated::server::config::AggregatorConfig;
 use microfed::fleet::package::{self, Signed};
 use microfed::fleet::signing::{Purpose, SecretKey, TrustedKeys};
 use microfed::micrograph::{Micrograph, Normalisation};
-use microfed::study::secagg::{
-    ClientMessage, DeviceKeys, Sealed, SecAggClient, SecAggConfig, SecAggServer, ServerMessage,
-    Share,
-};
 use microfed::wire::protocol::{
     self, Envelope, Frame, GlobalDecoder, Header, Kind, LocalMetrics, Reassembler,
     ReassemblyLimits, RoundAnnouncement, RoundSummary, SCHEMA_VERSION, StatusBody, UpdateBody,
@@ -349,11 +349,13 @@ fn hostile_keys(device: String) -> impl Strategy<Value = DeviceKeys> {
     (
         prop::collection::vec(any::<u8>(), 0..40),
         prop::collection::vec(any::<u8>(), 0..40),
+        prop::collection::vec(any::<u8>(), 0..70),
     )
-        .prop_map(move |(cipher_pk, mask_pk)| DeviceKeys {
+        .prop_map(move |(cipher_pk, mask_pk, signature)| DeviceKeys {
             device: device.clone(),
             cipher_pk,
             mask_pk,
+            signature,
         })
 }
 
@@ -460,9 +462,21 @@ proptest! {
         clip in hostile_f32(),
         keys in prop::collection::vec(hostile_string().prop_flat_map(hostile_keys), 0..5),
         survivors in prop::collection::vec(hostile_string(), 0..5),
+        norm_clip in prop::option::of(hostile_f32()),
+        trusted in any::<bool>(),
     ) {
         let mut c = SecAggClient::new("a", vec![0.1; 8]);
-        let config = SecAggConfig { threshold, clip, ring_bits, len };
+        if trusted {
+            // As the agent runs it: signed keys, an enrolled roster, a minimum threshold.
+            let key = std::sync::Arc::new(SecretKey::from_seed([9; 32]));
+            let enrolled = [("a".to_owned(), key.public())].into_iter().collect();
+            c = c.with_trust(microfed::federated::secagg::Trust {
+                signing: key,
+                enrolled,
+                min_threshold: 2,
+            });
+        }
+        let config = SecAggConfig { threshold, clip, ring_bits, len, norm_clip, support: None };
         let _ = c.handle(ServerMessage::Start { round, config });
         let _ = c.handle(ServerMessage::Roster { round, keys });
         let _ = c.handle(ServerMessage::Shares { round, shares: vec![] });

@@ -391,6 +391,38 @@ async fn partial_sums_travel_only_between_aggregators_each_on_its_own_topic() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secure_aggregation_messages_reach_only_their_device_and_only_aggregators_write_them() {
+    // Secure aggregation (agent/src/federated/server/secure.rs): the aggregator writes secagg/<device>
+    // (a roster, the shares sealed for that device); only that device reads it, and no device may
+    // write there (a device posing as the aggregator to another one, or relaying forged shares).
+    let broker = Mosquitto::start(&["dev-a", "dev-b", "aggregator"]).unwrap();
+    let mut a = connect(&broker, "dev-a").await;
+    // Mosquitto grants the wide filter and filters each message at delivery.
+    subscribe(&mut a, &topic("secagg/+")).await;
+    let mut b = connect(&broker, "dev-b").await;
+    let mut agg = connect(&broker, "aggregator").await;
+    agg.publish_acked(&topic("secagg/dev-b"), false, "for b")
+        .await
+        .unwrap();
+    let forged = [("dev-b", "secagg/dev-a"), ("dev-b", "secagg/dev-b")];
+    for (_, t) in forged {
+        b.publish_acked(&topic(t), false, "forged").await.unwrap();
+    }
+    // Control: the aggregator's message to dev-a arrives, and nothing else did before it.
+    agg.publish_acked(&topic("secagg/dev-a"), false, "control")
+        .await
+        .unwrap();
+    let got = exactly(&mut a, 1).await;
+    assert_eq!(
+        (got[0].topic.as_str(), &got[0].payload[..]),
+        (topic("secagg/dev-a").as_str(), &b"control"[..])
+    );
+    for (client, t) in forged {
+        assert_eq!(denied(&broker, client, &topic(t)), 1, "{client} on {t}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_clients_with_a_certificate_from_the_fleet_ca_connect() {
     let broker = Mosquitto::start(&["dev-a"]).unwrap();
 

@@ -149,3 +149,100 @@ fn demo_refuses_a_folder_that_is_not_its_own() {
         b"precious"
     );
 }
+
+/// `microfed demo --quick --secure` (issue 18): every round is merged by secure aggregation, the
+/// report says so, and the aggregator's folder holds no lab's update message.
+#[test]
+fn quick_demo_with_secure_aggregation_completes_its_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo-secure");
+    let t0 = std::time::Instant::now();
+    let run = microfed(
+        &[
+            "demo",
+            "--quick",
+            "--secure",
+            "--no-real",
+            "--no-console",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        true,
+    );
+    eprintln!(
+        "demo --quick --secure took {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    for r in 1..=2 {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(&format!("| {r} | "))),
+            "round {r} not printed:\n{stdout}"
+        );
+    }
+    let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(
+        report.contains("- secure aggregation: on:"),
+        "configuration does not say secure aggregation was on:\n{report}"
+    );
+    assert!(
+        report.contains("Secure aggregation was on: 2 of 2 rounds were merged"),
+        "{report}"
+    );
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("aggregator").join("aggregator.json")).unwrap(),
+    )
+    .unwrap();
+    let history = state["history"].as_array().unwrap();
+    assert_eq!(history.len(), 2, "{state:#}");
+    for h in history {
+        assert_eq!(h["secure_aggregation"], true, "{h:#}");
+        assert_eq!(
+            h["accepted"],
+            serde_json::json!(["lab-a", "lab-b"]),
+            "{h:#}"
+        );
+    }
+    assert_eq!(state["global_version"], 2);
+    for r in 1..=2 {
+        assert!(!out.join("aggregator").join(format!("round-{r}")).exists());
+    }
+    // Round 2 merged the two labs' contributed codes (kept on their own disks, over the whole
+    // update: zero off the round's shared 10 % support), and nothing else.
+    let global = |v: u32| -> Vec<f32> {
+        std::fs::read(out.join("aggregator").join(format!("global-{v}.bin")))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let (g1, g2) = (global(1), global(2));
+    let codes: Vec<Vec<i8>> = ["lab-a", "lab-b"]
+        .iter()
+        .map(|lab| {
+            std::fs::read(
+                out.join(lab)
+                    .join("federation")
+                    .join("secagg-contributed.i8"),
+            )
+            .unwrap()
+            .into_iter()
+            .map(|b| b as i8)
+            .collect()
+        })
+        .collect();
+    assert_eq!(codes[0].len(), g1.len());
+    let step = 0.05f32 / 127.0;
+    let mut moved = 0;
+    for j in 0..g1.len() {
+        let mean = (i32::from(codes[0][j]) + i32::from(codes[1][j])) as f32 * step / 2.0;
+        let got = g2[j] - g1[j];
+        assert!((got - mean).abs() < 1e-5, "coordinate {j}: {got} vs {mean}");
+        moved += usize::from(got != 0.0);
+    }
+    assert!(
+        moved > 0 && moved <= g1.len().div_ceil(10),
+        "{moved} of {} coordinates moved: not the round's 10 % support",
+        g1.len()
+    );
+}

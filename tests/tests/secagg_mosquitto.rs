@@ -1,5 +1,5 @@
 //! Secure aggregation over a real Mosquitto (TLS, client certificates, the fleet's ACL): five labs
-//! and the aggregator run one round of `microfed::study::secagg` with distributed DP-FedAvg noise.
+//! and the aggregator run one round of `microfed::federated::secagg` with distributed DP-FedAvg noise.
 //! Devices answer on their own `update/<lab>` topic (the only one the ACL lets them write); the
 //! aggregator talks to each on `secagg/<lab>` (the only one of those a lab may read). `lab-5` vanishes
 //! right after sending its masked update. The test checks that the aggregate is exactly the sum of
@@ -14,7 +14,7 @@ use rand::SeedableRng;
 
 use microfed::federated::compress;
 use microfed::federated::dp::{self, DpConfig, PrivacyReport, RdpAccountant};
-use microfed::study::secagg::{
+use microfed::federated::secagg::{
     ClientMessage, SecAggClient, SecAggConfig, SecAggServer, ServerMessage, Step,
 };
 use microfed::wire::link::{BrokerSettings, Link, TlsFiles};

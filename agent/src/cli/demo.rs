@@ -56,6 +56,10 @@ pub struct Args {
     /// Keep everything running this many seconds after the last round (to look at the console).
     #[arg(long, value_name = "S", default_value_t = 0)]
     pub hold: u64,
+    /// Run every round with secure aggregation: the aggregator merges the sum of the labs'
+    /// masked updates and never sees one (docs/privacy.md).
+    #[arg(long)]
+    pub secure: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -88,6 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         cfg.console = Some(a);
     }
     cfg.hold = Duration::from_secs(args.hold);
+    cfg.secure = args.secure;
     cfg.real = match (args.no_real, args.real) {
         (true, _) => None,
         (false, Some(dir)) => {

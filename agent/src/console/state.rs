@@ -384,10 +384,10 @@ impl Fleet {
             seconds: s.seconds,
             epsilon: s.privacy.as_ref().map(|p| p.epsilon),
             delta: s.privacy.as_ref().map(|p| p.delta),
-            secure_aggregation: s
-                .privacy
-                .as_ref()
-                .is_some_and(|p| p.mechanism.contains("secure aggregation")),
+            secure_aggregation: s.secure_aggregation
+                || s.privacy
+                    .as_ref()
+                    .is_some_and(|p| p.mechanism.contains("secure aggregation")),
             mechanism: s.privacy.map(|p| clip(&p.mechanism, MAX_TEXT).to_owned()),
             labs: s
                 .devices
@@ -734,6 +734,7 @@ mod tests {
         for round in 1..=5 {
             let s = RoundSummary {
                 round,
+                secure_aggregation: round == 5,
                 ..RoundSummary::default()
             };
             let signed = Envelope::seal(Kind::RoundSummary, &h, &s)
@@ -748,6 +749,14 @@ mod tests {
             f.rounds().iter().map(|r| r.round).collect::<Vec<_>>(),
             [4, 5],
             "only the latest rounds are kept"
+        );
+        // The summary's own flag (a secure round without DP has no mechanism to name it).
+        assert_eq!(
+            f.rounds()
+                .iter()
+                .map(|r| r.secure_aggregation)
+                .collect::<Vec<_>>(),
+            [false, true]
         );
         for i in 0..5 {
             let d = format!("lab-{i}");

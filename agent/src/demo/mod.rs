@@ -37,6 +37,7 @@ use crate::federated::compress::{self, CompressionConfig, Quantize};
 use crate::federated::edge::local::{Decay, LocalOptimizer, LrSchedule};
 use crate::federated::edge::participant::FederationSection;
 use crate::federated::server::aggregator::{self, Aggregator, AggregatorConfig, RoundSection};
+use crate::federated::server::config::SecureSection;
 use crate::federated::server::merge::AggregationConfig;
 use crate::model::manifest::ModelManifest;
 use crate::node::{AgentConfig, FederationConfig, Node};
@@ -53,6 +54,10 @@ use report::{LabReport, RoundRow};
 
 /// The fleet name of the demo's labs.
 pub const FLEET: &str = "demo";
+/// `--secure`: the aggregator's `value_clip` (each coordinate of an update is clamped to it).
+const DEMO_VALUE_CLIP: f32 = 0.05;
+/// `--secure`: the fraction of coordinates each round masks (`support_fraction`).
+const DEMO_SUPPORT: f64 = 0.1;
 
 /// A file in the output folder that marks it as the demo's (only such a folder is cleared).
 const MARKER: &str = ".microfed-demo";
@@ -135,6 +140,9 @@ pub struct DemoConfig {
     pub console: Option<std::net::SocketAddr>,
     /// How long everything keeps running after the last round, for a look at the console.
     pub hold: Duration,
+    /// Rounds run secure aggregation (`--secure`): each lab signs its round keys with a device key
+    /// enrolled with the fleet, and the aggregator merges only the sum of the masked updates.
+    pub secure: bool,
 }
 
 impl DemoConfig {
@@ -174,6 +182,7 @@ impl DemoConfig {
             seed: 7,
             console: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             hold: Duration::ZERO,
+            secure: false,
         }
     }
 
@@ -205,6 +214,11 @@ impl DemoConfig {
         }
         if self.rounds == 0 {
             return bad("--rounds must be at least 1".into());
+        }
+        if self.secure && self.labs < 2 {
+            return bad(
+                "--secure needs at least 2 labs (a sum of one update is that update)".into(),
+            );
         }
         if self.captures == 0 {
             return bad("--captures must be at least 1".into());
@@ -258,6 +272,23 @@ impl DemoConfig {
             ),
         ];
         v.push((
+            "secure aggregation".into(),
+            if self.secure {
+                format!(
+                    "on: each lab's round keys signed with its enrolled device key; updates \
+                     clamped to ±{DEMO_VALUE_CLIP}, quantised to int8 and masked (Bonawitz et al.) \
+                     on a shared random {:.0} % of the coordinates per round (the rest kept for the \
+                     next, error feedback); \
+                     the aggregator merged only the sum of each round (threshold: a majority of \
+                     the {} labs)",
+                    DEMO_SUPPORT * 100.0,
+                    self.labs
+                )
+            } else {
+                "off".into()
+            },
+        ));
+        v.push((
             "real SEM lab".into(),
             match &self.real {
                 Some(p) => format!("{} ({} images)", p.display(), self.real_captures),
@@ -276,7 +307,8 @@ pub struct DemoOutcome {
     pub rows: Vec<RoundRow>,
     pub labs: Vec<LabReport>,
     pub rounds_csv: PathBuf,
-    pub plot: PathBuf,
+    /// The IoU plot (none with `--secure`: the aggregator sees no lab's IoU).
+    pub plot: Option<PathBuf>,
     pub report: PathBuf,
     pub seconds: f64,
 }
@@ -312,6 +344,10 @@ impl LabPlan {
     }
     fn state(&self) -> PathBuf {
         self.dir.join("federation")
+    }
+    /// `--secure`: the lab's device key (its public half enrolled with the demo's fleet).
+    fn device_key(&self) -> PathBuf {
+        self.dir.join("device.key")
     }
 }
 
@@ -367,6 +403,7 @@ fn federation_section(
     index: usize,
     broker: &BrokerSettings,
     aggregator_key: &str,
+    enrolled: &toml::Table,
 ) -> Result<FederationSection, DemoError> {
     let path = |p: &Path| -> Result<toml::Value, DemoError> {
         p.to_str()
@@ -413,6 +450,12 @@ fn federation_section(
     style.insert("min_images".into(), (DEMO_STYLE_MIN_IMAGES as i64).into());
     style.insert("restyle".into(), toml::Value::Table(restyle));
     t.insert("style".into(), toml::Value::Table(style));
+    if cfg.secure {
+        let mut sa = toml::Table::new();
+        sa.insert("device_key".into(), path(&lab.device_key())?);
+        sa.insert("enrolled".into(), toml::Value::Table(enrolled.clone()));
+        t.insert("secure_aggregation".into(), toml::Value::Table(sa));
+    }
     toml::Value::Table(t)
         .try_into::<FederationSection>()
         .map_err(|e| DemoError::Lab {
@@ -531,8 +574,11 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             message: e.to_string(),
         }
     })?;
-    let plot = cfg.out.join("iou-per-round.png");
-    report::write_plot(&rows, &lab_names, &plot)?;
+    // With secure aggregation no lab's hold-out IoU reaches the aggregator: nothing to plot.
+    let plot = (!cfg.secure).then(|| cfg.out.join("iou-per-round.png"));
+    if let Some(plot) = &plot {
+        report::write_plot(&rows, &lab_names, plot)?;
+    }
     let mut lab_reports = Vec::new();
     for (i, p) in plans.iter().enumerate() {
         let features_csv = p.output().join("features.csv");
@@ -553,14 +599,14 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
         .collect();
     let mut table = vec![report::table_header(&labs_styles)];
     table.extend(rows.iter().map(report::table_line));
-    let mut files = vec![
-        ("round table (CSV)".to_string(), rounds_csv.clone()),
-        ("hold-out IoU per lab per round (PNG)".into(), plot.clone()),
-        (
-            "aggregator state, globals and accepted updates".into(),
-            cfg.out.join("aggregator"),
-        ),
-    ];
+    let mut files = vec![("round table (CSV)".to_string(), rounds_csv.clone())];
+    if let Some(plot) = &plot {
+        files.push(("hold-out IoU per lab per round (PNG)".into(), plot.clone()));
+    }
+    files.push((
+        "aggregator state, globals and accepted updates".into(),
+        cfg.out.join("aggregator"),
+    ));
     for p in &plans {
         files.push((
             format!(
@@ -594,6 +640,18 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
              <{url}> (devices online/offline, rounds, hold-out IoU per lab and round, model versions). \
              It stops with the demo; `microfed console --config console.toml` serves the same page for \
              a real fleet (docs/console.md).\n"
+        ));
+    }
+    if cfg.secure {
+        let secure = rows.iter().filter(|r| r.secure_aggregation).count();
+        md.push_str(&format!(
+            "\n## Secure aggregation\n\nSecure aggregation was on: {secure} of {} rounds were \
+             merged from the sum of the labs' masked updates (each round's summary says \
+             `secure_aggregation: true`); the aggregator never held one lab's update, so the table \
+             has no per-lab IoU or loss (they travel inside plain updates only) and its bytes are the \
+             protocol's messages shared evenly between the labs in the sum. Each lab kept its own \
+             int8 contribution in `<lab>/federation/secagg-contributed.i8`.\n",
+            rows.len()
         ));
     }
     let report_path = cfg.out.join("report.md");
@@ -657,6 +715,18 @@ async fn orchestrate(
     key.save(&signing_key)
         .map_err(|e| part_err("aggregator key")(e.to_string()))?;
     let aggregator_key = key.public().to_hex();
+    // `--secure`: one device key per federated lab, enrolled with the fleet (every lab lists them).
+    let mut enrolled = toml::Table::new();
+    if cfg.secure {
+        for p in &plans[..federated] {
+            let path = p.device_key();
+            let _ = std::fs::remove_file(&path);
+            let k = crate::wire::signing::SecretKey::generate();
+            k.save(&path)
+                .map_err(|e| lab_err(&p.name, "device key")(e.to_string()))?;
+            enrolled.insert(p.name.clone(), k.public().to_hex().into());
+        }
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
 
     // Agents: load (blocking: tract optimises the model) and start.
@@ -667,7 +737,14 @@ async fn orchestrate(
             let tile = if i < federated { cfg.tile } else { 256 };
             let federation = if i < federated {
                 Some(FederationConfig {
-                    participant: federation_section(cfg, p, i, &settings, &aggregator_key)?,
+                    participant: federation_section(
+                        cfg,
+                        p,
+                        i,
+                        &settings,
+                        &aggregator_key,
+                        &enrolled,
+                    )?,
                     fleet_models: None,
                 })
             } else {
@@ -735,7 +812,16 @@ async fn orchestrate(
         scale_out: None,
         signing_key: Some(signing_key.clone()),
         metrics: None,
+        secure_aggregation: cfg.secure.then_some(SecureSection {
+            threshold: None,
+            step_timeout_s: 60.0,
+            value_clip: DEMO_VALUE_CLIP,
+            // The secure analogue of the plain rounds' top-10 %: a shared random 10 % per round,
+            // the rest kept on each lab for its next update (error feedback).
+            support_fraction: Some(DEMO_SUPPORT),
+        }),
     };
+    agg_cfg.validate().map_err(|e| part_err("aggregator")(e))?;
     let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
     let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;
     let result = match started {

@@ -46,6 +46,8 @@ pub struct RoundRow {
     pub stragglers: Vec<String>,
     pub rejected: BTreeMap<String, u64>,
     pub seconds: f64,
+    /// The round ran secure aggregation (the aggregator saw the sum only; no per-lab figures).
+    pub secure_aggregation: bool,
 }
 
 /// Builds the row of `summary` from the accepted update messages in the aggregator's `state` folder.
@@ -61,6 +63,35 @@ pub fn round_row(
     };
     let dir = state.join(format!("round-{}", summary.round));
     let mut per_lab: Vec<Option<LabRound>> = vec![None; labs.len()];
+    if summary.secure_aggregation {
+        // The aggregator holds no lab's update, so no lab's figures: only who is in the sum, and
+        // the protocol's bytes shared evenly.
+        let n = summary.accepted.len().max(1) as u64;
+        for device in &summary.accepted {
+            let Some(i) = labs.iter().position(|l| l == device) else {
+                return Err(round_err(format!(
+                    "{device} is in the secure sum, and it is not a demo lab"
+                )));
+            };
+            per_lab[i] = Some(LabRound {
+                iou_global: None,
+                iou_local: None,
+                bytes: summary.update_bytes / n,
+                samples: 0,
+                train_loss: f32::NAN,
+            });
+        }
+        return Ok(RoundRow {
+            round: summary.round,
+            global_version: summary.global_version,
+            labs: per_lab,
+            update_bytes: summary.update_bytes,
+            stragglers: summary.stragglers.clone(),
+            rejected: summary.rejected.clone(),
+            seconds: summary.seconds,
+            secure_aggregation: true,
+        });
+    }
     let mut total = 0u64;
     for device in &summary.accepted {
         let path = dir.join(format!("{device}.msg"));
@@ -98,6 +129,7 @@ pub fn round_row(
         stragglers: summary.stragglers.clone(),
         rejected: summary.rejected.clone(),
         seconds: summary.seconds,
+        secure_aggregation: false,
     })
 }
 
@@ -619,6 +651,7 @@ mod tests {
             seconds: 2.5,
             privacy: None,
             devices: BTreeMap::new(),
+            ..RoundSummary::default()
         }
     }
 

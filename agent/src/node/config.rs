@@ -141,6 +141,9 @@ impl AgentConfig {
             let f = &mut f.participant;
             fix(&mut f.labelled);
             fix(&mut f.state);
+            if let Some(sa) = f.secure_aggregation.as_mut() {
+                fix(&mut sa.device_key);
+            }
             if let Some(t) = &mut f.broker.tls {
                 fix(&mut t.ca);
                 fix(&mut t.cert);

@@ -33,9 +33,9 @@ use microfed_kernels::unet::Params;
 use crate::federated::compress;
 use crate::federated::dp::{self, DpConfig};
 use crate::federated::edge::local::{FeatureCache, LocalError, LocalTrainer, RoundPlan};
+use crate::federated::secagg;
 use crate::micrograph::Normalisation;
 use crate::model::runtime::Segmenter;
-use crate::study::secagg;
 use crate::synth::{self, Structure, Style, SynthParams};
 use crate::train::data::{TrainingImage, TrainingSet};
 

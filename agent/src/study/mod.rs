@@ -6,10 +6,10 @@
 //!   [`plot`]: its learning curves as PNG.
 //! - [`attack`]: what an honest-but-curious aggregator learns from a decoder update;
 //!   [`attack_style`]: from a style code.
-//! - [`secagg`]: secure aggregation (pairwise masks, Shamir dropout recovery), tested over MQTT.
+//!
+//! Secure aggregation, which the agent and the aggregator run, is [`crate::federated::secagg`].
 
 pub mod attack;
 pub mod attack_style;
 pub mod experiment;
 pub mod plot;
-pub mod secagg;

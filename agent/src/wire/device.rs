@@ -164,6 +164,8 @@ impl DeviceLink {
                 format!("microfed/{fleet}/style/+"),
                 format!("microfed/{fleet}/model/+"),
                 topics.command(),
+                // Secure aggregation: the aggregator's messages to this device alone.
+                topics.secagg(device),
             ],
             Some(offline_will(topics.status(device), offline)),
         )?;
@@ -179,7 +181,7 @@ impl DeviceLink {
                     .and_then(|r| r.split('/').next())
                     .unwrap_or("");
                 let to = match section {
-                    "round" | "global" | "style" => &rounds_tx,
+                    "round" | "global" | "style" | "secagg" => &rounds_tx,
                     "model" | "command" => &fleet_tx,
                     _ => {
                         tracing::debug!(topic = %m.topic, "message on a topic no task reads");

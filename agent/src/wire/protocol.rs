@@ -69,7 +69,7 @@ pub enum Kind {
     RoundSummary,
     ModelVersion,
     Command,
-    /// A secure-aggregation step ([`crate::study::secagg`]): device → aggregator on `update/<device>`,
+    /// A secure-aggregation step ([`crate::federated::secagg`]): device → aggregator on `update/<device>`,
     /// aggregator → device on `secagg/<device>`.
     SecAgg,
     /// Scale-out aggregation ([`crate::federated::server::scaleout`]) on `partial/<aggregator id>`: a worker's
@@ -456,6 +456,14 @@ pub struct RoundSummary {
     /// coordinator, which sees partial sums only.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub devices: std::collections::BTreeMap<String, DeviceReport>,
+    /// The round ran secure aggregation: the aggregator merged the sum of the accepted devices'
+    /// updates and never saw one of them (`accepted` are the devices in the sum).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub secure_aggregation: bool,
+    /// Why the round ended without merging anything (a secure round that lost too many devices, or
+    /// that an aggregator restart interrupted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<String>,
 }
 
 /// One accepted device's part in a round (in [`RoundSummary::devices`]).

@@ -47,6 +47,9 @@ pub enum Purpose {
     /// An aggregator's message to the devices: a global decoder or a round announcement (the
     /// envelope's header and body digest, [`crate::wire::protocol::Envelope::sign`]).
     Aggregator,
+    /// A device's public keys for one secure-aggregation round ([`crate::federated::secagg`]),
+    /// signed with the device key enrolled with the fleet.
+    SecAggKeys,
 }
 
 impl Purpose {
@@ -55,6 +58,7 @@ impl Purpose {
             Self::Release => b"microfed fleet release v1\0",
             Self::Command => b"microfed fleet command v1\0",
             Self::Aggregator => b"microfed aggregator message v1\0",
+            Self::SecAggKeys => b"microfed secagg round keys v1\0",
         }
     }
     fn what(self) -> &'static str {
@@ -62,6 +66,7 @@ impl Purpose {
             Self::Release => "model version",
             Self::Command => "command",
             Self::Aggregator => "aggregator message",
+            Self::SecAggKeys => "secure-aggregation round keys",
         }
     }
     fn message(self, bytes: &[u8]) -> Vec<u8> {

@@ -7,6 +7,8 @@
 //! - [`cache`]: the encoder features of the lab's labelled images, computed once per base model.
 //! - [`local`]: local decoder fine-tuning with the kernels crate on cached encoder features.
 //! - [`outbox`]: store-and-forward of updates that could not be sent yet.
+//! - [`secure`]: the device's part in secure rounds (`[federation.secure_aggregation]`): start and
+//!   update in, signed round keys and masked update out (a pure state machine).
 //! - [`style`]: style codes (feature statistics, Fourier amplitudes) shared between labs, and
 //!   re-styling local training with them.
 
@@ -15,5 +17,6 @@ pub mod local;
 pub mod outbox;
 pub mod participant;
 pub mod round;
+pub mod secure;
 pub mod style;
 pub mod trainer;

@@ -32,10 +32,13 @@ use crate::federated::edge::cache::FeatureCache;
 use crate::federated::edge::local::LocalError;
 use crate::federated::edge::outbox::{Outbox, OutboxItem};
 use crate::federated::edge::round::{Action, Event, Rounds, TrainOrder};
+pub use crate::federated::edge::secure::SecureAggSection;
+use crate::federated::edge::secure::{SecureOut, SecureParticipant};
 use crate::federated::edge::style::{
     Received, RestyleConfig, StyleBook, StyleCode, StyleError, StyleSection,
 };
 use crate::federated::edge::trainer::{Trained, TrainerError, TrainerSetup, TrainingThread};
+use crate::federated::secagg::ServerMessage;
 use crate::fsio::now_unix;
 use crate::micrograph::Normalisation;
 use crate::model::onnx;
@@ -107,6 +110,10 @@ pub struct FederationSection {
     /// labelled images): no gate.
     #[serde(default = "default_holdout_margin")]
     pub holdout_margin: f64,
+    /// `[federation.secure_aggregation]`: take part only through secure aggregation (the update
+    /// never leaves the lab in the clear; the aggregator must run `[secure_aggregation]` too).
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggSection>,
 }
 
 impl FederationSection {
@@ -179,6 +186,8 @@ pub enum ParticipantError {
     DeviceId(String),
     #[error("federation: aggregator_key: {0}")]
     AggregatorKey(crate::wire::signing::SigningError),
+    #[error("federation: {0}")]
+    SecureAggregation(String),
     #[error("federation: {path}: {source}")]
     Io {
         path: PathBuf,
@@ -395,6 +404,9 @@ struct Session<'a> {
     pending_code: Option<PendingCode>,
     /// The style-book generation the trainer last got (None: give the codes again).
     styles_given: Option<u64>,
+    /// Secure rounds (`[federation.secure_aggregation]`), and what they have to send.
+    secure: Option<SecureParticipant>,
+    secure_out: Vec<SecureOut>,
 }
 
 /// Rounds on one base model and one state of the labelled data: set up, then the I/O loop that feeds
@@ -432,6 +444,7 @@ async fn session(
     let topics = device.topics.clone();
     let mut reassembler = Reassembler::new(ReassemblyLimits::default());
     let style_prefix = format!("microfed/{}/style/", cfg.fleet);
+    let secagg_topic = topics.secagg(&cfg.device);
     let mut data_check = tokio::time::interval(DATA_CHECK);
     data_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     data_check.reset();
@@ -480,7 +493,21 @@ async fn session(
             }
             m = inbox.recv() => {
                 let Some(Message { topic, payload, .. }) = m else { break };
-                if topic.starts_with(&style_prefix) {
+                if topic == secagg_topic {
+                    match reassembler.push(&topic, &payload) {
+                        Ok(Some(whole)) => match Envelope::from_bytes(&whole, MAX_SECAGG_BYTES)
+                            .and_then(authentic)
+                            .and_then(|e| check_env(e, &cfg.fleet, &s.prepared.model_version))
+                            .and_then(|e| e.body::<ServerMessage>(Kind::SecAgg))
+                        {
+                            Ok(msg) => s.on_secure_message(msg).await,
+                            Err(e) => tracing::warn!(error = %e, "ignoring a secure-aggregation message"),
+                        },
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "ignoring a secure-aggregation frame"),
+                    }
+                    None
+                } else if topic.starts_with(&style_prefix) {
                     s.on_style_message(&topic, &payload, carried);
                     None
                 } else if topic == topics.round() {
@@ -533,7 +560,12 @@ async fn session(
         if let Some(event) = event {
             for action in carried.rounds.handle(event, now_unix()) {
                 match action {
-                    Action::DropUpdatesUpTo(round) => s.drop_closed(round),
+                    Action::DropUpdatesUpTo(round) => {
+                        s.drop_closed(round);
+                        if let Some(sp) = s.secure.as_mut() {
+                            sp.forget_up_to(round);
+                        }
+                    }
                     Action::Install { version, swap } => {
                         if swap && let Some((_, values)) = carried.rounds.live() {
                             swap_in(
@@ -629,6 +661,7 @@ async fn session(
         }
         s.publish_code(carried).await;
         s.flush_outbox(carried.rounds.open_round()).await;
+        s.flush_secure().await;
     }
     Ok(Next::Stop)
 }
@@ -709,7 +742,23 @@ impl<'a> Session<'a> {
             &prepared.model_version,
             cfg.style.is_some(),
         );
+        let secure = match &cfg.secure_aggregation {
+            Some(sa) => {
+                let trust = sa
+                    .trust(&cfg.device)
+                    .map_err(ParticipantError::SecureAggregation)?;
+                tracing::info!(
+                    enrolled = trust.enrolled.len(),
+                    min_threshold = trust.min_threshold,
+                    "secure aggregation on: updates leave this lab only masked"
+                );
+                Some(SecureParticipant::new(&cfg.device, trust))
+            }
+            None => None,
+        };
         Ok(Self {
+            secure,
+            secure_out: Vec::new(),
             cfg,
             device,
             prepared,
@@ -805,6 +854,43 @@ impl<'a> Session<'a> {
             model_version: &self.prepared.model_version,
             sender: &self.cfg.device,
         };
+        // Secure mode is the configuration's, never the state machine's: an update of this agent
+        // never goes out in the clear, whatever happened to the protocol.
+        if self.cfg.secure_aggregation.is_some() {
+            let made = trained
+                .map_err(RoundError::from)
+                .and_then(|tr| checked_update(self.cfg, &t.global, &tr));
+            let last_error = match made {
+                Ok(update) => {
+                    tracing::info!(
+                        round,
+                        "local round done; the update goes out only through secure aggregation"
+                    );
+                    match self.secure.as_mut() {
+                        Some(sp) => {
+                            let out = sp.on_update(round, update);
+                            self.secure_out.extend(out);
+                            None
+                        }
+                        None => Some(
+                            "secure aggregation stopped (see the log): the update is not sent"
+                                .to_owned(),
+                        ),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(round, error = %e, "round failed locally");
+                    Some(e.to_string())
+                }
+            };
+            self.device.status.update(|st| {
+                st.last_round = Some(round);
+                if last_error.is_some() {
+                    st.last_error = last_error;
+                }
+            });
+            return;
+        }
         let made = trained.map_err(RoundError::from).and_then(|tr| {
             make_update(
                 self.cfg,
@@ -929,6 +1015,107 @@ impl<'a> Session<'a> {
     }
 
     /// Sends what waits, oldest first, while the round it belongs to is open.
+    /// One of the aggregator's secure-aggregation messages. The protocol's work (sealing shares,
+    /// the pairwise masks: one PRG expansion of the whole update per peer) runs on a blocking
+    /// thread, so the device's other tasks (status, results) go on meanwhile.
+    async fn on_secure_message(&mut self, msg: ServerMessage) {
+        if let Some(mut sp) = self.secure.take() {
+            match tokio::task::spawn_blocking(move || {
+                let out = sp.on_message(msg);
+                (sp, out)
+            })
+            .await
+            {
+                Ok((sp, out)) => {
+                    self.secure = Some(sp);
+                    self.secure_out.extend(out);
+                }
+                Err(e) => {
+                    // The state machine is lost with the task: secure rounds stop here, said loudly.
+                    tracing::error!(error = %e, "secure aggregation: the protocol task failed; no further secure rounds until restart");
+                    self.device.status.update(|st| {
+                        st.last_error = Some(format!("secure aggregation stopped: {e}"))
+                    });
+                }
+            }
+        } else if self.cfg.secure_aggregation.is_none()
+            && matches!(msg, ServerMessage::Start { .. })
+        {
+            tracing::warn!(
+                "the aggregator runs secure aggregation but this agent has no \
+                 [federation.secure_aggregation]: not taking part"
+            );
+        }
+    }
+
+    /// Publishes the secure round's answers (straight on the link: a protocol step cannot wait in
+    /// the outbox; an answer that cannot be sent makes this device drop out of that round).
+    async fn flush_secure(&mut self) {
+        use crate::federated::secagg::ClientMessage;
+        for out in std::mem::take(&mut self.secure_out) {
+            match out {
+                SecureOut::Send { round, msg } => {
+                    let step = match &msg {
+                        ClientMessage::Keys { .. } => "keys",
+                        ClientMessage::Shares { .. } => "shares",
+                        ClientMessage::Masked { .. } => "masked update",
+                        ClientMessage::Unmask { .. } => "unmasking shares",
+                    };
+                    let header = Header {
+                        fleet: &self.cfg.fleet,
+                        round,
+                        model_version: &self.prepared.model_version,
+                        sender: &self.cfg.device,
+                    };
+                    let sent = async {
+                        let env = Envelope::seal(Kind::SecAgg, &header, &msg)?;
+                        let frames = protocol::split(&env.to_bytes()?, CHUNK_BYTES)?;
+                        let topic = self.device.topics.update(&self.cfg.device);
+                        self.device
+                            .link
+                            .publish_frames(|_| topic.clone(), frames, false)
+                            .await?;
+                        Ok::<(), ParticipantError>(())
+                    }
+                    .await;
+                    match sent {
+                        Ok(()) => tracing::info!(round, "secure aggregation: {step} sent"),
+                        Err(e) => tracing::warn!(
+                            round,
+                            error = %e,
+                            "secure aggregation: cannot send the {step}; this lab drops out of the round"
+                        ),
+                    }
+                }
+                SecureOut::Masked {
+                    round,
+                    codes,
+                    scale,
+                } => {
+                    // This lab's own contribution, kept on its own disk (for its operator's audit;
+                    // it never leaves the lab in the clear).
+                    let path = self.cfg.state.join("secagg-contributed.i8");
+                    let bytes: Vec<u8> = codes.iter().map(|&c| c as u8).collect();
+                    if let Err(e) = crate::fsio::write_atomic(&path, &bytes) {
+                        tracing::warn!(error = %e, "cannot keep the contributed codes");
+                    }
+                    tracing::info!(
+                        round,
+                        scale,
+                        coordinates = codes.len(),
+                        "secure aggregation: contributed int8 codes kept in secagg-contributed.i8"
+                    );
+                }
+                SecureOut::Refused { round, why } => {
+                    tracing::error!(round, "secure aggregation: refused: {why}");
+                    self.device
+                        .status
+                        .update(|st| st.last_error = Some(format!("secure aggregation: {why}")));
+                }
+            }
+        }
+    }
+
     async fn flush_outbox(&mut self, open_round: Option<u64>) {
         if !self.unstored.is_empty() {
             let before = self.unstored.len();
@@ -1155,6 +1342,35 @@ fn save_state(path: &std::path::Path, s: &ParticipantState) {
     {
         tracing::warn!(error = %e, "cannot save the participant state");
     }
+}
+
+/// Largest secure-aggregation message from the aggregator: a roster or the relayed shares of
+/// thousands of devices fit many times over.
+const MAX_SECAGG_BYTES: usize = 16 * 1024 * 1024;
+
+/// The update of a round for secure aggregation: local − global, finite, within
+/// `max_update_norm` (the aggregator cannot check either once it is masked).
+fn checked_update(
+    cfg: &FederationSection,
+    global: &[f32],
+    t: &Trained,
+) -> Result<Vec<f32>, RoundError> {
+    let update: Vec<f32> = t.local.iter().zip(global).map(|(l, g)| l - g).collect();
+    if update.iter().any(|v| !v.is_finite()) {
+        return Err(RoundError::NotFinite);
+    }
+    let norm = update
+        .iter()
+        .map(|v| f64::from(*v).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32;
+    if norm > cfg.max_update_norm {
+        return Err(RoundError::Norm {
+            norm,
+            max: cfg.max_update_norm,
+        });
+    }
+    Ok(update)
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -34,12 +34,14 @@ use tokio::sync::watch;
 
 use crate::federated::compress::{self, TensorSpan};
 use crate::federated::dp::{self, PrivacyReport, RdpAccountant};
+use crate::federated::secagg::{ClientMessage, SecAggConfig, Support, ring_bits_for};
 use crate::federated::server::config::Role;
 pub use crate::federated::server::config::{
-    AggregatorConfig, DP_MECHANISM, DpSection, MAX_UPDATE_BYTES, RoundSection,
+    AggregatorConfig, DP_MECHANISM, DP_MECHANISM_SECURE, DpSection, MAX_UPDATE_BYTES, RoundSection,
 };
 pub use crate::federated::server::error::AggregatorError;
 use crate::federated::server::merge::{Accumulator, ServerOptimizer};
+use crate::federated::server::secure::{SecureAction, SecureEvent, SecureRound, merged_mean};
 use crate::fsio::now_unix;
 use crate::fsio::write_atomic;
 use crate::model::onnx;
@@ -68,11 +70,13 @@ pub enum Rejection {
     Oversized,
     /// More training samples claimed than `max_samples`.
     Samples,
+    /// A secure-aggregation message the protocol refused (out of turn, malformed shares, …).
+    SecAgg,
 }
 
 impl Rejection {
     /// Every reason, in the order of the metrics' labels.
-    pub const ALL: [Rejection; 12] = [
+    pub const ALL: [Rejection; 13] = [
         Self::Malformed,
         Self::WrongFleet,
         Self::WrongModel,
@@ -85,6 +89,7 @@ impl Rejection {
         Self::Norm,
         Self::Oversized,
         Self::Samples,
+        Self::SecAgg,
     ];
 
     pub fn key(self) -> &'static str {
@@ -101,6 +106,7 @@ impl Rejection {
             Self::Norm => "norm",
             Self::Oversized => "oversized",
             Self::Samples => "samples",
+            Self::SecAgg => "secagg_protocol",
         }
     }
 }
@@ -132,7 +138,7 @@ pub struct RoundState {
 pub struct AggregatorMetrics {
     pub updates_accepted: Counter,
     /// By [`Rejection::ALL`]'s order.
-    pub rejected: [Counter; 12],
+    pub rejected: [Counter; 13],
     /// Every update frame received, whatever became of it.
     pub frame_bytes: Counter,
     /// Compressed update bytes merged.
@@ -239,6 +245,19 @@ pub struct Aggregator {
     signing_key: Option<crate::wire::signing::SecretKey>,
     /// Shared with the `/metrics` listener.
     metrics: std::sync::Arc<AggregatorMetrics>,
+    /// `[secure_aggregation]`: the open round's protocol (in memory only: a restart abandons it).
+    secure: Option<SecureRound>,
+    /// How the open secure round ends, once it has: its mean, or why nothing is merged.
+    secure_close: Option<SecureClose>,
+}
+
+/// The end of a secure round.
+#[derive(Debug)]
+enum SecureClose {
+    /// The mean of the contributors' quantised updates (what FedAvg with equal weights merges).
+    Merge(Vec<f32>),
+    /// Nothing merged, and why.
+    Abandon(String),
 }
 
 impl std::fmt::Debug for Aggregator {
@@ -336,8 +355,21 @@ impl Aggregator {
             }),
             cfg,
             metrics: Default::default(),
+            secure: None,
+            secure_close: None,
         };
-        if me.state.open {
+        if me.state.open && me.cfg.secure_aggregation.is_some() {
+            // The protocol's state (and every device's round keys) lived in the old process: the
+            // round cannot be resumed. Nothing of it was counted; it closes as abandoned.
+            let why = format!(
+                "the aggregator restarted during round {}'s secure aggregation; the protocol's \
+                 state died with the old process, so the round is abandoned and nothing of it is \
+                 merged",
+                me.state.round
+            );
+            tracing::warn!(round = me.state.round, "{why}");
+            me.secure_close = Some(SecureClose::Abandon(why));
+        } else if me.state.open {
             me.replay_open_round()?;
         }
         me.replay_spool()?;
@@ -457,6 +489,8 @@ impl Aggregator {
         self.state.update_bytes = 0;
         self.state.reports.clear();
         self.acc = Accumulator::new(self.global.len(), &self.cfg.aggregation)?;
+        self.secure = None;
+        self.secure_close = None;
         self.save_state()?;
         self.show_round();
         tracing::info!(
@@ -837,6 +871,15 @@ impl Aggregator {
             .unwrap_or(1.0)
     }
 
+    /// The name of the DP mechanism in the privacy reports.
+    fn dp_mechanism(&self) -> &'static str {
+        if self.cfg.secure_aggregation.is_some() {
+            DP_MECHANISM_SECURE
+        } else {
+            DP_MECHANISM
+        }
+    }
+
     /// The privacy spent so far (none without `[dp]`).
     pub fn privacy(&self) -> Option<PrivacyReport> {
         let d = self.cfg.dp.as_ref()?;
@@ -848,7 +891,7 @@ impl Aggregator {
             .find_map(|s| s.privacy.as_ref().map(|p| p.sampling_rate))
             .unwrap_or_else(|| d.worst_case_rate());
         Some(PrivacyReport::new(
-            DP_MECHANISM,
+            self.dp_mechanism(),
             &d.config(q),
             &self.state.accountant,
         ))
@@ -872,6 +915,10 @@ impl Aggregator {
 
     /// True when the open round may close: quorum reached or deadline passed.
     pub fn round_due(&self) -> bool {
+        if self.cfg.secure_aggregation.is_some() {
+            // The protocol's own deadlines end a secure round.
+            return self.state.open && self.secure_close.is_some();
+        }
         self.state.open
             && (self.state.accepted.len() >= self.cfg.quorum()
                 || now_unix() >= self.state.deadline_unix)
@@ -893,8 +940,18 @@ impl Aggregator {
         let accepted: Vec<String> = self.state.accepted.keys().cloned().collect();
         let samples: u64 = self.state.accepted.values().map(|(s, _)| s).sum();
         let mut privacy = None;
-        if !accepted.is_empty() {
-            let mut update = self.acc.finish()?;
+        let mut abandoned = None;
+        let merged = match self.secure_close.take() {
+            Some(SecureClose::Merge(mean)) => Some(mean),
+            Some(SecureClose::Abandon(why)) => {
+                abandoned = Some(why);
+                None
+            }
+            None if accepted.is_empty() => None,
+            None => Some(self.acc.finish()?),
+        };
+        self.secure = None;
+        if let Some(mut update) = merged {
             if let Some(d) = &self.cfg.dp {
                 // `update` is the sum of the clipped updates over n; N(0, (zC)²) on the sum is
                 // N(0, (zC/n)²) on the mean. OS-seeded ChaCha20: DP noise must not be predictable.
@@ -909,7 +966,7 @@ impl Aggregator {
                 )?;
                 self.state.accountant.step(q, d.noise_multiplier, 1)?;
                 privacy = Some(PrivacyReport::new(
-                    DP_MECHANISM,
+                    self.dp_mechanism(),
                     &cfg,
                     &self.state.accountant,
                 ));
@@ -948,6 +1005,8 @@ impl Aggregator {
                 .filter(|(d, _)| self.state.accepted.contains_key(*d))
                 .map(|(d, r)| (d.clone(), r.clone()))
                 .collect(),
+            secure_aggregation: self.cfg.secure_aggregation.is_some(),
+            abandoned,
         };
         self.state.open = false;
         self.state.history.push(summary.clone());
@@ -1047,6 +1106,10 @@ impl Aggregator {
             }
             tokio::select! {
                 m = inbox.recv() => match m {
+                    Some(m) if self.cfg.secure_aggregation.is_some() => {
+                        let actions = self.take_secure_frame(&m.topic, &m.payload);
+                        self.perform_secure(link, actions, &mut stop).await?;
+                    }
                     Some(m) => self.take_or_hold(m, &mut held)?,
                     None => break,
                 },
@@ -1055,6 +1118,10 @@ impl Aggregator {
             }
             if !held.0.is_empty() {
                 self.retry_held(&mut held)?;
+            }
+            if let Some(r) = self.secure.as_mut() {
+                let actions = r.handle(SecureEvent::Tick, now_unix());
+                self.perform_secure(link, actions, &mut stop).await?;
             }
             // A round is not closed over updates that are waiting for the disk.
             if held.0.is_empty() && self.round_due() {
@@ -1197,7 +1264,228 @@ impl Aggregator {
         }
         self.open_round()?;
         retry(|| self.publish_announcement(link), stop).await?;
+        if self.cfg.secure_aggregation.is_some() {
+            let actions = self.start_secure();
+            self.perform_secure(link, actions, stop).await?;
+        }
         Ok(true)
+    }
+
+    /// The open round's secure aggregation: its start messages (or, when it cannot start, its end).
+    fn start_secure(&mut self) -> Vec<SecureAction> {
+        let Some(sa) = &self.cfg.secure_aggregation else {
+            return Vec::new();
+        };
+        let n = self.cfg.devices.len();
+        let dense = self.global.len();
+        let support = sa.support_fraction.map(|_| Support {
+            seed: rand::Rng::random(
+                &mut <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng(),
+            ),
+            dense,
+        });
+        let len = sa.support_fraction.map_or(dense, |f| {
+            ((f * dense as f64).ceil() as usize).clamp(1, dense)
+        });
+        let config = SecAggConfig {
+            threshold: sa.threshold_for(n),
+            clip: sa.value_clip,
+            ring_bits: ring_bits_for(n),
+            len,
+            norm_clip: self.cfg.dp.as_ref().map(|d| d.clip_norm),
+            support,
+        };
+        match SecureRound::start(
+            self.state.round,
+            config,
+            &self.cfg.devices,
+            self.cfg.quorum(),
+            self.state.deadline_unix,
+            sa.step_timeout_s,
+        ) {
+            Ok((r, actions)) => {
+                tracing::info!(
+                    round = self.state.round,
+                    threshold = r.config().threshold,
+                    ring_bits = r.config().ring_bits,
+                    "secure aggregation: round started"
+                );
+                self.secure = Some(r);
+                actions
+            }
+            Err(e) => vec![SecureAction::Failed(e.to_string())],
+        }
+    }
+
+    /// One frame on `update/<device>` in a secure round: reassembled, checked like an update's
+    /// envelope, and given to the protocol. Nothing is written to disk: a restart abandons the
+    /// round.
+    fn take_secure_frame(&mut self, topic: &str, payload: &[u8]) -> Vec<SecureAction> {
+        self.metrics.frame_bytes.add(payload.len() as u64);
+        let Some(device) = self.topics.device_of("update", topic).map(str::to_owned) else {
+            self.reject(
+                Rejection::Malformed,
+                &format!("message on unexpected topic {topic}"),
+            );
+            return Vec::new();
+        };
+        if !self.cfg.devices.contains(&device) {
+            self.reject(
+                Rejection::UnknownDevice,
+                &format!("secure-aggregation frame from unknown device {device}"),
+            );
+            return Vec::new();
+        }
+        let whole = match self.reassembler.push(topic, payload) {
+            Ok(Some(w)) => w,
+            Ok(None) => return Vec::new(),
+            Err(e) => {
+                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
+                    Rejection::Oversized
+                } else {
+                    Rejection::Malformed
+                };
+                self.reject(why, &format!("{topic}: {e}"));
+                return Vec::new();
+            }
+        };
+        self.metrics
+            .reassembly_bytes
+            .set(self.reassembler.held() as f64);
+        let env = match Envelope::from_bytes(&whole, MAX_UPDATE_BYTES) {
+            Ok(e) => e,
+            Err(e) => {
+                self.reject(Rejection::Malformed, &format!("from {device}: {e}"));
+                return Vec::new();
+            }
+        };
+        if env.kind == Kind::Update {
+            // A device without [federation.secure_aggregation] sent its update in the clear: it is
+            // discarded unread (not decoded, not stored, not counted).
+            self.reject(
+                Rejection::Malformed,
+                &format!(
+                    "a plain update from {device} in a secure round: discarded unread (the device \
+                     needs [federation.secure_aggregation])"
+                ),
+            );
+            return Vec::new();
+        }
+        if env.fleet != self.cfg.fleet {
+            self.reject(
+                Rejection::WrongFleet,
+                &format!("from {device} for fleet {}", env.fleet),
+            );
+            return Vec::new();
+        }
+        if env.model_version != self.model_version {
+            self.reject(
+                Rejection::WrongModel,
+                &format!("from {device} for another base model"),
+            );
+            return Vec::new();
+        }
+        if env.sender != device {
+            self.reject(
+                Rejection::SpoofedSender,
+                &format!("on {device}'s topic, claims to be from {}", env.sender),
+            );
+            return Vec::new();
+        }
+        if !self.state.open || env.round != self.state.round {
+            self.reject(
+                Rejection::WrongRound,
+                &format!(
+                    "secure-aggregation message from {device} for round {}",
+                    env.round
+                ),
+            );
+            return Vec::new();
+        }
+        let msg: ClientMessage = match env.body(Kind::SecAgg) {
+            Ok(m) => m,
+            Err(e) => {
+                self.reject(Rejection::Malformed, &format!("from {device}: {e}"));
+                return Vec::new();
+            }
+        };
+        self.state.update_bytes += whole.len() as u64;
+        match self.secure.as_mut() {
+            Some(r) => r.handle(SecureEvent::Message { device, msg }, now_unix()),
+            None => {
+                self.reject(
+                    Rejection::WrongRound,
+                    &format!(
+                        "secure-aggregation message from {device}: no secure round is running"
+                    ),
+                );
+                Vec::new()
+            }
+        }
+    }
+
+    /// Does what the secure round asks: sends (signed, chunked), counts refusals, ends the round.
+    async fn perform_secure(
+        &mut self,
+        link: &Link,
+        actions: Vec<SecureAction>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), AggregatorError> {
+        for a in actions {
+            match a {
+                SecureAction::Send { to, msg, retain } => {
+                    let env = self.signed(Envelope::seal(Kind::SecAgg, &self.header(), &msg)?)?;
+                    let frames = protocol::split(&env.to_bytes()?, CHUNK_BYTES)?;
+                    let topic = self.topics.secagg(&to);
+                    retry(
+                        || async {
+                            link.publish_frames(|_| topic.clone(), frames.clone(), retain)
+                                .await
+                                .map_err(AggregatorError::from)
+                        },
+                        stop,
+                    )
+                    .await?;
+                }
+                SecureAction::Refused { device, reason } => {
+                    self.reject(Rejection::SecAgg, &format!("secure aggregation: {reason}"));
+                    tracing::debug!(%device, "secure-aggregation message refused");
+                }
+                SecureAction::Finished(agg) => {
+                    tracing::info!(
+                        round = agg.round,
+                        contributors = ?agg.contributors,
+                        dropped = ?agg.dropped,
+                        "secure aggregation: the sum is unmasked"
+                    );
+                    let merged = match self.secure.as_ref() {
+                        Some(r) => merged_mean(r.config(), &agg, self.global.len()),
+                        None => Err("no secure round".into()),
+                    };
+                    match merged {
+                        Ok(m) => {
+                            for d in &agg.contributors {
+                                self.state
+                                    .accepted
+                                    .insert(d.clone(), (1, "secure-aggregation".into()));
+                            }
+                            self.secure_close = Some(SecureClose::Merge(m));
+                        }
+                        Err(e) => {
+                            self.secure_close =
+                                Some(SecureClose::Abandon(format!("the secure sum: {e}")))
+                        }
+                    }
+                }
+                SecureAction::Failed(why) => {
+                    tracing::warn!(round = self.state.round, "secure aggregation failed: {why}");
+                    self.secure_close = Some(SecureClose::Abandon(format!(
+                        "secure aggregation failed: {why}"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -73,6 +73,47 @@ pub struct AggregatorConfig {
     /// `[metrics]`: Prometheus `/metrics` on this address (off when absent; docs/console.md).
     #[serde(default)]
     pub metrics: Option<crate::web::ListenSection>,
+    /// `[secure_aggregation]`: rounds run secure aggregation (the aggregator learns the sum of the
+    /// round's updates, never one lab's); none = plain rounds.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureSection>,
+}
+
+/// `[secure_aggregation]` (docs/privacy.md): the settings of each round's protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureSection {
+    /// Shamir threshold `t`: devices needed at every step, and the fewest that must collude (with
+    /// the aggregator) to open one device's secrets. Default: a majority of `devices`.
+    #[serde(default)]
+    pub threshold: Option<usize>,
+    /// Seconds each step after the keys waits for the devices still in the round; a device silent
+    /// by then has dropped out.
+    #[serde(default = "default_step_timeout")]
+    pub step_timeout_s: f64,
+    /// Each coordinate of an update is clamped to ±`value_clip` and quantised to int8 with the
+    /// shared step `value_clip / 127` before it is masked (in the ring of `bitlen(254 n)` bits).
+    #[serde(default = "default_value_clip")]
+    pub value_clip: f32,
+    /// Sparse rounds: each round masks this fraction of the coordinates, the same for every device
+    /// (drawn from a seed the round's start carries, so the masks cancel); each device keeps what
+    /// was not sent and adds it to its next update (error feedback). None: every coordinate.
+    #[serde(default)]
+    pub support_fraction: Option<f64>,
+}
+
+fn default_step_timeout() -> f64 {
+    30.0
+}
+fn default_value_clip() -> f32 {
+    0.05
+}
+
+impl SecureSection {
+    /// The threshold for `devices` listed devices.
+    pub fn threshold_for(&self, devices: usize) -> usize {
+        self.threshold.unwrap_or((devices / 2 + 1).max(2))
+    }
 }
 
 /// `[dp]`: central DP-FedAvg in the aggregator (see the module doc and docs/privacy.md).
@@ -102,6 +143,9 @@ fn default_delta() -> f64 {
 
 /// The name of the mechanism in [`PrivacyReport::mechanism`].
 pub const DP_MECHANISM: &str = "dp-fedavg (central, trusted aggregator)";
+/// The same with `[secure_aggregation]`: the devices clip, the aggregator noises the unmasked sum.
+pub const DP_MECHANISM_SECURE: &str =
+    "dp-fedavg (devices clip; noise added by the aggregator to the secure aggregation's sum)";
 
 impl DpSection {
     /// The [`DpConfig`] of a round with sampling rate `q`.
@@ -299,6 +343,83 @@ impl AggregatorConfig {
         if let Some(so) = &self.scale_out {
             so.validate(&self.id, &self.compression)?;
         }
+        if let Some(sa) = &self.secure_aggregation {
+            self.validate_secure(sa)?;
+        }
+        Ok(())
+    }
+
+    /// What secure aggregation needs and what it cannot be combined with; the error says why.
+    fn validate_secure(&self, sa: &SecureSection) -> Result<(), String> {
+        use crate::federated::server::merge::Rule;
+        match self.aggregation.rule {
+            Rule::FedAvg => {}
+            Rule::Median => {
+                return Err(
+                    "secure_aggregation cannot run with aggregation.rule kind = \"median\": a \
+                            median needs every single update, which secure aggregation hides from \
+                            the aggregator (use \"fedavg\", and clip on the devices with [dp])"
+                        .into(),
+                );
+            }
+            Rule::TrimmedMean { .. } => {
+                return Err(
+                    "secure_aggregation cannot run with aggregation.rule kind = \
+                            \"trimmed_mean\": trimming needs every single update, which secure \
+                            aggregation hides from the aggregator (use \"fedavg\", and clip on the \
+                            devices with [dp])"
+                        .into(),
+                );
+            }
+        }
+        if self.aggregation.clip_norm.is_some() {
+            return Err(
+                "secure_aggregation: aggregation.clip_norm clips single updates, which the \
+                        aggregator no longer sees; use dp.clip_norm (the devices clip)"
+                    .into(),
+            );
+        }
+        if self.scale_out.is_some() {
+            return Err(
+                "secure_aggregation cannot run with [scale_out]: one process holds the \
+                        protocol's state"
+                    .into(),
+            );
+        }
+        let n = self.devices.len();
+        if n < 2 {
+            return Err(
+                "secure_aggregation needs the list of devices (at least 2): the round \
+                        starts with a message to each"
+                    .into(),
+            );
+        }
+        let t = sa.threshold_for(n);
+        if t < 2 || t > n {
+            return Err(format!(
+                "secure_aggregation.threshold: {t} is not in 2..={n} (the listed devices)"
+            ));
+        }
+        if !(sa.step_timeout_s.is_finite() && sa.step_timeout_s > 0.0) {
+            return Err("secure_aggregation.step_timeout_s must be > 0".into());
+        }
+        if !(sa.value_clip.is_finite() && sa.value_clip > 0.0) {
+            return Err("secure_aggregation.value_clip must be a positive number".into());
+        }
+        if let Some(f) = sa.support_fraction
+            && !(f > 0.0 && f <= 1.0)
+        {
+            return Err(format!(
+                "secure_aggregation.support_fraction: {f} is not in (0, 1]"
+            ));
+        }
+        if self.quorum() < t {
+            return Err(format!(
+                "secure_aggregation: the round's quorum {} is below the threshold {t}: a round \
+                 that closes with fewer devices cannot be unmasked",
+                self.quorum()
+            ));
+        }
         Ok(())
     }
 
@@ -395,6 +516,35 @@ mod tests {
     }
 
     const REQUIRED: &str = "fleet = \"f\"\nmodel = \"m.onnx\"\nstate = \"s\"\n";
+
+    #[test]
+    fn secure_aggregation_refuses_robust_rules_and_needs_the_devices() {
+        let devices = "devices = [\"a\", \"b\", \"c\"]\n";
+        let ok = parse(&format!("{REQUIRED}{devices}[secure_aggregation]\n"));
+        let sa = ok.secure_aggregation.as_ref().unwrap();
+        assert_eq!(sa.threshold_for(3), 2);
+        assert_eq!(sa.step_timeout_s, 30.0);
+        let refused = |extra: &str| {
+            let cfg: AggregatorConfig = toml::from_str(&format!("{REQUIRED}{extra}")).unwrap();
+            cfg.validate().unwrap_err()
+        };
+        let e = refused(&format!(
+            "{devices}[secure_aggregation]\n[aggregation.rule]\nkind = \"median\"\n"
+        ));
+        assert!(e.contains("median") && e.contains("hides"), "{e}");
+        let e = refused(&format!(
+            "{devices}[secure_aggregation]\n[aggregation.rule]\nkind = \"trimmed_mean\"\ntrim = 0.2\n"
+        ));
+        assert!(e.contains("trimmed_mean"), "{e}");
+        let e = refused("[secure_aggregation]\n");
+        assert!(e.contains("list of devices"), "{e}");
+        let e = refused(&format!("{devices}[secure_aggregation]\nthreshold = 4\n"));
+        assert!(e.contains("threshold"), "{e}");
+        let e = refused(&format!(
+            "{devices}[round]\nquorum = 1\n[secure_aggregation]\nthreshold = 3\n"
+        ));
+        assert!(e.contains("quorum"), "{e}");
+    }
 
     #[test]
     fn only_the_required_fields_give_the_documented_defaults() {

@@ -36,6 +36,7 @@ pub struct SecAggClient {
     codes: Vec<i8>,
     rng: ChaCha20Rng,
     state: ClientState,
+    trust: Option<Trust>,
 }
 
 impl std::fmt::Debug for SecAggClient {
@@ -69,7 +70,15 @@ impl SecAggClient {
             codes: Vec::new(),
             rng,
             state: ClientState::Idle,
+            trust: None,
         }
+    }
+
+    /// Signs this device's round keys and verifies the roster's, and refuses a threshold below
+    /// `trust.min_threshold` (what the agent runs).
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        self.trust = Some(trust);
+        self
     }
 
     pub fn device(&self) -> &str {
@@ -162,13 +171,33 @@ impl SecAggClient {
                 ),
             ));
         }
+        config.validate(config.threshold)?;
+        if let Some(t) = &self.trust
+            && config.threshold < t.min_threshold
+        {
+            return Err(SecAggError::ThresholdBelowMinimum {
+                device: self.device.clone(),
+                threshold: config.threshold,
+                minimum: t.min_threshold,
+            });
+        }
         let cipher_sk = random_key(&mut self.rng);
         let mask_sk = random_key(&mut self.rng);
-        let keys = DeviceKeys {
+        let mut keys = DeviceKeys {
             device: self.device.clone(),
             cipher_pk: PublicKey::from(&cipher_sk).as_bytes().to_vec(),
             mask_pk: PublicKey::from(&mask_sk).as_bytes().to_vec(),
+            signature: Vec::new(),
         };
+        if let Some(t) = &self.trust {
+            keys.signature = t
+                .signing
+                .sign(
+                    crate::wire::signing::Purpose::SecAggKeys,
+                    &keys_message(round, &keys.device, &keys.cipher_pk, &keys.mask_pk),
+                )
+                .to_vec();
+        }
         self.state = ClientState::KeysSent {
             round,
             config,
@@ -210,6 +239,12 @@ impl SecAggClient {
             || keys[pos].mask_pk != PublicKey::from(&mask_sk).as_bytes()
         {
             return Err(invalid(&me, "roster", "lists other keys for this device"));
+        }
+        // Every member's keys signed by its enrolled device key, before anything is shared.
+        if let Some(t) = &self.trust {
+            for k in keys {
+                t.verify(&me, round, k)?;
+            }
         }
         let mut self_seed = Zeroizing::new([0u8; 32]);
         self.rng.fill_bytes(self_seed.as_mut());
@@ -339,6 +374,10 @@ impl SecAggClient {
         }
         let u2: BTreeSet<String> = held.keys().cloned().collect();
         let mut rng = ChaCha20Rng::from_seed(self.rng.random());
+        if let Some(c) = config.norm_clip {
+            crate::federated::dp::clip(&mut self.input, c)
+                .map_err(|e| invalid(&me, "input", e.to_string()))?;
+        }
         self.codes = quantise(&self.input, config.clip, &mut rng)?;
         let mut acc: Vec<u32> = self.codes.iter().map(|&c| i32::from(c) as u32).collect();
         apply_mask(&mut acc, &self_mask_seed(&self_seed, round, &me), true);

@@ -133,6 +133,10 @@ impl SecAggServer {
     pub fn step(&self) -> Step {
         self.step
     }
+    /// Devices the round started with (the expected set).
+    pub fn expected(&self) -> usize {
+        self.expected.len()
+    }
     pub fn result(&self) -> Option<&Aggregate> {
         self.result.as_ref()
     }

@@ -29,6 +29,13 @@
 //! which `b` bits hold without wrapping (decoded as two's complement), so the masked vector costs
 //! `b / 8` bytes per coordinate (11 bits for 5 devices, 18 for 1,024) rather than 4.
 //!
+//! **Identity.** With a [`Trust`] (what the agent runs), each device signs its two public keys, the
+//! round and its name with the Ed25519 device key enrolled with the fleet ([`keys_message`]), and
+//! checks every roster entry against the enrolled keys before it seals a single share: a broker or
+//! aggregator that substitutes a key (to open the shares sealed for it) or adds a device is refused,
+//! as is a threshold below the device's configured minimum. Without a `Trust` ([`simulate`], the
+//! studies) keys go unsigned.
+//!
 //! What the server can check: a rebuilt mask key must give the public key advertised in step 1, and a
 //! rebuilt self seed must hash to the digest its owner sent in step 2; a mismatch is an error that
 //! names the device. What it cannot stop: devices that lie about their input (that is what clipping
@@ -123,6 +130,20 @@ pub enum SecAggError {
     },
     #[error("masked input: {0}")]
     Ring(String),
+    #[error(
+        "{device}: the round's threshold {threshold} is below this device's minimum {minimum}: not taking part"
+    )]
+    ThresholdBelowMinimum {
+        device: String,
+        threshold: usize,
+        minimum: usize,
+    },
+    #[error("{device}: the roster's keys of {member} cannot be verified: {problem}; not sharing")]
+    Unverified {
+        device: String,
+        member: String,
+        problem: String,
+    },
     #[error(transparent)]
     Protocol(#[from] crate::wire::protocol::ProtocolError),
 }
@@ -152,6 +173,41 @@ pub struct SecAggConfig {
     pub ring_bits: u32,
     /// Coordinates per update.
     pub len: usize,
+    /// DP: each device clips its update to this L2 norm before quantising (the sum's sensitivity,
+    /// which the aggregator's noise is calibrated to). None: no clipping beyond `clip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub norm_clip: Option<f32>,
+    /// Sparse rounds: the `len` coordinates masked are the ones [`support_indices`] draws from
+    /// `seed` out of `dense` (the same for every device, so the masks cancel on the same
+    /// coordinates). None: `len` is the whole update.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub support: Option<Support>,
+}
+
+/// A round's shared support: which coordinates of a `dense`-coordinate update are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Support {
+    pub seed: u64,
+    pub dense: usize,
+}
+
+/// Largest update a round may describe (a decoder of 16 classes has under a million coordinates).
+pub const MAX_DENSE: usize = 1 << 26;
+
+/// The `k` coordinates (sorted, distinct) of a `dense`-coordinate vector that a round with this
+/// `seed` sends: a uniform sample, the same on every device and the aggregator.
+pub fn support_indices(seed: u64, dense: usize, k: usize) -> Result<Vec<usize>, SecAggError> {
+    if k == 0 || k > dense || dense > MAX_DENSE {
+        return Err(SecAggError::Config {
+            field: "support",
+            problem: format!("{k} of {dense} coordinates (at most {MAX_DENSE})"),
+        });
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut idx = rand::seq::index::sample(&mut rng, dense, k).into_vec();
+    idx.sort_unstable();
+    Ok(idx)
 }
 
 /// Smallest ring width that holds the sum of `devices` int8 codes: `bitlen(254 · devices)`, at least 9.
@@ -168,6 +224,8 @@ impl SecAggConfig {
             clip,
             ring_bits: ring_bits_for(devices),
             len,
+            norm_clip: None,
+            support: None,
         }
     }
 
@@ -212,6 +270,22 @@ impl SecAggConfig {
         if self.len == 0 {
             return err("len", "an update needs at least one coordinate".into());
         }
+        if let Some(c) = self.norm_clip
+            && !(c.is_finite() && c > 0.0)
+        {
+            return err("norm_clip", format!("{c} is not a positive number"));
+        }
+        if let Some(sp) = self.support
+            && (sp.dense > MAX_DENSE || self.len > sp.dense)
+        {
+            return err(
+                "support",
+                format!(
+                    "{} of {} coordinates (at most {MAX_DENSE})",
+                    self.len, sp.dense
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -226,6 +300,51 @@ pub struct DeviceKeys {
     /// x25519 public key for pairwise masks.
     #[serde(with = "serde_bytes")]
     pub mask_pk: Vec<u8>,
+    /// Ed25519 signature of [`keys_message`] by the device's enrolled key (empty without a [`Trust`]).
+    #[serde(with = "serde_bytes", default)]
+    pub signature: Vec<u8>,
+}
+
+/// The bytes a device signs for its round keys: round, device and both public keys, each
+/// length-prefixed (so no two different tuples give the same bytes).
+pub fn keys_message(round: u64, device: &str, cipher_pk: &[u8], mask_pk: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(8 + 12 + device.len() + cipher_pk.len() + mask_pk.len());
+    m.extend_from_slice(&round.to_le_bytes());
+    for part in [device.as_bytes(), cipher_pk, mask_pk] {
+        m.extend_from_slice(&(part.len() as u32).to_le_bytes());
+        m.extend_from_slice(part);
+    }
+    m
+}
+
+/// What a device trusts in a round: its own enrolled signing key, the fleet's enrolled device keys
+/// (the only devices it shares with), and the lowest threshold it accepts.
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub signing: std::sync::Arc<crate::wire::signing::SecretKey>,
+    pub enrolled: BTreeMap<String, crate::wire::signing::PublicKey>,
+    pub min_threshold: usize,
+}
+
+impl Trust {
+    /// Checks one roster entry: an enrolled device, its signature over this round's keys.
+    pub fn verify(&self, me: &str, round: u64, k: &DeviceKeys) -> Result<(), SecAggError> {
+        let unverified = |problem: String| SecAggError::Unverified {
+            device: me.to_owned(),
+            member: k.device.clone(),
+            problem,
+        };
+        let key = self
+            .enrolled
+            .get(&k.device)
+            .ok_or_else(|| unverified("not an enrolled device of this fleet".into()))?;
+        key.verify(
+            crate::wire::signing::Purpose::SecAggKeys,
+            &keys_message(round, &k.device, &k.cipher_pk, &k.mask_pk),
+            (!k.signature.is_empty()).then_some(k.signature.as_slice()),
+        )
+        .map_err(|e| unverified(e.to_string()))
+    }
 }
 
 /// Shares sealed by `from` for `to`, relayed by the server.
@@ -301,7 +420,7 @@ pub enum ClientMessage {
 }
 
 impl ServerMessage {
-    fn name(&self) -> &'static str {
+    pub fn name(&self) -> &'static str {
         match self {
             ServerMessage::Start { .. } => "start",
             ServerMessage::Roster { .. } => "roster",
@@ -309,7 +428,8 @@ impl ServerMessage {
             ServerMessage::Survivors { .. } => "survivors",
         }
     }
-    fn round(&self) -> u64 {
+    /// The round the message belongs to.
+    pub fn round(&self) -> u64 {
         match self {
             ServerMessage::Start { round, .. }
             | ServerMessage::Roster { round, .. }
@@ -555,6 +675,7 @@ mod tests {
                 device: "lab-1".into(),
                 cipher_pk: vec![9; 32],
                 mask_pk: vec![8; 32],
+                signature: vec![],
             },
         };
         assert!(matches!(
@@ -587,6 +708,190 @@ mod tests {
             ),
             Err(SecAggError::Unknown(_))
         ));
+    }
+
+    /// Devices with enrolled Ed25519 keys (`Trust`), each accepting thresholds from `min`.
+    fn trusted(n: usize, len: usize, min: usize) -> (Vec<String>, Vec<SecAggClient>) {
+        use crate::wire::signing::SecretKey;
+        let names: Vec<String> = (0..n).map(|i| format!("lab-{i}")).collect();
+        let keys: Vec<std::sync::Arc<SecretKey>> = (0..n)
+            .map(|i| std::sync::Arc::new(SecretKey::from_seed([i as u8 + 1; 32])))
+            .collect();
+        let enrolled: BTreeMap<String, crate::wire::signing::PublicKey> = names
+            .iter()
+            .zip(&keys)
+            .map(|(d, k)| (d.clone(), k.public()))
+            .collect();
+        let clients = names
+            .iter()
+            .zip(inputs(n, len, 12))
+            .zip(&keys)
+            .enumerate()
+            .map(|(i, ((d, v), k))| {
+                SecAggClient::with_rng(d, v, ChaCha20Rng::seed_from_u64(200 + i as u64)).with_trust(
+                    Trust {
+                        signing: k.clone(),
+                        enrolled: enrolled.clone(),
+                        min_threshold: min,
+                    },
+                )
+            })
+            .collect();
+        (names, clients)
+    }
+
+    #[test]
+    fn the_rounds_norm_clip_bounds_each_devices_contribution() {
+        // DP with secure aggregation: the aggregator cannot clip, so the devices clip to the
+        // round's norm_clip before quantising; what each contributes is within C plus rounding.
+        let n = 3;
+        let len = 2000;
+        let names: Vec<String> = (0..n).map(|i| format!("lab-{i}")).collect();
+        let mut clients: Vec<SecAggClient> = names
+            .iter()
+            .zip(inputs(n, len, 21))
+            .enumerate()
+            .map(|(i, (d, v))| {
+                SecAggClient::with_rng(d, v, ChaCha20Rng::seed_from_u64(300 + i as u64))
+            })
+            .collect();
+        let mut config = SecAggConfig::new(n, len, 0.01);
+        config.norm_clip = Some(0.05);
+        let scale = config.scale();
+        let mut server = SecAggServer::new(5, config, &names).unwrap();
+        let out = server.start();
+        deliver(&mut server, &mut clients, out);
+        for _ in 0..3 {
+            let out = server.advance().unwrap();
+            deliver(&mut server, &mut clients, out);
+        }
+        server.advance().unwrap();
+        let rounding = scale * (len as f32).sqrt();
+        for c in &clients {
+            let norm = c
+                .codes()
+                .iter()
+                .map(|&v| (f32::from(v) * scale).powi(2))
+                .sum::<f32>()
+                .sqrt();
+            // Inputs of norm ≈ 0.26 come out near 0.05, never above it by more than the rounding.
+            assert!(norm <= 0.05 + rounding, "{}: {norm}", c.device());
+            assert!(norm < 0.1, "{}: {norm}: not clipped", c.device());
+        }
+        let bad = SecAggConfig {
+            norm_clip: Some(f32::NAN),
+            ..SecAggConfig::new(n, len, 0.01)
+        };
+        assert!(matches!(
+            bad.validate(n),
+            Err(SecAggError::Config {
+                field: "norm_clip",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn signed_round_keys_give_the_exact_sum() {
+        let (names, mut clients) = trusted(4, 500, 3);
+        let mut server = SecAggServer::new(3, SecAggConfig::new(4, 500, 0.01), &names).unwrap();
+        let out = server.start();
+        deliver(&mut server, &mut clients, out);
+        for _ in 0..3 {
+            let out = server.advance().unwrap();
+            deliver(&mut server, &mut clients, out);
+        }
+        server.advance().unwrap();
+        let sum: Vec<i32> = (0..500)
+            .map(|j| clients.iter().map(|c| i32::from(c.codes()[j])).sum())
+            .collect();
+        assert_eq!(server.result().unwrap().codes, sum);
+    }
+
+    #[test]
+    fn a_substituted_or_unenrolled_key_in_the_roster_is_refused_before_sharing() {
+        let (names, mut clients) = trusted(3, 50, 2);
+        let mut server = SecAggServer::new(4, SecAggConfig::new(3, 50, 0.01), &names).unwrap();
+        let out = server.start();
+        deliver(&mut server, &mut clients, out);
+        let roster = server.advance().unwrap();
+        // The relay swaps lab-1's cipher key for its own (to open the shares sealed for lab-1),
+        // keeping lab-1's signature, then signing with a key of its own: both refused by lab-0.
+        let attacker = crate::wire::signing::SecretKey::from_seed([99; 32]);
+        let evil = PublicKey::from(&random_key(&mut ChaCha20Rng::seed_from_u64(7)))
+            .as_bytes()
+            .to_vec();
+        let for_lab0 = |tamper: &dyn Fn(&mut DeviceKeys)| {
+            let (_, mut msg) = roster.iter().find(|(to, _)| to == "lab-0").unwrap().clone();
+            if let ServerMessage::Roster { keys, .. } = &mut msg {
+                tamper(keys.iter_mut().find(|k| k.device == "lab-1").unwrap());
+            }
+            msg
+        };
+        let kept_signature = for_lab0(&|k| k.cipher_pk = evil.clone());
+        let resigned = for_lab0(&|k| {
+            k.cipher_pk = evil.clone();
+            k.signature = attacker
+                .sign(
+                    crate::wire::signing::Purpose::SecAggKeys,
+                    &keys_message(4, &k.device, &k.cipher_pk, &k.mask_pk),
+                )
+                .to_vec();
+        });
+        let unsigned = for_lab0(&|k| k.signature.clear());
+        for msg in [kept_signature, resigned, unsigned] {
+            // A fresh lab-0 waiting for its roster (the same seeds: the same keys as above).
+            let (names2, mut fresh) = trusted(3, 50, 2);
+            let mut s2 = SecAggServer::new(4, SecAggConfig::new(3, 50, 0.01), &names2).unwrap();
+            let out = s2.start();
+            deliver(&mut s2, &mut fresh, out);
+            let err = fresh[0].handle(msg).unwrap_err();
+            assert!(
+                matches!(&err, SecAggError::Unverified { member, .. } if member == "lab-1"),
+                "{err}"
+            );
+        }
+        // A device that is not enrolled, added to the roster by the relay: refused too.
+        let (_, mut msg) = roster.into_iter().find(|(to, _)| to == "lab-0").unwrap();
+        if let ServerMessage::Roster { keys, .. } = &mut msg {
+            let mut extra = keys[1].clone();
+            extra.device = "lab-9".into();
+            keys.push(extra);
+        }
+        let err = clients[0].handle(msg).unwrap_err();
+        assert!(
+            matches!(&err, SecAggError::Unverified { member, .. } if member == "lab-9"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_threshold_below_the_devices_minimum_is_refused() {
+        let (_, mut clients) = trusted(5, 20, 3);
+        let mut config = SecAggConfig::new(5, 20, 0.01);
+        config.threshold = 2;
+        let err = clients[0]
+            .handle(ServerMessage::Start {
+                round: 1,
+                config: config.clone(),
+            })
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SecAggError::ThresholdBelowMinimum {
+                    threshold: 2,
+                    minimum: 3,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        config.threshold = 3;
+        let keys = clients[0]
+            .handle(ServerMessage::Start { round: 1, config })
+            .unwrap();
+        assert!(matches!(keys, Some(ClientMessage::Keys { .. })));
     }
 
     #[test]
