@@ -859,7 +859,7 @@ impl<'a> Session<'a> {
         if self.cfg.secure_aggregation.is_some() {
             let made = trained
                 .map_err(RoundError::from)
-                .and_then(|tr| checked_update(self.cfg, &t.global, &tr));
+                .and_then(|tr| checked_update(self.cfg, &t.global, &tr).map(|(u, _)| u));
             let last_error = match made {
                 Ok(update) => {
                     tracing::info!(
@@ -1348,13 +1348,13 @@ fn save_state(path: &std::path::Path, s: &ParticipantState) {
 /// thousands of devices fit many times over.
 const MAX_SECAGG_BYTES: usize = 16 * 1024 * 1024;
 
-/// The update of a round for secure aggregation: local − global, finite, within
-/// `max_update_norm` (the aggregator cannot check either once it is masked).
+/// The update of a round and its L2 norm: local − global, finite, within `max_update_norm` (for secure
+/// aggregation the device's own check is the only one: the aggregator cannot check a masked one).
 fn checked_update(
     cfg: &FederationSection,
     global: &[f32],
     t: &Trained,
-) -> Result<Vec<f32>, RoundError> {
+) -> Result<(Vec<f32>, f32), RoundError> {
     let update: Vec<f32> = t.local.iter().zip(global).map(|(l, g)| l - g).collect();
     if update.iter().any(|v| !v.is_finite()) {
         return Err(RoundError::NotFinite);
@@ -1370,7 +1370,7 @@ fn checked_update(
             max: cfg.max_update_norm,
         });
     }
-    Ok(update)
+    Ok((update, norm))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1385,21 +1385,7 @@ fn make_update(
     samples: u64,
     header: &Header<'_>,
 ) -> Result<Vec<u8>, RoundError> {
-    let update: Vec<f32> = t.local.iter().zip(global).map(|(l, g)| l - g).collect();
-    if update.iter().any(|v| !v.is_finite()) {
-        return Err(RoundError::NotFinite);
-    }
-    let norm = update
-        .iter()
-        .map(|v| f64::from(*v).powi(2))
-        .sum::<f64>()
-        .sqrt() as f32;
-    if norm > cfg.max_update_norm {
-        return Err(RoundError::Norm {
-            norm,
-            max: cfg.max_update_norm,
-        });
-    }
+    let (update, norm) = checked_update(cfg, global, t)?;
     let compressed = compress::compress(
         &update,
         layout,
