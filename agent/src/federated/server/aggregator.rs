@@ -75,6 +75,15 @@ pub enum Rejection {
 }
 
 impl Rejection {
+    /// Why a frame or message that would not decode is refused: too large, else malformed.
+    fn of_frame_error(e: &protocol::ProtocolError) -> Self {
+        if matches!(e, protocol::ProtocolError::Oversized { .. }) {
+            Self::Oversized
+        } else {
+            Self::Malformed
+        }
+    }
+
     /// Every reason, in the order of the metrics' labels.
     pub const ALL: [Rejection; 13] = [
         Self::Malformed,
@@ -552,11 +561,7 @@ impl Aggregator {
                 return Ok(());
             }
             Err(e) => {
-                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
-                    Rejection::Oversized
-                } else {
-                    Rejection::Malformed
-                };
+                let why = Rejection::of_frame_error(&e);
                 self.reject(why, &format!("{topic}: {e}"));
                 self.prune_spool(&device);
                 return Ok(());
@@ -677,11 +682,7 @@ impl Aggregator {
         let env = match Envelope::from_bytes(bytes, MAX_UPDATE_BYTES) {
             Ok(e) => e,
             Err(e) => {
-                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
-                    Rejection::Oversized
-                } else {
-                    Rejection::Malformed
-                };
+                let why = Rejection::of_frame_error(&e);
                 self.reject(why, &format!("update from {device}: {e}"));
                 return Ok(());
             }
@@ -1340,11 +1341,7 @@ impl Aggregator {
             Ok(Some(w)) => w,
             Ok(None) => return Vec::new(),
             Err(e) => {
-                let why = if matches!(e, protocol::ProtocolError::Oversized { .. }) {
-                    Rejection::Oversized
-                } else {
-                    Rejection::Malformed
-                };
+                let why = Rejection::of_frame_error(&e);
                 self.reject(why, &format!("{topic}: {e}"));
                 return Vec::new();
             }
