@@ -40,6 +40,11 @@ pub struct BrokerSettings {
     /// loopback).
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// Plain TCP to a broker off loopback: refused unless this is set. Without TLS, anyone on the
+    /// path reads the updates and style codes and can inject messages under any device's name; set
+    /// it only on a network that is itself protected (a VPN or an isolated lab segment).
+    #[serde(default)]
+    pub allow_plaintext: bool,
     #[serde(default = "default_keep_alive")]
     pub keep_alive_s: u64,
     /// Largest packet sent or accepted; brokers are configured with the same limit.
@@ -83,6 +88,7 @@ impl Default for BrokerSettings {
             host: default_host(),
             port: default_port(),
             tls: None,
+            allow_plaintext: false,
             keep_alive_s: default_keep_alive(),
             max_packet_bytes: default_max_packet(),
             ack_timeout_s: default_ack_timeout(),
@@ -95,6 +101,11 @@ impl Default for BrokerSettings {
 pub enum LinkError {
     #[error("{path}: {message}")]
     Tls { path: PathBuf, message: String },
+    #[error(
+        "broker {0}: plain TCP off loopback; give [broker] tls files (ca, cert, key), or set \
+         allow_plaintext = true if the network itself is protected"
+    )]
+    Plaintext(String),
     #[error("not connected to the broker at {0}")]
     NotConnected(String),
     #[error("the connection to {broker} was lost before the broker acknowledged {topic}")]
@@ -223,6 +234,12 @@ pub fn mqtt_options(
     client_id: &str,
     will: Option<LastWill>,
 ) -> Result<MqttOptions, LinkError> {
+    if settings.tls.is_none() && !settings.allow_plaintext && !is_loopback_host(&settings.host) {
+        return Err(LinkError::Plaintext(format!(
+            "{}:{}",
+            settings.host, settings.port
+        )));
+    }
     let mut o = MqttOptions::new(client_id, settings.host.clone(), settings.port);
     o.set_keep_alive(Duration::from_secs(settings.keep_alive_s.max(5)));
     o.set_clean_session(false);
@@ -237,6 +254,15 @@ pub fn mqtt_options(
         )));
     }
     Ok(o)
+}
+
+/// `localhost` or a loopback address (`127.0.0.0/8`, `::1`): traffic that never leaves the machine.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A rustls client configuration on the `ring` provider: the fleet CA as the only root, and this
@@ -534,4 +560,55 @@ async fn drive(
 /// A last will that marks `device` offline on its status topic (retained).
 pub fn offline_will(topic: String, payload: Vec<u8>) -> LastWill {
     LastWill::new(topic, payload, QoS::AtLeastOnce, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_tcp_off_loopback_is_refused_unless_allowed() {
+        for host in [
+            "127.0.0.1",
+            "127.3.4.5",
+            "localhost",
+            "LocalHost",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_loopback_host(host), "{host}");
+            let s = BrokerSettings {
+                host: host.into(),
+                ..BrokerSettings::default()
+            };
+            mqtt_options(&s, "dev-a", None).unwrap();
+        }
+        for host in [
+            "10.0.0.7",
+            "broker.lab",
+            "0.0.0.0",
+            "localhost.evil",
+            "::ffff:10.0.0.7",
+        ] {
+            assert!(!is_loopback_host(host), "{host}");
+            let mut s = BrokerSettings {
+                host: host.into(),
+                port: 1884,
+                ..BrokerSettings::default()
+            };
+            let err = mqtt_options(&s, "dev-a", None).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("{host}:1884")) && err.contains("allow_plaintext"),
+                "{err}"
+            );
+            s.allow_plaintext = true;
+            mqtt_options(&s, "dev-a", None).unwrap();
+        }
+        // The flag is read from TOML and defaults to off.
+        let s: BrokerSettings = toml::from_str("host = \"10.0.0.7\"\n").unwrap();
+        assert!(!s.allow_plaintext);
+        let s: BrokerSettings =
+            toml::from_str("host = \"10.0.0.7\"\nallow_plaintext = true\n").unwrap();
+        assert!(s.allow_plaintext);
+    }
 }
