@@ -348,6 +348,13 @@ impl Aggregator {
                 None
             }
         };
+        if cfg.devices.is_empty() && cfg.broker.is_some() {
+            tracing::warn!(
+                "devices = [] in aggregator.toml: updates are taken under any device id, so only \
+                 the broker's ACL decides who may send one; list the fleet's device ids to refuse \
+                 the others here too"
+            );
+        }
         let mut me = Self {
             signing_key,
             topics,
@@ -1012,6 +1019,7 @@ impl Aggregator {
         self.state.open = false;
         self.state.history.push(summary.clone());
         self.save_state()?;
+        self.prune_updates();
         self.metrics.rounds_closed.inc();
         self.metrics.round_seconds.observe(summary.seconds.max(0.0));
         self.show_round();
@@ -1025,6 +1033,31 @@ impl Aggregator {
             "round closed"
         );
         Ok(summary)
+    }
+
+    /// Deletes the raw updates of closed rounds beyond the newest `keep_update_rounds` (all of
+    /// them with 0). Only `round-N` folders are touched; a failure is logged, not fatal: the round
+    /// is merged and saved already.
+    fn prune_updates(&self) {
+        let keep = self.cfg.keep_update_rounds;
+        let Ok(entries) = std::fs::read_dir(&self.cfg.state) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(round) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("round-"))
+                .and_then(|n| n.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            if round + keep <= self.state.round && entry.path().is_dir() {
+                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot delete a merged round's updates");
+                }
+            }
+        }
     }
 
     /// Signed with the aggregator's key when `signing_key` is configured (agents with
@@ -1983,6 +2016,46 @@ mod tests {
         let s3 = agg.close_round().unwrap();
         assert_eq!(s3.privacy.unwrap().epsilon, p2.epsilon);
         assert_eq!(agg.state().global_version, 2);
+    }
+
+    #[test]
+    fn raw_updates_of_merged_rounds_are_deleted_beyond_the_kept_ones() {
+        let kept = |s: &Setup| -> Vec<u64> {
+            let mut r: Vec<u64> = std::fs::read_dir(&s.cfg.state)
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("round-")?.parse().ok())
+                .collect();
+            r.sort();
+            r
+        };
+        for (keep, want) in [(0u64, vec![]), (1, vec![3]), (2, vec![2, 3])] {
+            let mut s = setup_with(FEDAVG, 1, "");
+            s.cfg.keep_update_rounds = keep;
+            let n: usize = s.layout.iter().map(|t| t.len).sum();
+            let mut agg = Aggregator::open(s.cfg.clone()).unwrap();
+            for round in 1..=3u64 {
+                agg.open_round().unwrap();
+                agg.handle_update_message(
+                    "a",
+                    &update(&s, "a", round, round - 1, &filled(n, 1e-4), 5),
+                )
+                .unwrap();
+                assert!(
+                    s.cfg
+                        .state
+                        .join(format!("round-{round}"))
+                        .join("a.msg")
+                        .is_file()
+                );
+                agg.close_round().unwrap();
+            }
+            assert_eq!(kept(&s), want, "keep_update_rounds = {keep}");
+            // What a restart needs is not in those folders: it opens at the merged global.
+            drop(agg);
+            let agg = Aggregator::open(s.cfg.clone()).unwrap();
+            assert_eq!(agg.state().global_version, 3);
+        }
     }
 
     #[test]

@@ -59,6 +59,12 @@ pub struct AggregatorConfig {
     /// total cannot overflow.
     #[serde(default = "default_max_samples")]
     pub max_samples: u64,
+    /// How many closed rounds keep their devices' raw updates (`STATE/round-N/*.msg`, kept so a
+    /// restart replays an open round and an operator can audit the last merge). Older ones are
+    /// deleted when a round closes: a lab's raw update says more about its images than the merged
+    /// global does. 0 = delete a round's updates as soon as it is merged.
+    #[serde(default = "default_keep_update_rounds")]
+    pub keep_update_rounds: u64,
     /// Server-side DP-FedAvg; none = plain aggregation.
     #[serde(default)]
     pub dp: Option<DpSection>,
@@ -184,6 +190,9 @@ fn default_max_norm() -> f32 {
 }
 fn default_max_samples() -> u64 {
     10_000
+}
+fn default_keep_update_rounds() -> u64 {
+    1
 }
 
 /// How rounds run. Every field is optional: a missing one takes the default below, which is the
