@@ -35,23 +35,26 @@ QEMU_TESTS=(--workspace --exclude microfed-e2e --lib)
 # Integration test targets (file stems under */tests/) run under qemu; seconds measured under qemu on
 # this project's 2-core machine. A target that no longer exists is reported and left out.
 QEMU_TEST_TARGETS=(
-  ops_cpu          # kernels: every CPU op and its gradient by finite differences (7 s)
+  suite            # kernels: every op and its gradient by finite differences, each test as cpu::NAME and
+                   # cuda::NAME (the CUDA half skips itself: no libcuda under qemu); slow ones in QEMU_SKIP
   cuda_unavailable # kernels: the CPU fallback when no CUDA library loads, as on a board without JetPack CUDA (<1 s)
   features_known   # agent: grain size, ASTM E112, phase fractions against hand-computed values (<1 s)
   metrics_known    # agent: IoU, Dice, boundary F1 against hand-computed values (<1 s)
   dataset_check    # agent: dataset validation on real files (1 s)
 )
-# Left out, measured under qemu: learn_unet (750 s: 200 training steps of the full U-Net; its ops and
-# gradients are covered by ops_cpu), synth_truth (36 s) and synth_cli (11 s: generator and CLI, integer
-# and geometry code that runs on the host suite), grad_unet (25 s: whole-network finite differences,
-# per-op ones are in ops_cpu), cuda_emulated (7 s: CUDA indexing under a host C++ emulation, nothing
-# aarch64-specific), cuda_compile and cuda_parity (need NVRTC or a GPU: they skip under qemu anyway).
+# Left out, measured under qemu: synth_truth (36 s) and synth_cli (11 s: generator and CLI, integer
+# and geometry code that runs on the host suite), cuda_emulated (7 s: CUDA indexing under a host C++
+# emulation, nothing aarch64-specific), cuda_compile (needs NVRTC: it skips under qemu anyway).
 #
 # Tests skipped inside the targets above (cargo test's --skip takes substrings of test names); a test
 # belongs here when it takes more than a few seconds under qemu and covers no aarch64-specific path.
 # The CUDA tests need no entry: there is no libcuda under qemu, so they skip themselves as on any
 # machine without a GPU. Emulation runs arithmetic 5-20x slower than a board.
-QEMU_SKIP=()
+QEMU_SKIP=(
+  unet_learns_synthetic_micrographs      # suite: 200 training steps of the full U-Net (750 s under qemu);
+                                         # its ops and gradients are checked one by one above
+  unet_gradients_match_finite_differences # suite: whole-network finite differences (25 s), per-op ones run
+)
 
 # ---- step bookkeeping: name, seconds, status, printed at exit whatever happened --------------------
 steps=() times=() states=() notes=()
@@ -116,7 +119,7 @@ skip_args=()
 for s in "${QEMU_SKIP[@]}"; do skip_args+=(--skip "$s"); done
 target_args=()
 for t in "${QEMU_TEST_TARGETS[@]}"; do
-  if compgen -G "*/tests/$t.rs" >/dev/null; then
+  if compgen -G "*/tests/$t.rs" >/dev/null || compgen -G "*/tests/$t/main.rs" >/dev/null; then
     target_args+=(--test "$t")
   else
     echo "note: test target $t no longer exists; update QEMU_TEST_TARGETS in cross/check.sh"
