@@ -104,11 +104,60 @@ pub enum Mode {
 const FULL_MIN_IMAGES: usize = 40;
 const FULL_MIN_MEGAPIXELS: f64 = 40.0;
 
-/// Seconds per optimiser step of 8 crops of 128² on one CPU thread, decoder-only, measured on the
-/// project's 2-core machine (320 s for 250 steps on 2 threads, validation included); full
-/// fine-tuning costs about 2.5 times as much. Scaled by crop area, batch and threads.
-const CPU_SECONDS_PER_STEP_1_THREAD: f64 = 2.6;
-const FULL_COST: f64 = 2.5;
+/// What a training epoch costs beyond its optimiser steps (crops read and augmented, validation),
+/// measured on the project's 2-core machine: 320 s for 250 decoder-only steps whose steps alone
+/// took 1.1 s each.
+const EPOCH_OVERHEAD: f64 = 1.15;
+
+/// Times two optimiser steps of the network this fine-tune will train (same classes, batch, crop,
+/// decoder-only or full) on `backend`, after one warm-up step: the up-front time estimate measures
+/// this machine as it is now (its cores, its load, CPU or GPU) instead of assuming one.
+fn seconds_per_step<B: Backend>(
+    backend: &Arc<B>,
+    classes: usize,
+    batch: usize,
+    crop: usize,
+    full: bool,
+) -> Result<f64, microfed_kernels::KernelError> {
+    use microfed_kernels::Shape;
+    use microfed_kernels::unet::{Loss, Optim, UNet};
+    let xs = Shape::new(batch, 1, crop, crop);
+    let mut net = UNet::init(backend.clone(), classes.max(2), 0)?;
+    let pixels: Vec<f32> = (0..xs.len())
+        .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
+        .collect();
+    let labels: Vec<u8> = (0..xs.len())
+        .map(|i| ((i / 7) % classes.max(2)) as u8)
+        .collect();
+    let x = backend.upload(&pixels)?;
+    let labels = backend.upload_labels(&labels)?;
+    let loss = Loss {
+        class_weights: None,
+        dice_weight: 0.5,
+    };
+    let optim = Optim::adamw(1e-4);
+    let features = if full {
+        Vec::new()
+    } else {
+        net.encode(&x, xs)?
+    };
+    let step = |net: &mut UNet<B>| {
+        if full {
+            net.train_step(&x, xs, &labels, &loss, &optim).map(|_| ())
+        } else {
+            net.decoder_train_step(&features, xs, &labels, &loss, &optim, None)
+                .map(|_| ())
+        }
+    };
+    step(&mut net)?;
+    backend.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..2 {
+        step(&mut net)?;
+    }
+    backend.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / 2.0)
+}
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let base = ModelFiles::resolve(&args.from)?;
@@ -198,26 +247,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    let steps = args.epochs * args.steps_per_epoch;
-    let threads = rayon::current_num_threads().max(1) as f64;
-    let per_step = CPU_SECONDS_PER_STEP_1_THREAD / threads
-        * (args.crop * args.crop * args.batch) as f64
-        / (128.0 * 128.0 * 8.0)
-        * if full { FULL_COST } else { 1.0 };
     println!(
         "plan: at most {} epochs of {} steps ({} crops of {}²), lr {:.0e} warm-up + cosine, early stop after {} epoch(s) without a better validation mean IoU",
         args.epochs, args.steps_per_epoch, args.batch, args.crop, cfg.lr, args.patience
     );
-    println!(
-        "estimate on the CPU ({threads} threads): about {:.0} min at most (a GPU is far faster; a busy machine slower); updated after each epoch",
-        steps as f64 * per_step / 60.0
-    );
 
-    struct Finetune<'a>(&'a TrainConfig);
+    struct Finetune<'a>(&'a TrainConfig, usize);
     impl OnBackend for Finetune<'_> {
         type Output = Result<train::TrainOutcome, train::TrainError>;
         fn run<B: Backend + 'static>(self, backend: Arc<B>) -> Self::Output {
-            let cfg = self.0;
+            let (cfg, classes) = (self.0, self.1);
+            let steps = cfg.epochs * cfg.steps_per_epoch.unwrap_or(0);
+            match seconds_per_step(&backend, classes, cfg.batch, cfg.crop, !cfg.decoder_only) {
+                Ok(per_step) => println!(
+                    "estimate: one step takes {per_step:.2} s on this machine now ({}), so about \
+                     {:.0} min at most; updated after each epoch",
+                    backend.name(),
+                    steps as f64 * per_step * EPOCH_OVERHEAD / 60.0
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not time a step for the estimate"),
+            }
             let started = Instant::now();
             let mut on_epoch = |r: &train::EpochRecord| {
                 let per_epoch = started.elapsed().as_secs_f64() / r.epoch as f64;
@@ -240,7 +289,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let wall = Instant::now();
-    let outcome = on_backend(&args.device, Finetune(&cfg))??;
+    let outcome = on_backend(&args.device, Finetune(&cfg, shares.len()))??;
     let manifest = outcome
         .manifest
         .context("training stopped before the export")?;
