@@ -28,7 +28,14 @@ use serde::{Deserialize, Serialize};
 /// Every pixel `raw` is first divided by the full scale of its storage type (255 for 8-bit, 65 535 for
 /// 16-bit, 1 for float), giving `u ∈ [0, 1]`, and then standardised: `(u − mean) / std`. The defaults
 /// (mean 0.5, std 0.25) map the full grey range to [−2, 2]. A model is trained with one normalisation
-/// and must be fed with the same one, so its manifest stores these two numbers.
+/// and must be fed with the same one, so its manifest stores these numbers.
+///
+/// With `per_image = true` each image is standardised by its own mean and standard deviation instead
+/// (`mean` and `std` are then not used): two microscopes, or two sessions of one, that set brightness
+/// and contrast differently give the network the same numbers for the same microstructure. A
+/// low-contrast image (a hazy SEM style spans a fifth of the grey range) otherwise reaches the network
+/// as values five times smaller than those it was trained on. A flat image's deviation is floored at
+/// [`MIN_IMAGE_STD`] so noise is not blown up to full scale.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Normalisation {
@@ -36,13 +43,21 @@ pub struct Normalisation {
     pub mean: f32,
     /// Divides the centred value; must be positive and finite.
     pub std: f32,
+    /// Standardise every image by its own statistics instead of `mean` and `std`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub per_image: bool,
 }
+
+/// The smallest standard deviation (of grey levels in [0, 1]) a per-image normalisation divides by:
+/// a quarter of an 8-bit level.
+pub const MIN_IMAGE_STD: f32 = 1.0 / 1024.0;
 
 impl Default for Normalisation {
     fn default() -> Self {
         Self {
             mean: 0.5,
             std: 0.25,
+            per_image: false,
         }
     }
 }
@@ -60,7 +75,40 @@ impl Normalisation {
         }
     }
 
-    /// Network input for a value already scaled to [0, 1].
+    /// Standardisation by each image's own statistics (see the type's docs).
+    pub fn per_image() -> Self {
+        Self {
+            per_image: true,
+            ..Self::default()
+        }
+    }
+
+    /// The fixed normalisation to apply to one image whose grey levels (in [0, 1]) are `unit`: itself,
+    /// or with `per_image`, the image's own mean and (floored) standard deviation. Accumulates in f64
+    /// so a 16-megapixel image's statistics are exact to f32.
+    pub fn for_image(&self, unit: &[f32]) -> Self {
+        if !self.per_image || unit.is_empty() {
+            return Self {
+                per_image: false,
+                ..*self
+            };
+        }
+        let n = unit.len() as f64;
+        let mean = unit.iter().map(|&u| f64::from(u)).sum::<f64>() / n;
+        let var = unit
+            .iter()
+            .map(|&u| (f64::from(u) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        Self {
+            mean: mean as f32,
+            std: (var.sqrt() as f32).max(MIN_IMAGE_STD),
+            per_image: false,
+        }
+    }
+
+    /// Network input for a value already scaled to [0, 1] (with `per_image`, call
+    /// [`Normalisation::for_image`] first: this applies `mean` and `std` as they are).
     #[inline]
     pub fn apply(&self, unit: f32) -> f32 {
         (unit - self.mean) / self.std
@@ -146,7 +194,8 @@ pub struct Micrograph {
     pub pixel_size_um: Option<f64>,
     /// The file it came from (empty for images made in memory).
     pub path: PathBuf,
-    /// The normalisation that produced `pixels`, so they can be turned back into grey levels.
+    /// The normalisation that produced `pixels`, so they can be turned back into grey levels (for a
+    /// per-image normalisation: the image's own mean and std, as applied).
     pub normalisation: Normalisation,
 }
 
@@ -274,10 +323,9 @@ impl Micrograph {
                 path: path.to_owned(),
                 colour: "an unknown colour type".into(),
             })?;
-        let pixels = raw
-            .into_iter()
-            .map(|v| norm.normalise(v, full_scale))
-            .collect();
+        let unit: Vec<f32> = raw.into_iter().map(|v| v / full_scale).collect();
+        let norm = &norm.for_image(&unit);
+        let pixels = unit.into_iter().map(|u| norm.apply(u)).collect();
         let pixel_size_um = if format == ImageFormat::Tiff {
             tiff_pixel_size_um(bytes, path)
         } else {
@@ -317,6 +365,7 @@ impl Micrograph {
                 height,
             });
         }
+        let norm = &norm.for_image(unit);
         Ok(Self {
             width,
             height,
@@ -488,6 +537,47 @@ mod tests {
     }
 
     #[test]
+    fn per_image_normalisation_gives_one_pattern_the_same_inputs_at_any_brightness_and_contrast() {
+        let dir = tempfile::tempdir().unwrap();
+        let pattern = [0u8, 1, 2, 3, 2, 1, 0, 3];
+        let norm = Normalisation::per_image();
+        let mut seen = Vec::new();
+        // Full contrast, and a hazy copy: a fifth of the range, shifted up.
+        for (name, scale, offset) in [("full.png", 80u8, 0u8), ("hazy.png", 16, 150)] {
+            let p = dir.path().join(name);
+            let raw: Vec<u8> = pattern.iter().map(|&v| offset + v * scale).collect();
+            GrayImage::from_raw(4, 2, raw.clone())
+                .unwrap()
+                .save(&p)
+                .unwrap();
+            let m = Micrograph::load_with(&p, &norm).unwrap();
+            let mean = m.pixels.iter().sum::<f32>() / 8.0;
+            let var = m.pixels.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / 8.0;
+            assert!(
+                close(mean, 0.0, 1e-5) && close(var, 1.0, 1e-4),
+                "{mean} {var}"
+            );
+            // The stored normalisation is the one applied: grey levels come back.
+            let back = m.unit_pixels();
+            assert!(close(back[3], f32::from(raw[3]) / 255.0, 1e-5));
+            assert!(!m.normalisation.per_image);
+            seen.push(m.pixels);
+        }
+        for (a, b) in seen[0].iter().zip(&seen[1]) {
+            assert!(close(*a, *b, 1e-4), "{a} vs {b}");
+        }
+        // A flat image: its deviation is floored, so it becomes zeros instead of NaN or noise × 1e6.
+        let flat = Micrograph::from_unit(2, 2, &[0.3; 4], &norm).unwrap();
+        assert!(flat.pixels.iter().all(|&v| v == 0.0));
+        // The manifest form: absent means false; true is written out.
+        let fixed: Normalisation = toml::from_str("mean = 0.5\nstd = 0.25\n").unwrap();
+        assert_eq!(fixed, Normalisation::default());
+        let text = toml::to_string(&norm).unwrap();
+        assert!(text.contains("per_image = true"), "{text}");
+        assert_eq!(toml::from_str::<Normalisation>(&text).unwrap(), norm);
+    }
+
+    #[test]
     fn custom_normalisation_and_bad_std() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.png");
@@ -498,12 +588,14 @@ mod tests {
         let n = Normalisation {
             mean: 0.0,
             std: 1.0,
+            per_image: false,
         };
         let m = Micrograph::load_with(&p, &n).unwrap();
         assert!(close(m.pixels[0], 0.2, 1e-6)); // 51/255 = 0.2
         let bad = Normalisation {
             mean: 0.0,
             std: 0.0,
+            per_image: false,
         };
         assert!(matches!(
             Micrograph::load_with(&p, &bad),
@@ -515,7 +607,8 @@ mod tests {
             parsed,
             Normalisation {
                 mean: 0.45,
-                std: 0.2
+                std: 0.2,
+                per_image: false,
             }
         );
     }

@@ -117,6 +117,12 @@ pub struct Args {
     #[arg(long)]
     pub no_flips: bool,
 
+    /// Standardise each image by its own mean and standard deviation (written to the manifest, so
+    /// the agent feeds the model the same way): for data whose brightness and contrast vary between
+    /// microscopes or sessions. Default: the fixed normalisation (mean 0.5, std 0.25), or --init's.
+    #[arg(long)]
+    pub per_image_normalisation: bool,
+
     /// Start from this model's weights: its folder or ONNX file (the manifest gives the normalisation).
     #[arg(long, value_name = "MODEL")]
     pub init: Option<PathBuf>,
@@ -162,6 +168,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     cfg.decoder_only = args.decoder_only;
     cfg.fresh = args.fresh;
+    cfg.per_image_normalisation = args.per_image_normalisation;
 
     /// `train::run` with the command's configuration, on the chosen backend.
     struct Pretrain<'a>(&'a TrainConfig);

@@ -148,6 +148,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         normalisation: Normalisation {
             mean: args.norm_mean.unwrap_or(norm.mean),
             std: args.norm_std.unwrap_or(norm.std),
+            // An explicit mean or std is a fixed normalisation.
+            per_image: norm.per_image && args.norm_mean.is_none() && args.norm_std.is_none(),
         },
         pixel_size_um: args.pixel_size,
         device: args.device,

@@ -687,10 +687,7 @@ mod tests {
         .with_feature_size(16.0)
         .unwrap();
         write_dataset(&params, 4, OutputFormat::Png, &data, None).unwrap();
-        let norm = Normalisation {
-            mean: 0.5,
-            std: 0.25,
-        };
+        let norm = Normalisation::default();
         let set = TrainingSet::load(&[data], None, None, &norm, 0.5, 1).unwrap();
         assert_eq!(set.validation.len(), 2);
         let mut store = Store::open(&dir.path().join("store"), 3).unwrap();

@@ -185,6 +185,9 @@ pub struct TrainConfig {
     pub augment: Augment,
     /// Start from this model's weights (and its manifest's normalisation when one lies beside it).
     pub init: Option<PathBuf>,
+    /// Standardise every image by its own statistics (`Normalisation::per_image`), on top of
+    /// the initial model's normalisation when there is one.
+    pub per_image_normalisation: bool,
     /// Freeze the encoder; train the decoder and head only.
     pub decoder_only: bool,
     /// Ignore (and delete) an existing checkpoint.
@@ -222,6 +225,7 @@ impl TrainConfig {
             seed: 0,
             augment: Augment::default(),
             init: None,
+            per_image_normalisation: false,
             decoder_only: false,
             fresh: false,
             new_head: false,

@@ -48,6 +48,15 @@ fn prepare(cfg: &TrainConfig) -> Result<Prepared, TrainError> {
         }
         init_params = Some(params);
     }
+    if cfg.per_image_normalisation && !normalisation.per_image {
+        if cfg.init.is_some() {
+            tracing::warn!(
+                "per-image normalisation on top of an initial model trained with a fixed one: its \
+                 inputs change, so expect its first epochs to relearn them"
+            );
+        }
+        normalisation.per_image = true;
+    }
 
     let list = match &cfg.images_from {
         Some(p) => Some((data::read_image_list(p)?, p.clone())),
