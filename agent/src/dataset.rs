@@ -20,7 +20,9 @@
 //! A folder without `images/` is read as the lab left it ([`layout`]: `train/` + `train_annot/`,
 //! `a.tif` + `a_mask.png`, …), and masks are read by [`crate::mask::labels`] (colour, RGBA and palette
 //! masks through the classes' colours, 16-bit indices); `microfed dataset import` ([`import`]) writes
-//! such a folder out in the layout above.
+//! such a folder out in the layout above. A folder with `images/` that holds more pairs elsewhere
+//! (a lab's `a.tif` + `a_mask.png` beside the folders, a `val/` + `val_annot/`) is a problem that
+//! names them ([`DatasetError::PairsOutsideLayout`]): training would not see them.
 //!
 //! Files whose names start with `.` are skipped (editor and OS droppings); other files whose extension
 //! is not an image extension are listed in [`CheckReport::skipped`] but are not problems.
@@ -101,6 +103,15 @@ pub enum DatasetError {
         colours: Vec<([u8; 3], u64)>,
         tolerance: u8,
     },
+    #[error(
+        "{dir}: {count} more image/mask pair(s) outside images/ + masks/ (first: {example}), which \
+         training would not see; gather them with `microfed dataset import {dir} --out NEW`"
+    )]
+    PairsOutsideLayout {
+        dir: PathBuf,
+        count: usize,
+        example: PathBuf,
+    },
     #[error("pair index {index} out of range: the dataset has {len} pairs")]
     NoSuchPair { index: usize, len: usize },
     #[error("{dir}: {count} problem(s); first: {first}")]
@@ -116,9 +127,11 @@ impl DatasetError {
     pub fn path(&self) -> Option<&Path> {
         use DatasetError::*;
         match self {
-            NotADirectory { dir } | ReadDir { dir, .. } | NoClasses { dir } | Empty { dir } => {
-                Some(dir)
-            }
+            NotADirectory { dir }
+            | ReadDir { dir, .. }
+            | NoClasses { dir }
+            | Empty { dir }
+            | PairsOutsideLayout { dir, .. } => Some(dir),
             Classes(ClassesError::Read { path, .. })
             | Classes(ClassesError::Parse { path, .. })
             | Classes(ClassesError::Invalid { path, .. }) => Some(path),
@@ -253,6 +266,7 @@ impl Dataset {
 
         if dir.join("images").is_dir() {
             list_pairs(dir, &mut report);
+            stray_pairs(dir, &mut report);
         } else {
             find_pairs(dir, &mut report);
         }
@@ -346,6 +360,32 @@ fn list_pairs(dir: &Path, report: &mut CheckReport) {
     if images.is_empty() && masks.is_empty() {
         report.problems.push(DatasetError::Empty {
             dir: dir.to_owned(),
+        });
+    }
+}
+
+/// A dataset folder (`images/` + `masks/`) with more pairs elsewhere in it (a lab's tools left
+/// `a.tif` + `a_mask.png` beside the folders, or a `val/` + `val_annot/`): one problem naming how
+/// many and the first, since training reads only `images/` + `masks/`.
+fn stray_pairs(dir: &Path, report: &mut CheckReport) {
+    let Ok(found) = layout::find(dir) else {
+        return; // the listing problems are reported by list_pairs
+    };
+    let (images, masks) = (dir.join("images"), dir.join("masks"));
+    let listed: std::collections::BTreeSet<&str> =
+        report.pairs.iter().map(|p| p.stem.as_str()).collect();
+    // Stems the layout already pairs are not stray, wherever another copy of them lies.
+    let stray: Vec<&layout::Pair> = found
+        .pairs
+        .iter()
+        .filter(|p| !listed.contains(p.stem.as_str()))
+        .filter(|p| !(p.image.starts_with(&images) && p.mask.starts_with(&masks)))
+        .collect();
+    if let Some(first) = stray.first() {
+        report.problems.push(DatasetError::PairsOutsideLayout {
+            dir: dir.to_owned(),
+            count: stray.len(),
+            example: first.image.clone(),
         });
     }
 }

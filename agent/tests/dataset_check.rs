@@ -261,6 +261,43 @@ fn listing_problems_are_all_reported() {
     );
 }
 
+/// A dataset folder whose lab left more pairs beside `images/` + `masks/` (side by side with a
+/// suffix, and in a `val/` + `val_annot/` pair of folders): one problem that names them, since
+/// training reads only the two folders; `dataset import` gathers them all.
+#[test]
+fn pairs_outside_images_and_masks_are_named_not_silently_left_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for d in ["images", "masks", "val", "val_annot"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    manifest(&["interior", "boundary"])
+        .save(&dir.join("dataset.toml"))
+        .unwrap();
+    let img = GrayImage::from_pixel(4, 3, image::Luma([100]));
+    let mask = GrayImage::from_fn(4, 3, |x, _| image::Luma([(x % 2) as u8]));
+    img.save(dir.join("images/a.png")).unwrap();
+    mask.save(dir.join("masks/a.png")).unwrap();
+    let clean = Dataset::check(dir, None);
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    img.save(dir.join("b.tif")).unwrap();
+    mask.save(dir.join("b_mask.png")).unwrap();
+    img.save(dir.join("val/c.png")).unwrap();
+    mask.save(dir.join("val_annot/c.png")).unwrap();
+    // Another copy of a stem the layout pairs is not stray.
+    img.save(dir.join("val/a.png")).unwrap();
+    let report = Dataset::check(dir, None);
+    assert_eq!(report.pairs.len(), 1);
+    assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
+    let p = &report.problems[0];
+    assert!(
+        matches!(p, DatasetError::PairsOutsideLayout { count: 2, example, .. } if example.ends_with("b.tif")),
+        "{p}"
+    );
+    assert!(p.to_string().contains("dataset import"), "{p}");
+    assert!(Dataset::open(dir, None).is_err());
+}
+
 #[test]
 fn missing_folder_and_bad_classes_file_are_named() {
     let tmp = tempfile::tempdir().unwrap();

@@ -107,11 +107,18 @@ fn rgb_rgba8_rgba16_palette_and_16_bit_masks_import_in_three_layouts() {
         .unwrap();
 
     let classes = classes_file(t.path());
-    // `dataset check` reads a lab's folder as it is (here the colour masks of images/ + masks/; a
-    // folder with images/ is read in that layout only).
+    // `dataset check` reads a lab's folder as it is: with images/ + masks/ (colour masks here) it
+    // reads that layout, and names the four pairs beside it that training would not see.
     let report = Dataset::check(&src, Some(&classes));
-    assert!(report.is_ok(), "{:?}", report.problems);
     assert_eq!(report.pairs.len(), 1);
+    assert!(
+        matches!(
+            report.problems.as_slice(),
+            [microfed::dataset::DatasetError::PairsOutsideLayout { count: 4, .. }]
+        ),
+        "{:?}",
+        report.problems
+    );
 
     let out = t.path().join("out");
     let opts = ImportOptions {
