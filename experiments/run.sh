@@ -6,7 +6,8 @@
 #   experiments/run.sh                 # all of them, in that order
 #   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
 #                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d |
-#                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3)
+#                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 |
+#                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -38,7 +39,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -57,7 +58,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -90,11 +91,19 @@ for fed in ${which[*]}; do
                     --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
                     --out models/base-sem-se
             fi
+            if [[ "$fed" == transfer-per-image* && ! -f models/base-sem-se-per-image/model.onnx ]]; then
+                # The same base model with each image standardised by its own mean and std.
+                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se-per-image \
+                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
+                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
+                    --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
+                    --per-image-normalisation --out models/base-sem-se-per-image
+            fi
             ;;
         nasa-super)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -109,4 +118,10 @@ if [[ " ${which[*]} " == *" transfer2"* ]]; then
 fi
 if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer-adamw"* ]]; then
+    python3 transfer_summary.py transfer-adamw transfer-adamw-b > ../docs/results/transfer-adamw-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer-per-image"* ]]; then
+    python3 transfer_summary.py transfer-per-image transfer-per-image-b > ../docs/results/transfer-per-image-summary.md
 fi
