@@ -806,8 +806,8 @@ async fn orchestrate(
         broker: Some(settings.clone()),
         max_update_norm: 1e3,
         max_samples: 10_000,
-        // The report reads each round's updates right after its summary.
-        keep_update_rounds: 1,
+        // The report reads every round's updates (also after the last round, from the history).
+        keep_update_rounds: u64::MAX,
         // DP-FedAvg's noise is calibrated for many devices; with three labs it would drown the
         // signal (docs/privacy.md has the measured cost), so the demo runs without it.
         dp: None,

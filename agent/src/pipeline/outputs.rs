@@ -50,18 +50,42 @@ pub struct OutputNames {
 }
 
 impl OutputNames {
-    /// Outputs of `source` in `dir`, named after its file stem (`a.png` → `a.mask.png`).
+    /// Outputs of `source` in `dir`, named after its file stem (`a.png` → `a.mask.png`), or after
+    /// its whole file name (`a.tif` → `a.tif.mask.png`) when its folder holds another image of the
+    /// same stem (a microscope that saves `a.tif` and a preview `a.png`): the two never overwrite
+    /// each other's outputs. Whichever of the two arrives alone keeps the short name.
     pub fn for_source(dir: &Path, source: &Path) -> Self {
-        let stem = source
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image".into());
+        let base = if has_namesake(source) {
+            source.file_name()
+        } else {
+            source.file_stem()
+        };
+        let stem = base.map_or_else(|| "image".into(), |s| s.to_string_lossy().into_owned());
         Self {
             mask: dir.join(format!("{stem}.mask.png")),
             overlay: dir.join(format!("{stem}.overlay.png")),
             features: dir.join(format!("{stem}.features.json")),
         }
     }
+}
+
+/// Does `source`'s folder hold another image file with the same stem (`a.png` beside `a.tif`)?
+fn has_namesake(source: &Path) -> bool {
+    let (Some(stem), Some(name)) = (source.file_stem(), source.file_name()) else {
+        return false;
+    };
+    let folder = match source.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    // Lower and upper case extensions: some microscopes write `.TIF`.
+    crate::dataset::IMAGE_EXTENSIONS
+        .iter()
+        .flat_map(|ext| [ext.to_string(), ext.to_ascii_uppercase()])
+        .any(|ext| {
+            let other = folder.join(Path::new(stem).with_extension(ext));
+            other.file_name() != Some(name) && other.is_file()
+        })
 }
 
 /// PNG bytes of an image.
@@ -271,6 +295,29 @@ pub fn quarantine(source: &Path, dir: &Path, reason: &str) -> Result<PathBuf, Ou
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_namesake_in_another_format_gets_its_own_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, out) = (dir.path().join("in"), dir.path().join("out"));
+        std::fs::create_dir_all(&src).unwrap();
+        std::fs::write(src.join("a.tif"), b"x").unwrap();
+        std::fs::write(src.join("b.png"), b"x").unwrap();
+        // Alone: the short name, as `eval --pred` expects.
+        let a = OutputNames::for_source(&out, &src.join("a.tif"));
+        assert_eq!(a.mask, out.join("a.mask.png"));
+        assert_eq!(
+            OutputNames::for_source(&out, &src.join("b.png")).features,
+            out.join("b.features.json")
+        );
+        // A preview a.PNG beside a.tif: each keeps apart from the other.
+        std::fs::write(src.join("a.PNG"), b"x").unwrap();
+        let tif = OutputNames::for_source(&out, &src.join("a.tif"));
+        let png = OutputNames::for_source(&out, &src.join("a.PNG"));
+        assert_eq!(tif.mask, out.join("a.tif.mask.png"));
+        assert_eq!(png.overlay, out.join("a.PNG.overlay.png"));
+        assert_ne!(tif.features, png.features);
+    }
 
     #[test]
     fn overlay_blends_grey_and_class_colour() {

@@ -1052,10 +1052,11 @@ impl Aggregator {
             else {
                 continue;
             };
-            if round + keep <= self.state.round && entry.path().is_dir() {
-                if let Err(e) = std::fs::remove_dir_all(entry.path()) {
-                    tracing::warn!(path = %entry.path().display(), error = %e, "cannot delete a merged round's updates");
-                }
+            if round.saturating_add(keep) <= self.state.round
+                && entry.path().is_dir()
+                && let Err(e) = std::fs::remove_dir_all(entry.path())
+            {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot delete a merged round's updates");
             }
         }
     }
@@ -2029,7 +2030,12 @@ mod tests {
             r.sort();
             r
         };
-        for (keep, want) in [(0u64, vec![]), (1, vec![3]), (2, vec![2, 3])] {
+        for (keep, want) in [
+            (0u64, vec![]),
+            (1, vec![3]),
+            (2, vec![2, 3]),
+            (u64::MAX, vec![1, 2, 3]),
+        ] {
             let mut s = setup_with(FEDAVG, 1, "");
             s.cfg.keep_update_rounds = keep;
             let n: usize = s.layout.iter().map(|t| t.len).sum();
