@@ -120,7 +120,9 @@ if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer-adamw"* ]]; then
-    python3 transfer_summary.py transfer-adamw transfer-adamw-b > ../docs/results/transfer-adamw-summary.md
+    # Local-only with AdamW beside the second grid (paired by seed; FedAvg with AdamW when its run
+    # is there: it was stopped at round 7 of seed 1 in docs/results.md).
+    python3 transfer_summary.py transfer2 transfer2-b transfer-adamw transfer-adamw-b > ../docs/results/transfer-adamw-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer-per-image"* ]]; then
     python3 transfer_summary.py transfer-per-image transfer-per-image-b > ../docs/results/transfer-per-image-summary.md
