@@ -7,7 +7,9 @@
 #   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
 #                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d |
 #                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 |
-#                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b)
+#                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b |
+#                                      #   nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b |
+#                                      #   transfer-personal-c)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -39,7 +41,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -58,7 +60,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -100,10 +102,10 @@ for fed in ${which[*]}; do
                     --per-image-normalisation --out models/base-sem-se-per-image
             fi
             ;;
-        nasa-super)
+        nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -123,6 +125,13 @@ if [[ " ${which[*]} " == *" transfer-adamw"* ]]; then
     # Local-only with AdamW beside the second grid (paired by seed; FedAvg with AdamW when its run
     # is there: it was stopped at round 7 of seed 1 in docs/results.md).
     python3 transfer_summary.py transfer2 transfer2-b transfer-adamw transfer-adamw-b > ../docs/results/transfer-adamw-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer-personal"* ]]; then
+    python3 transfer_summary.py transfer2 transfer2-b transfer-adamw-b transfer-personal transfer-personal-b \
+        transfer-personal-c > ../docs/results/transfer-personal-summary.md
+fi
+if [[ " ${which[*]} " == *" nasa-super2"* ]]; then
+    python3 transfer_summary.py nasa-super2 nasa-super2-b > ../docs/results/nasa-super2-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer-per-image"* ]]; then
     python3 transfer_summary.py transfer-per-image transfer-per-image-b > ../docs/results/transfer-per-image-summary.md

@@ -32,7 +32,8 @@ def load(configs):
             continue
         for seeds in json.loads(path.read_text()):
             if seeds:
-                runs[seeds[0]["name"]] = seeds
+                # A run split over configs (one seed per file, in seed order) is joined.
+                runs.setdefault(seeds[0]["name"], []).extend(seeds)
     return runs
 
 

@@ -90,6 +90,9 @@ name = "FedAvg"
 strategy = "fedavg"
 [runs.personalise]
 steps = 2
+# A lab may fine-tune with another optimiser than the federation's.
+optimizer = "adam"
+learning_rate = 0.001
 "#,
         model = model.display()
     );

@@ -96,6 +96,10 @@ pub struct Personalise {
     /// Default: `[train].learning_rate` (the schedule's peak).
     #[serde(default)]
     pub learning_rate: Option<f32>,
+    /// Default: the run's local optimiser. A lab may fine-tune with another one than the
+    /// federation's (AdamW's per-coordinate steps where SGD's are too small on its style).
+    #[serde(default)]
+    pub optimizer: Option<LocalOptimizer>,
 }
 
 impl RunSpec {
@@ -777,7 +781,7 @@ pub fn run<B: Backend>(
                         steps_per_epoch: p.steps,
                         learning_rate: p.learning_rate.unwrap_or(train.learning_rate),
                         prox_mu: 0.0,
-                        optimizer: train.optimizer,
+                        optimizer: p.optimizer.unwrap_or(train.optimizer),
                     };
                     let t = &mut trainers[l];
                     let (tuned, _) = t.train_round(&decoder, &plan)?;
