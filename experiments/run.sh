@@ -9,7 +9,8 @@
 #                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 |
 #                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b |
 #                                      #   nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b |
-#                                      #   transfer-personal-c | transfer-fedadam)
+#                                      #   transfer-personal-c | transfer-fedadam | sweep-demo-grains40 |
+#                                      #   sweep-demo-grains40-b)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -41,18 +42,28 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
             # Four labs, one style (sem-se): random draws of the same generator, 12 images each.
             for i in 1 2 3 4; do make_lab_at "gate-iid/lab-$i" sem-se 12 $((5200 + i)); done
             ;;
-        demo-labs|sweep-demo)
+        demo-labs|sweep-demo|sweep-demo-grains40|sweep-demo-grains40-b)
             # What `microfed demo` synthesises with its defaults (seed 7: labs 700, 701, 702).
             make_lab_at demo-labs/hazy hazy 10 700
             make_lab_at demo-labs/sem-bse sem-bse 10 701
             make_lab_at demo-labs/optical-etched optical-etched 10 702
+            if [[ "$fed" == sweep-demo-grains40* && ! -f ../data/base-models/grains-40/model.onnx ]]; then
+                # models/make.sh's grains recipe with 4x the steps, into a folder of its own.
+                MICROFED="$MICROFED" ../models/make.sh data-grains
+                W=../data/base-models/polycrystal/train
+                nice "$MICROFED" pretrain --data $W/optical-etched $W/sem-se $W/sem-bse $W/fast-scan \
+                    --name grains --epochs 40 --batch 8 --crop 128 --steps-per-epoch 50 \
+                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
+                    --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
+                    --out ../data/base-models/grains-40
+            fi
             ;;
         synthetic|sweep-optimiser|sweep-loss)
             make_lab sem-se 12 5101
@@ -105,7 +116,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
