@@ -10,7 +10,8 @@
 #                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b |
 #                                      #   nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b |
 #                                      #   transfer-personal-c | transfer-fedadam | sweep-demo-grains40 |
-#                                      #   sweep-demo-grains40-b)
+#                                      #   sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e |
+#                                      #   transfer-adamw-c | transfer-adamw-d)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -42,7 +43,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -71,7 +72,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -116,7 +117,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -138,8 +139,10 @@ if [[ " ${which[*]} " == *" transfer-adamw"* ]]; then
     python3 transfer_summary.py transfer2 transfer2-b transfer-adamw transfer-adamw-b > ../docs/results/transfer-adamw-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer-personal"* ]]; then
-    python3 transfer_summary.py transfer2 transfer2-b transfer-adamw-b transfer-personal transfer-personal-b \
-        transfer-personal-c > ../docs/results/transfer-personal-summary.md
+    python3 transfer_summary.py transfer2 transfer2-b transfer-adamw-b transfer-adamw-c transfer-adamw-d \
+        transfer-personal transfer-personal-b transfer-personal-c transfer-personal-d transfer-personal-e \
+        > ../docs/results/transfer-personal-summary.md
+    python3 personal_vs_local.py >> ../docs/results/transfer-personal-summary.md
 fi
 if [[ " ${which[*]} " == *" nasa-super2"* ]]; then
     python3 transfer_summary.py nasa-super2 nasa-super2-b > ../docs/results/nasa-super2-summary.md
