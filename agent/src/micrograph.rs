@@ -114,10 +114,19 @@ impl Normalisation {
         (unit - self.mean) / self.std
     }
 
-    /// Network input for a stored value `raw` of a format whose full scale is `full_scale`.
-    #[inline]
-    pub fn normalise(&self, raw: f32, full_scale: f32) -> f32 {
-        self.apply(raw / full_scale)
+    /// Network inputs for one image's stored values `raw` (row-major) of a format whose full scale
+    /// is `full_scale`, in place of `raw`, and the fixed normalisation that was applied (with
+    /// `per_image`, the image's own statistics). The one path from grey levels to inputs, so a
+    /// per-image model is fed the same way by every caller.
+    pub fn inputs(&self, mut raw: Vec<f32>, full_scale: f32) -> (Vec<f32>, Self) {
+        for v in &mut raw {
+            *v /= full_scale;
+        }
+        let applied = self.for_image(&raw);
+        for v in &mut raw {
+            *v = applied.apply(*v);
+        }
+        (raw, applied)
     }
 
     /// Back from a network input to the [0, 1] grey level (for display and contact sheets).
@@ -323,9 +332,7 @@ impl Micrograph {
                 path: path.to_owned(),
                 colour: "an unknown colour type".into(),
             })?;
-        let unit: Vec<f32> = raw.into_iter().map(|v| v / full_scale).collect();
-        let norm = &norm.for_image(&unit);
-        let pixels = unit.into_iter().map(|u| norm.apply(u)).collect();
+        let (pixels, applied) = norm.inputs(raw, full_scale);
         let pixel_size_um = if format == ImageFormat::Tiff {
             tiff_pixel_size_um(bytes, path)
         } else {
@@ -338,7 +345,7 @@ impl Micrograph {
             bit_depth,
             pixel_size_um,
             path: path.to_owned(),
-            normalisation: *norm,
+            normalisation: applied,
         })
     }
 
@@ -365,15 +372,15 @@ impl Micrograph {
                 height,
             });
         }
-        let norm = &norm.for_image(unit);
+        let (pixels, applied) = norm.inputs(unit.to_vec(), 1.0);
         Ok(Self {
             width,
             height,
-            pixels: unit.iter().map(|&u| norm.apply(u)).collect(),
+            pixels,
             bit_depth: 32,
             pixel_size_um: None,
             path: PathBuf::new(),
-            normalisation: *norm,
+            normalisation: applied,
         })
     }
 

@@ -997,11 +997,8 @@ mod tests {
                 let params =
                     SynthParams::new(structure, Style::preset(name).unwrap(), 120, 88, 5).unwrap();
                 let sample = generate(&params, i as u64);
-                let pixels: Vec<f32> = sample
-                    .image
-                    .iter()
-                    .map(|&v| norm.normalise(f32::from(v), 65535.0))
-                    .collect();
+                let raw = sample.image.iter().map(|&v| f32::from(v)).collect();
+                let (pixels, _) = norm.inputs(raw, 65535.0);
                 synthetic.add(&kernels, &tract, &pixels, 120, 88);
             }
             let mut real = Agreement::default();

@@ -113,11 +113,9 @@ pub fn synthetic_grain_labs(
                     stem: format!("{name}-{k}"),
                     width: side as usize,
                     height: side as usize,
-                    pixels: s
-                        .image
-                        .iter()
-                        .map(|&v| norm.normalise(f32::from(v), 65535.0))
-                        .collect(),
+                    pixels: norm
+                        .inputs(s.image.iter().map(|&v| f32::from(v)).collect(), 65535.0)
+                        .0,
                     labels: s.mask.data,
                 }
             };
