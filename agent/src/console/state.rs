@@ -50,6 +50,10 @@ pub struct DeviceView {
     pub online: bool,
     pub model_version: String,
     pub global_version: u64,
+    /// The global segmenting now (it lags `global_version` while a new one is scored or when one
+    /// was kept out), and whether it is the lab's own fine-tune of it.
+    pub live_global_version: u64,
+    pub live_personalised: bool,
     pub last_round: Option<u64>,
     pub queue_depth: u64,
     pub last_error: Option<String>,
@@ -247,6 +251,8 @@ impl Fleet {
                         d.online = b.online;
                         d.model_version = clip(&b.model_version, MAX_TEXT).to_owned();
                         d.global_version = b.global_version;
+                        d.live_global_version = b.live_global_version;
+                        d.live_personalised = b.live_personalised;
                         d.last_round = b.last_round;
                         d.queue_depth = b.queue_depth;
                         d.last_error = b
@@ -514,6 +520,7 @@ mod tests {
             style_codes: vec!["x".into()],
             style_rejected: 0,
             live_global_version: 3,
+            live_personalised: false,
             globals_refused: 0,
         }
     }

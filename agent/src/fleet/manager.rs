@@ -353,6 +353,7 @@ mod tests {
             style_codes: Vec::new(),
             style_rejected: 0,
             live_global_version: 0,
+            live_personalised: false,
             globals_refused: 0,
         }
     }

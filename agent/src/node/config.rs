@@ -166,6 +166,9 @@ impl AgentConfig {
             f.participant
                 .validate_margin()
                 .map_err(|e| invalid("federation.holdout_margin", e))?;
+            f.participant
+                .validate_personalise()
+                .map_err(|e| invalid("federation.personalise", e))?;
         }
         Ok(())
     }

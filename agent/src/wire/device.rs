@@ -145,6 +145,7 @@ impl DeviceLink {
             style_codes: Vec::new(),
             style_rejected: 0,
             live_global_version: 0,
+            live_personalised: false,
             globals_refused: 0,
         };
         let offline = seal_status(

@@ -416,6 +416,10 @@ pub struct StatusBody {
     /// a new global is scored on the hold-out, or when one was kept out.
     #[serde(default)]
     pub live_global_version: u64,
+    /// The decoder segmenting now is `live_global_version` fine-tuned on the lab's own images
+    /// (`[federation.personalise]`).
+    #[serde(default)]
+    pub live_personalised: bool,
     /// New globals kept out of production by the hold-out gate since start.
     #[serde(default)]
     pub globals_refused: u64,

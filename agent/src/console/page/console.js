@@ -36,6 +36,13 @@ function row(cells, attrs) {
   return tr;
 }
 
+// The latest global, and what segments when it is not that one (or is the lab's fine-tune of it).
+function live(d) {
+  if (d.live_global_version === d.global_version && !d.live_personalised) return String(d.global_version);
+  return d.global_version + " (segmenting " + d.live_global_version +
+    (d.live_personalised ? ", fine-tuned here" : "") + ")";
+}
+
 function renderDevices(s) {
   const body = document.querySelector("#devices tbody");
   body.replaceChildren();
@@ -45,7 +52,7 @@ function renderDevices(s) {
       el("td", name),
       el("td", d.online ? "online" : "offline", { class: "state" }),
       el("td", short(d.model_version), { title: d.model_version }),
-      el("td", d.global_version),
+      el("td", live(d)),
       el("td", d.queue_depth),
       el("td", d.images_per_minute.toFixed(0)),
       el("td", ms(d.latency_p50_ms)),

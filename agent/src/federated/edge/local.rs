@@ -423,6 +423,26 @@ impl<B: Backend> LocalTrainer<B> {
         Ok((self.net.decoder_flat()?, last))
     }
 
+    /// What the lab would deploy: `global` fine-tuned on the lab's own training images as `plan`
+    /// says, in the lab's own style only (no re-styling with other labs' codes: the point is to
+    /// specialise), with the optimiser's moments started afresh. The federation's training is not
+    /// affected: the next [`LocalTrainer::train_round`] starts from the global it is given.
+    pub fn personalise(&mut self, global: &[f32], plan: &RoundPlan) -> Result<Vec<f32>, LocalError> {
+        let restyle = self.restyle;
+        let keep = self.keep_optimizer_state;
+        self.restyle.probability = 0.0;
+        self.keep_optimizer_state = false;
+        let plan = RoundPlan {
+            prox_mu: 0.0,
+            ..*plan
+        };
+        let tuned = self.train_round(global, &plan);
+        self.restyle = restyle;
+        self.keep_optimizer_state = keep;
+        self.restyled_batches = 0;
+        Ok(tuned?.0)
+    }
+
     /// A batch of random crops (positions from `rng`; which crops come from Fourier re-styled
     /// images from `style_rng`).
     fn batch_from_cache(

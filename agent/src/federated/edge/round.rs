@@ -13,6 +13,11 @@
 //! running now ([`Action::Score`] out, [`Event::Scored`] in): a global whose mean IoU is below the
 //! running decoder's by more than the margin is kept out ([`Action::KeepLive`]). Without hold-out
 //! images (no gate) a new global goes live when it arrives.
+//!
+//! Personalisation (`[federation.personalise]`): the score may come with the new global fine-tuned
+//! on the lab's own images. Of the two, the one with the better hold-out score is the candidate
+//! for production, gated as above; the federation trains from the global either way (a lab's
+//! update is always a step from what the aggregator sent).
 
 use crate::federated::edge::local::RoundPlan;
 use crate::wire::protocol::{self, CompressionConfig, RoundAnnouncement};
@@ -42,8 +47,13 @@ pub enum Action {
     /// Updates of rounds up to this one can no longer count: drop them from the outbox.
     DropUpdatesUpTo(u64),
     /// A newer global decoder: show its version and, unless it is the base model's own (version
-    /// 0), swap it into the running model.
-    Install { version: u64, swap: bool },
+    /// 0), swap [`Rounds::live`] into the running model: the global itself, or its personalised
+    /// fine-tune.
+    Install {
+        version: u64,
+        swap: bool,
+        personalised: bool,
+    },
     /// Train this round from the current global decoder ([`Rounds::global`]).
     Train(TrainOrder),
     /// The global decoder's digest differs from the announcement's: wait for the right one.
@@ -59,11 +69,41 @@ pub enum Action {
     },
 }
 
-/// Hold-out mean IoU of a candidate global and of the decoder running now.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// Hold-out mean IoU of a candidate global and of the decoder running now, and the global's
+/// personalised fine-tune when one was made.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Scores {
     pub candidate: Option<f64>,
     pub live: Option<f64>,
+    pub personalised: Option<Personalised>,
+}
+
+/// A global fine-tuned on the lab's own images, and its hold-out mean IoU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Personalised {
+    pub values: Vec<f32>,
+    pub score: Option<f64>,
+}
+
+impl Scores {
+    /// Whether the personalised fine-tune is the better candidate: it has a finite score above
+    /// the global's (or the global has none).
+    pub fn prefers_personalised(&self) -> bool {
+        let Some(p) = self.personalised.as_ref().and_then(|p| p.score) else {
+            return false;
+        };
+        p.is_finite() && self.candidate.is_none_or(|c| !c.is_finite() || p > c)
+    }
+}
+
+/// The decoder in production.
+#[derive(Debug, Clone, PartialEq)]
+struct Live {
+    /// The global it is (0: the base model's own), or was fine-tuned from.
+    version: u64,
+    /// Fine-tuned on the lab's own images ([`Personalised`]).
+    personalised: bool,
+    values: Vec<f32>,
 }
 
 /// Why a global was kept out of production.
@@ -116,8 +156,8 @@ pub struct Rounds {
     training: Option<u64>,
     /// (round, version) whose digest mismatch was reported already.
     mismatch_reported: Option<(u64, u64)>,
-    /// The decoder in production (version 0: the base model's own).
-    live: Option<(u64, Vec<f32>)>,
+    /// The decoder in production.
+    live: Option<Live>,
     /// The hold-out margin; None: no gate (no hold-out images), a new global goes live at once.
     gate: Option<f64>,
     /// The global version being scored now.
@@ -138,7 +178,11 @@ impl Rounds {
         self.scoring = None;
         self.gate = gate;
         if self.live.is_none() {
-            self.live = Some((0, base.to_vec()));
+            self.live = Some(Live {
+                version: 0,
+                personalised: false,
+                values: base.to_vec(),
+            });
         }
     }
 
@@ -154,7 +198,12 @@ impl Rounds {
 
     /// The decoder in production (version, values), as far as this machine knows.
     pub fn live(&self) -> Option<(u64, &[f32])> {
-        self.live.as_ref().map(|(v, g)| (*v, g.as_slice()))
+        self.live.as_ref().map(|l| (l.version, l.values.as_slice()))
+    }
+
+    /// Whether the decoder in production is a personalised fine-tune of its global.
+    pub fn live_is_personalised(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| l.personalised)
     }
 
     /// The open round, if any (updates of older rounds are stale).
@@ -202,17 +251,43 @@ impl Rounds {
                     if let Some((gv, g)) = self.global.as_ref().filter(|(gv, _)| *gv == version) {
                         self.decided = Some(*gv);
                         let margin = self.gate.unwrap_or(f64::INFINITY);
+                        // The better of the global and its personalised fine-tune is the candidate.
+                        let result = result.map(|mut s| {
+                            let personalised = s.prefers_personalised();
+                            let tuned = s.personalised.take();
+                            match tuned.filter(|_| personalised) {
+                                Some(p) => (
+                                    Scores {
+                                        candidate: p.score,
+                                        live: s.live,
+                                        personalised: None,
+                                    },
+                                    Some(p.values),
+                                ),
+                                None => (s, None),
+                            }
+                        });
+                        let (result, tuned) = match result {
+                            Ok((s, tuned)) => (Ok(s), tuned),
+                            Err(e) => (Err(e), None),
+                        };
                         match verdict(result, margin) {
                             Ok(()) => {
-                                self.live = Some((*gv, g.clone()));
+                                let personalised = tuned.is_some();
+                                self.live = Some(Live {
+                                    version: *gv,
+                                    personalised,
+                                    values: tuned.unwrap_or_else(|| g.clone()),
+                                });
                                 actions.push(Action::Install {
                                     version,
                                     swap: true,
+                                    personalised,
                                 });
                             }
                             Err(why) => actions.push(Action::KeepLive {
                                 version,
-                                live_version: self.live.as_ref().map_or(0, |(v, _)| *v),
+                                live_version: self.live.as_ref().map_or(0, |l| l.version),
                                 why,
                             }),
                         }
@@ -243,11 +318,16 @@ impl Rounds {
         if gv == 0 || self.gate.is_none() {
             self.decided = Some(gv);
             if gv > 0 {
-                self.live = Some((gv, g.clone()));
+                self.live = Some(Live {
+                    version: gv,
+                    personalised: false,
+                    values: g.clone(),
+                });
             }
             return Some(Action::Install {
                 version: gv,
                 swap: gv > 0,
+                personalised: false,
             });
         }
         self.scoring = Some(gv);
@@ -378,7 +458,8 @@ mod tests {
             a[0],
             Action::Install {
                 version: 0,
-                swap: false
+                swap: false,
+                personalised: false
             }
         );
         assert_eq!(trains(&a), Some(1));
@@ -452,7 +533,8 @@ mod tests {
             r.handle(g(2, 2.0), 0.0),
             vec![Action::Install {
                 version: 2,
-                swap: true
+                swap: true,
+                personalised: false
             }]
         );
         assert!(r.handle(g(1, 1.0), 0.0).is_empty());
@@ -488,7 +570,8 @@ mod tests {
         assert!(
             a.contains(&Action::Install {
                 version: 5,
-                swap: true
+                swap: true,
+                personalised: false
             }),
             "{a:?}"
         );
@@ -522,6 +605,7 @@ mod tests {
             result: Ok(Scores {
                 candidate: Some(candidate),
                 live: Some(live),
+                personalised: None,
             }),
         }
     }
@@ -583,7 +667,8 @@ mod tests {
             a,
             vec![Action::Install {
                 version: 2,
-                swap: true
+                swap: true,
+                personalised: false
             }]
         );
         assert_eq!(r.live(), Some((2, &good[..])));
@@ -596,6 +681,7 @@ mod tests {
             Ok(Scores {
                 candidate: c,
                 live: l,
+                personalised: None,
             })
         };
         assert!(verdict(s(Some(0.5), Some(0.5)), m).is_ok());
@@ -624,7 +710,8 @@ mod tests {
             a,
             vec![Action::Install {
                 version: 1,
-                swap: true
+                swap: true,
+                personalised: false
             }]
         );
     }
@@ -658,12 +745,107 @@ mod tests {
             r.handle(scored(2, 0.5, 0.5), 1.0),
             vec![Action::Install {
                 version: 2,
-                swap: true
+                swap: true,
+                personalised: false
             }]
         );
         // A new base model forgets what ran: its own decoder is live at the next session.
         r.new_base_model();
         r.start_session(0, &[3.0], Some(0.02));
         assert_eq!(r.live(), Some((0, &[3.0f32][..])));
+    }
+
+    fn scored_with(version: u64, candidate: f64, live: f64, tuned: (f32, f64)) -> Event {
+        Event::Scored {
+            version,
+            result: Ok(Scores {
+                candidate: Some(candidate),
+                live: Some(live),
+                personalised: Some(Personalised {
+                    values: vec![tuned.0],
+                    score: Some(tuned.1),
+                }),
+            }),
+        }
+    }
+
+    /// Issue 15: what a lab deploys is the global fine-tuned on its own images, where its hold-out
+    /// prefers it; the federation goes on training from the global itself.
+    #[test]
+    fn the_better_of_the_global_and_its_personalised_fine_tune_goes_live() {
+        let mut r = Rounds::default();
+        r.start_session(0, &[0.0], Some(0.02));
+        let g = |v, x| Event::Global {
+            version: v,
+            values: vec![x],
+        };
+        assert_eq!(r.handle(g(1, 1.0), 0.0), vec![Action::Score { version: 1 }]);
+        // The global alone is worse than the base decoder; its fine-tune is better than both.
+        let a = r.handle(scored_with(1, 0.60, 0.70, (1.5, 0.75)), 1.0);
+        assert_eq!(
+            a,
+            vec![Action::Install {
+                version: 1,
+                swap: true,
+                personalised: true
+            }]
+        );
+        assert_eq!(r.live(), Some((1, &[1.5f32][..])));
+        assert!(r.live_is_personalised());
+        assert_eq!(r.global(), Some((1, &[1.0f32][..])), "training starts from the global");
+        // Next: the fine-tune scores below the global (within the margin of the live one): the
+        // global itself goes live.
+        assert_eq!(r.handle(g(2, 2.0), 2.0), vec![Action::Score { version: 2 }]);
+        let a = r.handle(scored_with(2, 0.74, 0.75, (2.5, 0.70)), 3.0);
+        assert_eq!(
+            a,
+            vec![Action::Install {
+                version: 2,
+                swap: true,
+                personalised: false
+            }]
+        );
+        assert_eq!(r.live(), Some((2, &[2.0f32][..])));
+        assert!(!r.live_is_personalised());
+        // Both worse than the live decoder by more than the margin: kept out, the refusal names
+        // the better of the two.
+        assert_eq!(r.handle(g(3, 3.0), 4.0), vec![Action::Score { version: 3 }]);
+        let a = r.handle(scored_with(3, 0.50, 0.74, (3.5, 0.60)), 5.0);
+        assert_eq!(
+            a,
+            vec![Action::KeepLive {
+                version: 3,
+                live_version: 2,
+                why: Refusal::Worse {
+                    candidate: 0.60,
+                    live: 0.74,
+                    margin: 0.02
+                }
+            }]
+        );
+        assert_eq!(r.live(), Some((2, &[2.0f32][..])));
+    }
+
+    #[test]
+    fn a_fine_tune_without_a_finite_score_is_never_preferred() {
+        let s = |c: Option<f64>, p: Option<f64>| Scores {
+            candidate: c,
+            live: Some(0.5),
+            personalised: Some(Personalised {
+                values: vec![0.0],
+                score: p,
+            }),
+        };
+        assert!(s(Some(0.5), Some(0.6)).prefers_personalised());
+        assert!(!s(Some(0.5), Some(0.5)).prefers_personalised(), "ties keep the global");
+        assert!(!s(Some(0.5), None).prefers_personalised());
+        assert!(!s(Some(0.5), Some(f64::NAN)).prefers_personalised());
+        assert!(s(Some(f64::NAN), Some(0.1)).prefers_personalised());
+        assert!(s(None, Some(0.1)).prefers_personalised());
+        let none = Scores {
+            personalised: None,
+            ..s(Some(0.1), None)
+        };
+        assert!(!none.prefers_personalised());
     }
 }

@@ -1,6 +1,10 @@
 //! The participant's training thread: local training blocks for seconds to minutes, so it runs on a
 //! thread of its own with the [`LocalTrainer`] (on whichever backend `[federation] device_kind`
 //! picks), and the round loop stays responsive: it sends a [`Job`] and selects on the reply.
+//!
+//! The thread takes a round's training before any hold-out scoring (and the personalised
+//! fine-tune that goes with it) queued beside it: an update is due by the round's deadline, a
+//! decision on what segments is not.
 
 use std::sync::Arc;
 
@@ -34,16 +38,33 @@ pub struct Job {
     pub reply: oneshot::Sender<Result<Trained, LocalError>>,
 }
 
-/// Hold-out mean IoU of each decoder (None: no hold-out images).
-pub type ScoreReply = oneshot::Sender<Result<Vec<Option<f64>>, LocalError>>;
+/// What the thread answers to a score: hold-out mean IoU of each decoder (None: no hold-out
+/// images), and the personalised fine-tune of the last one, when asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreOutcome {
+    pub scores: Vec<Option<f64>>,
+    pub personalised: Option<Personalised>,
+}
+
+/// The candidate decoder fine-tuned on the lab's own images, and its hold-out mean IoU.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Personalised {
+    pub values: Vec<f32>,
+    pub score: Option<f64>,
+    pub seconds: f32,
+}
+
+pub type ScoreReply = oneshot::Sender<Result<ScoreOutcome, LocalError>>;
 
 /// What the thread is asked to do.
 #[derive(Debug)]
 enum Work {
     Train(Job),
-    /// Score decoders on the hold-out images (the gate before a global goes live).
+    /// Score decoders on the hold-out images (the gate before a global goes live); with a plan,
+    /// first fine-tune the last one on the lab's own images and score that too.
     Score {
         decoders: Vec<Vec<f32>>,
+        personalise: Option<RoundPlan>,
         reply: ScoreReply,
     },
 }
@@ -53,6 +74,8 @@ pub trait RoundTrainer: Send {
     fn train(&mut self, job: &Job) -> Result<Trained, LocalError>;
     /// Hold-out mean IoU of `decoder` (None: no hold-out images).
     fn score(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError>;
+    /// `global` fine-tuned on the lab's own images ([`LocalTrainer::personalise`]).
+    fn personalise(&mut self, global: &[f32], plan: &RoundPlan) -> Result<Vec<f32>, LocalError>;
 }
 
 impl<B: Backend> RoundTrainer for LocalTrainer<B> {
@@ -77,6 +100,48 @@ impl<B: Backend> RoundTrainer for LocalTrainer<B> {
     fn score(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError> {
         self.holdout_iou(decoder)
     }
+
+    fn personalise(&mut self, global: &[f32], plan: &RoundPlan) -> Result<Vec<f32>, LocalError> {
+        LocalTrainer::personalise(self, global, plan)
+    }
+}
+
+/// Scores `decoders`, and with `plan` the last one fine-tuned on the lab's images.
+fn score_all(
+    trainer: &mut dyn RoundTrainer,
+    decoders: &[Vec<f32>],
+    plan: Option<&RoundPlan>,
+) -> Result<ScoreOutcome, LocalError> {
+    let scores = decoders
+        .iter()
+        .map(|d| trainer.score(d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let personalised = match (plan, decoders.last()) {
+        (Some(plan), Some(candidate)) => {
+            let t0 = std::time::Instant::now();
+            let values = trainer.personalise(candidate, plan)?;
+            let score = trainer.score(&values)?;
+            Some(Personalised {
+                values,
+                score,
+                seconds: t0.elapsed().as_secs_f32(),
+            })
+        }
+        _ => None,
+    };
+    Ok(ScoreOutcome {
+        scores,
+        personalised,
+    })
+}
+
+/// The next piece of work: the oldest round to train if one is queued, else the oldest score.
+fn next_work(queue: &mut std::collections::VecDeque<Work>) -> Option<Work> {
+    let at = queue
+        .iter()
+        .position(|w| matches!(w, Work::Train(_)))
+        .unwrap_or(0);
+    queue.remove(at)
 }
 
 /// How the lab trains: the base model's parameters, its labelled images' features, and the batch.
@@ -140,16 +205,29 @@ impl TrainingThread {
         std::thread::Builder::new()
             .name("local-training".into())
             .spawn(move || {
-                while let Ok(work) = inbox.recv() {
-                    match work {
-                        Work::Train(job) => {
+                let mut queue = std::collections::VecDeque::new();
+                loop {
+                    if queue.is_empty() {
+                        match inbox.recv() {
+                            Ok(w) => queue.push_back(w),
+                            Err(_) => return,
+                        }
+                    }
+                    queue.extend(inbox.try_iter());
+                    match next_work(&mut queue) {
+                        Some(Work::Train(job)) => {
                             let r = trainer.train(&job);
                             let _ = job.reply.send(r);
                         }
-                        Work::Score { decoders, reply } => {
-                            let r = decoders.iter().map(|d| trainer.score(d)).collect();
+                        Some(Work::Score {
+                            decoders,
+                            personalise,
+                            reply,
+                        }) => {
+                            let r = score_all(trainer.as_mut(), &decoders, personalise.as_ref());
                             let _ = reply.send(r);
                         }
+                        None => {}
                     }
                 }
             })
@@ -157,14 +235,21 @@ impl TrainingThread {
         Ok(Self { jobs })
     }
 
-    /// Scores `decoders` on the hold-out images, in order, after any job queued before; the result
-    /// comes on the returned receiver (closed if the thread has stopped).
+    /// Scores `decoders` on the hold-out images, in order, after any work queued before (and after
+    /// any round queued before it starts); with `personalise`, the last decoder is also fine-tuned
+    /// on the lab's own images and the result scored. The answer comes on the returned receiver
+    /// (closed if the thread has stopped).
     pub fn score(
         &self,
         decoders: Vec<Vec<f32>>,
-    ) -> oneshot::Receiver<Result<Vec<Option<f64>>, LocalError>> {
+        personalise: Option<RoundPlan>,
+    ) -> oneshot::Receiver<Result<ScoreOutcome, LocalError>> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.jobs.send(Work::Score { decoders, reply });
+        let _ = self.jobs.send(Work::Score {
+            decoders,
+            personalise,
+            reply,
+        });
         rx
     }
 
@@ -184,5 +269,101 @@ impl TrainingThread {
             reply,
         }));
         rx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::federated::edge::local::LocalOptimizer;
+    use std::sync::Mutex;
+
+    fn plan(round: u64) -> RoundPlan {
+        RoundPlan {
+            round,
+            epochs: 1,
+            steps_per_epoch: 1,
+            learning_rate: 1e-3,
+            prox_mu: 0.0,
+            optimizer: LocalOptimizer::Adam,
+        }
+    }
+
+    /// A trainer whose decoder is one number: training adds 1, personalising adds 10, the score
+    /// is the value itself; what it was asked is written down in order.
+    struct Fake(Arc<Mutex<Vec<String>>>);
+
+    impl RoundTrainer for Fake {
+        fn train(&mut self, job: &Job) -> Result<Trained, LocalError> {
+            self.0.lock().unwrap().push(format!("train {}", job.plan.round));
+            Ok(Trained {
+                local: vec![job.global[0] + 1.0],
+                loss: 0.0,
+                iou_before: None,
+                iou_after: None,
+                seconds: 0.0,
+                restyled_batches: 0,
+            })
+        }
+        fn score(&mut self, decoder: &[f32]) -> Result<Option<f64>, LocalError> {
+            self.0.lock().unwrap().push(format!("score {}", decoder[0]));
+            Ok(Some(f64::from(decoder[0])))
+        }
+        fn personalise(&mut self, global: &[f32], _: &RoundPlan) -> Result<Vec<f32>, LocalError> {
+            self.0.lock().unwrap().push(format!("personalise {}", global[0]));
+            Ok(vec![global[0] + 10.0])
+        }
+    }
+
+    #[test]
+    fn a_queued_round_is_trained_before_a_queued_score() {
+        let (tx, _rx) = oneshot::channel();
+        let (tx2, _rx2) = oneshot::channel();
+        let mut q = std::collections::VecDeque::from([
+            Work::Score {
+                decoders: vec![],
+                personalise: None,
+                reply: tx,
+            },
+            Work::Train(Job {
+                global: vec![0.0],
+                plan: plan(4),
+                styles: None,
+                reply: tx2,
+            }),
+        ]);
+        assert!(matches!(next_work(&mut q), Some(Work::Train(_))));
+        assert!(matches!(next_work(&mut q), Some(Work::Score { .. })));
+        assert!(next_work(&mut q).is_none());
+    }
+
+    #[test]
+    fn a_score_with_a_plan_fine_tunes_the_candidate_and_scores_it_too() {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let thread = TrainingThread::spawn(Box::new(Fake(log.clone()))).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let out = rt
+            .block_on(thread.score(vec![vec![1.0], vec![2.0]], Some(plan(9))))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.scores, vec![Some(1.0), Some(2.0)]);
+        let p = out.personalised.unwrap();
+        assert_eq!((p.values, p.score), (vec![12.0], Some(12.0)));
+        let plain = rt
+            .block_on(thread.score(vec![vec![3.0]], None))
+            .unwrap()
+            .unwrap();
+        assert_eq!(plain.personalised, None);
+        assert_eq!(
+            *log.lock().unwrap(),
+            ["score 1", "score 2", "personalise 2", "score 12", "score 3"]
+        );
+        let trained = rt
+            .block_on(thread.submit(vec![5.0], plan(1), None))
+            .unwrap()
+            .unwrap();
+        assert_eq!(trained.local, vec![6.0]);
     }
 }
