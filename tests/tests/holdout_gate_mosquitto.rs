@@ -271,10 +271,12 @@ fn with_personalisation_the_better_of_the_global_and_its_fine_tune_goes_live() {
         expect.to_string(),
         "global {global}, fine-tune {tuned}:\n{log}"
     );
-    // The retained status says what segments.
+    // The retained status says what segments, and how it scored.
     let status_ok = || {
         let s = lab.status();
-        s.live_global_version == 1 && s.live_personalised == expect
+        s.live_global_version == 1
+            && s.live_personalised == expect
+            && s.live_holdout_iou == Some(global.max(tuned))
     };
     assert!(
         wait_until(Duration::from_secs(30), status_ok),

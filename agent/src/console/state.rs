@@ -54,6 +54,8 @@ pub struct DeviceView {
     /// was kept out), and whether it is the lab's own fine-tune of it.
     pub live_global_version: u64,
     pub live_personalised: bool,
+    /// Its hold-out mean IoU on the lab's own images, as last scored there.
+    pub live_holdout_iou: Option<f64>,
     pub last_round: Option<u64>,
     pub queue_depth: u64,
     pub last_error: Option<String>,
@@ -253,6 +255,7 @@ impl Fleet {
                         d.global_version = b.global_version;
                         d.live_global_version = b.live_global_version;
                         d.live_personalised = b.live_personalised;
+                        d.live_holdout_iou = b.live_holdout_iou.filter(|v| v.is_finite());
                         d.last_round = b.last_round;
                         d.queue_depth = b.queue_depth;
                         d.last_error = b
@@ -521,6 +524,7 @@ mod tests {
             style_rejected: 0,
             live_global_version: 3,
             live_personalised: false,
+            live_holdout_iou: None,
             globals_refused: 0,
         }
     }

@@ -354,6 +354,7 @@ mod tests {
             style_rejected: 0,
             live_global_version: 0,
             live_personalised: false,
+            live_holdout_iou: None,
             globals_refused: 0,
         }
     }

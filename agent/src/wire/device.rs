@@ -146,6 +146,7 @@ impl DeviceLink {
             style_rejected: 0,
             live_global_version: 0,
             live_personalised: false,
+            live_holdout_iou: None,
             globals_refused: 0,
         };
         let offline = seal_status(

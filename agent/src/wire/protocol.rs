@@ -420,6 +420,10 @@ pub struct StatusBody {
     /// (`[federation.personalise]`).
     #[serde(default)]
     pub live_personalised: bool,
+    /// Hold-out mean IoU of the decoder segmenting now, as last scored on this lab's hold-out
+    /// images (None: not scored, e.g. no hold-out or the base model's own decoder).
+    #[serde(default)]
+    pub live_holdout_iou: Option<f64>,
     /// New globals kept out of production by the hold-out gate since start.
     #[serde(default)]
     pub globals_refused: u64,

@@ -38,9 +38,12 @@ function row(cells, attrs) {
 
 // The latest global, and what segments when it is not that one (or is the lab's fine-tune of it).
 function live(d) {
-  if (d.live_global_version === d.global_version && !d.live_personalised) return String(d.global_version);
+  const iou = d.live_holdout_iou == null ? "" : ", hold-out IoU " + d.live_holdout_iou.toFixed(3);
+  if (d.live_global_version === d.global_version && !d.live_personalised) {
+    return String(d.global_version) + (iou ? " (" + iou.slice(2) + ")" : "");
+  }
   return d.global_version + " (segmenting " + d.live_global_version +
-    (d.live_personalised ? ", fine-tuned here" : "") + ")";
+    (d.live_personalised ? ", fine-tuned here" : "") + iou + ")";
 }
 
 function renderDevices(s) {

@@ -680,6 +680,7 @@ async fn session(
                                 st.live_global_version = version;
                                 st.live_personalised = personalised;
                             }
+                            st.live_holdout_iou = carried.rounds.live_score();
                         });
                     }
                     Action::Score { version } => {
@@ -712,7 +713,9 @@ async fn session(
                             live_version,
                             "global decoder not swapped into production (training goes on from it): {why}"
                         );
+                        let live_score = carried.rounds.live_score();
                         device.status.update(|st| {
+                            st.live_holdout_iou = live_score;
                             st.globals_refused += 1;
                             st.last_error =
                                 Some(format!("global {version} kept out of production: {why}"));

@@ -103,6 +103,8 @@ struct Live {
     version: u64,
     /// Fine-tuned on the lab's own images ([`Personalised`]).
     personalised: bool,
+    /// Its hold-out mean IoU, when it was scored before going live.
+    score: Option<f64>,
     values: Vec<f32>,
 }
 
@@ -181,6 +183,7 @@ impl Rounds {
             self.live = Some(Live {
                 version: 0,
                 personalised: false,
+                score: None,
                 values: base.to_vec(),
             });
         }
@@ -204,6 +207,12 @@ impl Rounds {
     /// Whether the decoder in production is a personalised fine-tune of its global.
     pub fn live_is_personalised(&self) -> bool {
         self.live.as_ref().is_some_and(|l| l.personalised)
+    }
+
+    /// The hold-out mean IoU of the decoder in production, when it was scored (the last scoring
+    /// also refreshes the running decoder's own score).
+    pub fn live_score(&self) -> Option<f64> {
+        self.live.as_ref().and_then(|l| l.score)
     }
 
     /// The open round, if any (updates of older rounds are stale).
@@ -271,12 +280,14 @@ impl Rounds {
                             Ok((s, tuned)) => (Ok(s), tuned),
                             Err(e) => (Err(e), None),
                         };
+                        let scores = result.as_ref().ok().map(|s| (s.candidate, s.live));
                         match verdict(result, margin) {
                             Ok(()) => {
                                 let personalised = tuned.is_some();
                                 self.live = Some(Live {
                                     version: *gv,
                                     personalised,
+                                    score: scores.and_then(|(c, _)| c),
                                     values: tuned.unwrap_or_else(|| g.clone()),
                                 });
                                 actions.push(Action::Install {
@@ -285,11 +296,18 @@ impl Rounds {
                                     personalised,
                                 });
                             }
-                            Err(why) => actions.push(Action::KeepLive {
-                                version,
-                                live_version: self.live.as_ref().map_or(0, |l| l.version),
-                                why,
-                            }),
+                            Err(why) => {
+                                if let (Some(l), Some((_, Some(score)))) =
+                                    (self.live.as_mut(), scores)
+                                {
+                                    l.score = Some(score);
+                                }
+                                actions.push(Action::KeepLive {
+                                    version,
+                                    live_version: self.live.as_ref().map_or(0, |l| l.version),
+                                    why,
+                                })
+                            }
                         }
                     }
                 }
@@ -321,6 +339,7 @@ impl Rounds {
                 self.live = Some(Live {
                     version: gv,
                     personalised: false,
+                    score: None,
                     values: g.clone(),
                 });
             }
@@ -792,6 +811,7 @@ mod tests {
         );
         assert_eq!(r.live(), Some((1, &[1.5f32][..])));
         assert!(r.live_is_personalised());
+        assert_eq!(r.live_score(), Some(0.75));
         assert_eq!(r.global(), Some((1, &[1.0f32][..])), "training starts from the global");
         // Next: the fine-tune scores below the global (within the margin of the live one): the
         // global itself goes live.
@@ -807,6 +827,7 @@ mod tests {
         );
         assert_eq!(r.live(), Some((2, &[2.0f32][..])));
         assert!(!r.live_is_personalised());
+        assert_eq!(r.live_score(), Some(0.74));
         // Both worse than the live decoder by more than the margin: kept out, the refusal names
         // the better of the two.
         assert_eq!(r.handle(g(3, 3.0), 4.0), vec![Action::Score { version: 3 }]);
@@ -824,6 +845,7 @@ mod tests {
             }]
         );
         assert_eq!(r.live(), Some((2, &[2.0f32][..])));
+        assert_eq!(r.live_score(), Some(0.74), "as scored again beside global 3");
     }
 
     #[test]
