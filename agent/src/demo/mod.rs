@@ -785,6 +785,7 @@ async fn orchestrate(
         state: state.clone(),
         rounds: cfg.rounds,
         devices: plans[..federated].iter().map(|p| p.name.clone()).collect(),
+        any_device: false,
         round: RoundSection {
             deadline_s: cfg.round_deadline.as_secs_f64(),
             quorum: None,

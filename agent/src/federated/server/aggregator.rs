@@ -350,9 +350,8 @@ impl Aggregator {
         };
         if cfg.devices.is_empty() && cfg.broker.is_some() {
             tracing::warn!(
-                "devices = [] in aggregator.toml: updates are taken under any device id, so only \
-                 the broker's ACL decides who may send one; list the fleet's device ids to refuse \
-                 the others here too"
+                "any_device = true in aggregator.toml: updates are taken under any device id and a \
+                 round closes on the first one, so only the broker's ACL decides who takes part"
             );
         }
         let mut me = Self {

@@ -36,9 +36,16 @@ pub struct AggregatorConfig {
     /// Rounds to run (0 = until stopped).
     #[serde(default)]
     pub rounds: u64,
-    /// Devices allowed to take part (empty = any device id).
+    /// Devices allowed to take part. Empty takes updates under any device id and closes a round
+    /// on the first update (quorum 1): allowed with the embedded broker (loopback), and with an
+    /// external broker only when `any_device = true` says so.
     #[serde(default)]
     pub devices: Vec<String>,
+    /// With an external broker and `devices = []`: take updates under any id the broker lets
+    /// through (its ACL is then the only check on who takes part). Default false: such a
+    /// configuration is refused at start.
+    #[serde(default)]
+    pub any_device: bool,
     #[serde(default)]
     pub round: RoundSection,
     #[serde(default)]
@@ -308,6 +315,17 @@ impl AggregatorConfig {
         if let Some(d) = self.devices.iter().find(|d| !protocol::valid_level(d)) {
             return Err(format!("devices: {d:?} is not a valid device id"));
         }
+        if self.devices.is_empty() && self.broker.is_some() && !self.any_device {
+            return Err(
+                "devices = [] with an external broker would take updates under any device id and \
+                 close each round on the first one: list the fleet's device ids, or set \
+                 any_device = true to accept any id the broker's ACL lets through"
+                    .into(),
+            );
+        }
+        if self.any_device && !self.devices.is_empty() {
+            return Err("any_device = true contradicts the list of devices: drop one".into());
+        }
         if self.round.deadline_s.is_nan() || self.round.deadline_s <= 0.0 {
             return Err("round.deadline_s must be > 0".into());
         }
@@ -524,6 +542,10 @@ mod tests {
         cfg
     }
 
+    fn raw(text: &str) -> AggregatorConfig {
+        toml::from_str(text).unwrap_or_else(|e| panic!("{e}\n{text}"))
+    }
+
     const REQUIRED: &str = "fleet = \"f\"\nmodel = \"m.onnx\"\nstate = \"s\"\n";
 
     #[test]
@@ -611,5 +633,29 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("quorom"), "{err}");
+    }
+
+    /// Issue 17: `devices = []` took updates under any id (and closed rounds on the first one)
+    /// with nothing but a start-up warning, on a broker any device can publish to.
+    #[test]
+    fn an_empty_device_list_needs_the_embedded_broker_or_an_explicit_any_device() {
+        let broker = "[broker]\nhost = \"127.0.0.1\"\nport = 1883\n";
+        assert!(raw(REQUIRED).validate().is_ok(), "embedded broker");
+        let e = raw(&format!("{REQUIRED}{broker}")).validate().unwrap_err();
+        assert!(e.contains("devices = []") && e.contains("any_device"), "{e}");
+        assert!(
+            raw(&format!("{REQUIRED}any_device = true\n{broker}"))
+                .validate()
+                .is_ok()
+        );
+        assert!(
+            raw(&format!("{REQUIRED}devices = [\"a\"]\n{broker}"))
+                .validate()
+                .is_ok()
+        );
+        let e = raw(&format!("{REQUIRED}devices = [\"a\"]\nany_device = true\n"))
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("contradicts"), "{e}");
     }
 }
