@@ -121,6 +121,8 @@ struct Folder {
     ready: VecDeque<PathBuf>,
     /// Signature of each file already handed on, so an unchanged file is not captured twice.
     emitted: HashMap<PathBuf, Signature>,
+    /// Files whose outputs could not be written, and when to capture each again.
+    retries: Vec<(Instant, PathBuf)>,
 }
 
 impl Folder {
@@ -180,6 +182,14 @@ impl Folder {
         self.pending.remove(path);
         self.emitted.remove(path);
         self.ready.retain(|p| p != path);
+        self.retries.retain(|(_, p)| p != path);
+    }
+
+    /// The pipeline could not write `path`'s outputs: capture it again at `at` (once per failure).
+    fn retry(&mut self, path: PathBuf, at: Instant) {
+        if !self.retries.iter().any(|(_, p)| *p == path) {
+            self.retries.push((at, path));
+        }
     }
 
     /// Re-reads the signature of every pending file and moves the settled ones to `ready`.
@@ -205,6 +215,19 @@ impl Folder {
         for (path, sig) in done {
             self.emitted.insert(path.clone(), sig);
             self.ready.push_back(path);
+        }
+        let (due, later): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.retries).into_iter().partition(|(at, _)| *at <= now);
+        self.retries = later;
+        for (_, path) in due {
+            // Still there (and not already queued): captured again as it is now.
+            if let Some(sig) = signature(&path)
+                && !self.ready.contains(&path)
+            {
+                self.pending.remove(&path);
+                self.emitted.insert(path.clone(), sig);
+                self.ready.push_back(path);
+            }
         }
     }
 
@@ -259,8 +282,17 @@ impl Folder {
     }
 }
 
-/// Watches `dir` until `stop` turns true and sends each complete micrograph to `tx`. Returns when
-/// stopped (dropping `tx`, which lets the pipeline drain) or when the folder cannot be watched.
+/// Files the pipeline could not write, sent back to the watcher ([`watch_folder`]) to be captured
+/// again after `after`.
+#[derive(Debug)]
+pub struct Retries {
+    pub paths: mpsc::UnboundedReceiver<PathBuf>,
+    pub after: Duration,
+}
+
+/// Watches `dir` until `stop` turns true and sends each complete micrograph to `tx`; a path that
+/// comes back on `retries` is sent again later. Returns when stopped (dropping `tx`, which lets the
+/// pipeline drain) or when the folder cannot be watched.
 pub async fn watch_folder(
     dir: PathBuf,
     filter: CaptureFilter,
@@ -268,6 +300,7 @@ pub async fn watch_folder(
     tx: mpsc::Sender<Capture>,
     mut stop: watch::Receiver<bool>,
     stats: Arc<Stats>,
+    mut retries: Retries,
 ) -> Result<(), CaptureError> {
     let watch_err = |e: notify::Error| CaptureError::Watch {
         path: dir.clone(),
@@ -290,6 +323,7 @@ pub async fn watch_folder(
         pending: HashMap::new(),
         ready: VecDeque::new(),
         emitted: HashMap::new(),
+        retries: Vec::new(),
     };
     // Listing after the watch is set up: a file created in between is seen twice, never missed.
     folder.list(&dir, Instant::now())?;
@@ -319,6 +353,14 @@ pub async fn watch_folder(
                 }),
             },
             _ = ticker.tick() => folder.check(Instant::now()),
+            Some(path) = retries.paths.recv() => {
+                tracing::info!(
+                    file = %path.display(),
+                    after_s = retries.after.as_secs(),
+                    "outputs not written: capturing it again later"
+                );
+                folder.retry(path, Instant::now() + retries.after);
+            }
             permit = tx.reserve(), if !folder.ready.is_empty() => {
                 let Ok(permit) = permit else { break };
                 if let Some(path) = folder.ready.pop_front() {
@@ -332,7 +374,7 @@ pub async fn watch_folder(
             break;
         }
     }
-    let left = folder.pending.len() + folder.ready.len();
+    let left = folder.pending.len() + folder.ready.len() + folder.retries.len();
     if left > 0 {
         tracing::info!(
             files = left,
@@ -353,7 +395,40 @@ mod tests {
             pending: HashMap::new(),
             ready: VecDeque::new(),
             emitted: HashMap::new(),
+            retries: Vec::new(),
         }
+    }
+
+    /// Issue 17: a file whose outputs could not be written (a full disk) was left in the folder
+    /// until the agent's next start.
+    #[test]
+    fn a_file_sent_back_is_captured_again_when_due_unless_it_was_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.png");
+        std::fs::write(&p, b"data").unwrap();
+        let mut f = folder(100);
+        f.renamed_in(&p);
+        f.ready.clear();
+        let t0 = Instant::now();
+        f.retry(p.clone(), t0 + Duration::from_secs(30));
+        f.retry(p.clone(), t0 + Duration::from_secs(31));
+        assert_eq!(f.retries.len(), 1, "once per failure");
+        f.check(t0 + Duration::from_secs(29));
+        assert!(f.ready.is_empty(), "not before it is due");
+        f.check(t0 + Duration::from_secs(30));
+        assert_eq!(f.ready, std::slice::from_ref(&p));
+        assert!(f.retries.is_empty());
+        // Removed meanwhile: forgotten.
+        f.ready.clear();
+        f.retry(p.clone(), t0);
+        f.removed(&p);
+        f.check(t0 + Duration::from_secs(60));
+        assert!(f.ready.is_empty() && f.retries.is_empty());
+        // Gone from the disk when due: not captured.
+        f.retry(p.clone(), t0);
+        std::fs::remove_file(&p).unwrap();
+        f.check(t0 + Duration::from_secs(60));
+        assert!(f.ready.is_empty() && f.retries.is_empty());
     }
 
     #[test]

@@ -263,10 +263,18 @@ pub struct CaptureSection {
     /// Extensions (case-insensitive) that are micrographs; other files are left alone.
     #[serde(default = "default_extensions")]
     pub extensions: Vec<String>,
+    /// A micrograph whose outputs could not be written (a full disk, a removed output folder: not
+    /// the file's fault) is captured again after this many seconds, while it is still in the
+    /// folder; at least 1.
+    #[serde(default = "default_retry_after_s")]
+    pub retry_after_s: u64,
 }
 
 fn default_settle_ms() -> u64 {
     1000
+}
+fn default_retry_after_s() -> u64 {
+    30
 }
 fn default_extensions() -> Vec<String> {
     ["png", "tif", "tiff", "jpg", "jpeg", "bmp"]
@@ -279,11 +287,17 @@ impl Default for CaptureSection {
         Self {
             settle_ms: default_settle_ms(),
             extensions: default_extensions(),
+            retry_after_s: default_retry_after_s(),
         }
     }
 }
 
 impl CaptureSection {
+    /// How long a file whose outputs could not be written waits before it is captured again.
+    pub fn retry_after(&self) -> Duration {
+        Duration::from_secs(self.retry_after_s.max(1))
+    }
+
     pub fn settle(&self) -> Duration {
         Duration::from_millis(self.settle_ms)
     }

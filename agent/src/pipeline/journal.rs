@@ -6,7 +6,10 @@
 //! entry, so the restarted agent processes the file again and its renames replace whatever the first
 //! attempt left; a crash after it leaves an entry, so the file is skipped. A crash in the middle of
 //! appending leaves a line without its newline: [`Journal::open`] cuts it off (that file is then
-//! processed again, which is safe for the same reason).
+//! processed again, which is safe for the same reason). A failed append (a full disk may write
+//! part of the line) cuts the file back to its last whole line at once, so the next entry does not
+//! land after a fragment and make a corrupt line that would stop the next start; if even that
+//! fails, it is retried before the next append.
 //!
 //! Map: [`Entry`] (one line), [`Outcome`], [`Journal`] (open, `is_done`, `append`), [`JournalError`].
 
@@ -87,6 +90,10 @@ pub struct Journal {
     file: File,
     done: HashSet<(String, String)>,
     entries: usize,
+    /// Bytes of whole lines: the length the file is cut back to after a failed append.
+    whole: u64,
+    /// A failed append left bytes past `whole` that could not be cut off yet.
+    torn: bool,
 }
 
 impl Journal {
@@ -136,6 +143,8 @@ impl Journal {
             file,
             done,
             entries,
+            whole: complete as u64,
+            torn: false,
         })
     }
 
@@ -162,18 +171,60 @@ impl Journal {
         self.done.iter().map(|(f, _)| f.as_str()).collect()
     }
 
-    /// Appends one entry as a single write of a whole line and waits until it is on disk.
+    /// Appends one entry as a single write of a whole line and waits until it is on disk. On
+    /// failure the file is cut back to its last whole line.
     pub fn append(&mut self, entry: &Entry) -> Result<(), JournalError> {
+        let path = self.path.clone();
+        self.append_with(entry, |file, line| {
+            // The fault tests' full disk: part of the line reaches the file, then ENOSPC.
+            if let Some(e) = crate::fsio::injected_failure(&path) {
+                file.write_all(&line[..line.len() / 2])?;
+                return Err(e);
+            }
+            file.write_all(line)
+        })
+    }
+
+    /// [`Journal::append`] with the write itself given (tests inject a partial write).
+    fn append_with(
+        &mut self,
+        entry: &Entry,
+        write: impl FnOnce(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<(), JournalError> {
+        let path = self.path.clone();
         let io = |source| JournalError::Io {
-            path: self.path.clone(),
+            path: path.clone(),
             source,
         };
         let mut line = serde_json::to_string(entry).map_err(|e| io(std::io::Error::other(e)))?;
         line.push('\n');
-        self.file.write_all(line.as_bytes()).map_err(io)?;
-        self.file.sync_data().map_err(io)?;
+        if self.torn {
+            self.cut_back().map_err(io)?;
+        }
+        let written = write(&mut self.file, line.as_bytes()).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            if let Err(cut) = self.cut_back() {
+                tracing::error!(
+                    path = %self.path.display(),
+                    error = %cut,
+                    "cannot cut a failed journal append back to its last whole line; retrying \
+                     before the next append"
+                );
+            }
+            return Err(io(e));
+        }
+        self.whole += line.len() as u64;
         self.done.insert((entry.file.clone(), entry.sha256.clone()));
         self.entries += 1;
+        Ok(())
+    }
+
+    /// Cuts the file back to its whole lines (after a failed append).
+    fn cut_back(&mut self) -> std::io::Result<()> {
+        self.torn = true;
+        self.file.set_len(self.whole)?;
+        self.file.sync_data()?;
+        self.torn = false;
         Ok(())
     }
 }
@@ -225,6 +276,30 @@ mod tests {
             text.lines()
                 .all(|l| serde_json::from_str::<Entry>(l).is_ok())
         );
+    }
+
+    /// Issue 17: a full disk wrote part of a line; the next append (after space was freed) went
+    /// after the fragment, making a corrupt complete line that stopped the agent's next start.
+    #[test]
+    fn a_failed_partial_append_is_cut_back_and_the_journal_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("journal.jsonl");
+        let mut j = Journal::open(&p).unwrap();
+        j.append(&entry("a.png", "11")).unwrap();
+        let full = |f: &mut File, line: &[u8]| -> std::io::Result<()> {
+            f.write_all(&line[..line.len() / 2])?;
+            Err(std::io::Error::from_raw_os_error(28))
+        };
+        let e = j.append_with(&entry("b.png", "22"), full).unwrap_err();
+        assert!(e.to_string().contains("journal.jsonl"), "{e}");
+        assert!(!j.is_done("b.png", "22"));
+        // Space again: the next entries are whole lines.
+        j.append(&entry("c.png", "33")).unwrap();
+        drop(j);
+        let j = Journal::open(&p).unwrap();
+        assert_eq!(j.len(), 2);
+        assert!(j.is_done("a.png", "11") && j.is_done("c.png", "33"));
+        assert!(!j.is_done("b.png", "22"));
     }
 
     #[test]

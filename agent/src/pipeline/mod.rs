@@ -255,6 +255,8 @@ pub struct Pipeline {
     stats: Arc<Stats>,
     journal: Journal,
     table: FeatureTable,
+    /// Where a capture whose outputs could not be written goes back to (the folder watcher).
+    retry: Option<mpsc::UnboundedSender<PathBuf>>,
 }
 
 impl Pipeline {
@@ -290,7 +292,17 @@ impl Pipeline {
             stats: Arc::new(Stats::default()),
             journal,
             table,
+            retry: None,
         })
+    }
+
+    /// A capture whose outputs could not be written (not the file's fault) is sent back on the
+    /// returned receiver, for the folder watcher to capture again later. Without it, such a file
+    /// waits for the next start.
+    pub fn send_back_failed_writes(&mut self) -> mpsc::UnboundedReceiver<PathBuf> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.retry = Some(tx);
+        rx
     }
 
     pub fn slot(&self) -> ModelSlot {
@@ -317,6 +329,7 @@ impl Pipeline {
             stats,
             journal,
             table,
+            retry,
         } = self;
         let q = settings.queues;
         let (decoded_tx, decoded_rx) = mpsc::channel(q.decoded);
@@ -356,6 +369,7 @@ impl Pipeline {
                     in_flight: &in_flight,
                     table,
                     summary: Summary::default(),
+                    retry,
                 };
                 writer.run(segmented_rx, written_tx);
                 writer.summary
@@ -552,6 +566,7 @@ struct Writer<'a> {
     in_flight: &'a Mutex<HashSet<(String, String)>>,
     table: FeatureTable,
     summary: Summary,
+    retry: Option<mpsc::UnboundedSender<PathBuf>>,
 }
 
 impl Writer<'_> {
@@ -579,16 +594,22 @@ impl Writer<'_> {
                     Ok(r) => Some(r),
                     Err(reason) => {
                         // Not the micrograph's fault (a full disk, a removed folder): it is not
-                        // quarantined or journalled, so the next start tries it again.
+                        // quarantined or journalled; the watcher captures it again later (the
+                        // agent), or the next start does.
                         self.stats.failed.fetch_add(1, Ordering::Relaxed);
                         self.summary.failed += 1;
                         self.summary
                             .failures
                             .push((capture.key.clone(), reason.clone()));
+                        let again = self
+                            .retry
+                            .as_ref()
+                            .is_some_and(|tx| tx.send(capture.path.clone()).is_ok());
                         tracing::error!(
                             file = %capture.key,
                             error = %reason,
-                            "cannot write the outputs; the file is left in place for the next start"
+                            "cannot write the outputs; the file is left in place{}",
+                            if again { " and tried again later" } else { " for the next start" }
                         );
                         None
                     }
@@ -819,11 +840,18 @@ impl Agent {
         publisher: P,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<Summary, PipelineError> {
-        let Self { config, pipeline } = self;
+        let Self {
+            config,
+            mut pipeline,
+        } = self;
         let stats = pipeline.stats();
         let slot = pipeline.slot();
         let (stop_tx, stop_rx) = watch::channel(false);
         let (capture_tx, capture_rx) = mpsc::channel(config.queues.captured);
+        let retries = capture::Retries {
+            paths: pipeline.send_back_failed_writes(),
+            after: config.capture.retry_after(),
+        };
         let mut watcher = tokio::spawn(capture::watch_folder(
             config.folders.watch.clone(),
             capture::CaptureFilter::new(&config.capture.extensions),
@@ -831,6 +859,7 @@ impl Agent {
             capture_tx,
             stop_rx.clone(),
             stats.clone(),
+            retries,
         ));
         let model_watch = config.model.reload_on_change.then(|| {
             tokio::spawn(watch_model_file(
