@@ -208,7 +208,10 @@ fn a_global_that_scores_worse_on_the_hold_out_is_kept_out_of_production() {
         !log.contains("global decoder swapped into the running model"),
         "{log}"
     );
-    assert!(!log.contains("personalised the new global"), "not asked: {log}");
+    assert!(
+        !log.contains("personalised the new global"),
+        "not asked: {log}"
+    );
 
     // As good as the running decoder (it is the same): swapped in.
     lab.publish(2, &base);

@@ -123,100 +123,78 @@ struct Run {
     global: Vec<f32>,
 }
 
-/// Runs one round with `devices` test devices: one aggregator process, or a coordinator and
-/// `workers` workers.
-fn run_round(devices: usize, workers: usize) -> Run {
-    let names: Vec<String> = (1..=devices).map(|i| format!("lab-{i}")).collect();
-    let worker_ids: Vec<String> = (1..=workers).map(|i| format!("aggregator-{i}")).collect();
-    let mut certs: Vec<&str> = names.iter().map(String::as_str).collect();
-    certs.push("aggregator");
-    certs.extend(worker_ids.iter().map(String::as_str));
-    let broker = Mosquitto::start(&certs).expect("start mosquitto (tests/run.sh installs it)");
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
-    let model = dir.join("model.onnx");
-    write_test_model(&model, 2, 11);
-    let proto = microfed::model::onnx::load(&model).unwrap();
-    let base = microfed::model::onnx::load_params(&proto, &model)
-        .unwrap()
-        .decoder_flat();
-    let version = microfed::model::manifest::sha256_file(&model).unwrap();
+/// A broker, the aggregator processes (one, or a coordinator and workers) and `devices` test
+/// devices connected and waiting for round 1, with their updates ready.
+struct Fleet {
+    broker: Mosquitto,
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    base: Vec<f32>,
+    names: Vec<String>,
+    worker_ids: Vec<String>,
+    worker_cfgs: Vec<PathBuf>,
+    workers: Vec<Proc>,
+    coord_cfg: PathBuf,
+    coord: Proc,
+    rt: tokio::runtime::Runtime,
+    clients: Vec<TestClient>,
+    /// Each device's single-frame update message, and the FedAvg of them all (f64).
+    messages: Vec<Vec<u8>>,
+    expected: Vec<f64>,
+}
 
-    // Workers first, so that the shared group exists before any update is sent.
-    let mut procs = Vec::new();
-    for w in &worker_ids {
-        let cfg = config(
-            &broker,
-            dir,
-            w,
-            &model,
-            &names,
-            "[scale_out]\nrole = \"worker\"\ncoordinator = \"aggregator\"\n",
-        );
-        procs.push(start(&cfg, dir.join(format!("{w}.log"))));
-    }
-    for p in &procs {
-        assert!(
-            wait_until(Duration::from_secs(30), || p
-                .log()
-                .contains("connected to the broker")),
-            "worker not connected:\n{}",
-            p.log()
-        );
-    }
-    let so = if workers > 0 {
-        let list: Vec<String> = worker_ids.iter().map(|w| format!("{w:?}")).collect();
-        format!(
-            "[scale_out]\nrole = \"coordinator\"\nworkers = [{}]\npartial_timeout_s = 20.0\n",
-            list.join(", ")
-        )
-    } else {
-        String::new()
-    };
-    let coord_cfg = config(&broker, dir, "aggregator", &model, &names, &so);
-    let coord = start(&coord_cfg, dir.join("aggregator.log"));
-    let logs = |procs: &[Proc], coord: &Proc| {
-        let mut s = format!("coordinator:\n{}", coord.log());
-        for p in procs {
-            s += &format!("\n{}:\n{}", p.log.display(), p.log());
-        }
-        s
-    };
+impl Fleet {
+    fn start(devices: usize, workers: usize) -> Self {
+        let names: Vec<String> = (1..=devices).map(|i| format!("lab-{i}")).collect();
+        let worker_ids: Vec<String> = (1..=workers).map(|i| format!("aggregator-{i}")).collect();
+        let mut certs: Vec<&str> = names.iter().map(String::as_str).collect();
+        certs.push("aggregator");
+        certs.extend(worker_ids.iter().map(String::as_str));
+        let broker = Mosquitto::start(&certs).expect("start mosquitto (tests/run.sh installs it)");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_owned();
+        let model = dir.join("model.onnx");
+        write_test_model(&model, 2, 11);
+        let proto = microfed::model::onnx::load(&model).unwrap();
+        let base = microfed::model::onnx::load_params(&proto, &model)
+            .unwrap()
+            .decoder_flat();
+        let version = microfed::model::manifest::sha256_file(&model).unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let layout = compress::decoder_layout(2);
-    let n = base.len();
-    let mut expected = vec![0.0f64; n];
-    let mut total_samples = 0u64;
-    let (seconds, publish_seconds) = rt.block_on(async {
-        // Every device waits for the open round, then all send their update.
-        let mut clients = Vec::new();
-        for name in &names {
-            let mut c = TestClient::connect(tls_options(&broker, name))
-                .await
-                .unwrap();
-            c.subscribe("microfed/scale/round", rumqttc::QoS::AtLeastOnce)
-                .await
-                .unwrap();
-            clients.push(c);
+        // Workers first, so that the shared group exists before any update is sent.
+        let mut procs = Vec::new();
+        let mut worker_cfgs = Vec::new();
+        for w in &worker_ids {
+            let cfg = config(
+                &broker,
+                &dir,
+                w,
+                &model,
+                &names,
+                "[scale_out]\nrole = \"worker\"\ncoordinator = \"aggregator\"\n",
+            );
+            procs.push(start(&cfg, dir.join(format!("{w}.log"))));
+            worker_cfgs.push(cfg);
         }
-        for c in &mut clients {
-            loop {
-                let p = c
-                    .expect_publish("the round announcement", Duration::from_secs(30))
-                    .await
-                    .unwrap_or_else(|e| panic!("{e}\n{}", logs(&procs, &coord)));
-                let env = Envelope::from_bytes(&p.payload, 1 << 20).unwrap();
-                let a: RoundAnnouncement = env.body(Kind::RoundAnnouncement).unwrap();
-                if a.round == 1 && !a.closed {
-                    assert_eq!(a.compression, compression());
-                    break;
-                }
-            }
+        for p in &procs {
+            connected(p);
         }
+        let so = if workers > 0 {
+            let list: Vec<String> = worker_ids.iter().map(|w| format!("{w:?}")).collect();
+            format!(
+                "[scale_out]\nrole = \"coordinator\"\nworkers = [{}]\npartial_timeout_s = 20.0\n",
+                list.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        let coord_cfg = config(&broker, &dir, "aggregator", &model, &names, &so);
+        let coord = start(&coord_cfg, dir.join("aggregator.log"));
+
+        let layout = compress::decoder_layout(2);
+        let n = base.len();
+        let mut expected = vec![0.0f64; n];
+        let mut total_samples = 0u64;
         let mut messages = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let values = update_values(i, n);
@@ -250,67 +228,184 @@ fn run_round(devices: usize, workers: usize) -> Run {
             assert_eq!(frames.len(), 1, "one frame per update under scale-out");
             messages.push(frames.into_iter().next().unwrap());
         }
-        let t0 = Instant::now();
-        for ((c, name), m) in clients.iter_mut().zip(&names).zip(messages) {
-            c.publish_acked(&format!("microfed/scale/update/{name}"), false, m)
-                .await
-                .unwrap();
+        expected.iter_mut().for_each(|e| *e /= total_samples as f64);
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut fleet = Self {
+            broker,
+            _tmp: tmp,
+            dir,
+            base,
+            names,
+            worker_ids,
+            worker_cfgs,
+            workers: procs,
+            coord_cfg,
+            coord,
+            rt,
+            clients: Vec::new(),
+            messages,
+            expected,
+        };
+        // Every device waits for the open round.
+        let clients = fleet.rt.block_on(async {
+            let mut clients = Vec::new();
+            for name in &fleet.names {
+                let mut c = TestClient::connect(tls_options(&fleet.broker, name))
+                    .await
+                    .unwrap();
+                c.subscribe("microfed/scale/round", rumqttc::QoS::AtLeastOnce)
+                    .await
+                    .unwrap();
+                clients.push(c);
+            }
+            for c in &mut clients {
+                loop {
+                    let p = c
+                        .expect_publish("the round announcement", Duration::from_secs(30))
+                        .await
+                        .unwrap_or_else(|e| panic!("{e}\n{}", fleet.logs()));
+                    let env = Envelope::from_bytes(&p.payload, 1 << 20).unwrap();
+                    let a: RoundAnnouncement = env.body(Kind::RoundAnnouncement).unwrap();
+                    if a.round == 1 && !a.closed {
+                        assert_eq!(a.compression, compression());
+                        break;
+                    }
+                }
+            }
+            clients
+        });
+        fleet.clients = clients;
+        fleet
+    }
+
+    fn logs(&self) -> String {
+        let mut s = format!("coordinator:\n{}", self.coord.log());
+        for p in &self.workers {
+            s += &format!("\n{}:\n{}", p.log.display(), p.log());
         }
-        let published = t0.elapsed().as_secs_f64();
-        let done = wait_until(Duration::from_secs(60), || {
-            state(dir, "aggregator")["history"]
+        s
+    }
+
+    /// Devices `range` send their updates (each PUBACKed by the broker).
+    fn publish(&mut self, range: std::ops::Range<usize>) {
+        let Self {
+            rt,
+            clients,
+            names,
+            messages,
+            ..
+        } = self;
+        rt.block_on(async {
+            for i in range {
+                clients[i]
+                    .publish_acked(
+                        &format!("microfed/scale/update/{}", names[i]),
+                        false,
+                        messages[i].clone(),
+                    )
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+
+    /// Devices accepted so far, per worker (from their state files).
+    fn per_worker(&self) -> BTreeMap<String, Vec<String>> {
+        self.worker_ids
+            .iter()
+            .map(|w| {
+                let accepted = state(&self.dir, w)["accepted"]
+                    .as_object()
+                    .map(|o| o.keys().cloned().collect())
+                    .unwrap_or_default();
+                (w.clone(), accepted)
+            })
+            .collect()
+    }
+
+    /// SIGKILLs worker `w` and starts it again on the same configuration and state.
+    fn kill_and_restart_worker(&mut self, w: usize) {
+        let p = &mut self.workers[w];
+        p.child.kill().unwrap();
+        p.child.wait().unwrap();
+        let log = self
+            .dir
+            .join(format!("{}-restarted.log", self.worker_ids[w]));
+        self.workers[w] = start(&self.worker_cfgs[w], log);
+        connected(&self.workers[w]);
+    }
+
+    /// SIGKILLs the coordinator and starts it again on the same configuration and state.
+    fn kill_and_restart_coordinator(&mut self) {
+        self.coord.child.kill().unwrap();
+        self.coord.child.wait().unwrap();
+        self.coord = start(&self.coord_cfg, self.dir.join("aggregator-restarted.log"));
+        connected(&self.coord);
+    }
+
+    /// Waits for round 1's summary, then for every process to exit cleanly; the result.
+    fn finish(mut self, t0: Instant, publish_seconds: f64) -> Run {
+        let done = wait_until(Duration::from_secs(90), || {
+            state(&self.dir, "aggregator")["history"]
                 .as_array()
                 .is_some_and(|h| !h.is_empty())
         });
-        assert!(done, "no round summary:\n{}", logs(&procs, &coord));
-        (t0.elapsed().as_secs_f64(), published)
-    });
-    expected.iter_mut().for_each(|e| *e /= total_samples as f64);
-
-    // Every process finishes its one round and exits cleanly.
-    let mut all = procs;
-    all.push(coord);
-    for p in &mut all {
-        let exited = wait_until(Duration::from_secs(30), || {
-            matches!(p.child.try_wait(), Ok(Some(_)))
-        });
-        let log = p.log();
-        assert!(exited, "{} did not exit:\n{log}", p.log.display());
-        assert!(p.child.wait().unwrap().success(), "{log}");
-        assert!(!log.contains("panicked"), "{log}");
-    }
-    let s = state(dir, "aggregator");
-    let summary = s["history"][0].clone();
-    let mut per_worker = BTreeMap::new();
-    for w in &worker_ids {
-        let ws = state(dir, w);
-        let accepted: Vec<String> = ws["accepted"]
-            .as_object()
-            .map(|o| o.keys().cloned().collect())
-            .unwrap_or_default();
-        per_worker.insert(w.clone(), accepted);
-    }
-    let g = std::fs::read(dir.join("state-aggregator/global-1.bin")).expect("global version 1");
-    let global = protocol::bytes_f32(&g).unwrap();
-    Run {
-        seconds,
-        publish_seconds,
-        summary,
-        per_worker,
-        expected,
-        base,
-        global,
+        assert!(done, "no round summary:\n{}", self.logs());
+        let seconds = t0.elapsed().as_secs_f64();
+        let logs = self.logs();
+        for p in self.workers.iter_mut().chain([&mut self.coord]) {
+            let exited = wait_until(Duration::from_secs(30), || {
+                matches!(p.child.try_wait(), Ok(Some(_)))
+            });
+            assert!(exited, "{} did not exit:\n{logs}", p.log.display());
+            assert!(p.child.wait().unwrap().success(), "{logs}");
+            assert!(!p.log().contains("panicked"), "{logs}");
+        }
+        let summary = state(&self.dir, "aggregator")["history"][0].clone();
+        let g = std::fs::read(self.dir.join("state-aggregator/global-1.bin"))
+            .expect("global version 1");
+        Run {
+            seconds,
+            publish_seconds,
+            summary,
+            per_worker: self.per_worker(),
+            expected: std::mem::take(&mut self.expected),
+            base: std::mem::take(&mut self.base),
+            global: protocol::bytes_f32(&g).unwrap(),
+        }
     }
 }
 
-#[test]
-fn coordinator_and_two_workers_compute_the_fedavg_of_every_update_once() {
-    let devices = 6;
-    let run = run_round(devices, 2);
-    let s = &run.summary;
-    eprintln!("summary: {s:#}\nper worker: {:?}", run.per_worker);
+/// Waits until an aggregator process says it is connected.
+fn connected(p: &Proc) {
+    assert!(
+        wait_until(Duration::from_secs(30), || p
+            .log()
+            .contains("connected to the broker")),
+        "{} not connected:\n{}",
+        p.log.display(),
+        p.log()
+    );
+}
 
-    // The summary: all six, no straggler, no rejection, every sample counted.
+/// Runs one round with `devices` test devices: one aggregator process, or a coordinator and
+/// `workers` workers.
+fn run_round(devices: usize, workers: usize) -> Run {
+    let mut fleet = Fleet::start(devices, workers);
+    let t0 = Instant::now();
+    fleet.publish(0..devices);
+    let published = t0.elapsed().as_secs_f64();
+    fleet.finish(t0, published)
+}
+
+/// The round's summary accepts every device once, with no straggler or rejection, and the global
+/// decoder is base + the FedAvg computed here (f64 sums, f32 result).
+fn check_fedavg_of_every_update_once(run: &Run, devices: usize) {
+    let s = &run.summary;
     let accepted: Vec<&str> = s["accepted"]
         .as_array()
         .unwrap()
@@ -320,23 +415,8 @@ fn coordinator_and_two_workers_compute_the_fedavg_of_every_update_once() {
     let names: Vec<String> = (1..=devices).map(|i| format!("lab-{i}")).collect();
     assert_eq!(accepted, names, "{s:#}");
     assert_eq!(s["stragglers"], serde_json::json!([]), "{s:#}");
-    assert_eq!(s["rejected"], serde_json::json!({}), "{s:#}");
     assert_eq!(s["samples"], (1..=devices as u64).sum::<u64>(), "{s:#}");
     assert_eq!(s["global_version"], 1);
-
-    // Each update counted exactly once across the workers, and each worker took a share.
-    let mut union: Vec<String> = run.per_worker.values().flatten().cloned().collect();
-    union.sort();
-    assert_eq!(
-        union, names,
-        "an update counted twice or lost: {:?}",
-        run.per_worker
-    );
-    for (w, got) in &run.per_worker {
-        assert!(!got.is_empty(), "{w} got no update: {:?}", run.per_worker);
-    }
-
-    // The global decoder is base + the FedAvg computed here (f64 sums, f32 result).
     let mut worst = 0.0f64;
     for ((g, b), e) in run.global.iter().zip(&run.base).zip(&run.expected) {
         let err = (f64::from(*g) - (f64::from(*b) + e)).abs();
@@ -349,6 +429,95 @@ fn coordinator_and_two_workers_compute_the_fedavg_of_every_update_once() {
     // And the updates moved it: not a vacuous comparison.
     let moved = run.expected.iter().filter(|e| e.abs() > 1e-6).count();
     assert!(moved > 1000, "{moved}");
+}
+
+#[test]
+fn coordinator_and_two_workers_compute_the_fedavg_of_every_update_once() {
+    let devices = 6;
+    let run = run_round(devices, 2);
+    eprintln!(
+        "summary: {:#}\nper worker: {:?}",
+        run.summary, run.per_worker
+    );
+    check_fedavg_of_every_update_once(&run, devices);
+    assert_eq!(run.summary["rejected"], serde_json::json!({}));
+    // Each update counted exactly once across the workers, and each worker took a share.
+    let names: Vec<String> = (1..=devices).map(|i| format!("lab-{i}")).collect();
+    let mut union: Vec<String> = run.per_worker.values().flatten().cloned().collect();
+    union.sort();
+    assert_eq!(
+        union, names,
+        "an update counted twice or lost: {:?}",
+        run.per_worker
+    );
+    for (w, got) in &run.per_worker {
+        assert!(!got.is_empty(), "{w} got no update: {:?}", run.per_worker);
+    }
+}
+
+/// Issue 17: a worker SIGKILLed in the middle of a round (it holds accepted updates) and started
+/// again: it replays what it had accepted from disk, the broker delivers what it had not
+/// acknowledged, and the round's global is still the FedAvg of every update, each counted once.
+#[test]
+fn a_worker_killed_mid_round_and_restarted_loses_and_doubles_nothing() {
+    let devices = 6;
+    let mut fleet = Fleet::start(devices, 2);
+    let t0 = Instant::now();
+    fleet.publish(0..3);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            let w = fleet.per_worker();
+            w.values().map(Vec::len).sum::<usize>() == 3 && !w["aggregator-1"].is_empty()
+        }),
+        "aggregator-1 holds none of the first three updates: {:?}\n{}",
+        fleet.per_worker(),
+        fleet.logs()
+    );
+    let held = fleet.per_worker()["aggregator-1"].clone();
+    fleet.kill_and_restart_worker(0);
+    fleet.publish(3..devices);
+    let run = fleet.finish(t0, 0.0);
+    eprintln!(
+        "aggregator-1 held {held:?} when killed; summary: {:#}\nper worker: {:?}",
+        run.summary, run.per_worker
+    );
+    check_fedavg_of_every_update_once(&run, devices);
+    for d in &held {
+        assert!(
+            run.per_worker["aggregator-1"].contains(d),
+            "{d} lost by the restart"
+        );
+    }
+}
+
+/// Issue 17: the coordinator SIGKILLed in the middle of a round and started again: it resumes the
+/// open round from its state, hears the workers' tallies again, and closes the round with the
+/// FedAvg of every update, each counted once.
+#[test]
+fn a_coordinator_killed_mid_round_and_restarted_closes_the_round_with_every_update() {
+    let devices = 6;
+    let mut fleet = Fleet::start(devices, 2);
+    let t0 = Instant::now();
+    fleet.publish(0..3);
+    assert!(
+        wait_until(Duration::from_secs(30), || fleet
+            .per_worker()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == 3),
+        "{:?}\n{}",
+        fleet.per_worker(),
+        fleet.logs()
+    );
+    fleet.kill_and_restart_coordinator();
+    fleet.publish(3..devices);
+    let run = fleet.finish(t0, 0.0);
+    eprintln!(
+        "summary: {:#}\nper worker: {:?}",
+        run.summary, run.per_worker
+    );
+    check_fedavg_of_every_update_once(&run, devices);
 }
 
 #[test]

@@ -216,8 +216,9 @@ impl Folder {
             self.emitted.insert(path.clone(), sig);
             self.ready.push_back(path);
         }
-        let (due, later): (Vec<_>, Vec<_>) =
-            std::mem::take(&mut self.retries).into_iter().partition(|(at, _)| *at <= now);
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.retries)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
         self.retries = later;
         for (_, path) in due {
             // Still there (and not already queued): captured again as it is now.

@@ -427,7 +427,11 @@ impl<B: Backend> LocalTrainer<B> {
     /// says, in the lab's own style only (no re-styling with other labs' codes: the point is to
     /// specialise), with the optimiser's moments started afresh. The federation's training is not
     /// affected: the next [`LocalTrainer::train_round`] starts from the global it is given.
-    pub fn personalise(&mut self, global: &[f32], plan: &RoundPlan) -> Result<Vec<f32>, LocalError> {
+    pub fn personalise(
+        &mut self,
+        global: &[f32],
+        plan: &RoundPlan,
+    ) -> Result<Vec<f32>, LocalError> {
         let restyle = self.restyle;
         let keep = self.keep_optimizer_state;
         self.restyle.probability = 0.0;

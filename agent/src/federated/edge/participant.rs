@@ -176,7 +176,9 @@ impl PersonaliseSection {
                 Self::MAX_STEPS
             ));
         }
-        if !(self.learning_rate.is_finite() && self.learning_rate > 0.0 && self.learning_rate <= 1.0)
+        if !(self.learning_rate.is_finite()
+            && self.learning_rate > 0.0
+            && self.learning_rate <= 1.0)
         {
             return Err(format!(
                 "learning_rate = {} is not within (0, 1]",

@@ -812,7 +812,11 @@ mod tests {
         assert_eq!(r.live(), Some((1, &[1.5f32][..])));
         assert!(r.live_is_personalised());
         assert_eq!(r.live_score(), Some(0.75));
-        assert_eq!(r.global(), Some((1, &[1.0f32][..])), "training starts from the global");
+        assert_eq!(
+            r.global(),
+            Some((1, &[1.0f32][..])),
+            "training starts from the global"
+        );
         // Next: the fine-tune scores below the global (within the margin of the live one): the
         // global itself goes live.
         assert_eq!(r.handle(g(2, 2.0), 2.0), vec![Action::Score { version: 2 }]);
@@ -845,7 +849,11 @@ mod tests {
             }]
         );
         assert_eq!(r.live(), Some((2, &[2.0f32][..])));
-        assert_eq!(r.live_score(), Some(0.74), "as scored again beside global 3");
+        assert_eq!(
+            r.live_score(),
+            Some(0.74),
+            "as scored again beside global 3"
+        );
     }
 
     #[test]
@@ -859,7 +867,10 @@ mod tests {
             }),
         };
         assert!(s(Some(0.5), Some(0.6)).prefers_personalised());
-        assert!(!s(Some(0.5), Some(0.5)).prefers_personalised(), "ties keep the global");
+        assert!(
+            !s(Some(0.5), Some(0.5)).prefers_personalised(),
+            "ties keep the global"
+        );
         assert!(!s(Some(0.5), None).prefers_personalised());
         assert!(!s(Some(0.5), Some(f64::NAN)).prefers_personalised());
         assert!(s(Some(f64::NAN), Some(0.1)).prefers_personalised());

@@ -295,7 +295,10 @@ mod tests {
 
     impl RoundTrainer for Fake {
         fn train(&mut self, job: &Job) -> Result<Trained, LocalError> {
-            self.0.lock().unwrap().push(format!("train {}", job.plan.round));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("train {}", job.plan.round));
             Ok(Trained {
                 local: vec![job.global[0] + 1.0],
                 loss: 0.0,
@@ -310,7 +313,10 @@ mod tests {
             Ok(Some(f64::from(decoder[0])))
         }
         fn personalise(&mut self, global: &[f32], _: &RoundPlan) -> Result<Vec<f32>, LocalError> {
-            self.0.lock().unwrap().push(format!("personalise {}", global[0]));
+            self.0
+                .lock()
+                .unwrap()
+                .push(format!("personalise {}", global[0]));
             Ok(vec![global[0] + 10.0])
         }
     }

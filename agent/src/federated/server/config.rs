@@ -642,7 +642,10 @@ mod tests {
         let broker = "[broker]\nhost = \"127.0.0.1\"\nport = 1883\n";
         assert!(raw(REQUIRED).validate().is_ok(), "embedded broker");
         let e = raw(&format!("{REQUIRED}{broker}")).validate().unwrap_err();
-        assert!(e.contains("devices = []") && e.contains("any_device"), "{e}");
+        assert!(
+            e.contains("devices = []") && e.contains("any_device"),
+            "{e}"
+        );
         assert!(
             raw(&format!("{REQUIRED}any_device = true\n{broker}"))
                 .validate()
