@@ -11,7 +11,8 @@
 #                                      #   nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b |
 #                                      #   transfer-personal-c | transfer-fedadam | sweep-demo-grains40 |
 #                                      #   sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e |
-#                                      #   transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d)
+#                                      #   transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d |
+#                                      #   transfer2-e | transfer2-f)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -43,7 +44,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -72,7 +73,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -117,7 +118,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -128,8 +129,10 @@ if [[ " ${which[*]} " == *" transfer "* || " ${which[*]} " == *" transfer-"[bcd]
     python3 transfer_summary.py > ../docs/results/transfer-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer2"* ]]; then
-    # Seeds 1-3 (transfer2, transfer2-b) and 4-5 (transfer2-c, transfer2-d) of the same grid.
-    python3 transfer_summary.py transfer2 transfer2-b transfer2-c transfer2-d > ../docs/results/transfer2-summary.md
+    # Seeds 1-3 (transfer2, transfer2-b) and 4-5 (transfer2-c, transfer2-d) of the same grid, and
+    # FedProx and feature-stats codes (transfer2-e, transfer2-f: seeds 1-5).
+    python3 transfer_summary.py transfer2 transfer2-b transfer2-c transfer2-d transfer2-e transfer2-f \
+        > ../docs/results/transfer2-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
