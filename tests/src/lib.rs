@@ -43,6 +43,31 @@ pub fn microfed(args: &[&str], expect_success: bool) -> Output {
     out
 }
 
+/// A labelled synthetic dataset in `out` (`microfed synth`): `count` micrographs of `size` px of
+/// `structure` (polycrystal, precipitates, ...) in imaging `style`, from `seed`.
+pub fn synth_labelled(out: &Path, structure: &str, style: &str, count: u32, size: u32, seed: u64) {
+    let out = out.to_str().expect("a UTF-8 path");
+    let (count, size, seed) = (count.to_string(), size.to_string(), seed.to_string());
+    microfed(
+        &[
+            "synth",
+            "--structure",
+            structure,
+            "--style",
+            style,
+            "--count",
+            &count,
+            "--size",
+            &size,
+            "--seed",
+            &seed,
+            "--out",
+            out,
+        ],
+        true,
+    );
+}
+
 /// The real labelled SEM micrographs, when this machine has them (`../shared/data/nasa-super/` beside the
 /// repository). Tests that need them print why they skip when this is `None`.
 pub fn nasa_super() -> Option<PathBuf> {

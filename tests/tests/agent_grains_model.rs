@@ -7,7 +7,7 @@
 //! all images and 30 % per image, and asserts that the count is not above the truth by more than 5 %
 //! (spurious boundaries would split grains). A retrained model must tighten these numbers.
 
-use microfed_e2e::microfed;
+use microfed_e2e::{microfed, synth_labelled};
 
 #[test]
 fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
@@ -16,24 +16,7 @@ fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let out = tmp.path().join("out");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "polycrystal",
-            "--style",
-            "sem-se",
-            "--count",
-            "4",
-            "--size",
-            "512",
-            "--seed",
-            "77",
-            "--out",
-            data.to_str().unwrap(),
-        ],
-        true,
-    );
+    synth_labelled(&data, "polycrystal", "sem-se", 4, 512, 77);
     microfed(
         &[
             "segment",

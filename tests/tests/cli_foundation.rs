@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use microfed_e2e::{NASA_SUPER_CLASSES, microfed, nasa_super};
+use microfed_e2e::{NASA_SUPER_CLASSES, microfed, nasa_super, synth_labelled};
 
 /// Every file under `dir`, relative path → bytes.
 fn tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
@@ -159,24 +159,7 @@ fn dataset_check_passes_nasa_super_and_names_a_planted_bad_mask() {
 fn eval_scores_a_mask_set_against_itself_perfectly() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("d");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "precipitates",
-            "--style",
-            "hazy",
-            "--count",
-            "3",
-            "--size",
-            "128",
-            "--seed",
-            "4",
-            "--out",
-            out.to_str().unwrap(),
-        ],
-        true,
-    );
+    synth_labelled(&out, "precipitates", "hazy", 3, 128, 4);
     let masks = out.join("masks");
     let json = tmp.path().join("eval.json");
     microfed(

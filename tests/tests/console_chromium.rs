@@ -13,7 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use microfed_e2e::{AgentProcess, microfed, microfed_bin, wait_until};
+use microfed_e2e::{AgentProcess, microfed_bin, synth_labelled, wait_until};
 
 fn chromium() -> Option<PathBuf> {
     ["chromium", "chromium-browser", "google-chrome"]
@@ -183,23 +183,13 @@ fn the_console_shows_labs_rounds_the_iou_plot_and_a_killed_agent_going_offline()
 
     // A real agent joins the demo's fleet on its broker, then dies without a word.
     let lab = tmp.path().join("lab-x");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "polycrystal",
-            "--style",
-            "optical-etched",
-            "--count",
-            "4",
-            "--size",
-            "64",
-            "--seed",
-            "5",
-            "--out",
-            lab.join("labelled").to_str().unwrap(),
-        ],
-        true,
+    synth_labelled(
+        &lab.join("labelled"),
+        "polycrystal",
+        "optical-etched",
+        4,
+        64,
+        5,
     );
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/grains/model.onnx");
     let port = broker.rsplit(':').next().unwrap();

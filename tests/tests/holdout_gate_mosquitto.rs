@@ -16,7 +16,7 @@ use microfed::wire::protocol::{
     CHUNK_BYTES, Envelope, GlobalDecoder, Header, Kind, MAX_PACKET_BYTES, StatusBody, split,
 };
 use microfed_e2e::broker::{Mosquitto, TestClient, tls_options};
-use microfed_e2e::{AgentProcess, microfed, wait_until};
+use microfed_e2e::{AgentProcess, synth_labelled, wait_until};
 use rumqttc::QoS;
 
 /// A broker, an agent of lab-a with six labelled optical micrographs (two held out), and the
@@ -39,24 +39,7 @@ impl Lab {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/grains/model.onnx");
         let key = microfed::fleet::signing::SecretKey::generate();
         let data = dir.join("labelled");
-        microfed(
-            &[
-                "synth",
-                "--structure",
-                "polycrystal",
-                "--style",
-                "optical-etched",
-                "--count",
-                "6",
-                "--size",
-                "128",
-                "--seed",
-                "7",
-                "--out",
-                data.to_str().unwrap(),
-            ],
-            true,
-        );
+        synth_labelled(&data, "polycrystal", "optical-etched", 6, 128, 7);
         let (cert, pem_key) = broker.client_cert("lab-a");
         std::fs::write(
             dir.join("agent.toml"),

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use microfed_e2e::broker::Mosquitto;
-use microfed_e2e::{AgentProcess, microfed, microfed_bin, synth_png, wait_until};
+use microfed_e2e::{AgentProcess, microfed_bin, synth_labelled, synth_png, wait_until};
 
 /// One sample: name, labels, value.
 type Sample = (String, BTreeMap<String, String>, f64);
@@ -290,24 +290,7 @@ fn agent_and_aggregator_metrics_count_a_real_round_and_refuse_a_request_without_
     let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/grains/model.onnx");
 
     let lab = root.join("lab-a");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "polycrystal",
-            "--style",
-            "sem-se",
-            "--count",
-            "4",
-            "--size",
-            "64",
-            "--seed",
-            "3",
-            "--out",
-            lab.join("labelled").to_str().unwrap(),
-        ],
-        true,
-    );
+    synth_labelled(&lab.join("labelled"), "polycrystal", "sem-se", 4, 64, 3);
     let (cert, key) = broker.client_cert("lab-a");
     std::fs::write(
         lab.join("agent.toml"),

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use microfed_e2e::broker::Mosquitto;
-use microfed_e2e::{AgentProcess, microfed, microfed_bin, wait_until};
+use microfed_e2e::{AgentProcess, microfed_bin, synth_labelled, wait_until};
 
 #[test]
 fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_room() {
@@ -23,24 +23,7 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     key.save(&key_path).unwrap();
 
     let data = dir.join("labelled");
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "polycrystal",
-            "--style",
-            "sem-se",
-            "--count",
-            "5",
-            "--size",
-            "128",
-            "--seed",
-            "3",
-            "--out",
-            data.to_str().unwrap(),
-        ],
-        true,
-    );
+    synth_labelled(&data, "polycrystal", "sem-se", 5, 128, 3);
     let (cert, pem_key) = broker.client_cert("lab-a");
     std::fs::write(
         dir.join("agent.toml"),
