@@ -71,6 +71,17 @@ pub struct BenchArgs {
     /// Skip the CPU comparison of the GPU's logits.
     #[arg(long)]
     pub no_check: bool,
+    /// Segment each shape's H×W image as the agent does: cut into tiles of this side (a multiple
+    /// of 16) overlapping by `--overlap`, `--tile-batch` tiles per network run, stitched back;
+    /// the time is the whole image's. N is the number of such images run one after the other.
+    #[arg(long, value_name = "PX")]
+    pub tile: Option<usize>,
+    /// Overlap between neighbouring tiles (with `--tile`; the agent's default).
+    #[arg(long, default_value_t = 32)]
+    pub overlap: usize,
+    /// Tiles per network run (with `--tile`; the agent's `[model] batch`).
+    #[arg(long, default_value_t = 1)]
+    pub tile_batch: usize,
     /// Also write the results as JSON.
     #[arg(long, value_name = "OUT.json")]
     pub json: Option<PathBuf>,
@@ -270,13 +281,55 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
     for (i, &(n, h, w)) in shapes.iter().enumerate() {
         let input = bench_input(n, h, w);
         let t0 = Instant::now();
-        seg.prepare(n, h, w, Outputs::Logits)
-            .with_context(|| format!("preparing {n}x{h}x{w}"))?;
+        let tiled = match args.tile {
+            None => {
+                seg.prepare(n, h, w, Outputs::Logits)
+                    .with_context(|| format!("preparing {n}x{h}x{w}"))?;
+                None
+            }
+            Some(tile) => {
+                let grid = crate::pipeline::tiling::TileGrid::new(w, h, tile, args.overlap)?;
+                let batch = args.tile_batch.max(1).min(grid.len());
+                seg.prepare(batch, grid.y.tile, grid.x.tile, Outputs::Logits)
+                    .with_context(|| format!("preparing {batch} tiles of {tile}"))?;
+                let images: Vec<crate::micrograph::Micrograph> = input
+                    .chunks(h * w)
+                    .map(|pixels| crate::micrograph::Micrograph {
+                        width: w as u32,
+                        height: h as u32,
+                        pixels: pixels.to_vec(),
+                        bit_depth: 32,
+                        pixel_size_um: None,
+                        path: PathBuf::new(),
+                        normalisation: Default::default(),
+                    })
+                    .collect();
+                Some((tile, batch, grid.len(), images))
+            }
+        };
         let prepare_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let run = || {
-            tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
-                seg.logits(&input, n, h, w)
-            })
+        let run = || -> anyhow::Result<Vec<f32>> {
+            match &tiled {
+                None => Ok(tract_linalg::multithread::multithread_tract_scope(
+                    executor.clone(),
+                    || seg.logits(&input, n, h, w),
+                )?),
+                Some((tile, batch, _, images)) => {
+                    let mut all = Vec::new();
+                    for image in images {
+                        let l = crate::pipeline::tiling::segment_logits(
+                            &seg,
+                            image,
+                            *tile,
+                            args.overlap,
+                            *batch,
+                            &executor,
+                        )?;
+                        all.extend(l.data);
+                    }
+                    Ok(all)
+                }
+            }
         };
         let mut logits = Vec::new();
         for _ in 0..args.warmup {
@@ -307,6 +360,12 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         });
         if let Some(net) = seg.kernels() {
             row["kernels_memory_bytes"] = serde_json::json!(net.memory_bytes());
+        }
+        if let Some((tile, batch, tiles, _)) = &tiled {
+            row["tile"] = serde_json::json!(tile);
+            row["overlap"] = serde_json::json!(args.overlap);
+            row["tile_batch"] = serde_json::json!(batch);
+            row["tiles"] = serde_json::json!(tiles);
         }
         // The GPU's answer against the CPU's, on the first shape: tract-cuda may use TF32 or other
         // reduced-precision paths, so say how far the logits move and whether the classes change.
