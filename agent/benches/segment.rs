@@ -3,7 +3,12 @@
 //!
 //! ```text
 //! MICROFED_PYTHON=.venv/bin/python cargo bench -p microfed --bench segment -- [--runs R] [--quick]
+//!     [--engine tract|kernels|auto]
 //! ```
+//! `--engine` picks what runs the network in every section (default tract; `kernels` is our CPU
+//! kernels engine on 2 threads, the arrivals table's, in every row whatever its threads column,
+//! which is tract's; `tests/peers/cpu_rows.sh` has the per-thread rows): run it once per engine for
+//! the per-engine latency table.
 //! 1. The reference U-Net on one 512×512 image, 1 and 2 threads: tract vs onnxruntime
 //!    (`tests/peers/ort.py bench`), median of R runs after warm-up, GFLOP/s from the U-Net's own count.
 //! 2. A 2048×1536 image through the tiling path (512 tiles, 32 overlap; batch 1 and 4), against
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use microfed::micrograph::{Micrograph, Normalisation};
 use microfed::model::onnx;
-use microfed::model::runtime::{Outputs, Segmenter};
+use microfed::model::runtime::{EngineKind, Outputs, Segmenter, set_process_engine_kind};
 use microfed::pipeline::capture::Capture;
 use microfed::pipeline::config::QueueSection;
 use microfed::pipeline::{
@@ -111,6 +116,11 @@ fn main() {
     let runs: usize = arg("--runs")
         .and_then(|r| r.parse().ok())
         .unwrap_or(if quick { 3 } else { 7 });
+    let engine = arg("--engine").map_or(EngineKind::Tract, |e| {
+        <EngineKind as clap::ValueEnum>::from_str(&e, true)
+            .unwrap_or_else(|_| panic!("--engine {e:?}: auto, tract or kernels"))
+    });
+    set_process_engine_kind(engine, 2);
     let tmp = tempfile::tempdir().unwrap();
     let params = Params::init(3, 1).unwrap();
     let model_path = tmp.path().join("unet.onnx");
@@ -118,15 +128,20 @@ fn main() {
     let seg = Segmenter::load(&model_path).unwrap();
     let net = UNet::new(Arc::new(CpuBackend::new()), &params).unwrap();
     let gflop = net.forward_flops(Shape::new(1, 1, 512, 512)) as f64 / 1e9;
+    let name = seg.engine_name();
     println!(
-        "reference U-Net, 3 classes: {gflop:.1} GFLOP per 512×512 image; {runs} runs, median\n"
+        "reference U-Net, 3 classes: {gflop:.1} GFLOP per 512×512 image; {runs} runs, median; \
+         network: {name} ({})\n",
+        seg.engine_reason()
     );
 
     if std::env::args().any(|a| a == "--profile") {
         profile(&model_path);
         return;
     }
-    println!("| case | threads | tract ms | onnxruntime ms | tract GFLOP/s | ort / tract time |");
+    println!(
+        "| case | threads | {name} ms | onnxruntime ms | {name} GFLOP/s | ort / {name} time |"
+    );
     println!("|---|---|---|---|---|---|");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     for (n, threads) in [(1, 1), (1, 2), (2, 2)] {
@@ -177,7 +192,7 @@ fn main() {
     if std::env::args().any(|a| a == "--no-arrivals") {
         return;
     }
-    println!("\ncapture → mask written, 512×512 PNGs, tile 512, 2 threads:\n");
+    println!("\ncapture → mask written, 512×512 PNGs, tile 512, 2 threads, {name}:\n");
     println!("| arrivals / s | of capacity | p50 ms | p99 ms | most in pipeline at an arrival |");
     println!("|---|---|---|---|---|");
     let inbox = tmp.path().join("arrivals");

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use microfed_e2e::microfed;
+use microfed_e2e::{microfed, synth_labelled};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -12,26 +12,7 @@ fn repo_root() -> PathBuf {
 
 /// `microfed synth` of a precipitates dataset into `out`.
 fn synth_precipitates(out: &Path, style: &str, count: u32, size: u32, seed: u64) {
-    let (count, size, seed) = (count.to_string(), size.to_string(), seed.to_string());
-    let out = out.display().to_string();
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "precipitates",
-            "--style",
-            style,
-            "--count",
-            &count,
-            "--size",
-            &size,
-            "--seed",
-            &seed,
-            "--out",
-            &out,
-        ],
-        true,
-    );
+    synth_labelled(out, "precipitates", style, count, size, seed);
 }
 
 #[test]

@@ -7,31 +7,14 @@
 
 use std::path::{Path, PathBuf};
 
-use microfed_e2e::microfed;
+use microfed_e2e::{microfed, synth_labelled};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 fn synth(out: &Path, style: &str, count: u32, seed: u64) {
-    microfed(
-        &[
-            "synth",
-            "--structure",
-            "polycrystal",
-            "--style",
-            style,
-            "--count",
-            &count.to_string(),
-            "--size",
-            "64",
-            "--seed",
-            &seed.to_string(),
-            "--out",
-            &out.display().to_string(),
-        ],
-        true,
-    );
+    synth_labelled(out, "polycrystal", style, count, 64, seed);
 }
 
 #[test]
