@@ -60,6 +60,10 @@ pub struct Args {
     /// masked updates and never sees one (docs/privacy.md).
     #[arg(long)]
     pub secure: bool,
+    /// Steps of each lab's fine-tune of every new global (the better of the two on its hold-out
+    /// goes live); 0 turns it off. Default: 40 (2 with --quick).
+    #[arg(long, value_name = "N")]
+    pub personalise_steps: Option<u32>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -93,6 +97,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     cfg.hold = Duration::from_secs(args.hold);
     cfg.secure = args.secure;
+    if let Some(n) = args.personalise_steps {
+        cfg.personalise_steps = n;
+    }
     cfg.real = match (args.no_real, args.real) {
         (true, _) => None,
         (false, Some(dir)) => {

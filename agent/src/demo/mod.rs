@@ -124,6 +124,9 @@ pub struct DemoConfig {
     pub optimizer: LocalOptimizer,
     /// Class-weighted cross-entropy in local training (see `LocalTrainer::set_class_weighting`).
     pub class_weighted: bool,
+    /// Each lab's fine-tune of every new global (`[federation.personalise]`, AdamW at
+    /// `learning_rate`), in steps of `batch` crops; 0: none, each global goes live as it is.
+    pub personalise_steps: u32,
     /// Time between two captures of a lab.
     pub capture_interval: Duration,
     /// A round closes when every lab has sent its update, or at this deadline.
@@ -174,6 +177,7 @@ impl DemoConfig {
             },
             optimizer: LocalOptimizer::Adam,
             class_weighted: false,
+            personalise_steps: DEMO_PERSONALISE_STEPS,
             capture_interval: Duration::from_secs(4),
             round_deadline: Duration::from_secs(600),
             timeout: Duration::from_secs(1800),
@@ -198,6 +202,7 @@ impl DemoConfig {
             crop: 64,
             batch: 2,
             steps_per_round: 2,
+            personalise_steps: 2,
             capture_interval: Duration::from_millis(300),
             round_deadline: Duration::from_secs(180),
             timeout: Duration::from_secs(300),
@@ -269,6 +274,21 @@ impl DemoConfig {
             (
                 "update compression".into(),
                 "top-10 % per tensor, int8, zstd, error feedback".into(),
+            ),
+            (
+                "what each lab deploys".into(),
+                if self.personalise_steps > 0 {
+                    format!(
+                        "the better, on its hold-out, of each new global and its own fine-tune of \
+                         it ({} AdamW steps at {}), if not worse than the running decoder by more \
+                         than 0.02",
+                        self.personalise_steps, self.learning_rate
+                    )
+                } else {
+                    "each new global, if not worse on its hold-out than the running decoder by \
+                     more than 0.02"
+                        .into()
+                },
             ),
         ];
         v.push((
@@ -394,6 +414,11 @@ fn prepare_out(out: &Path) -> Result<(), DemoError> {
 /// The band radius of the demo's Fourier style codes (bins of the 128 px window).
 pub const DEMO_FOURIER_BAND: usize = 32;
 
+/// Steps of each lab's fine-tune of a new global in the full demo (as many as its local training
+/// over all rounds: 5 × 8): what each lab deploys is the better of the global and this fine-tune on
+/// its hold-out.
+pub const DEMO_PERSONALISE_STEPS: u32 = 40;
+
 /// A lab publishes a style code only when computed over at least this many training images.
 const DEMO_STYLE_MIN_IMAGES: u32 = 3;
 
@@ -450,6 +475,13 @@ fn federation_section(
     style.insert("min_images".into(), (DEMO_STYLE_MIN_IMAGES as i64).into());
     style.insert("restyle".into(), toml::Value::Table(restyle));
     t.insert("style".into(), toml::Value::Table(style));
+    if cfg.personalise_steps > 0 {
+        let mut p = toml::Table::new();
+        p.insert("steps".into(), i64::from(cfg.personalise_steps).into());
+        p.insert("learning_rate".into(), f64::from(cfg.learning_rate).into());
+        p.insert("optimizer".into(), "adam".into());
+        t.insert("personalise".into(), toml::Value::Table(p));
+    }
     if cfg.secure {
         let mut sa = toml::Table::new();
         sa.insert("device_key".into(), path(&lab.device_key())?);
@@ -590,7 +622,11 @@ pub fn run(cfg: &DemoConfig, say: &mut dyn FnMut(&str)) -> Result<DemoOutcome, D
             federated: i < federated,
             captures: report::score_captures(&p.output(), &p.captures, p.manifest.classes.len()),
             features: report::summarise_features(&features_csv).ok(),
-            grain_counts: report::grain_counts(&features_csv, &p.captures),
+            grain_counts: report::grain_counts(
+                &features_csv,
+                &p.output().join("journal.jsonl"),
+                &p.captures,
+            ),
         });
     }
     let labs_styles: Vec<(String, String)> = plans[..federated]

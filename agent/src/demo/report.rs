@@ -388,11 +388,31 @@ pub struct GrainCount {
     pub capture: String,
     pub measured: Option<f64>,
     pub truth: Option<u32>,
+    /// The model that segmented it (the journal's entry: the base model's file, a global decoder
+    /// `…global-N.onnx`, or the lab's fine-tune of one `…global-N-personalised.onnx`).
+    pub model: Option<String>,
+}
+
+/// The model file name (without its folder and the swap generation) each journalled file was
+/// segmented by, by file name.
+fn segmented_by(journal: &Path) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let e: crate::pipeline::journal::Entry = serde_json::from_str(l).ok()?;
+            let label = e.model?;
+            let path = label.split(" (generation").next().unwrap_or(&label);
+            let name = Path::new(path).file_name()?.to_string_lossy().into_owned();
+            Some((e.file, name))
+        })
+        .collect()
 }
 
 /// Each capture's `grains` from the features CSV (the row whose `source` ends with the capture's
-/// name), beside the generator's count; captures without a row get `measured: None`.
-pub fn grain_counts(features_csv: &Path, captures: &[Capture]) -> Vec<GrainCount> {
+/// name), beside the generator's count and the model that segmented it (from `journal`); captures
+/// without a row get `measured: None`.
+pub fn grain_counts(features_csv: &Path, journal: &Path, captures: &[Capture]) -> Vec<GrainCount> {
+    let models = segmented_by(journal);
     let text = std::fs::read_to_string(features_csv).unwrap_or_default();
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
     let header = lines.next().map(csv_fields).unwrap_or_default();
@@ -415,6 +435,7 @@ pub fn grain_counts(features_csv: &Path, captures: &[Capture]) -> Vec<GrainCount
                 capture: c.name.clone(),
                 measured,
                 truth: c.truth_grains,
+                model: models.get(&c.name).cloned(),
             }
         })
         .collect()
@@ -558,18 +579,21 @@ pub fn report_markdown(
     if !counted.is_empty() {
         md.push_str(
             "\n## Grain counts\n\nEach capture's grains as the agent measured them (features.csv) \
-             beside the synthetic generator's truth.\n\n| lab | capture | measured | truth |\n\
-             |---|---|---|---|\n",
+             beside the synthetic generator's truth, and the model that segmented it (the base \
+             model, a global decoder, or the lab's own fine-tune of one: the better of the two on \
+             its hold-out goes live).\n\n| lab | capture | measured | truth | segmented by |\n\
+             |---|---|---|---|---|\n",
         );
         for l in &counted {
             for c in &l.grain_counts {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     l.name,
                     c.capture,
                     c.measured.map_or("–".into(), |v| format!("{v:.0}")),
-                    c.truth.map_or("–".into(), |v| v.to_string())
+                    c.truth.map_or("–".into(), |v| v.to_string()),
+                    c.model.as_deref().unwrap_or("–")
                 );
             }
         }
@@ -727,6 +751,13 @@ mod tests {
             "source,kind,grains\n/in/c.png,grains,9\nd.png,grains,30\n",
         )
         .unwrap();
+        let journal = tmp.path().join("journal.jsonl");
+        std::fs::write(
+            &journal,
+            "{\"file\":\"c.png\",\"sha256\":\"00\",\"outcome\":\"segmented\",\"at\":1.0,\
+             \"model\":\"/m/model.global-3-personalised.onnx (generation 4)\"}\nnot json\n",
+        )
+        .unwrap();
         let cap = |name: &str, truth: Option<u32>| Capture {
             source: tmp.path().join(name),
             name: name.into(),
@@ -738,7 +769,12 @@ mod tests {
             cap("d.png", Some(20)),
             cap("e.png", Some(5)),
         ];
-        let counts = grain_counts(&p, &caps);
+        let counts = grain_counts(&p, &journal, &caps);
+        assert_eq!(
+            counts[0].model.as_deref(),
+            Some("model.global-3-personalised.onnx")
+        );
+        assert_eq!(counts[1].model, None);
         let got: Vec<(Option<f64>, Option<u32>)> =
             counts.iter().map(|c| (c.measured, c.truth)).collect();
         assert_eq!(
