@@ -862,6 +862,8 @@ async fn orchestrate(
     };
     agg_cfg.validate().map_err(|e| part_err("aggregator")(e))?;
     let (agg_stop_tx, agg_stop_rx) = watch::channel(false);
+    // The rounds closed so far (from the summaries), for the microscopes of the federated labs.
+    let (rounds_closed, rounds_closed_rx) = watch::channel(0u64);
     let mut agg_task: Option<JoinHandle<Result<aggregator::RoundState, DemoError>>> = None;
     let result = match started {
         Err(e) => Err(e),
@@ -880,15 +882,25 @@ async fn orchestrate(
                         link.disconnect().await;
                         r.map_err(|e| part_err("aggregator")(e.to_string()))
                     }));
-                    // Captures: each lab's microscope writes its files over time.
+                    // Captures: each lab's microscope writes its files over time. A federated
+                    // lab captures one micrograph before the first round closes and one after each
+                    // round (so the report shows what each model the lab ran made of them), the
+                    // rest at the interval; the other labs at the interval.
                     let feeders: Vec<JoinHandle<Result<(), DemoError>>> = plans
                         .iter()
-                        .map(|p| {
+                        .enumerate()
+                        .map(|(lab, p)| {
                             let (caps, watch_dir, name) =
                                 (p.captures.clone(), p.watch(), p.name.clone());
                             let every = cfg.capture_interval;
+                            let rounds = if lab < federated { cfg.rounds } else { 0 };
+                            let mut closed = rounds_closed_rx.clone();
                             tokio::spawn(async move {
-                                for c in caps {
+                                for (i, c) in caps.into_iter().enumerate() {
+                                    let after = (i as u64).min(rounds);
+                                    if after > 0 {
+                                        let _ = closed.wait_for(|n| *n >= after).await;
+                                    }
                                     tokio::time::sleep(every).await;
                                     let (c2, w) = (c.clone(), watch_dir.clone());
                                     tokio::task::spawn_blocking(move || labs::deliver(&c2, &w))
@@ -909,7 +921,7 @@ async fn orchestrate(
                         &stats,
                         &mut lab_tasks,
                         agg_task.as_mut().expect("just set"),
-                        &mut summaries,
+                        (&mut summaries, &rounds_closed),
                         &state,
                         say,
                     )
@@ -992,7 +1004,10 @@ async fn wait_for_the_end(
     stats: &[Arc<Stats>],
     lab_tasks: &mut [(String, JoinHandle<Result<(), DemoError>>)],
     agg_task: &mut JoinHandle<Result<aggregator::RoundState, DemoError>>,
-    summaries: &mut tokio::sync::mpsc::Receiver<crate::wire::link::Message>,
+    (summaries, closed): (
+        &mut tokio::sync::mpsc::Receiver<crate::wire::link::Message>,
+        &watch::Sender<u64>,
+    ),
     state: &Path,
     say: &mut dyn FnMut(&str),
 ) -> Result<Vec<RoundRow>, DemoError> {
@@ -1010,6 +1025,7 @@ async fn wait_for_the_end(
         let row = report::round_row(s, &lab_names, state)?;
         say(&report::table_line(&row));
         rows.push(row);
+        closed.send_modify(|n| *n = (*n).max(s.round));
         Ok::<(), DemoError>(())
     };
     let deadline = Instant::now() + cfg.timeout;
