@@ -260,6 +260,7 @@ pub fn status_table(view: &FleetView) -> String {
         "STATE".into(),
         "MODEL".into(),
         "GLOBAL".into(),
+        "SEGMENTING".into(),
         "LAST ROUND".into(),
         "QUEUE".into(),
         "LAST ERROR".into(),
@@ -270,12 +271,23 @@ pub fn status_table(view: &FleetView) -> String {
             if s.online { "online" } else { "offline" }.into(),
             label(&s.model_version),
             s.global_version.to_string(),
+            segmenting(s),
             s.last_round.map_or("-".into(), |r| r.to_string()),
             s.queue_depth.to_string(),
             s.last_error.clone().unwrap_or_else(|| "-".into()),
         ]);
     }
     table(&rows)
+}
+
+/// What segments on a device: the global it runs (0: the base model's own decoder), "+own" when it
+/// is the lab's fine-tune of that global, and its hold-out mean IoU when it was scored there.
+fn segmenting(s: &StatusBody) -> String {
+    let own = if s.live_personalised { "+own" } else { "" };
+    match s.live_holdout_iou.filter(|v| v.is_finite()) {
+        Some(iou) => format!("{}{own} ({iou:.3})", s.live_global_version),
+        None => format!("{}{own}", s.live_global_version),
+    }
 }
 
 /// `fleet list`: the retained release and command, and which devices run which version.
@@ -393,9 +405,16 @@ mod tests {
             .insert("lab-b".into(), status("lab-b", false, &v, Some("boom")));
         view.devices
             .insert("lab-a".into(), status("lab-a", true, &v, None));
+        view.devices.get_mut("lab-a").unwrap().live_global_version = 2;
+        view.devices.get_mut("lab-a").unwrap().live_personalised = true;
+        view.devices.get_mut("lab-a").unwrap().live_holdout_iou = Some(0.61234);
         let t = status_table(&view);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 3, "{t}");
+        assert!(
+            t.contains("SEGMENTING") && t.contains("2+own (0.612)"),
+            "{t}"
+        );
         assert!(lines[0].starts_with("DEVICE  STATE    MODEL"), "{t}");
         assert!(
             lines[1].starts_with("lab-a   online   abababababab  2"),
