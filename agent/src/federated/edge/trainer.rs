@@ -118,14 +118,22 @@ fn score_all(
         .collect::<Result<Vec<_>, _>>()?;
     let personalised = match (plan, decoders.last()) {
         (Some(plan), Some(candidate)) => {
+            // A fine-tune that fails (diverges) leaves the global to be judged on its own.
             let t0 = std::time::Instant::now();
-            let values = trainer.personalise(candidate, plan)?;
-            let score = trainer.score(&values)?;
-            Some(Personalised {
-                values,
-                score,
-                seconds: t0.elapsed().as_secs_f32(),
-            })
+            match trainer
+                .personalise(candidate, plan)
+                .and_then(|values| Ok((trainer.score(&values)?, values)))
+            {
+                Ok((score, values)) => Some(Personalised {
+                    values,
+                    score,
+                    seconds: t0.elapsed().as_secs_f32(),
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "personalising the new global failed; judging the global alone");
+                    None
+                }
+            }
         }
         _ => None,
     };
@@ -319,6 +327,29 @@ mod tests {
                 .push(format!("personalise {}", global[0]));
             Ok(vec![global[0] + 10.0])
         }
+    }
+
+    /// A fine-tune that diverges must not keep a good global out: it is judged on its own.
+    #[test]
+    fn a_failed_fine_tune_leaves_the_global_to_be_scored_alone() {
+        struct Diverges;
+        impl RoundTrainer for Diverges {
+            fn train(&mut self, _: &Job) -> Result<Trained, LocalError> {
+                unreachable!()
+            }
+            fn score(&mut self, d: &[f32]) -> Result<Option<f64>, LocalError> {
+                Ok(Some(f64::from(d[0])))
+            }
+            fn personalise(&mut self, _: &[f32], p: &RoundPlan) -> Result<Vec<f32>, LocalError> {
+                Err(LocalError::Diverged {
+                    round: p.round,
+                    loss: f32::NAN,
+                })
+            }
+        }
+        let out = score_all(&mut Diverges, &[vec![0.5], vec![0.75]], Some(&plan(3))).unwrap();
+        assert_eq!(out.scores, vec![Some(0.5), Some(0.75)]);
+        assert_eq!(out.personalised, None);
     }
 
     #[test]
