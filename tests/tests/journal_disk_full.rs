@@ -10,9 +10,12 @@ use std::time::Duration;
 
 use microfed_e2e::{AgentProcess, journal_entries, synth_png, wait_until, write_test_model};
 
-/// An agent's folder: a test model, agent.toml (retry after 1 s), the watched folder; returns the
-/// config path.
-fn agent_root(root: &std::path::Path) -> std::path::PathBuf {
+/// An agent's folder: a test model, agent.toml (retry after 1 s), the watched folder, and the
+/// full-disk trigger file for writes to paths containing `fragment`; returns the config and the
+/// trigger paths.
+fn agent_root(root: &std::path::Path, fragment: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let trigger = root.join("disk-full");
+    std::fs::write(&trigger, format!("{fragment}\n")).unwrap();
     write_test_model(&root.join("model.onnx"), 2, 9);
     let cfg = root.join("agent.toml");
     std::fs::write(
@@ -23,7 +26,7 @@ fn agent_root(root: &std::path::Path) -> std::path::PathBuf {
     )
     .unwrap();
     std::fs::create_dir_all(root.join("in")).unwrap();
-    cfg
+    (cfg, trigger)
 }
 
 fn files(journal: &std::path::Path) -> Vec<String> {
@@ -37,11 +40,9 @@ fn files(journal: &std::path::Path) -> Vec<String> {
 fn a_full_disk_under_the_journal_loses_nothing_and_the_agent_starts_again() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let cfg = agent_root(root);
+    let (cfg, trigger) = agent_root(root, "journal.jsonl");
     let inbox = root.join("in");
     let journal = root.join("out/journal.jsonl");
-    let trigger = root.join("disk-full");
-    std::fs::write(&trigger, "journal.jsonl\n").unwrap();
     let env = [(microfed::fsio::FAIL_WRITES_ENV, trigger.as_path())];
 
     let mut agent = AgentProcess::start_with_env(&cfg, &root.join("first.log"), &env);
@@ -112,11 +113,9 @@ fn a_full_disk_under_the_journal_loses_nothing_and_the_agent_starts_again() {
 fn a_full_disk_under_the_outputs_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let cfg = agent_root(root);
+    let (cfg, trigger) = agent_root(root, "out/blocked.");
     let inbox = root.join("in");
     let journal = root.join("out/journal.jsonl");
-    let trigger = root.join("disk-full");
-    std::fs::write(&trigger, "out/blocked.\n").unwrap();
     let env = [(microfed::fsio::FAIL_WRITES_ENV, trigger.as_path())];
     let mut agent = AgentProcess::start_with_env(&cfg, &root.join("agent.log"), &env);
     std::fs::write(inbox.join("blocked.png"), synth_png(128, 4, 1)).unwrap();
