@@ -943,7 +943,18 @@ mod tests {
     /// of pixels and the logits are within 1e-4 of the largest. Small images keep it to seconds (it
     /// also runs under qemu for aarch64).
     #[test]
-    fn kernels_engine_matches_tract_on_every_shipped_model() {
+    fn kernels_engine_matches_tract_on_the_first_shipped_model() {
+        check_engine_parity(&shipped_models()[..1]);
+    }
+
+    /// The other shipped models, in a test of their own so that the two run in parallel (under
+    /// qemu in cross/check.sh this check is most of the unit tests' time).
+    #[test]
+    fn kernels_engine_matches_tract_on_every_other_shipped_model() {
+        check_engine_parity(&shipped_models()[1..]);
+    }
+
+    fn check_engine_parity(models: &[(PathBuf, crate::micrograph::Normalisation)]) {
         use crate::synth::{Structure, Style, SynthParams, generate};
         let under_qemu = std::env::var_os("MICROFED_UNDER_QEMU").is_some();
         let nasa = nasa_super();
@@ -969,7 +980,7 @@ mod tests {
                 Vec::new()
             }
         };
-        for (path, norm) in shipped_models() {
+        for (path, norm) in models.iter().cloned() {
             let kernels = Segmenter::load(&path)
                 .unwrap()
                 .on_engine(Engine::Cpu)
