@@ -980,8 +980,8 @@ mod tests {
                 Vec::new()
             }
         };
-        for (path, norm) in models.iter().cloned() {
-            let kernels = Segmenter::load(&path)
+        for (path, norm) in models {
+            let kernels = Segmenter::load(path)
                 .unwrap()
                 .on_engine(Engine::Cpu)
                 .with_engine_kind(EngineKind::Kernels, 0);
@@ -992,7 +992,7 @@ mod tests {
                 path.display(),
                 kernels.engine_reason()
             );
-            let tract = Segmenter::load(&path)
+            let tract = Segmenter::load(path)
                 .unwrap()
                 .on_engine(Engine::Cpu)
                 .with_engine_kind(EngineKind::Tract, 0);
@@ -1014,7 +1014,7 @@ mod tests {
             }
             let mut real = Agreement::default();
             for img in &nasa_images {
-                let m = crate::micrograph::Micrograph::load_with(img, &norm).unwrap();
+                let m = crate::micrograph::Micrograph::load_with(img, norm).unwrap();
                 let (w, h) = (m.width as usize, m.height as usize);
                 let (cw, ch) = (w.min(128), h.min(112));
                 let (x0, y0) = ((w - cw) / 2, (h - ch) / 2);
