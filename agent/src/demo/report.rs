@@ -401,7 +401,7 @@ fn segmented_by(journal: &Path) -> std::collections::HashMap<String, String> {
         .filter_map(|l| {
             let e: crate::pipeline::journal::Entry = serde_json::from_str(l).ok()?;
             let label = e.model?;
-            let path = label.split(" (generation").next().unwrap_or(&label);
+            let path = crate::pipeline::slot::label_path(&label);
             let name = Path::new(path).file_name()?.to_string_lossy().into_owned();
             Some((e.file, name))
         })

@@ -47,6 +47,12 @@ impl LoadedModel {
     }
 }
 
+/// The model file's path in a [`LoadedModel::label`] (what the journal records), without the
+/// generation.
+pub fn label_path(label: &str) -> &str {
+    label.rsplit_once(" (generation ").map_or(label, |(p, _)| p)
+}
+
 /// Why a model was not swapped in.
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {

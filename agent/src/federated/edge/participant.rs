@@ -440,19 +440,16 @@ async fn scoring_done(t: &mut Option<InScoring>) -> Event {
     let result = match (&mut s.reply).await {
         Ok(Ok(out)) => match out.scores[..] {
             [live, candidate] => {
-                let personalised = out.personalised.map(|p| {
+                let personalised = out.personalised.map(|(p, seconds)| {
                     tracing::info!(
                         version = s.version,
                         global = ?candidate,
                         personalised = ?p.score,
                         live = ?live,
-                        seconds = p.seconds,
+                        seconds,
                         "personalised the new global on the lab's images (hold-out mean IoU)"
                     );
-                    round::Personalised {
-                        values: p.values,
-                        score: p.score,
-                    }
+                    p
                 });
                 Ok(round::Scores {
                     candidate,

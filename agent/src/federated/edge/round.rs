@@ -94,6 +94,23 @@ impl Scores {
         };
         p.is_finite() && self.candidate.is_none_or(|c| !c.is_finite() || p > c)
     }
+
+    /// The candidate for production: the fine-tune where [`Scores::prefers_personalised`] (its
+    /// score becomes the candidate's, its values come back), else the global itself.
+    fn into_candidate(mut self) -> (Scores, Option<Vec<f32>>) {
+        let prefer = self.prefers_personalised();
+        match self.personalised.take() {
+            Some(p) if prefer => (
+                Scores {
+                    candidate: p.score,
+                    live: self.live,
+                    personalised: None,
+                },
+                Some(p.values),
+            ),
+            _ => (self, None),
+        }
+    }
 }
 
 /// The decoder in production.
@@ -204,7 +221,9 @@ impl Rounds {
         self.live.as_ref().map(|l| (l.version, l.values.as_slice()))
     }
 
-    /// Whether the decoder in production is a personalised fine-tune of its global.
+    /// Whether the decoder in production is a personalised fine-tune of its global (the loop
+    /// learns it from [`Action::Install`]).
+    #[cfg(test)]
     pub fn live_is_personalised(&self) -> bool {
         self.live.as_ref().is_some_and(|l| l.personalised)
     }
@@ -261,23 +280,11 @@ impl Rounds {
                         self.decided = Some(*gv);
                         let margin = self.gate.unwrap_or(f64::INFINITY);
                         // The better of the global and its personalised fine-tune is the candidate.
-                        let result = result.map(|mut s| {
-                            let personalised = s.prefers_personalised();
-                            let tuned = s.personalised.take();
-                            match tuned.filter(|_| personalised) {
-                                Some(p) => (
-                                    Scores {
-                                        candidate: p.score,
-                                        live: s.live,
-                                        personalised: None,
-                                    },
-                                    Some(p.values),
-                                ),
-                                None => (s, None),
-                            }
-                        });
                         let (result, tuned) = match result {
-                            Ok((s, tuned)) => (Ok(s), tuned),
+                            Ok(s) => {
+                                let (s, tuned) = s.into_candidate();
+                                (Ok(s), tuned)
+                            }
                             Err(e) => (Err(e), None),
                         };
                         let scores = result.as_ref().ok().map(|s| (s.candidate, s.live));

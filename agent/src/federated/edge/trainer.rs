@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::federated::edge::cache::FeatureCache;
 use crate::federated::edge::local::{LocalError, LocalTrainer, RoundPlan};
+pub use crate::federated::edge::round::Personalised;
 use crate::federated::edge::style::{RestyleConfig, StyleCode};
 use crate::train::backend::{BackendError, OnBackend, on_backend};
 
@@ -39,19 +40,12 @@ pub struct Job {
 }
 
 /// What the thread answers to a score: hold-out mean IoU of each decoder (None: no hold-out
-/// images), and the personalised fine-tune of the last one, when asked for.
+/// images), and the personalised fine-tune of the last one with the seconds it took, when asked
+/// for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoreOutcome {
     pub scores: Vec<Option<f64>>,
-    pub personalised: Option<Personalised>,
-}
-
-/// The candidate decoder fine-tuned on the lab's own images, and its hold-out mean IoU.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Personalised {
-    pub values: Vec<f32>,
-    pub score: Option<f64>,
-    pub seconds: f32,
+    pub personalised: Option<(Personalised, f32)>,
 }
 
 pub type ScoreReply = oneshot::Sender<Result<ScoreOutcome, LocalError>>;
@@ -124,11 +118,9 @@ fn score_all(
                 .personalise(candidate, plan)
                 .and_then(|values| Ok((trainer.score(&values)?, values)))
             {
-                Ok((score, values)) => Some(Personalised {
-                    values,
-                    score,
-                    seconds: t0.elapsed().as_secs_f32(),
-                }),
+                Ok((score, values)) => {
+                    Some((Personalised { values, score }, t0.elapsed().as_secs_f32()))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "personalising the new global failed; judging the global alone");
                     None
@@ -386,7 +378,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(out.scores, vec![Some(1.0), Some(2.0)]);
-        let p = out.personalised.unwrap();
+        let (p, _) = out.personalised.unwrap();
         assert_eq!((p.values, p.score), (vec![12.0], Some(12.0)));
         let plain = rt
             .block_on(thread.score(vec![vec![3.0]], None))
