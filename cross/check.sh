@@ -54,6 +54,12 @@ QEMU_SKIP=(
   unet_learns_synthetic_micrographs      # suite: 200 training steps of the full U-Net (750 s under qemu);
                                          # its ops and gradients are checked one by one above
   unet_gradients_match_finite_differences # suite: whole-network finite differences (25 s), per-op ones run
+  # agent (lib): fleet install and rollback logic, each loading and running models through tract
+  # (whose kernels the engine parity test runs under qemu); the host suite runs them.
+  forged_and_worse_models_are_refused_a_good_one_runs_and_rollback_returns # 39 s
+  a_new_model_that_fails_at_run_time_returns_to_the_previous_one           # 19 s
+  a_release_whose_install_was_cut_short_is_installed_after_the_restart     # 15 s
+  a_model_that_pads_differently_fails_the_probe_and_stays_on_tract         # 30 s: the probe's fallback
 )
 
 # ---- step bookkeeping: name, seconds, status, printed at exit whatever happened --------------------
