@@ -1,6 +1,7 @@
 //! Scale-out aggregation against a real Mosquitto over TLS (client certificates, the fleet ACL): one
 //! coordinator and two workers, each a separate `microfed aggregate` process, share a round's
-//! updates through the `$share/aggregators/…` subscription. Test clients act as the devices and send
+//! updates through the `$share/aggregators/…` subscription, or (sharded) each its shard of the
+//! devices on a plain subscription. Test clients act as the devices and send
 //! real compressed updates (top-k 5 %, int8, zstd). Checked: the global decoder equals the FedAvg of
 //! all updates computed here, every update is counted exactly once across the workers (each got a
 //! share), and the summary's counts are right.
@@ -144,7 +145,14 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// Workers on the share group.
     fn start(devices: usize, workers: usize) -> Self {
+        Self::start_with(devices, workers, false)
+    }
+
+    /// `sharded`: each worker takes a shard of the devices (`shard = i`, `shards = workers`) on a
+    /// plain subscription instead of the share group.
+    fn start_with(devices: usize, workers: usize, sharded: bool) -> Self {
         let names: Vec<String> = (1..=devices).map(|i| format!("lab-{i}")).collect();
         let worker_ids: Vec<String> = (1..=workers).map(|i| format!("aggregator-{i}")).collect();
         let mut certs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -164,14 +172,19 @@ impl Fleet {
         // Workers first, so that the shared group exists before any update is sent.
         let mut procs = Vec::new();
         let mut worker_cfgs = Vec::new();
-        for w in &worker_ids {
+        for (i, w) in worker_ids.iter().enumerate() {
+            let shard = if sharded {
+                format!("shard = {i}\nshards = {workers}\n")
+            } else {
+                String::new()
+            };
             let cfg = config(
                 &broker,
                 &dir,
                 w,
                 &model,
                 &names,
-                "[scale_out]\nrole = \"worker\"\ncoordinator = \"aggregator\"\n",
+                &format!("[scale_out]\nrole = \"worker\"\ncoordinator = \"aggregator\"\n{shard}"),
             );
             procs.push(start(&cfg, dir.join(format!("{w}.log"))));
             worker_cfgs.push(cfg);
@@ -325,6 +338,36 @@ impl Fleet {
                 (w.clone(), accepted)
             })
             .collect()
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`) to every worker process.
+    fn signal_workers(&self, signal: &str) {
+        for p in &self.workers {
+            let ok = Command::new("kill")
+                .args([&format!("-{signal}"), &p.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill -{signal} {}", p.log.display());
+        }
+    }
+
+    /// Devices `range` connect again (after a broker restart).
+    fn reconnect(&mut self, range: std::ops::Range<usize>) {
+        let Self {
+            rt,
+            clients,
+            names,
+            broker,
+            ..
+        } = self;
+        rt.block_on(async {
+            for i in range {
+                clients[i] = TestClient::connect(tls_options(broker, &names[i]))
+                    .await
+                    .unwrap();
+            }
+        });
     }
 
     /// SIGKILLs worker `w` and starts it again on the same configuration and state.
@@ -518,6 +561,55 @@ fn a_coordinator_killed_mid_round_and_restarted_closes_the_round_with_every_upda
         run.summary, run.per_worker
     );
     check_fedavg_of_every_update_once(&run, devices);
+}
+
+/// Issue 17: the broker restarts in the middle of a round and devices send their updates before
+/// the workers are back (they are paused, SIGSTOP, so this is not a race). Sharded workers hold
+/// plain subscriptions in persistent sessions, which Mosquitto restores from its database: the
+/// updates wait for them, and the round's global is the FedAvg of every update, each counted once
+/// by the worker of its shard. (On the share group the same run loses those updates: Mosquitto
+/// does not restore shared subscriptions, and the round ends at its deadline with stragglers.)
+#[test]
+fn sharded_workers_lose_nothing_sent_while_the_broker_restarts() {
+    let devices = 6;
+    let mut fleet = Fleet::start_with(devices, 2, true);
+    let t0 = Instant::now();
+    fleet.publish(0..3);
+    assert!(
+        wait_until(Duration::from_secs(30), || fleet
+            .per_worker()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == 3),
+        "{:?}\n{}",
+        fleet.per_worker(),
+        fleet.logs()
+    );
+    fleet.signal_workers("STOP");
+    fleet.broker.restart().unwrap();
+    fleet.reconnect(3..devices);
+    fleet.publish(3..devices);
+    fleet.signal_workers("CONT");
+    let run = fleet.finish(t0, 0.0);
+    eprintln!(
+        "summary: {:#}\nper worker: {:?}",
+        run.summary, run.per_worker
+    );
+    check_fedavg_of_every_update_once(&run, devices);
+    // Each worker took exactly its shard: lab-1..lab-6 sorted, alternately.
+    assert_eq!(
+        run.per_worker["aggregator-1"],
+        ["lab-1", "lab-3", "lab-5"],
+        "{:?}",
+        run.per_worker
+    );
+    assert_eq!(
+        run.per_worker["aggregator-2"],
+        ["lab-2", "lab-4", "lab-6"],
+        "{:?}",
+        run.per_worker
+    );
 }
 
 #[test]

@@ -550,6 +550,13 @@ impl Aggregator {
             );
             return Ok(());
         };
+        // A sharded worker receives every update and keeps its shard's: another worker takes (and
+        // counts) the rest.
+        if let Some(so) = &self.cfg.scale_out
+            && !so.takes(&device, &self.cfg.devices)
+        {
+            return Ok(());
+        }
         // Before reassembly: frames from a device that may not take part hold no memory.
         if !self.cfg.devices.is_empty() && !self.cfg.devices.contains(&device) {
             self.reject(
@@ -1573,16 +1580,33 @@ pub fn connect(
     // subscription is restored and they wait for the aggregator. (It also keeps devices, which
     // Mosquitto lets join any share group, from taking turns of the single aggregator's updates.)
     // A coordinator takes no updates (it would take a share); it hears its workers. A worker hears
-    // its share of the updates, the coordinator's announcements and its close requests.
+    // its share of the updates, the coordinator's announcements and its close requests. A sharded
+    // worker subscribes to every update plainly (restored after a broker restart, like the single
+    // aggregator's) and keeps its shard's; an unsharded one takes turns through the share group.
     let subscriptions = match &cfg.scale_out {
         None => vec![topics.update_filter()],
         Some(so) => match so.role {
             Role::Coordinator => vec![topics.partial_filter()],
-            Role::Worker => vec![
-                topics.update_shared_filter("aggregators"),
-                topics.round(),
-                topics.partial(so.coordinator.as_deref().unwrap_or_default()),
-            ],
+            Role::Worker => {
+                let updates = match so.sharding() {
+                    Some(_) => topics.update_filter(),
+                    None => {
+                        tracing::warn!(
+                            "scale-out worker on the shared subscription: updates sent between a \
+                             broker restart and this worker's resubscription are lost (Mosquitto \
+                             does not restore shared subscriptions), and a device may join the \
+                             group; set [scale_out] shard and shards to take a shard of the \
+                             devices on a plain subscription instead"
+                        );
+                        topics.update_shared_filter("aggregators")
+                    }
+                };
+                vec![
+                    updates,
+                    topics.round(),
+                    topics.partial(so.coordinator.as_deref().unwrap_or_default()),
+                ]
+            }
         },
     };
     // Updates are acknowledged to the broker only once handled (on disk, or rejected): a crash in

@@ -484,6 +484,45 @@ pub struct ScaleOutSection {
     /// Coordinator: how long it waits for the partial sums after asking.
     #[serde(default = "default_partial_timeout")]
     pub partial_timeout_s: f64,
+    /// Worker: its shard (0-based) of `shards`. It then takes the devices that fall in that shard
+    /// ([`shard_of`]: by rank in `devices`) through a plain subscription to every update, which the broker keeps in
+    /// the worker's persistent session across its own restarts, so nothing sent meanwhile is lost.
+    /// Absent (both): the shared subscription `$share/aggregators/…`, which needs no numbering but
+    /// loses the updates sent between a broker restart and the workers' resubscription (Mosquitto
+    /// does not restore shared subscriptions), and lets a device join the group (broker-config/).
+    #[serde(default)]
+    pub shard: Option<u32>,
+    /// Worker: how many shards (workers) the fleet's devices are split over; with `shard`.
+    #[serde(default)]
+    pub shards: Option<u32>,
+}
+
+/// Most shards a fleet's devices are split over (each worker receives every update frame and keeps
+/// its shard's: more than this many workers is not what sharding is for).
+pub const MAX_SHARDS: u32 = 256;
+
+/// The shard of `device` among `shards` (> 0). A device of the fleet's `devices` list goes by its
+/// rank in that list sorted (rank modulo `shards`: the shards differ by one device at most, which a
+/// hash would not promise for a handful of labs); any other id by the first 8 bytes of the SHA-256
+/// of the id, big endian, modulo `shards`. Every process has the same list, so every worker
+/// computes the same.
+pub fn shard_of(device: &str, shards: u32, devices: &[String]) -> u32 {
+    use sha2::{Digest, Sha256};
+    let shards = u64::from(shards.max(1));
+    let rank = if devices.iter().any(|d| d == device) {
+        let below: BTreeSet<&str> = devices
+            .iter()
+            .map(String::as_str)
+            .filter(|d| *d < device)
+            .collect();
+        below.len() as u64
+    } else {
+        let digest = Sha256::digest(device.as_bytes());
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&digest[..8]);
+        u64::from_be_bytes(first)
+    };
+    (rank % shards) as u32
 }
 
 fn default_partial_timeout() -> f64 {
@@ -491,8 +530,47 @@ fn default_partial_timeout() -> f64 {
 }
 
 impl ScaleOutSection {
+    /// A worker's `(shard, shards)`, when it takes a shard of the devices.
+    pub fn sharding(&self) -> Option<(u32, u32)> {
+        match (self.role, self.shard, self.shards) {
+            (Role::Worker, Some(shard), Some(shards)) => Some((shard, shards)),
+            _ => None,
+        }
+    }
+
+    /// Whether this process takes `device`'s updates (`devices`: the fleet's list): a sharded
+    /// worker only its shard's.
+    pub fn takes(&self, device: &str, devices: &[String]) -> bool {
+        self.sharding()
+            .is_none_or(|(shard, shards)| shard_of(device, shards, devices) == shard)
+    }
+
     /// Checks the section against the aggregator's id and the fleet's compression.
     pub fn validate(&self, id: &str, compression: &CompressionConfig) -> Result<(), String> {
+        match (self.role, self.shard, self.shards) {
+            (Role::Coordinator, None, None) | (Role::Worker, None, None) => {}
+            (Role::Coordinator, _, _) => {
+                return Err(
+                    "scale_out.shard and scale_out.shards are a worker's settings, not the coordinator's"
+                        .into(),
+                );
+            }
+            (Role::Worker, Some(shard), Some(shards)) => {
+                if !(1..=MAX_SHARDS).contains(&shards) || shard >= shards {
+                    return Err(format!(
+                        "scale_out.shard = {shard} of shards = {shards}: shards must be 1..={MAX_SHARDS} \
+                         and shard one of 0..shards"
+                    ));
+                }
+            }
+            (Role::Worker, _, _) => {
+                return Err(
+                    "scale_out: a sharded worker needs both shard and shards (or neither, for the \
+                     shared subscription)"
+                        .into(),
+                );
+            }
+        }
         match self.role {
             Role::Coordinator => {
                 if self.workers.is_empty() {
@@ -547,6 +625,94 @@ mod tests {
     }
 
     const REQUIRED: &str = "fleet = \"f\"\nmodel = \"m.onnx\"\nstate = \"s\"\n";
+
+    #[test]
+    fn a_sharded_worker_needs_both_numbers_in_range_and_the_coordinator_none() {
+        let compression = "[compression]\ntop_k = 0.05\nquantize = \"int8\"\n";
+        let worker = |extra: &str| {
+            format!(
+                "id = \"aggregator-1\"\n{REQUIRED}{compression}[scale_out]\nrole = \"worker\"\n\
+                 coordinator = \"aggregator\"\n{extra}"
+            )
+        };
+        let so = parse(&worker("shard = 1\nshards = 3\n")).scale_out.unwrap();
+        assert_eq!(so.sharding(), Some((1, 3)));
+        assert_eq!(parse(&worker("")).scale_out.unwrap().sharding(), None);
+        for (extra, says) in [
+            ("shard = 1\n", "both"),
+            ("shards = 2\n", "both"),
+            ("shard = 2\nshards = 2\n", "shard one of 0..shards"),
+            ("shard = 0\nshards = 0\n", "shards must be"),
+            ("shard = 0\nshards = 100000\n", "shards must be"),
+        ] {
+            let err = raw(&worker(extra)).validate().unwrap_err();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+        let coordinator = format!(
+            "{REQUIRED}{compression}[scale_out]\nrole = \"coordinator\"\nworkers = [\"aggregator-1\"]\n\
+             shard = 0\nshards = 1\n"
+        );
+        assert!(
+            raw(&coordinator)
+                .validate()
+                .unwrap_err()
+                .contains("worker's settings")
+        );
+    }
+
+    #[test]
+    fn shards_are_stable_and_split_devices_evenly() {
+        // A listed device goes by its rank in the sorted list: 7 labs over 3 shards are 3 + 2 + 2,
+        // whatever order the list is written in.
+        let labs: Vec<String> = [
+            "lab-g", "lab-a", "lab-c", "lab-b", "lab-e", "lab-d", "lab-f",
+        ]
+        .map(String::from)
+        .to_vec();
+        let shards: Vec<u32> = [
+            "lab-a", "lab-b", "lab-c", "lab-d", "lab-e", "lab-f", "lab-g",
+        ]
+        .iter()
+        .map(|d| shard_of(d, 3, &labs))
+        .collect();
+        assert_eq!(shards, [0, 1, 2, 0, 1, 2, 0]);
+        // Any other id by its hash, which is part of the deployment: workers of different versions
+        // must agree on it. (Python: int.from_bytes(hashlib.sha256(b"lab-1").digest()[:8], "big")
+        // % 1000 == 770.)
+        assert_eq!(
+            [
+                shard_of("lab-1", 1000, &[]),
+                shard_of("lab-2", 1000, &labs),
+                shard_of("lab-3", 1000, &[])
+            ],
+            [770, 244, 384]
+        );
+        assert_eq!(shard_of("anything", 1, &[]), 0);
+        let mut counts = [0u32; 4];
+        for i in 0..4000 {
+            counts[shard_of(&format!("lab-{i}"), 4, &[]) as usize] += 1;
+        }
+        assert!(
+            counts.iter().all(|&c| (900..1100).contains(&c)),
+            "{counts:?}"
+        );
+        let so = |shard| ScaleOutSection {
+            role: Role::Worker,
+            workers: vec![],
+            coordinator: Some("aggregator".into()),
+            partial_timeout_s: 30.0,
+            shard: Some(shard),
+            shards: Some(3),
+        };
+        for d in labs
+            .iter()
+            .cloned()
+            .chain((0..50).map(|i| format!("stranger-{i}")))
+        {
+            let takers = (0..3).filter(|&s| so(s).takes(&d, &labs)).count();
+            assert_eq!(takers, 1, "{d}");
+        }
+    }
 
     #[test]
     fn secure_aggregation_refuses_robust_rules_and_needs_the_devices() {

@@ -65,6 +65,9 @@ pub struct WorkerTally {
     /// Rejected messages by reason.
     pub rejected: BTreeMap<String, u64>,
     pub update_bytes: u64,
+    /// The worker's `(shard, shards)` when it takes a shard of the devices (none: the share group).
+    #[serde(default)]
+    pub shard: Option<(u32, u32)>,
 }
 
 /// The body of a [`Kind::Partial`] message.
@@ -96,6 +99,7 @@ impl Aggregator {
             accepted: self.state.accepted.clone(),
             rejected: self.state.rejected.clone(),
             update_bytes: self.state.update_bytes,
+            shard: self.cfg.scale_out.as_ref().and_then(|so| so.sharding()),
         }
     }
 
@@ -235,7 +239,11 @@ pub async fn run_worker(
                             } else {
                                 // A round this worker never saw open: it has nothing for it.
                                 ScaleOutMessage::Final {
-                                    tally: WorkerTally { round, ..WorkerTally::default() },
+                                    tally: WorkerTally {
+                                        round,
+                                        shard: agg.cfg.scale_out.as_ref().and_then(|so| so.sharding()),
+                                        ..WorkerTally::default()
+                                    },
                                     partial: None,
                                     dp_clip_norm: agg.cfg.dp.as_ref().map(|d| d.clip_norm),
                                 }
@@ -316,6 +324,59 @@ fn duplicates<'a>(
     added
 }
 
+/// What is wrong with how the workers split the devices, once every worker has reported: a mix of
+/// sharded and share-group workers, shard counts that differ, a shard taken twice (its devices'
+/// updates are accepted by both and the duplicates dropped), or a shard nobody takes (its devices'
+/// updates are ignored by every worker: they can never count). None when all is well or some worker
+/// has not reported yet.
+fn shard_problem(workers: &[String], tallies: &BTreeMap<String, WorkerTally>) -> Option<String> {
+    let shards: Vec<(&String, Option<(u32, u32)>)> = workers
+        .iter()
+        .map(|w| tallies.get(w).map(|t| (w, t.shard)))
+        .collect::<Option<_>>()?;
+    let sharded: Vec<(&String, (u32, u32))> = shards
+        .iter()
+        .filter_map(|(w, s)| s.map(|s| (*w, s)))
+        .collect();
+    if sharded.is_empty() {
+        return None;
+    }
+    if sharded.len() < shards.len() {
+        let shared: Vec<&str> = shards
+            .iter()
+            .filter(|(_, s)| s.is_none())
+            .map(|(w, _)| w.as_str())
+            .collect();
+        return Some(format!(
+            "workers {shared:?} take turns of the share group while the others take shards: give \
+             every worker shard and shards, or none"
+        ));
+    }
+    let n = sharded[0].1.1;
+    if let Some((w, (_, m))) = sharded.iter().find(|(_, (_, m))| *m != n) {
+        return Some(format!(
+            "{} says shards = {n}, {w} says shards = {m}: every worker needs the same count",
+            sharded[0].0
+        ));
+    }
+    let mut owner: BTreeMap<u32, &String> = BTreeMap::new();
+    for (w, (k, _)) in &sharded {
+        if let Some(other) = owner.insert(*k, w) {
+            return Some(format!(
+                "{other} and {w} both take shard {k} of {n}: their devices' updates count once \
+                 (the second is dropped as a duplicate), but another shard may be left to nobody"
+            ));
+        }
+    }
+    let missing: Vec<u32> = (0..n).filter(|k| !owner.contains_key(k)).collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "no worker takes shard(s) {missing:?} of {n}: the updates of their devices are \
+             ignored by every worker and those devices will be stragglers of every round"
+        )
+    })
+}
+
 /// Runs the coordinator: rounds as in [`Aggregator::run`], with the updates summed by the workers.
 pub async fn run_coordinator(
     mut agg: Aggregator,
@@ -340,6 +401,7 @@ pub async fn run_coordinator(
     let close_topic = agg.topics.partial(&agg.cfg.id);
     let mut progress: BTreeMap<String, WorkerTally> = BTreeMap::new();
     let mut collecting: Option<Collecting> = None;
+    let mut shard_warning: Option<String> = None;
     agg.publish_current(link, &mut stop).await?;
     loop {
         if *stop.borrow() {
@@ -361,6 +423,13 @@ pub async fn run_coordinator(
                         match msg {
                             ScaleOutMessage::Progress(t) if t.round == agg.state.round => {
                                 progress.insert(worker, t);
+                                let problem = shard_problem(&so.workers, &progress);
+                                if problem.is_some() && problem != shard_warning {
+                                    tracing::error!("scale-out shards: {}", problem.as_deref().unwrap_or_default());
+                                }
+                                if problem.is_some() {
+                                    shard_warning = problem;
+                                }
                             }
                             ScaleOutMessage::Final { tally, partial, dp_clip_norm } => {
                                 let ours = agg.cfg.dp.as_ref().map(|d| d.clip_norm);
@@ -568,6 +637,52 @@ mod tests {
     use crate::federated::compress::{CompressionConfig, Quantize, decoder_layout};
 
     #[test]
+    fn the_coordinator_names_what_is_wrong_with_the_workers_shards() {
+        let workers: Vec<String> = ["w0", "w1", "w2"].map(String::from).to_vec();
+        let tallies = |shards: [Option<(u32, u32)>; 3]| -> BTreeMap<String, WorkerTally> {
+            workers
+                .iter()
+                .zip(shards)
+                .map(|(w, shard)| {
+                    let t = WorkerTally {
+                        shard,
+                        ..WorkerTally::default()
+                    };
+                    (w.clone(), t)
+                })
+                .collect()
+        };
+        let problem = |shards| shard_problem(&workers, &tallies(shards));
+        assert_eq!(problem([None, None, None]), None, "the share group");
+        assert_eq!(
+            problem([Some((0, 3)), Some((1, 3)), Some((2, 3))]),
+            None,
+            "a partition"
+        );
+        let says = |shards, what: &str| {
+            let p = problem(shards).unwrap_or_default();
+            assert!(p.contains(what), "{shards:?}: {p:?}");
+        };
+        says(
+            [Some((0, 3)), None, Some((2, 3))],
+            "take turns of the share group",
+        );
+        says([Some((0, 3)), Some((1, 2)), Some((2, 3))], "the same count");
+        says(
+            [Some((0, 3)), Some((0, 3)), Some((2, 3))],
+            "both take shard 0",
+        );
+        says(
+            [Some((0, 4)), Some((1, 4)), Some((2, 4))],
+            "shard(s) [3] of 4",
+        );
+        // Until every worker has reported, nothing is judged.
+        let mut partial = tallies([Some((0, 4)), None, None]);
+        partial.remove("w1");
+        assert_eq!(shard_problem(&workers, &partial), None);
+    }
+
+    #[test]
     fn one_frame_bound_admits_top_k_int8_and_refuses_dense() {
         let layout = decoder_layout(2);
         let dense = CompressionConfig::default();
@@ -591,6 +706,8 @@ mod tests {
             workers: vec![],
             coordinator: Some("aggregator".into()),
             partial_timeout_s: 5.0,
+            shard: None,
+            shards: None,
         };
         assert!(so.validate("aggregator-1", &sparse).is_ok());
         assert!(
