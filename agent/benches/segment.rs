@@ -260,6 +260,7 @@ fn run_arrivals(
         failures: FailurePolicy::Report,
         info,
         pixel_size_um: None,
+        neck_ratio: microfed::features::DEFAULT_NECK_RATIO,
         tile: 512,
         overlap: 32,
         batch: 1,

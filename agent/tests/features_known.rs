@@ -349,6 +349,7 @@ fn cli_features_csv_and_json() {
         kind: None, // two unnamed classes → grains
         classes: None,
         bins: 5,
+        neck_ratio: 0.5,
         json: Some(json.clone()),
         csv: Some(csv.clone()),
     })
@@ -360,6 +361,21 @@ fn cli_features_csv_and_json() {
     assert_eq!(v[0]["kind"], "grains");
     assert_eq!(v[0]["grains"], 2);
     assert!((v[0]["astm_g"].as_f64().unwrap() - 10.362_86).abs() < 1e-4);
-    // The particle mask read as grains: class 0 is one 4-connected region.
-    assert_eq!(v[1]["grains"], 1);
+    // The particle mask read as grains: class 0 is one 4-connected region around the particles,
+    // which the neck rule (0.5) cuts in two where particles pinch it (0: one region, below).
+    assert_eq!(v[1]["grains"], 2);
+    run(Args {
+        masks: vec![tmp.path().join("b.png")],
+        pixel_size: None,
+        kind: None,
+        classes: None,
+        bins: 5,
+        neck_ratio: 0.0,
+        json: Some(json.clone()),
+        csv: None,
+    })
+    .unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v[0]["grains"], 1);
 }

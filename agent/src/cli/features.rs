@@ -45,6 +45,11 @@ pub struct Args {
     /// Bins of the diameter histograms.
     #[arg(long, default_value_t = 10)]
     pub bins: usize,
+    /// Grains: split a region where two parts meet through a neck narrower than this fraction of
+    /// the smaller one's largest inscribed radius (a gap in a predicted boundary); 0 = plain
+    /// connected interiors.
+    #[arg(long, value_name = "R", default_value_t = crate::features::DEFAULT_NECK_RATIO)]
+    pub neck_ratio: f64,
     /// Write the JSON array here instead of stdout.
     #[arg(long, value_name = "OUT")]
     pub json: Option<PathBuf>,
@@ -96,6 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .pixel_size
             .or(manifest.as_ref().and_then(|m| m.pixel_size_um)),
         histogram_bins: args.bins,
+        neck_ratio: args.neck_ratio,
     };
     let grain_classes = GrainClasses::from_classes(&classes);
     let names: Vec<String> = classes.iter().map(|c| c.name.clone()).collect();

@@ -68,6 +68,11 @@ pub struct Args {
     /// Micrometres per pixel (overrides TIFF resolution tags).
     #[arg(long, value_name = "UM")]
     pub pixel_size: Option<f64>,
+    /// Grains: split a region where two parts meet through a neck narrower than this fraction of
+    /// the smaller one's largest inscribed radius (a gap in a predicted boundary); 0 = plain
+    /// connected interiors.
+    #[arg(long, value_name = "R", default_value_t = crate::features::DEFAULT_NECK_RATIO)]
+    pub neck_ratio: f64,
     /// Normalisation mean (grey level in [0, 1]) the model was trained with (default: the model's
     /// manifest, else 0.5).
     #[arg(long)]
@@ -152,6 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             per_image: norm.per_image && args.norm_mean.is_none() && args.norm_std.is_none(),
         },
         pixel_size_um: args.pixel_size,
+        grain_neck_ratio: args.neck_ratio,
         device: args.device,
         threads: args.threads,
         engine: args.engine,
@@ -169,6 +175,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // Field checks shared with the agent (normalisation, pixel size, classes).
     cfg.model.normalisation.validate()?;
+    if !(0.0..=1.0).contains(&args.neck_ratio) {
+        bail!(
+            "--neck-ratio must be within 0..=1 (0 = no splitting), found {}",
+            args.neck_ratio
+        );
+    }
     if let Some(px) = args.pixel_size
         && !(px.is_finite() && px > 0.0)
     {
@@ -191,6 +203,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         failures: FailurePolicy::Report,
         info: ModelInfo::resolve(&model_section, &segmenter)?,
         pixel_size_um: args.pixel_size,
+        neck_ratio: args.neck_ratio,
         tile: args.tile,
         overlap: args.overlap,
         batch: args.batch,

@@ -513,6 +513,7 @@ fn pipeline_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> PipelineConf
             features: FeatureChoice::Auto,
             normalisation: lab.manifest.normalisation,
             pixel_size_um: None,
+            grain_neck_ratio: crate::features::DEFAULT_NECK_RATIO,
             device: Device::Auto,
             // Labs share the machine: one thread each for the network's matrix products.
             threads: 1,

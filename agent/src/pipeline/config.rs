@@ -132,6 +132,11 @@ pub struct ModelSection {
     /// when unset, the tags are used if the file has them, else lengths are in pixels.
     #[serde(default)]
     pub pixel_size_um: Option<f64>,
+    /// Grains: a region of interior pixels is split where two parts meet through a neck narrower
+    /// than this fraction of the smaller part's largest inscribed radius (a gap in a predicted
+    /// boundary); 0 = grains are the plain connected interiors. 0..=1.
+    #[serde(default = "default_neck_ratio")]
+    pub grain_neck_ratio: f64,
     /// "auto", "cpu" or "cuda": where tract runs the network (see [`Device`]).
     #[serde(default)]
     pub device: Device,
@@ -148,6 +153,10 @@ fn yes() -> bool {
     true
 }
 
+fn default_neck_ratio() -> f64 {
+    crate::features::DEFAULT_NECK_RATIO
+}
+
 impl Default for ModelSection {
     fn default() -> Self {
         Self {
@@ -157,6 +166,7 @@ impl Default for ModelSection {
             features: FeatureChoice::Auto,
             normalisation: Normalisation::default(),
             pixel_size_um: None,
+            grain_neck_ratio: default_neck_ratio(),
             device: Device::Auto,
             threads: 0,
             engine: Engine::Auto,
@@ -423,6 +433,15 @@ impl PipelineConfig {
                 format!("must be a positive number of micrometres, found {px}"),
             ));
         }
+        if !(0.0..=1.0).contains(&self.model.grain_neck_ratio) {
+            return Err(invalid(
+                "model.grain_neck_ratio",
+                format!(
+                    "must be within 0..=1 (0 = no splitting), found {}",
+                    self.model.grain_neck_ratio
+                ),
+            ));
+        }
         if !self.model.classes.is_empty() {
             let m = crate::classes::DatasetManifest {
                 name: "agent".into(),
@@ -488,6 +507,14 @@ mod tests {
         bad("[tiling]\ntile = 500\n", "tiling.tile");
         bad("[tiling]\noverlap = 256\n", "tiling.overlap");
         bad("[tiling]\nbatch = 0\n", "tiling.batch");
+        bad(
+            "[model]\npath = \"m\"\ngrain_neck_ratio = 1.5\n",
+            "model.grain_neck_ratio",
+        );
+        bad(
+            "[model]\npath = \"m\"\ngrain_neck_ratio = nan\n",
+            "model.grain_neck_ratio",
+        );
         bad(
             "[model]\npath = \"m\"\npixel_size_um = -1\n",
             "model.pixel_size_um",

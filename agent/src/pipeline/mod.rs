@@ -177,6 +177,8 @@ pub struct Settings {
     pub info: ModelInfo,
     /// Overrides the pixel size of every image (else TIFF tags, else pixels).
     pub pixel_size_um: Option<f64>,
+    /// Grains: [`crate::features::FeatureOptions::neck_ratio`].
+    pub neck_ratio: f64,
     pub tile: usize,
     pub overlap: usize,
     pub batch: usize,
@@ -197,6 +199,7 @@ impl Settings {
             failures: FailurePolicy::Quarantine(config.folders.quarantine.clone()),
             info: ModelInfo::resolve(&config.model, segmenter)?,
             pixel_size_um: config.model.pixel_size_um,
+            neck_ratio: config.model.grain_neck_ratio,
             tile: config.tiling.tile,
             overlap: config.tiling.overlap,
             batch: config.tiling.batch,
@@ -658,6 +661,7 @@ impl Writer<'_> {
         let info = &s.info;
         let opts = FeatureOptions {
             pixel_size_um: s.pixel_size_um.or(micrograph.pixel_size_um),
+            neck_ratio: s.neck_ratio,
             ..FeatureOptions::default()
         };
         let features = match info.feature_kind {
