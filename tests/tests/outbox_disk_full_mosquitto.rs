@@ -2,7 +2,8 @@
 //! round while every write into its outbox fails with ENOSPC (injected: `MICROFED_FAIL_WRITES`,
 //! debug builds). The update used to be logged and lost; it is kept in memory, the agent goes on
 //! running and says why, and once the disk has room the update is stored, delivered and counted by
-//! the real aggregator.
+//! the real aggregator. The error-feedback residual, whose save fails too, is kept in memory and
+//! saved once there is room.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,9 +43,9 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
         ),
     )
     .unwrap();
-    // The disk is full for the outbox from the start.
+    // The disk is full for the outbox and the error-feedback residual from the start.
     let full = dir.join("disk-full");
-    std::fs::write(&full, "fed/outbox\n").unwrap();
+    std::fs::write(&full, "fed/outbox\nfed/residual\n").unwrap();
     let mut agent = AgentProcess::start_with_env(
         &dir.join("agent.toml"),
         &dir.join("agent.log"),
@@ -100,6 +101,11 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     let log = agent.log();
     assert!(log.contains("No space left on device"), "{log}");
     assert!(log.contains("keeping it in memory"), "{log}");
+    assert!(
+        log.contains("cannot save the error-feedback residual; keeping it in memory"),
+        "{log}"
+    );
+    assert!(!dir.join("fed/residual.bin").exists());
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         matches!(agent.child.try_wait(), Ok(None)),
@@ -138,6 +144,14 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     let log = agent.log();
     assert!(log.contains("writes work again"), "{log}");
     assert!(log.contains("update delivered"), "{log}");
+    assert!(log.contains("error-feedback residual saved again"), "{log}");
+    assert!(dir.join("fed/residual.bin").is_file());
+    // Logged once, not at every retry.
+    assert_eq!(
+        log.matches("cannot save the error-feedback residual").count(),
+        1,
+        "{log}"
+    );
     agent.terminate();
     assert!(
         agent.wait(Duration::from_secs(30)).success(),

@@ -493,6 +493,11 @@ struct Session<'a> {
     store_failing: bool,
     residual_path: PathBuf,
     residual: Residual,
+    /// The residual in memory is newer than the file (its save failed: a full disk): saved again
+    /// before each flush, so a restart does not lose the mass it carries.
+    residual_unsaved: bool,
+    /// The last residual save failed (logged once, not at every retry).
+    residual_save_failed: bool,
     pending_code: Option<PendingCode>,
     /// The style-book generation the trainer last got (None: give the codes again).
     styles_given: Option<u64>,
@@ -876,6 +881,8 @@ impl<'a> Session<'a> {
             unstored: Vec::new(),
             store_failing: false,
             residual_path,
+            residual_unsaved: false,
+            residual_save_failed: false,
             residual,
             pending_code,
             styles_given: None,
@@ -1014,9 +1021,8 @@ impl<'a> Session<'a> {
         });
         let last_error = match made {
             Ok(bytes) => {
-                if let Err(e) = self.residual.save(&self.residual_path) {
-                    tracing::warn!(error = %e, "cannot save the error-feedback residual");
-                }
+                self.residual_unsaved = true;
+                self.save_residual();
                 let item = OutboxItem {
                     topic: self.device.topics.update(&self.cfg.device),
                     round,
@@ -1224,7 +1230,42 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// Saves the error-feedback residual when the file is behind memory. A failure (a full disk) is
+    /// logged and shown in the status once and retried before each flush; until then a restart
+    /// would start from the last saved residual (no update is lost, only the mass carried since).
+    fn save_residual(&mut self) {
+        if !self.residual_unsaved {
+            return;
+        }
+        let failing_before = self.residual_save_failed;
+        match self.residual.save(&self.residual_path) {
+            Ok(()) => {
+                self.residual_unsaved = false;
+                self.residual_save_failed = false;
+                if failing_before {
+                    tracing::info!(
+                        path = %self.residual_path.display(),
+                        "error-feedback residual saved again"
+                    );
+                }
+            }
+            Err(e) => {
+                if !failing_before {
+                    tracing::error!(
+                        path = %self.residual_path.display(),
+                        error = %e,
+                        "cannot save the error-feedback residual; keeping it in memory and retrying"
+                    );
+                    let msg = format!("cannot save the error-feedback residual: {e}");
+                    self.device.status.update(|st| st.last_error = Some(msg));
+                }
+                self.residual_save_failed = true;
+            }
+        }
+    }
+
     async fn flush_outbox(&mut self, open_round: Option<u64>) {
+        self.save_residual();
         if !self.unstored.is_empty() {
             let before = self.unstored.len();
             self.store_unstored();
