@@ -148,7 +148,8 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     assert!(dir.join("fed/residual.bin").is_file());
     // Logged once, not at every retry.
     assert_eq!(
-        log.matches("cannot save the error-feedback residual").count(),
+        log.matches("cannot save the error-feedback residual")
+            .count(),
         1,
         "{log}"
     );
