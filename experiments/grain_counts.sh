@@ -4,6 +4,7 @@
 # boundary gaps (0.5, the default): docs/results.md, "Grain counts".
 #
 #     experiments/grain_counts.sh [MODEL_DIR] [COUNT] [SIZE]
+#     RATIO=0.4 experiments/grain_counts.sh      # another neck ratio than the default 0.5
 #
 # MODEL_DIR defaults to models/grains; 6 images of 512² per style, seed 900 (models/make.sh trains
 # on seeds 1000-1003 and tests on 1500-1504). Needs the release binary (cargo build --release) and
@@ -21,22 +22,23 @@ for st in "${styles[@]}"; do
   d="$work/$st"
   "$bin" synth --style "$st" --count "$count" --size "$size" --seed 900 --out "$d" >/dev/null 2>&1
   "$bin" segment --model "$model" --out "$d/pred" "$d"/images/*.png >/dev/null 2>&1
-  for r in 0 0.5; do
+  for r in 0 ${RATIO:-0.5}; do
     "$bin" features --kind grains --neck-ratio "$r" --json "$d/pred-$r.json" "$d"/pred/*.mask.png >/dev/null 2>&1
     "$bin" features --kind grains --neck-ratio "$r" --json "$d/truth-$r.json" "$d"/masks/*.png >/dev/null 2>&1
   done
 done
 python3 - "$work" "$model" "${styles[@]}" <<'EOF'
-import glob, json, sys
+import glob, json, os, sys
 work, model, styles = sys.argv[1], sys.argv[2], sys.argv[3:]
 print(f"model {model}: grains per image (mean) and mean |measured - truth| / truth")
-print("| style | truth | truth mask, 0.5 | measured, 0 | measured, 0.5 | error, 0 | error, 0.5 |")
+rr = os.environ.get("RATIO", "0.5")
+print(f"| style | truth | truth mask, {rr} | measured, 0 | measured, {rr} | error, 0 | error, {rr} |")
 print("|---|---|---|---|---|---|---|")
 for st in styles:
     d = f"{work}/{st}"
     truth = [json.load(open(f))["grains"] for f in sorted(glob.glob(f"{d}/truth/*.json"))]
     grains = lambda name: [f["grains"] for f in json.load(open(f"{d}/{name}.json"))]
-    t5, p0, p5 = grains("truth-0.5"), grains("pred-0"), grains("pred-0.5")
+    t5, p0, p5 = grains(f"truth-{rr}"), grains("pred-0"), grains(f"pred-{rr}")
     err = lambda p: 100 * sum(abs(a - b) / b for a, b in zip(p, truth)) / len(truth)
     mean = lambda v: sum(v) / len(v)
     print(f"| {st} | {mean(truth):.1f} | {mean(t5):.1f} | {mean(p0):.1f} | {mean(p5):.1f} | "

@@ -1,11 +1,18 @@
 //! The shipped `grains` model, run by `microfed segment` on synthetic micrographs of a training style
 //! (sem-se) that it never saw (another seed), gives grain counts close to what the generator drew.
 //!
-//! Tolerances, stated from the measurement this test was written against (models/grains 1.0.0, a short
-//! CPU training): the model misses short boundary segments, so grains merge and the count comes out low
-//! — 12.4 % under the truth over 8 test images, 7.7 % to 21.8 % per image. The test allows 20 % over
-//! all images and 30 % per image, and asserts that the count is not above the truth by more than 5 %
-//! (spurious boundaries would split grains). A retrained model must tighten these numbers.
+//! Tolerances, stated from the measurements this test was written against (models/grains 1.0.0, a
+//! short CPU training; these 4 images of 512², seed 77):
+//! - The mask itself: its plain 4-connected interiors (`features --neck-ratio 0`) count low, because
+//!   the model misses short boundary segments and grains merge: −14.4, −7.9, −11.6, −3.3 % per image
+//!   (−9.1 % over all). Checked: never above the truth by more than 5 % (spurious boundaries in the
+//!   mask would split grains).
+//! - What the agent reports (the default neck rule, 0.5, which splits regions at boundary gaps):
+//!   +6.0, +17.0, +8.4, +18.8 % (+12.9 % over all) on this style, where the plain count was already
+//!   close; on the weaker styles the rule takes the errors from 20–90 % to 2–43 %
+//!   (docs/results.md, "Grain counts"). Checked: within 30 % per image and 20 % over all images.
+//!
+//! A retrained model must tighten these numbers.
 
 use microfed_e2e::{microfed, synth_labelled};
 
@@ -28,6 +35,28 @@ fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
         ],
         true,
     );
+    // The masks' plain interiors, for the spurious-boundary check.
+    let plain = tmp.path().join("plain.json");
+    let masks: Vec<String> = (0..4)
+        .map(|i| {
+            out.join(format!("polycrystal-sem-se-{i:04}.mask.png"))
+                .display()
+                .to_string()
+        })
+        .collect();
+    let mut args = vec![
+        "features",
+        "--kind",
+        "grains",
+        "--neck-ratio",
+        "0",
+        "--json",
+        plain.to_str().unwrap(),
+    ];
+    args.extend(masks.iter().map(String::as_str));
+    microfed(&args, true);
+    let plain: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&plain).unwrap()).unwrap();
     let (mut truth_total, mut measured_total) = (0i64, 0i64);
     for i in 0..4 {
         let stem = format!("polycrystal-sem-se-{i:04}");
@@ -41,15 +70,18 @@ fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
         .unwrap();
         let t = truth["grains"].as_i64().expect("truth grains");
         let m = features["grains"].as_i64().expect("measured grains");
+        let p = plain[i]["grains"].as_i64().expect("plain grains");
         let err = (m - t) as f64 / t as f64;
+        let plain_err = (p - t) as f64 / t as f64;
         eprintln!(
-            "{stem}: {m} grains from the model's mask, {t} drawn ({:+.1}%)",
-            err * 100.0
+            "{stem}: {m} grains reported ({:+.1}%), {p} plain interiors ({:+.1}%), {t} drawn",
+            err * 100.0,
+            plain_err * 100.0
         );
         assert!(err.abs() <= 0.30, "{stem}: {m} grains measured, {t} drawn");
         assert!(
-            err <= 0.05,
-            "{stem}: {m} grains measured, {t} drawn: spurious boundaries"
+            plain_err <= 0.05,
+            "{stem}: {p} plain interiors in the mask, {t} grains drawn: spurious boundaries"
         );
         truth_total += t;
         measured_total += m;
