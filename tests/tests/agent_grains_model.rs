@@ -58,7 +58,7 @@ fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
     let plain: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(&plain).unwrap()).unwrap();
     let (mut truth_total, mut measured_total) = (0i64, 0i64);
-    for i in 0..4 {
+    for (i, plain) in plain.iter().enumerate() {
         let stem = format!("polycrystal-sem-se-{i:04}");
         let truth: serde_json::Value = serde_json::from_slice(
             &std::fs::read(data.join("truth").join(format!("{stem}.json"))).unwrap(),
@@ -70,7 +70,7 @@ fn grain_counts_from_the_shipped_model_agree_with_the_generator() {
         .unwrap();
         let t = truth["grains"].as_i64().expect("truth grains");
         let m = features["grains"].as_i64().expect("measured grains");
-        let p = plain[i]["grains"].as_i64().expect("plain grains");
+        let p = plain["grains"].as_i64().expect("plain grains");
         let err = (m - t) as f64 / t as f64;
         let plain_err = (p - t) as f64 / t as f64;
         eprintln!(
