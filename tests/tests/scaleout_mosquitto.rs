@@ -340,6 +340,21 @@ impl Fleet {
             .collect()
     }
 
+    /// Waits until the workers have accepted `n` updates between them.
+    fn wait_accepted(&self, n: usize) {
+        assert!(
+            wait_until(Duration::from_secs(30), || self
+                .per_worker()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                == n),
+            "{:?}\n{}",
+            self.per_worker(),
+            self.logs()
+        );
+    }
+
     /// Sends `signal` (`STOP`, `CONT`) to every worker process.
     fn signal_workers(&self, signal: &str) {
         for p in &self.workers {
@@ -542,17 +557,7 @@ fn a_coordinator_killed_mid_round_and_restarted_closes_the_round_with_every_upda
     let mut fleet = Fleet::start(devices, 2);
     let t0 = Instant::now();
     fleet.publish(0..3);
-    assert!(
-        wait_until(Duration::from_secs(30), || fleet
-            .per_worker()
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            == 3),
-        "{:?}\n{}",
-        fleet.per_worker(),
-        fleet.logs()
-    );
+    fleet.wait_accepted(3);
     fleet.kill_and_restart_coordinator();
     fleet.publish(3..devices);
     let run = fleet.finish(t0, 0.0);
@@ -575,17 +580,7 @@ fn sharded_workers_lose_nothing_sent_while_the_broker_restarts() {
     let mut fleet = Fleet::start_with(devices, 2, true);
     let t0 = Instant::now();
     fleet.publish(0..3);
-    assert!(
-        wait_until(Duration::from_secs(30), || fleet
-            .per_worker()
-            .values()
-            .map(Vec::len)
-            .sum::<usize>()
-            == 3),
-        "{:?}\n{}",
-        fleet.per_worker(),
-        fleet.logs()
-    );
+    fleet.wait_accepted(3);
     fleet.signal_workers("STOP");
     fleet.broker.restart().unwrap();
     fleet.reconnect(3..devices);
