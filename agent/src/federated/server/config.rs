@@ -315,6 +315,11 @@ impl AggregatorConfig {
         if let Some(d) = self.devices.iter().find(|d| !protocol::valid_level(d)) {
             return Err(format!("devices: {d:?} is not a valid device id"));
         }
+        // A device listed twice would count twice towards the quorum and the DP sampling rate.
+        let mut seen = BTreeSet::new();
+        if let Some(d) = self.devices.iter().find(|d| !seen.insert(d.as_str())) {
+            return Err(format!("devices: {d:?} is listed twice"));
+        }
         if self.devices.is_empty() && self.broker.is_some() && !self.any_device {
             return Err(
                 "devices = [] with an external broker would take updates under any device id and \
@@ -509,13 +514,10 @@ pub const MAX_SHARDS: u32 = 256;
 pub fn shard_of(device: &str, shards: u32, devices: &[String]) -> u32 {
     use sha2::{Digest, Sha256};
     let shards = u64::from(shards.max(1));
+    // Called for every update frame: a count, no allocation (ids are distinct, checked at load;
+    // were one listed twice, every worker would still count it the same way).
     let rank = if devices.iter().any(|d| d == device) {
-        let below: BTreeSet<&str> = devices
-            .iter()
-            .map(String::as_str)
-            .filter(|d| *d < device)
-            .collect();
-        below.len() as u64
+        devices.iter().filter(|d| d.as_str() < device).count() as u64
     } else {
         let digest = Sha256::digest(device.as_bytes());
         let mut first = [0u8; 8];
@@ -658,6 +660,16 @@ mod tests {
                 .unwrap_err()
                 .contains("worker's settings")
         );
+    }
+
+    #[test]
+    fn a_device_listed_twice_is_refused() {
+        let err = raw(&format!(
+            "{REQUIRED}devices = [\"lab-1\", \"lab-2\", \"lab-1\"]\n"
+        ))
+        .validate()
+        .unwrap_err();
+        assert!(err.contains("\"lab-1\" is listed twice"), "{err}");
     }
 
     #[test]
