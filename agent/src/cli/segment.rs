@@ -175,12 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     // Field checks shared with the agent (normalisation, pixel size, classes).
     cfg.model.normalisation.validate()?;
-    if !(0.0..=1.0).contains(&args.neck_ratio) {
-        bail!(
-            "--neck-ratio must be within 0..=1 (0 = no splitting), found {}",
-            args.neck_ratio
-        );
-    }
+    crate::features::check_neck_ratio(args.neck_ratio).context("--neck-ratio")?;
     if let Some(px) = args.pixel_size
         && !(px.is_finite() && px > 0.0)
     {

@@ -22,14 +22,14 @@
 //!
 //! Distances are exact: the squared Euclidean distance transform of Felzenszwalb and Huttenlocher
 //! (two passes of the lower envelope of parabolas), in integers, so the flooding order is
-//! deterministic. Cost: O(pixels · log pixels) for the sort; 2048 × 1536 takes well under a second.
+//! deterministic. Cost: O(pixels · log pixels) for the sort (not timed separately: the demo and `experiments/grain_counts.sh` run it on every mask).
 
 use super::Components;
 use crate::mask::Mask;
 
 /// Squared distance of every pixel to the nearest pixel where `inside` is false (0 there). With no
 /// such pixel every value is `u64::MAX / 4` (farther than any image).
-pub fn squared_distance_to_outside(inside: &[bool], w: usize, h: usize) -> Vec<u64> {
+fn squared_distance_to_outside(inside: &[bool], w: usize, h: usize) -> Vec<u64> {
     const FAR: u64 = u64::MAX / 4;
     let mut d: Vec<u64> = inside.iter().map(|&i| if i { FAR } else { 0 }).collect();
     if w == 0 || h == 0 {
@@ -62,11 +62,11 @@ pub fn squared_distance_to_outside(inside: &[bool], w: usize, h: usize) -> Vec<u
 fn envelope(f: &[u64], out: &mut [u64], v: &mut [usize], z: &mut [f64]) {
     const FAR: u64 = u64::MAX / 4;
     let n = f.len();
-    let finite: Vec<usize> = (0..n).filter(|&p| f[p] < FAR).collect();
-    if finite.is_empty() {
+    let mut finite = (0..n).filter(|&p| f[p] < FAR);
+    let Some(first) = finite.next() else {
         out.iter_mut().for_each(|o| *o = FAR);
         return;
-    }
+    };
     // Intersection of the parabolas rooted at p and q (p > q), as a real abscissa.
     let meet = |p: usize, q: usize| -> f64 {
         let (fp, fq) = (f[p] as f64, f[q] as f64);
@@ -74,10 +74,10 @@ fn envelope(f: &[u64], out: &mut [u64], v: &mut [usize], z: &mut [f64]) {
         ((fp + p2) - (fq + q2)) / (2.0 * (p as f64 - q as f64))
     };
     let mut k = 0usize;
-    v[0] = finite[0];
+    v[0] = first;
     z[0] = f64::NEG_INFINITY;
     z[1] = f64::INFINITY;
-    for &q in &finite[1..] {
+    for q in finite {
         let mut s = meet(q, v[k]);
         while s <= z[k] {
             k -= 1;
@@ -180,6 +180,11 @@ mod tests {
     use crate::features::{Connectivity, connected_components};
     use rand::{Rng, SeedableRng};
 
+    /// Inside the disc of radius 12 centred at (`cx`, 16).
+    fn disc(x: usize, y: usize, cx: f64) -> bool {
+        (x as f64 - cx).powi(2) + (y as f64 - 16.0).powi(2) <= 144.0
+    }
+
     fn mask_from(w: usize, h: usize, mut interior: impl FnMut(usize, usize) -> bool) -> Mask {
         let data = (0..w * h)
             .map(|i| if interior(i % w, i / w) { 0 } else { 1 })
@@ -213,9 +218,6 @@ mod tests {
     /// Two discs of radius 12 whose boundary has a 3-pixel gap: one component, two grains.
     #[test]
     fn two_grains_joined_through_a_boundary_gap_are_split() {
-        let disc = |x: usize, y: usize, cx: f64| {
-            (x as f64 - cx).powi(2) + (y as f64 - 16.0).powi(2) <= 144.0
-        };
         let m = mask_from(60, 32, |x, y| {
             disc(x, y, 15.0) || disc(x, y, 43.0) || (27..=31).contains(&x) && (15..=17).contains(&y)
         });
@@ -237,9 +239,6 @@ mod tests {
     /// elongated grain (a long plateau of distances) is one grain.
     #[test]
     fn wide_necks_and_elongated_grains_stay_whole() {
-        let disc = |x: usize, y: usize, cx: f64| {
-            (x as f64 - cx).powi(2) + (y as f64 - 16.0).powi(2) <= 144.0
-        };
         let lobes = mask_from(60, 32, |x, y| {
             disc(x, y, 15.0) || disc(x, y, 43.0) || (15..=43).contains(&x) && (7..=25).contains(&y)
         });

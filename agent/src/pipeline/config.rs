@@ -433,15 +433,8 @@ impl PipelineConfig {
                 format!("must be a positive number of micrometres, found {px}"),
             ));
         }
-        if !(0.0..=1.0).contains(&self.model.grain_neck_ratio) {
-            return Err(invalid(
-                "model.grain_neck_ratio",
-                format!(
-                    "must be within 0..=1 (0 = no splitting), found {}",
-                    self.model.grain_neck_ratio
-                ),
-            ));
-        }
+        crate::features::check_neck_ratio(self.model.grain_neck_ratio)
+            .map_err(|e| invalid("model.grain_neck_ratio", e.to_string()))?;
         if !self.model.classes.is_empty() {
             let m = crate::classes::DatasetManifest {
                 name: "agent".into(),
