@@ -18,6 +18,7 @@
 //! the GEMMs themselves are split over the rayon pool.
 
 use super::gemm::{MatRef, matmul, with_scratch};
+use super::winograd;
 use crate::{Conv, Shape};
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -140,6 +141,10 @@ pub(crate) fn forward(
     y: &mut [f32],
     plan: Plan,
 ) {
+    if winograd::applies(xs, conv) {
+        winograd::forward(x, xs, conv, w, b, relu, y, plan);
+        return;
+    }
     if let Plan::Inside(threads) = plan
         && threads > 1
     {
@@ -211,18 +216,27 @@ fn epilogue(seg: &mut [f32], bias: f32, relu: bool) {
     }
 }
 
-/// The output's base pointer, shared by the band tasks of [`forward_bands_parallel`].
+/// The output's base pointer, shared by the band tasks of [`forward_bands_parallel`] and
+/// `winograd::forward`.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: only used by `forward_bands_parallel`, whose tasks write pairwise disjoint ranges of one
-// exclusively borrowed slice that outlives them (rayon's scope joins before the borrow ends).
+pub(crate) struct OutPtr(*mut f32);
+// SAFETY: only used by band tasks that write pairwise disjoint ranges of one exclusively borrowed
+// slice that outlives them (rayon's parallel loop joins before the borrow ends).
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// The pointer (a method, so closures capture the whole `Send` wrapper, not its raw field).
-    fn base(self) -> *mut f32 {
-        self.0
+    pub fn new(y: &mut [f32]) -> Self {
+        Self(y.as_mut_ptr())
+    }
+    /// Copies `src` to `y[at..at + src.len()]`.
+    ///
+    /// # Safety
+    /// The range lies inside the slice given to [`OutPtr::new`], that slice is still exclusively
+    /// borrowed by the caller, and no other task writes or reads the range meanwhile.
+    pub unsafe fn write(self, at: usize, src: &[f32]) {
+        // SAFETY: the caller's contract; `src` is the task's own scratch, so it cannot overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.0.add(at), src.len()) }
     }
 }
 
@@ -256,7 +270,7 @@ fn forward_bands_parallel(
         y.len() >= xs.n * conv.c_out * hw && x.len() >= xs.n * conv.c_in * hw,
         "conv forward: buffers too short"
     );
-    let out = OutPtr(y.as_mut_ptr());
+    let out = OutPtr::new(y);
     let lhs = MatRef::rows(w, kk);
     (0..xs.n * bands).into_par_iter().for_each(|task| {
         let (i, band_index) = (task / bands, task % bands);
@@ -307,9 +321,7 @@ fn forward_bands_parallel(
                 // alone: tasks differ in image or in their row band. `seg` is task-local scratch, so
                 // the two ranges cannot overlap. `y` stays exclusively borrowed for the whole
                 // parallel loop, which returns only after every task has finished.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(seg.as_ptr(), out.base().add(at), band);
-                }
+                unsafe { out.write(at, seg) };
             }
         });
     });

@@ -3,7 +3,8 @@
 //! Map of this module:
 //! - [`MatRef`]: a strided read-only matrix view over a slice.
 //! - [`matmul`]: `dst (+)= lhs × rhs` for a dense row-major `dst`.
-//! - [`with_scratch`]: a per-thread buffer that grows once and is then reused (im2col columns).
+//! - [`with_scratch`] / [`with_weight_scratch`]: per-thread buffers that grow once and are then
+//!   reused (im2col columns, Winograd bands; a layer's transformed weights).
 
 use gemm::Parallelism;
 use std::cell::RefCell;
@@ -103,18 +104,33 @@ pub(crate) fn matmul(
 
 thread_local! {
     static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    static WEIGHT_SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Runs `f` with a per-thread buffer of at least `len` elements (contents unspecified). The buffer
 /// is taken out of the thread-local slot for the duration of `f`, so a re-entrant call (rayon may
 /// run another task on this thread while `f` waits) gets a fresh buffer instead of a borrow panic.
 pub(crate) fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    with_slot(&SCRATCH, len, f)
+}
+
+/// [`with_scratch`] from a second per-thread slot, for a layer's transformed weights: they stay
+/// borrowed while the band tasks (which may run on this thread) take the first slot.
+pub(crate) fn with_weight_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    with_slot(&WEIGHT_SCRATCH, len, f)
+}
+
+fn with_slot<R>(
+    slot: &'static std::thread::LocalKey<RefCell<Vec<f32>>>,
+    len: usize,
+    f: impl FnOnce(&mut [f32]) -> R,
+) -> R {
+    let mut buf = slot.with(|s| std::mem::take(&mut *s.borrow_mut()));
     if buf.len() < len {
         buf.resize(len, 0.0);
     }
     let r = f(&mut buf[..len]);
-    SCRATCH.with(|s| {
+    slot.with(|s| {
         let mut slot = s.borrow_mut();
         if slot.len() < buf.len() {
             *slot = buf;

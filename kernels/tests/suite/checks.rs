@@ -472,6 +472,14 @@ fn conv3_forward_at<B: Backend>(
             p,
         )?;
         conv_forward_case(&mut cx, Shape::new(3, 5, 9, 7), Conv::new(5, 3, 3), true, p)?;
+        // Wide enough for the CPU's Winograd path (≥ 8 channels in and out), odd sizes.
+        conv_forward_case(
+            &mut cx,
+            Shape::new(2, 12, 11, 9),
+            Conv::new(12, 10, 3),
+            true,
+            p,
+        )?;
         // A deeper reduction (c_in·9 = 306) and 1-pixel-wide planes.
         conv_forward_case(
             &mut cx,
