@@ -2,8 +2,9 @@
 //! round while every write into its outbox fails with ENOSPC (injected: `MICROFED_FAIL_WRITES`,
 //! debug builds). The update used to be logged and lost; it is kept in memory, the agent goes on
 //! running and says why, and once the disk has room the update is stored, delivered and counted by
-//! the real aggregator. The error-feedback residual, whose save fails too, is kept in memory and
-//! saved once there is room.
+//! the real aggregator. The error-feedback residual, the participant state (the last trained round)
+//! and the lab's style code, whose saves fail too, are kept in memory, each failure is logged once,
+//! and each file is written once there is room.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -35,6 +36,7 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
              [federation]\nfleet = \"lab-test\"\ndevice = \"lab-a\"\nlabelled = \"labelled\"\n\
              state = \"fed\"\ndevice_kind = \"cpu\"\nbatch = 2\ncrop = 64\n\
              aggregator_key = \"{}\"\n\
+             [federation.style]\nkind = \"feature-stats\"\nmin_images = 3\n\
              [federation.broker]\nhost = \"127.0.0.1\"\nport = {}\nkeep_alive_s = 5\n\
              [federation.broker.tls]\nca = {:?}\ncert = {cert:?}\nkey = {pem_key:?}\n",
             key.public().to_hex(),
@@ -45,7 +47,11 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     .unwrap();
     // The disk is full for the outbox and the error-feedback residual from the start.
     let full = dir.join("disk-full");
-    std::fs::write(&full, "fed/outbox\nfed/residual\n").unwrap();
+    std::fs::write(
+        &full,
+        "fed/outbox\nfed/residual\nfed/participant\nfed/style-code\n",
+    )
+    .unwrap();
     let mut agent = AgentProcess::start_with_env(
         &dir.join("agent.toml"),
         &dir.join("agent.log"),
@@ -101,11 +107,17 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     let log = agent.log();
     assert!(log.contains("No space left on device"), "{log}");
     assert!(log.contains("keeping it in memory"), "{log}");
-    assert!(
-        log.contains("cannot save the error-feedback residual; keeping it in memory"),
-        "{log}"
-    );
-    assert!(!dir.join("fed/residual.bin").exists());
+    for what in ["error-feedback residual", "participant state", "style code"] {
+        assert!(
+            log.contains(&format!(
+                "cannot save the {what}; keeping it in memory and retrying"
+            )),
+            "{what}: {log}"
+        );
+    }
+    for file in ["residual.bin", "participant.json", "style-code.json"] {
+        assert!(!dir.join("fed").join(file).exists(), "{file}");
+    }
     std::thread::sleep(Duration::from_secs(2));
     assert!(
         matches!(agent.child.try_wait(), Ok(None)),
@@ -144,15 +156,24 @@ fn an_update_the_outbox_cannot_store_is_kept_and_delivered_once_the_disk_has_roo
     let log = agent.log();
     assert!(log.contains("writes work again"), "{log}");
     assert!(log.contains("update delivered"), "{log}");
-    assert!(log.contains("error-feedback residual saved again"), "{log}");
-    assert!(dir.join("fed/residual.bin").is_file());
-    // Logged once, not at every retry.
-    assert_eq!(
-        log.matches("cannot save the error-feedback residual")
-            .count(),
-        1,
-        "{log}"
-    );
+    for what in ["error-feedback residual", "participant state", "style code"] {
+        assert!(
+            log.contains(&format!("{what} saved again")),
+            "{what}: {log}"
+        );
+        // Logged once, not at every retry.
+        assert_eq!(
+            log.matches(&format!("cannot save the {what}")).count(),
+            1,
+            "{what}: {log}"
+        );
+    }
+    for file in ["residual.bin", "participant.json", "style-code.json"] {
+        assert!(dir.join("fed").join(file).is_file(), "{file}");
+    }
+    let saved: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("fed/participant.json")).unwrap()).unwrap();
+    assert_eq!(saved["last_trained_round"], 1, "{saved}");
     agent.terminate();
     assert!(
         agent.wait(Duration::from_secs(30)).success(),

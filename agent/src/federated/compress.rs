@@ -265,14 +265,19 @@ impl Residual {
     /// Writes the residual to `path` atomically (temporary file in the same folder, flushed, renamed),
     /// so a crash leaves the old residual or the new one.
     pub fn save(&self, path: &Path) -> Result<(), CompressError> {
+        write_atomic(path, &self.to_bytes())?;
+        Ok(())
+    }
+
+    /// The file [`Residual::save`] writes and [`Residual::load`] reads.
+    pub fn to_bytes(&self) -> Vec<u8> {
         let mut bytes = Vec::with_capacity(16 + 4 * self.values.len());
         bytes.extend_from_slice(RESIDUAL_MAGIC);
         bytes.extend_from_slice(&(self.values.len() as u64).to_le_bytes());
         for v in &self.values {
             bytes.extend_from_slice(&v.to_le_bytes());
         }
-        write_atomic(path, &bytes)?;
-        Ok(())
+        bytes
     }
 
     /// The residual values, in decoder-flat order.

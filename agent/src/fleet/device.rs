@@ -409,13 +409,25 @@ impl FleetDevice {
         Ok(())
     }
 
+    /// Records `v` as running, then swaps it in. The store goes first: when its state cannot be
+    /// written (a full disk) nothing has changed, the running model stays and the refusal is true;
+    /// swapped first, the new model would run while a restart brought back the old one.
     fn swap_in(&mut self, s: Segmenter, v: StoredVersion) -> Result<u64, InstallError> {
         let path = self.store.folder(&v.version).join(&v.model_file);
-        let generation = self
-            .slot
-            .swap(s)
-            .map_err(|e| InstallError::Swap(e.to_string()))?;
+        let before = self.store.current().cloned();
         let removed = self.store.activate(v)?;
+        let generation = match self.slot.swap(s) {
+            Ok(g) => g,
+            Err(e) => {
+                // Not reached in practice (`load` checked the classes); the store follows the slot.
+                if let Some(b) = before
+                    && let Err(e) = self.store.activate(b)
+                {
+                    tracing::error!(error = %e, "fleet: cannot record the running version again");
+                }
+                return Err(InstallError::Swap(e.to_string()));
+            }
+        };
         for r in removed {
             tracing::info!(version = %short(&r), "fleet: old version removed from the store");
         }
@@ -779,6 +791,47 @@ mod tests {
         assert_eq!(rig.fleet.store().current().unwrap().version, v1.version);
         assert_eq!(rig.fleet.store().state().installing, None);
         assert!(!rig.fleet.store().folder(&v2.version).exists());
+    }
+
+    /// Issue 17: a full disk when the new version is recorded as running. The model used to be
+    /// swapped in first: it ran while `fleet.json` still named the old one (a restart brought that
+    /// back) and the refusal said "keeping the running model". Now nothing changes, and the release,
+    /// delivered again once there is room, is installed.
+    #[test]
+    fn a_release_that_cannot_be_recorded_leaves_the_running_model_and_installs_once_there_is_room()
+    {
+        let mut rig = rig();
+        let v1 = release(grains_reexport("grains-v1"), Target::All);
+        // The install's start is recorded; recording the new version as running fails.
+        rig.fleet.store.fill_disk_after(Some(1));
+        let e = rig
+            .fleet
+            .handle_release(&signed(&v1, &rig.key))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("fleet.json") && e.contains("No space left"),
+            "{e}"
+        );
+        assert_eq!(rig.slot.current().generation, 0, "the running model stays");
+        assert_eq!(rig.fleet.store().current().unwrap().version, rig.v0);
+        assert!(rig.base.borrow().ends_with("model.onnx"));
+        assert!(
+            !rig.base.has_changed().unwrap(),
+            "the rounds follow no new base"
+        );
+        let on_disk = Store::open(&rig._dir.path().join("store"), 3).unwrap();
+        assert_eq!(on_disk.current().unwrap().version, rig.v0);
+
+        // Room again: the retained release, delivered again, is installed.
+        rig.fleet.store.fill_disk_after(None);
+        match rig.fleet.handle_release(&signed(&v1, &rig.key)).unwrap() {
+            Applied::Installed { version, .. } => assert_eq!(version, v1.version),
+            other => panic!("expected an install, got {other:?}"),
+        }
+        assert_eq!(rig.slot.current().generation, 1);
+        let on_disk = Store::open(&rig._dir.path().join("store"), 3).unwrap();
+        assert_eq!(on_disk.current().unwrap().version, v1.version);
     }
 
     #[test]

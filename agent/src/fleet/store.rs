@@ -97,6 +97,9 @@ pub struct Store {
     dir: PathBuf,
     keep: usize,
     state: StoreState,
+    /// Tests: how many more saves succeed before each one fails as on a full disk (None: all do).
+    #[cfg(test)]
+    saves_before_full: Option<usize>,
 }
 
 impl Store {
@@ -129,6 +132,8 @@ impl Store {
             dir: dir.to_owned(),
             keep: keep.max(2),
             state,
+            #[cfg(test)]
+            saves_before_full: None,
         })
     }
 
@@ -233,14 +238,14 @@ impl Store {
                 files.push(("manifest.toml".to_owned(), read(&manifest_path)?));
             }
             self.write_version(&version, &files)?;
-            self.state.versions.push(StoredVersion {
+            let adopted = StoredVersion {
                 version,
                 label: manifest.map(|m| format!("{} {}", m.name, m.version)),
                 model_file,
                 origin: Origin::Config,
                 activated_at: now_unix(),
-            });
-            self.save()?;
+            };
+            self.change(|s| s.versions.push(adopted))?;
         }
         self.state.versions.last().ok_or_else(|| StoreError::State {
             path: self.dir.join("fleet.json"),
@@ -280,59 +285,92 @@ impl Store {
     }
 
     /// Records `v` as the running version (its folder must be written) and removes the oldest
-    /// versions beyond `keep`. Returns the versions removed.
+    /// versions beyond `keep`. Returns the versions removed; their folders are deleted only once
+    /// the new state is on disk.
     pub fn activate(&mut self, mut v: StoredVersion) -> Result<Vec<String>, StoreError> {
-        self.state.versions.retain(|x| x.version != v.version);
-        v.activated_at = now_unix();
-        self.state.versions.push(v);
-        let mut removed = Vec::new();
-        while self.state.versions.len() > self.keep {
-            let old = self.state.versions.remove(0);
-            let _ = std::fs::remove_dir_all(self.folder(&old.version));
-            removed.push(old.version);
+        let keep = self.keep;
+        let removed = self.change(|s| {
+            s.versions.retain(|x| x.version != v.version);
+            v.activated_at = now_unix();
+            s.versions.push(v);
+            let excess = s.versions.len().saturating_sub(keep);
+            let removed: Vec<String> = s.versions.drain(..excess).map(|o| o.version).collect();
+            let versions = &s.versions;
+            s.failed
+                .retain(|f| versions.iter().any(|v| &v.version == f));
+            removed
+        })?;
+        for old in &removed {
+            let _ = std::fs::remove_dir_all(self.folder(old));
         }
-        self.state
-            .failed
-            .retain(|f| self.state.versions.iter().any(|v| &v.version == f));
-        self.save()?;
         Ok(removed)
     }
 
     /// Remembers that `version` failed at run time.
     pub fn mark_failed(&mut self, version: &str) -> Result<(), StoreError> {
-        if !self.state.failed.iter().any(|f| f == version) {
-            self.state.failed.push(version.to_owned());
-        }
-        self.save()
+        self.change(|s| {
+            if !s.failed.iter().any(|f| f == version) {
+                s.failed.push(version.to_owned());
+            }
+        })
     }
 
     /// Records the newest signed instruction acted on (an install of it, or of an older one, is
     /// finished).
     pub fn note_instruction(&mut self, issued_ms: u64) -> Result<(), StoreError> {
-        self.state.last_instruction_ms = self.state.last_instruction_ms.max(issued_ms);
-        if self
-            .state
-            .installing
-            .is_some_and(|i| i.issued_ms <= self.state.last_instruction_ms)
-        {
-            self.state.installing = None;
-        }
-        self.save()
+        self.change(|s| {
+            s.last_instruction_ms = s.last_instruction_ms.max(issued_ms);
+            if s.installing
+                .is_some_and(|i| i.issued_ms <= s.last_instruction_ms)
+            {
+                s.installing = None;
+            }
+        })
     }
 
     /// Records that the install of release `issued_ms` begins (durably, before anything of it is
     /// written); returns how many installs of it have begun, this one included.
     pub fn begin_install(&mut self, issued_ms: u64) -> Result<u32, StoreError> {
-        let attempts = match self.state.installing {
-            Some(i) if i.issued_ms == issued_ms => i.attempts.saturating_add(1),
-            _ => 1,
-        };
-        self.state.installing = Some(Installing {
-            issued_ms,
-            attempts,
-        });
-        self.save()?;
-        Ok(attempts)
+        self.change(|s| {
+            let attempts = match s.installing {
+                Some(i) if i.issued_ms == issued_ms => i.attempts.saturating_add(1),
+                _ => 1,
+            };
+            s.installing = Some(Installing {
+                issued_ms,
+                attempts,
+            });
+            attempts
+        })
+    }
+
+    /// Applies `edit` to the state and writes `fleet.json`. When the write fails (a full disk) the
+    /// state in memory is put back as it was, so memory never runs ahead of the file: the caller
+    /// refuses what it was doing, and the instruction, delivered again, is handled afresh.
+    fn change<T>(&mut self, edit: impl FnOnce(&mut StoreState) -> T) -> Result<T, StoreError> {
+        #[cfg(test)]
+        if let Some(n) = self.saves_before_full.as_mut() {
+            if *n == 0 {
+                return Err(StoreError::State {
+                    path: self.dir.join("fleet.json"),
+                    message: std::io::Error::from_raw_os_error(28).to_string(),
+                });
+            }
+            *n -= 1;
+        }
+        let before = self.state.clone();
+        let out = edit(&mut self.state);
+        if let Err(e) = self.save() {
+            self.state = before;
+            return Err(e);
+        }
+        Ok(out)
+    }
+
+    /// Tests: the disk fills up after `saves` more saves of the state (None: room again).
+    #[cfg(test)]
+    pub(crate) fn fill_disk_after(&mut self, saves: Option<usize>) {
+        self.saves_before_full = saves;
     }
 
     fn save(&self) -> Result<(), StoreError> {
@@ -435,6 +473,48 @@ mod tests {
         let e = s.resolve("2.0.0").unwrap_err().to_string();
         assert!(e.contains("not held") && e.contains(short(&v1)), "{e}");
         assert!(s.resolve("").is_err());
+    }
+
+    /// Issue 17: a full disk under `fleet.json`. The state in memory used to run ahead of the file
+    /// (the new version listed as running, the oldest folder already deleted); now a failed save
+    /// changes nothing, and the same change succeeds once there is room.
+    #[test]
+    fn a_state_that_cannot_be_written_is_not_changed_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(dir.path(), 2).unwrap();
+        let v1 = put(&mut s, b"v1", "m 1.0.0");
+        let v2 = put(&mut s, b"v2", "m 2.0.0");
+        let before = s.state().clone();
+        // A real write failure: a folder where the state file goes.
+        let state = dir.path().join("fleet.json");
+        std::fs::remove_file(&state).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        let e = s.begin_install(7).unwrap_err().to_string();
+        assert!(e.contains("fleet.json"), "{e}");
+        assert!(s.note_instruction(7).is_err());
+        assert!(s.mark_failed(&v2).is_err());
+        let v3 = StoredVersion {
+            version: "c".repeat(64),
+            label: None,
+            model_file: "model.onnx".into(),
+            origin: Origin::Release,
+            activated_at: 0.0,
+        };
+        s.write_version(&v3.version, &[("model.onnx".into(), b"v3".to_vec())])
+            .unwrap();
+        assert!(s.activate(v3.clone()).is_err());
+        assert_eq!(s.state(), &before, "memory is what the file says");
+        assert!(
+            s.folder(&v1).is_dir(),
+            "no folder deleted for a change not saved"
+        );
+
+        std::fs::remove_dir(&state).unwrap();
+        assert_eq!(s.activate(v3.clone()).unwrap(), vec![v1.clone()]);
+        assert!(!s.folder(&v1).exists());
+        let reopened = Store::open(dir.path(), 2).unwrap();
+        assert_eq!(reopened.current().unwrap().version, v3.version);
+        assert_eq!(reopened.previous().unwrap().version, v2);
     }
 
     #[test]

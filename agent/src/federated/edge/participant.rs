@@ -31,6 +31,7 @@ use crate::federated::compress::{self, Residual, TensorSpan};
 use crate::federated::edge::cache::FeatureCache;
 use crate::federated::edge::local::{LocalError, LocalOptimizer, RoundPlan};
 use crate::federated::edge::outbox::{Outbox, OutboxItem};
+use crate::federated::edge::persisted::Persisted;
 use crate::federated::edge::round::{self, Action, Event, Rounds, TrainOrder};
 pub use crate::federated::edge::secure::SecureAggSection;
 use crate::federated::edge::secure::{SecureOut, SecureParticipant};
@@ -483,7 +484,10 @@ struct Session<'a> {
     cfg: &'a FederationSection,
     device: &'a DeviceLink,
     prepared: Prepared,
-    state_path: PathBuf,
+    /// The last trained round, saved after each round. Should a save fail (a full disk) and the
+    /// agent restart before a retry succeeds, it may train that round again: the aggregator counts
+    /// one update per device and round.
+    state_file: Persisted,
     pstate: ParticipantState,
     outbox: Outbox,
     /// Updates the outbox could not store (a full disk): kept in memory, oldest first, and stored
@@ -491,13 +495,14 @@ struct Session<'a> {
     unstored: Vec<OutboxItem>,
     /// The last store failed (logged once, not at every retry).
     store_failing: bool,
-    residual_path: PathBuf,
+    /// The error-feedback residual, saved after each update. Should a save fail and the agent
+    /// restart before a retry succeeds, it starts from the last saved residual: no update is lost,
+    /// only the mass carried since.
+    residual_file: Persisted,
     residual: Residual,
-    /// The residual in memory is newer than the file (its save failed: a full disk): saved again
-    /// before each flush, so a restart does not lose the mass it carries.
-    residual_unsaved: bool,
-    /// The last residual save failed (logged once, not at every retry).
-    residual_save_failed: bool,
+    /// This lab's style code as computed (`style-code.json`), so a restart publishes the same code.
+    /// Should its save fail, a restart computes a new one, which replaces this one everywhere.
+    style_file: Persisted,
     pending_code: Option<PendingCode>,
     /// The style-book generation the trainer last got (None: give the codes again).
     styles_given: Option<u64>,
@@ -869,21 +874,35 @@ impl<'a> Session<'a> {
             }
             None => None,
         };
+        let mut style_file = Persisted::new("style code", cfg.state.join(STYLE_CODE_FILE));
+        if let (true, Some((key, code))) = (prepared.own_code_fresh, &prepared.own_code) {
+            let saved = SavedCode {
+                key: key.clone(),
+                code: code.clone(),
+            };
+            match serde_json::to_vec(&saved) {
+                Ok(bytes) => {
+                    if let Some(msg) = style_file.save(bytes) {
+                        device.status.update(|st| st.last_error = Some(msg));
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode the style code"),
+            }
+        }
         Ok(Self {
             secure,
             secure_out: Vec::new(),
             cfg,
             device,
             prepared,
-            state_path,
+            state_file: Persisted::new("participant state", state_path),
             pstate,
             outbox,
             unstored: Vec::new(),
             store_failing: false,
-            residual_path,
-            residual_unsaved: false,
-            residual_save_failed: false,
+            residual_file: Persisted::new("error-feedback residual", residual_path),
             residual,
+            style_file,
             pending_code,
             styles_given: None,
         })
@@ -962,7 +981,7 @@ impl<'a> Session<'a> {
             self.styles_given = None;
         }
         self.pstate.last_trained_round = round;
-        save_state(&self.state_path, &self.pstate);
+        self.save_state();
         let header = Header {
             fleet: &self.cfg.fleet,
             round,
@@ -1021,8 +1040,8 @@ impl<'a> Session<'a> {
         });
         let last_error = match made {
             Ok(bytes) => {
-                self.residual_unsaved = true;
-                self.save_residual();
+                let failed = self.residual_file.save(self.residual.to_bytes());
+                self.report_save_failure(failed);
                 let item = OutboxItem {
                     topic: self.device.topics.update(&self.cfg.device),
                     round,
@@ -1230,42 +1249,41 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Saves the error-feedback residual when the file is behind memory. A failure (a full disk) is
-    /// logged and shown in the status once and retried before each flush; until then a restart
-    /// would start from the last saved residual (no update is lost, only the mass carried since).
-    fn save_residual(&mut self) {
-        if !self.residual_unsaved {
-            return;
+    /// Saves the participant state (the last trained round).
+    fn save_state(&mut self) {
+        match serde_json::to_vec(&self.pstate) {
+            Ok(bytes) => {
+                let failed = self.state_file.save(bytes);
+                self.report_save_failure(failed);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot encode the participant state"),
         }
-        let failing_before = self.residual_save_failed;
-        match self.residual.save(&self.residual_path) {
-            Ok(()) => {
-                self.residual_unsaved = false;
-                self.residual_save_failed = false;
-                if failing_before {
-                    tracing::info!(
-                        path = %self.residual_path.display(),
-                        "error-feedback residual saved again"
-                    );
-                }
-            }
-            Err(e) => {
-                if !failing_before {
-                    tracing::error!(
-                        path = %self.residual_path.display(),
-                        error = %e,
-                        "cannot save the error-feedback residual; keeping it in memory and retrying"
-                    );
-                    let msg = format!("cannot save the error-feedback residual: {e}");
-                    self.device.status.update(|st| st.last_error = Some(msg));
-                }
-                self.residual_save_failed = true;
-            }
+    }
+
+    /// Writes the state files a full disk left behind memory (each logs its own recovery).
+    fn retry_saves(&mut self) {
+        let failed: Vec<String> = [
+            &mut self.state_file,
+            &mut self.residual_file,
+            &mut self.style_file,
+        ]
+        .into_iter()
+        .filter_map(Persisted::retry)
+        .collect();
+        for msg in failed {
+            self.report_save_failure(Some(msg));
+        }
+    }
+
+    /// Shows on the status board a save failure that just began ([`Persisted::save`]).
+    fn report_save_failure(&self, failed: Option<String>) {
+        if let Some(msg) = failed {
+            self.device.status.update(|st| st.last_error = Some(msg));
         }
     }
 
     async fn flush_outbox(&mut self, open_round: Option<u64>) {
-        self.save_residual();
+        self.retry_saves();
         if !self.unstored.is_empty() {
             let before = self.unstored.len();
             self.store_unstored();
@@ -1422,21 +1440,24 @@ struct SavedCode {
     code: StyleCode,
 }
 
-/// This lab's code for `key`: the saved one when the key matches, else computed (and saved). None,
-/// with a log line saying why, when no code may be published.
+/// This lab's code, in the state folder.
+const STYLE_CODE_FILE: &str = "style-code.json";
+
+/// This lab's code for `key`: the saved one when the key matches, else computed (the session saves
+/// it: [`Prepared::own_code_fresh`]). None, with a log line saying why, when no code may be published.
 fn own_style_code(
     cfg: &FederationSection,
     style: &StyleSection,
     cache: &FeatureCache,
     key: String,
-) -> Option<(String, StyleCode)> {
-    let path = cfg.state.join("style-code.json");
+) -> Option<(String, StyleCode, bool)> {
+    let path = cfg.state.join(STYLE_CODE_FILE);
     if let Some(saved) = std::fs::read(&path)
         .ok()
         .and_then(|b| serde_json::from_slice::<SavedCode>(&b).ok())
         .filter(|s| s.key == key && s.code.validate().is_ok())
     {
-        return Some((key, saved.code));
+        return Some((key, saved.code, false));
     }
     match StyleCode::from_cache_with_band(
         cache,
@@ -1446,15 +1467,7 @@ fn own_style_code(
         &mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::from_os_rng(),
         style.band(),
     ) {
-        Ok(code) => {
-            let saved = SavedCode { key, code };
-            if let Ok(b) = serde_json::to_vec(&saved)
-                && let Err(e) = crate::fsio::write_atomic(&path, &b)
-            {
-                tracing::warn!(error = %e, "cannot save the style code");
-            }
-            Some((saved.key, saved.code))
-        }
+        Ok(code) => Some((key, code, true)),
         Err(e @ StyleError::TooFewImages { .. }) => {
             tracing::info!(reason = %e, "style code not published");
             None
@@ -1483,14 +1496,6 @@ fn check_env(
         });
     }
     Ok(e)
-}
-
-fn save_state(path: &std::path::Path, s: &ParticipantState) {
-    if let Ok(b) = serde_json::to_vec(s)
-        && let Err(e) = crate::fsio::write_atomic(path, &b)
-    {
-        tracing::warn!(error = %e, "cannot save the participant state");
-    }
 }
 
 /// Largest secure-aggregation message from the aggregator: a roster or the relayed shares of
@@ -1630,6 +1635,8 @@ struct Prepared {
     fingerprint: String,
     /// This lab's style code and its [`style_key`] (None: codes off, or none may be published).
     own_code: Option<(String, StyleCode)>,
+    /// `own_code` was computed now, not read from its file: the session saves it.
+    own_code_fresh: bool,
     /// The base model's own decoder (what segments until a global goes live).
     base_decoder: Vec<f32>,
     /// Hold-out images (0: no hold-out gate).
@@ -1682,10 +1689,13 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
     );
     let samples = cache.samples();
     let holdout = cache.holdout.len();
-    let own_code = cfg.style.as_ref().and_then(|style| {
+    let (own_code, own_code_fresh) = match cfg.style.as_ref().and_then(|style| {
         let key = style_key(&model_version, &fingerprint, style);
         own_style_code(cfg, style, &cache, key)
-    });
+    }) {
+        Some((key, code, fresh)) => (Some((key, code)), fresh),
+        None => (None, false),
+    };
     let trainer = TrainingThread::start(
         &cfg.device_kind,
         TrainerSetup {
@@ -1706,6 +1716,7 @@ fn prepare(cfg: &FederationSection, model: &AgentModel) -> Result<Prepared, Part
         samples,
         fingerprint,
         own_code,
+        own_code_fresh,
         base_decoder: params.decoder_flat(),
         holdout,
     })
