@@ -2,7 +2,7 @@
 //!
 //! Map of the crate:
 //! - [`backend`]: the [`Backend`] trait (buffers and the ops the network needs) and its conventions.
-//! - [`cpu`]: the reference backend: im2col + a well-kept GEMM crate (and Winograd F(2×2, 3×3) for the
+//! - [`cpu`]: the reference backend: im2col + a well-kept GEMM crate (and Winograd F(4×4, 3×3) for the
 //!   forward pass of the wide 3×3 layers), both cores through rayon. It is the oracle every other
 //!   backend is checked against.
 //! - [`cuda`]: hand-written `.cu` kernels (in `kernels/cuda/`), compiled at run time by NVRTC for the

@@ -7,8 +7,8 @@
 //! - `gemm`: a bounds-checked front to the `gemm` crate and per-thread scratch memory.
 //! - `conv`: im2col (3×3) + GEMM convolutions in cache-sized row bands, forward and both backward
 //!   passes.
-//! - `winograd`: the forward pass of the wide 3×3 layers by Winograd's F(2×2, 3×3), 2.25× fewer
-//!   flops in the GEMMs.
+//! - `winograd`: the forward pass of the wide 3×3 layers by Winograd's F(4×4, 3×3) (4× fewer
+//!   flops in the GEMMs; F(2×2, 3×3), 2.25×, on request).
 //! - `ops`: ReLU backward, max-pooling, upsample + concat, channel affine/statistics, axpy.
 //! - `loss`: softmax cross-entropy and soft Dice.
 //! - `optim`: SGD with momentum and AdamW.
