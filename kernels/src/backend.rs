@@ -360,6 +360,35 @@ pub trait Backend: Send + Sync + 'static {
         y: &mut Self::Buffer,
     ) -> Result<(), KernelError>;
 
+    /// `y = conv(upsample2_concat(low, skip), w) + b`, then ReLU when `relu` is set: the decoder's
+    /// first convolution of a stage. By default [`Backend::upsample2_concat_forward`] into `cat`
+    /// (shape `[n, low_shape.c + c_skip, 2h, 2w]`), then [`Backend::conv2d_forward`] on it. With
+    /// `keep_concat` `cat` holds the concatenation afterwards (training's backward pass reads it);
+    /// without, a backend may compute `y` without writing `cat` (the CPU backend does so for the
+    /// layers it runs by Winograd, saving a write and a read of the largest tensor of the pass).
+    #[allow(clippy::too_many_arguments)]
+    fn upsample2_concat_conv2d_forward(
+        &self,
+        (low, low_shape): (&Self::Buffer, Shape),
+        (skip, c_skip): (&Self::Buffer, usize),
+        cat: &mut Self::Buffer,
+        keep_concat: bool,
+        (conv, w, b): (Conv, &Self::Buffer, &Self::Buffer),
+        relu: bool,
+        precision: Precision,
+        y: &mut Self::Buffer,
+    ) -> Result<(), KernelError> {
+        let _ = keep_concat;
+        self.upsample2_concat_forward(low, low_shape, skip, c_skip, cat)?;
+        let cs = Shape::new(
+            low_shape.n,
+            low_shape.c + c_skip,
+            2 * low_shape.h,
+            2 * low_shape.w,
+        );
+        self.conv2d_forward(cat, cs, conv, w, b, relu, precision, y)
+    }
+
     /// Backward of [`Backend::upsample2_concat_forward`]: `dlow` sums each 2×2 block of the first
     /// `c_low` channels of `dy`; `dskip`, when asked for, is the rest (the channel split).
     fn upsample2_concat_backward(

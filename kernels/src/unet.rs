@@ -510,6 +510,7 @@ impl<B: Backend> Net<'_, B> {
             e,
             restyled,
             cat,
+            gcat,
             d1,
             d2,
             logits,
@@ -533,10 +534,24 @@ impl<B: Backend> Net<'_, B> {
                 &d2[j + 1]
             };
             let low_shape = level(xs, j + 1, CHANNELS[j + 1]);
-            self.b
-                .upsample2_concat_forward(low, low_shape, &f[j], CHANNELS[j], &mut cat[j])?;
             let cs = level(xs, j, CHANNELS[j] + CHANNELS[j + 1]);
-            self.conv(dec(j, 0), &cat[j], cs, true, &mut d1[j])?;
+            let layer = dec(j, 0);
+            // Without gradient buffers (inference) nothing reads the concatenation afterwards.
+            let keep_concat = self.b.len(&gcat[j]) > 0;
+            self.b.upsample2_concat_conv2d_forward(
+                (low, low_shape),
+                (&f[j], CHANNELS[j]),
+                &mut cat[j],
+                keep_concat,
+                (
+                    self.layers[layer],
+                    &self.params[2 * layer],
+                    &self.params[2 * layer + 1],
+                ),
+                true,
+                self.precision,
+                &mut d1[j],
+            )?;
             self.conv(dec(j, 1), &d1[j], cs.with_c(CHANNELS[j]), true, &mut d2[j])?;
         }
         self.conv(HEAD, &d2[0], level(xs, 0, CHANNELS[0]), false, logits)

@@ -28,7 +28,7 @@ use rayon::prelude::*;
 const TILE_FLOATS: usize = 128 * 1024;
 
 /// How one layer is spread over the threads.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 pub(crate) enum Plan {
     /// Images in parallel, each on one thread.
     Images,

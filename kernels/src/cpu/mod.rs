@@ -236,6 +236,40 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn upsample2_concat_conv2d_forward(
+        &self,
+        (low, low_shape): (&Vec<f32>, Shape),
+        (skip, c_skip): (&Vec<f32>, usize),
+        cat: &mut Vec<f32>,
+        keep_concat: bool,
+        (conv, w, b): (Conv, &Vec<f32>, &Vec<f32>),
+        relu: bool,
+        precision: Precision,
+        y: &mut Vec<f32>,
+    ) -> Result<(), KernelError> {
+        const OP: &str = "upsample2_concat_conv2d_forward";
+        let cs = Shape::new(
+            low_shape.n,
+            low_shape.c + c_skip,
+            2 * low_shape.h,
+            2 * low_shape.w,
+        );
+        if keep_concat || cs.plane() == 0 || !winograd::applies(cs, conv) {
+            self.upsample2_concat_forward(low, low_shape, skip, c_skip, cat)?;
+            return self.conv2d_forward(cat, cs, conv, w, b, relu, precision, y);
+        }
+        expect_len(OP, "low", low.len(), low_shape.len())?;
+        expect_len(OP, "skip", skip.len(), cs.with_c(c_skip).len())?;
+        conv.check_forward(cs, cs.len(), w.len(), b.len(), y.len())?;
+        let x = winograd::Input::Up2Concat {
+            low,
+            c_low: low_shape.c,
+            skip,
+        };
+        winograd::forward_input(x, cs, conv, w, Some(b), relu, y, self.plan(cs.n));
+        Ok(())
+    }
+
     fn upsample2_concat_backward(
         &self,
         dy: &Vec<f32>,

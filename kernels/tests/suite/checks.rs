@@ -785,6 +785,53 @@ pub fn check_upsample_concat<B: Backend>(b: &B, tol: f32, seed: u64) -> Result<(
     cx.compare("upsample+concat dlow alone", &cx.down(&dlow)?, &fd_low)
 }
 
+/// The decoder's fused step, `conv(upsample2_concat(low, skip))` + bias + ReLU, against the
+/// reference, keeping the concatenation and not (the CPU backend then reads `low` and `skip` in its
+/// Winograd transform and leaves `cat` alone); odd low-resolution sizes and two images.
+pub fn check_upsample_concat_conv<B: Backend>(
+    b: &B,
+    tol: f32,
+    seed: u64,
+) -> Result<(), CheckError> {
+    let mut cx = Ctx::new(b, tol, seed);
+    for (n, c_low, c_skip, h, w, c_out) in [(2, 9, 8, 5, 7, 10), (1, 16, 12, 6, 3, 8)] {
+        let ls = Shape::new(n, c_low, h, w);
+        let cs = Shape::new(n, c_low + c_skip, 2 * h, 2 * w);
+        let conv = Conv::new(c_low + c_skip, c_out, 3);
+        let low = cx.uniform(ls.len(), -1.0, 1.0);
+        let skip = cx.uniform(cs.with_c(c_skip).len(), -1.0, 1.0);
+        let wt = cx.uniform(conv.weight_len(), -0.3, 0.3);
+        let bias = cx.uniform(c_out, -0.2, 0.2);
+        let (l64, s64) = (to64(&low), to64(&skip));
+        let cat64 = r::upsample2_concat(&l64, ls, &s64, c_skip);
+        let want = r::conv(&cat64, cs, conv, &to64(&wt), &to64(&bias), true);
+        let (lb, sb, wb, bb) = (cx.up(&low)?, cx.up(&skip)?, cx.up(&wt)?, cx.up(&bias)?);
+        for keep in [true, false] {
+            let mut cat = cx.poisoned(cs.len())?;
+            let mut y = cx.poisoned(cs.with_c(c_out).len())?;
+            cx.k(b.upsample2_concat_conv2d_forward(
+                (&lb, ls),
+                (&sb, c_skip),
+                &mut cat,
+                keep,
+                (conv, &wb, &bb),
+                true,
+                Precision::Fp32,
+                &mut y,
+            ))?;
+            cx.compare(
+                &format!("upsample+concat+conv {cs} keep {keep}"),
+                &cx.down(&y)?,
+                &want,
+            )?;
+            if keep {
+                cx.compare("upsample+concat+conv: cat kept", &cx.down(&cat)?, &cat64)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 // ---- losses -------------------------------------------------------------------------------------
 
 fn cross_entropy_case<B: Backend>(

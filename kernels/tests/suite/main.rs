@@ -38,6 +38,7 @@ backend_tests! {
     fn relu_backward(b, tol) { check_relu_backward(&**b, tol.fp32, seed()) }
     fn maxpool(b, tol) { check_maxpool(&**b, tol.fp32, seed()) }
     fn upsample_concat(b, tol) { check_upsample_concat(&**b, tol.fp32, seed()) }
+    fn upsample_concat_conv(b, tol) { check_upsample_concat_conv(&**b, tol.fp32, seed()) }
     fn cross_entropy(b, tol) { check_cross_entropy(&**b, tol.fp32, seed()) }
     fn cross_entropy_weighted(b, tol) { check_cross_entropy_weighted(&**b, tol.fp32, seed()) }
     fn soft_dice(b, tol) { check_soft_dice(&**b, tol.fp32, seed()) }

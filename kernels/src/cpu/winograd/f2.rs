@@ -1,7 +1,7 @@
 //! F(2×2, 3×3): 2×2 output tiles from 4×4 input patches, 16 GEMMs, 2.25× fewer multiplications
 //! than the direct sum. Its transforms only add and halve (exact up to rounding).
 
-use super::{RowBuffers, Variant, zip_with};
+use super::{Row, RowBuffers, Src, Variant, zip_with};
 
 /// F(2×2, 3×3).
 pub(super) struct F2;
@@ -16,7 +16,7 @@ impl Variant for F2 {
         [0.0, 0.0, 1.0],
     ];
 
-    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `plane` (`h × w`), written to
+    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `src` (`h × w`), written to
     /// `v[ξ·stride + tx]` for `tx < tw`, with `Bᵀ = [[1, 0, −1, 0], [0, 1, 1, 0], [0, −1, 1, 0],
     /// [0, 1, 0, −1]]`. Pixels outside the image are 0 (pad 1).
     ///
@@ -26,7 +26,7 @@ impl Variant for F2 {
     /// `o[t] + e[t+1]`, `e[t+1] − o[t]`, `o[t] − o[t+1]`.
     #[inline(always)]
     fn transform_input_row(
-        plane: &[f32],
+        src: Src<'_>,
         (h, w): (usize, usize),
         ty: usize,
         tw: usize,
@@ -43,8 +43,19 @@ impl Variant for F2 {
                 o.fill(0.0);
                 continue;
             }
-            let src = &plane[iy as usize * w..][..w];
             e[0] = 0.0;
+            let src = match src.row(iy as usize, w) {
+                Row::Full(src) => src,
+                Row::Doubled(low) => {
+                    // Image columns 2k and 2k + 1 both hold low[k].
+                    let wl = low.len();
+                    o[..wl].copy_from_slice(low);
+                    e[1..wl + 1].copy_from_slice(low);
+                    o[wl..].fill(0.0);
+                    e[wl + 1..].fill(0.0);
+                    continue;
+                }
+            };
             let pairs = w / 2;
             // An index loop over exact slices: the compiler turns it into vector permutes.
             let src2 = &src[..2 * pairs];

@@ -9,7 +9,7 @@
 //! `G = [[¼, 0, 0], [−⅙, −⅙, −⅙], [−⅙, ⅙, −⅙], [1⁄24, 1⁄12, ⅙], [1⁄24, −1⁄12, ⅙], [0, 0, 1]]`,
 //! `Aᵀ = [[1, 1, 1, 1, 1, 0], [0, 1, −1, 2, −2, 0], [0, 1, 1, 4, 4, 0], [0, 1, −1, 8, −8, 1]]`.
 
-use super::{RowBuffers, Variant};
+use super::{Row, RowBuffers, Src, Variant};
 
 /// F(4×4, 3×3).
 pub(super) struct F4;
@@ -55,6 +55,21 @@ fn split4(src: &[f32], q0: &mut [f32], q1: &mut [f32], q2: &mut [f32], q3: &mut 
         q2[k] = src[4 * k + 1];
         q3[k] = src[4 * k + 2];
         q0[k] = src[4 * k + 3];
+    }
+}
+
+/// [`split4`] of a row that is `low` with each pixel doubled: `q1[k], q2[k], q3[k], q0[k] =
+/// low[2k], low[2k], low[2k + 1], low[2k + 1]`.
+#[inline(always)]
+fn split4_doubled(low: &[f32], q0: &mut [f32], q1: &mut [f32], q2: &mut [f32], q3: &mut [f32]) {
+    let n = q0.len();
+    let (low, q1, q2, q3) = (&low[..2 * n], &mut q1[..n], &mut q2[..n], &mut q3[..n]);
+    for k in 0..n {
+        let (a, b) = (low[2 * k], low[2 * k + 1]);
+        q1[k] = a;
+        q2[k] = a;
+        q3[k] = b;
+        q0[k] = b;
     }
 }
 
@@ -155,7 +170,7 @@ impl Variant for F4 {
         [0.0, 0.0, 1.0],
     ];
 
-    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `plane` (`h × w`), written to
+    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `src` (`h × w`), written to
     /// `v[ξ·stride + tx]` for `tx < tw`; pixels outside the image are 0 (pad 1).
     ///
     /// As in F(2×2), every step runs over contiguous arrays so that it vectorises: each of the six
@@ -164,7 +179,7 @@ impl Variant for F4 {
     /// vertical transform combines whole split rows, the horizontal one those six shifted arrays.
     #[inline(always)]
     fn transform_input_row(
-        plane: &[f32],
+        src: Src<'_>,
         (h, w): (usize, usize),
         ty: usize,
         tw: usize,
@@ -180,16 +195,28 @@ impl Variant for F4 {
                 ph.fill(0.0);
                 continue;
             }
-            let src = &plane[iy as usize * w..][..w];
             let (p0, rest) = ph.split_at_mut(n);
             let (p1, rest) = rest.split_at_mut(n);
             let (p2, p3) = rest.split_at_mut(n);
             p0[0] = 0.0;
             let quads = w / 4;
-            split4(src, &mut p0[1..quads + 1], p1, p2, p3);
-            let tail = &src[4 * quads..];
+            // The last w mod 4 pixels, which fill no quad.
+            let mut tail = [0.0f32; 3];
+            match src.row(iy as usize, w) {
+                Row::Full(src) => {
+                    split4(src, &mut p0[1..quads + 1], p1, p2, p3);
+                    for (t, &x) in tail.iter_mut().zip(&src[4 * quads..]) {
+                        *t = x;
+                    }
+                }
+                Row::Doubled(low) => {
+                    split4_doubled(low, &mut p0[1..quads + 1], p1, p2, p3);
+                    // w is even: a tail of 2 is image columns 4q and 4q + 1, both low[2q].
+                    tail = [low[(2 * quads).min(low.len() - 1)]; 3];
+                }
+            }
             let mut ends = [quads; 3];
-            for (i, &x) in tail.iter().enumerate() {
+            for (i, &x) in tail.iter().take(w % 4).enumerate() {
                 [&mut *p1, &mut *p2, &mut *p3][i][quads] = x;
                 ends[i] += 1;
             }

@@ -88,10 +88,10 @@ trait Variant {
     /// The kernel transform's matrix `G` ((m + 2) × 3): `U = G·g·Gᵀ`.
     const G: &'static [[f32; 3]];
 
-    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `plane` (`h × w`), written to
+    /// `Bᵀ·d·B` of every tile in tile row `ty` of one input channel `src` (`h × w`), written to
     /// `v[ξ·stride + tx]` for `tx < tw`; pixels outside the image are 0 (pad 1).
     fn transform_input_row(
-        plane: &[f32],
+        src: Src<'_>,
         hw: (usize, usize),
         ty: usize,
         tw: usize,
@@ -140,10 +140,98 @@ fn zip_with(out: &mut [f32], x: &[f32], y: &[f32], f: impl Fn(f32, f32) -> f32) 
     }
 }
 
-/// One band's work: tile rows `ty0..ty1` of one image `xi` (`[c_in, h, w]`).
+/// A layer's input.
+#[derive(Clone, Copy)]
+pub(crate) enum Input<'a> {
+    /// `[n, c_in, h, w]`.
+    Planes(&'a [f32]),
+    /// The decoder's concatenation, never written out: `low` (`[n, c_low, h/2, w/2]`) upsampled 2×
+    /// (nearest), then `skip` (`[n, c_in − c_low, h, w]`).
+    Up2Concat {
+        low: &'a [f32],
+        c_low: usize,
+        skip: &'a [f32],
+    },
+}
+
+impl<'a> Input<'a> {
+    /// Whether its buffers hold `n` images of `c_in` channels of `h × w` (`h`, `w` even for
+    /// [`Input::Up2Concat`]).
+    fn fits(&self, n: usize, c_in: usize, h: usize, w: usize) -> bool {
+        match *self {
+            Input::Planes(x) => x.len() >= n * c_in * h * w,
+            Input::Up2Concat { low, c_low, skip } => {
+                h.is_multiple_of(2)
+                    && w.is_multiple_of(2)
+                    && c_low <= c_in
+                    && low.len() >= n * c_low * (h / 2) * (w / 2)
+                    && skip.len() >= n * (c_in - c_low) * h * w
+            }
+        }
+    }
+
+    /// Image `i` alone.
+    fn image(self, i: usize, c_in: usize, hw: usize) -> Input<'a> {
+        match self {
+            Input::Planes(x) => Input::Planes(&x[i * c_in * hw..][..c_in * hw]),
+            Input::Up2Concat { low, c_low, skip } => {
+                let c_skip = c_in - c_low;
+                Input::Up2Concat {
+                    low: &low[i * c_low * hw / 4..][..c_low * hw / 4],
+                    c_low,
+                    skip: &skip[i * c_skip * hw..][..c_skip * hw],
+                }
+            }
+        }
+    }
+
+    /// Channel `ci` of a single image ([`Input::image`]) of `h × w`.
+    fn channel(self, ci: usize, h: usize, w: usize) -> Src<'a> {
+        match self {
+            Input::Planes(x) => Src::Plane(&x[ci * h * w..][..h * w]),
+            Input::Up2Concat { low, c_low, .. } if ci < c_low => {
+                let hw = (h / 2) * (w / 2);
+                Src::Doubled(&low[ci * hw..][..hw])
+            }
+            Input::Up2Concat { c_low, skip, .. } => {
+                Src::Plane(&skip[(ci - c_low) * h * w..][..h * w])
+            }
+        }
+    }
+}
+
+/// One input channel of `h × w`.
+#[derive(Clone, Copy)]
+pub(super) enum Src<'a> {
+    /// The plane itself.
+    Plane(&'a [f32]),
+    /// A plane of `h/2 × w/2` whose pixels each stand for a 2×2 block.
+    Doubled(&'a [f32]),
+}
+
+/// One row of a [`Src`].
+pub(super) enum Row<'a> {
+    /// All `w` pixels.
+    Full(&'a [f32]),
+    /// `w/2` pixels, each standing for two.
+    Doubled(&'a [f32]),
+}
+
+impl<'a> Src<'a> {
+    /// Row `iy` of a channel `w` pixels wide.
+    #[inline(always)]
+    fn row(self, iy: usize, w: usize) -> Row<'a> {
+        match self {
+            Src::Plane(p) => Row::Full(&p[iy * w..][..w]),
+            Src::Doubled(p) => Row::Doubled(&p[(iy / 2) * (w / 2)..][..w / 2]),
+        }
+    }
+}
+
+/// One band's work: tile rows `ty0..ty1` of one image `xi` (`c_in` channels of `h × w`).
 #[derive(Clone, Copy)]
 struct BandJob<'a> {
-    xi: &'a [f32],
+    xi: Input<'a>,
     h: usize,
     w: usize,
     conv: Conv,
@@ -239,10 +327,10 @@ fn band_generic<V: Variant>(
     };
     // V[ξ][ci][tile], tile = (ty − ty0)·tw + tx.
     for ci in 0..ci_n {
-        let plane = &xi[ci * h * w..][..h * w];
+        let src = xi.channel(ci, h, w);
         for ty in ty0..ty1 {
             let at = ci * tiles + (ty - ty0) * tw;
-            V::transform_input_row(plane, (h, w), ty, tw, &mut bufs, &mut v[at..], vs);
+            V::transform_input_row(src, (h, w), ty, tw, &mut bufs, &mut v[at..], vs);
         }
     }
     // M[ξ] = U[ξ] · V[ξ].
@@ -339,6 +427,22 @@ pub(crate) fn forward(
     y: &mut [f32],
     plan: Plan,
 ) {
+    forward_input(Input::Planes(x), xs, conv, w, b, relu, y, plan);
+}
+
+/// [`forward`] from any [`Input`]: `xs` is the shape of the layer's input (for
+/// [`Input::Up2Concat`], of the concatenation).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_input(
+    x: Input<'_>,
+    xs: Shape,
+    conv: Conv,
+    w: &[f32],
+    b: Option<&[f32]>,
+    relu: bool,
+    y: &mut [f32],
+    plan: Plan,
+) {
     match method() {
         Method::F2 => forward_with::<F2>(x, xs, conv, w, b, relu, y, plan),
         Method::F4 | Method::Im2col => forward_with::<F4>(x, xs, conv, w, b, relu, y, plan),
@@ -351,7 +455,7 @@ pub(crate) fn forward(
 /// rayon task (at least two bands per thread, so a busy core does not hold up the layer).
 #[allow(clippy::too_many_arguments)]
 fn forward_with<V: Variant>(
-    x: &[f32],
+    x: Input<'_>,
     xs: Shape,
     conv: Conv,
     w: &[f32],
@@ -365,14 +469,14 @@ fn forward_with<V: Variant>(
     let (th, tw) = (h.div_ceil(V::M), wd.div_ceil(V::M));
     let cache_rows = band_tile_rows::<V>(conv, th, tw);
     assert!(
-        y.len() >= xs.n * conv.c_out * hw && x.len() >= xs.n * conv.c_in * hw,
+        y.len() >= xs.n * conv.c_out * hw && x.fits(xs.n, conv.c_in, h, wd),
         "winograd forward: buffers too short"
     );
     with_weight_scratch(V::XI * conv.c_out * conv.c_in, |u| {
         transform_weights::<V>(w, conv, u);
         let u = &*u;
         let job = |i: usize, ty0: usize, ty1: usize| BandJob {
-            xi: &x[i * conv.c_in * hw..][..conv.c_in * hw],
+            xi: x.image(i, conv.c_in, hw),
             h,
             w: wd,
             conv,
@@ -479,7 +583,7 @@ mod tests {
     /// direct sum.
     #[test]
     fn matches_the_direct_sum_on_odd_sizes_and_every_plan() {
-        type Run = fn(&[f32], Shape, Conv, &[f32], Option<&[f32]>, bool, &mut [f32], Plan);
+        type Run = fn(Input<'_>, Shape, Conv, &[f32], Option<&[f32]>, bool, &mut [f32], Plan);
         let variants: [(&str, Run, f64); 2] = [
             ("F(2×2)", forward_with::<F2>, 1e-5),
             ("F(4×4)", forward_with::<F4>, 1e-4),
@@ -504,7 +608,16 @@ mod tests {
                 for (name, run, bound) in variants {
                     for plan in [Plan::Images, Plan::Inside(1), Plan::Inside(3)] {
                         let mut y = vec![f32::NAN; want.len()];
-                        run(&x, xs, conv, &wt, Some(&b), relu, &mut y, plan);
+                        run(
+                            Input::Planes(&x),
+                            xs,
+                            conv,
+                            &wt,
+                            Some(&b),
+                            relu,
+                            &mut y,
+                            plan,
+                        );
                         let worst = y
                             .iter()
                             .zip(&want)
@@ -515,6 +628,62 @@ mod tests {
                             "{name} {xs} {conv:?} relu {relu}: off by {worst} of {scale}"
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// The decoder's concatenation read in place (never written out) gives what the written-out
+    /// one gives, bit for bit: odd low-resolution sizes, several images, every plan, both variants.
+    #[test]
+    fn an_upsampled_concatenation_read_in_place_equals_the_written_one() {
+        type Run = fn(Input<'_>, Shape, Conv, &[f32], Option<&[f32]>, bool, &mut [f32], Plan);
+        let variants: [Run; 2] = [forward_with::<F2>, forward_with::<F4>];
+        for (n, c_low, c_skip, h, w, co) in
+            [(1, 8, 8, 3, 5, 9), (2, 5, 7, 4, 4, 8), (1, 16, 4, 1, 7, 8)]
+        {
+            let (h2, w2) = (2 * h, 2 * w);
+            let ci = c_low + c_skip;
+            let xs = Shape::new(n, ci, h2, w2);
+            let conv = Conv::new(ci, co, 3);
+            let low = values(n * c_low * h * w, 4);
+            let skip = values(n * c_skip * h2 * w2, 5);
+            let mut cat = vec![0.0f32; xs.len()];
+            crate::cpu::ops::upsample2_concat_forward(
+                &low,
+                Shape::new(n, c_low, h, w),
+                &skip,
+                c_skip,
+                &mut cat,
+            );
+            let wt = values(co * ci * 9, 6);
+            let b = values(co, 7);
+            for run in variants {
+                for plan in [Plan::Images, Plan::Inside(1), Plan::Inside(3)] {
+                    let mut want = vec![f32::NAN; n * co * h2 * w2];
+                    run(
+                        Input::Planes(&cat),
+                        xs,
+                        conv,
+                        &wt,
+                        Some(&b),
+                        true,
+                        &mut want,
+                        plan,
+                    );
+                    let mut got = vec![f32::NAN; want.len()];
+                    let x = Input::Up2Concat {
+                        low: &low,
+                        c_low,
+                        skip: &skip,
+                    };
+                    run(x, xs, conv, &wt, Some(&b), true, &mut got, plan);
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{xs} {conv:?} {plan:?}"
+                    );
                 }
             }
         }
