@@ -228,10 +228,13 @@ impl<'a> Src<'a> {
     }
 }
 
-/// One band's work: tile rows `ty0..ty1` of one image `xi` (`c_in` channels of `h × w`).
+/// One band's work: tile rows `ty0..ty1` of output channels `co0..co1` of one image `xi` (`c_in`
+/// channels of `h × w`).
 #[derive(Clone, Copy)]
 struct BandJob<'a> {
     xi: Input<'a>,
+    co0: usize,
+    co1: usize,
     h: usize,
     w: usize,
     conv: Conv,
@@ -248,8 +251,8 @@ struct BandJob<'a> {
 fn band<V: Variant>(job: BandJob<'_>, emit: impl FnMut(usize, usize, &[f32])) {
     let tw = job.w.div_ceil(V::M);
     let tiles = (job.ty1 - job.ty0) * tw;
-    let len =
-        V::XI * (job.conv.c_in * tiles + SKEW + job.conv.c_out * tiles + SKEW) + V::row_floats(tw);
+    let len = V::XI * (job.conv.c_in * tiles + SKEW + (job.co1 - job.co0) * tiles + SKEW)
+        + V::row_floats(tw);
     with_scratch(len, |scratch| {
         #[cfg(target_arch = "x86_64")]
         {
@@ -297,6 +300,8 @@ fn band_generic<V: Variant>(
 ) {
     let BandJob {
         xi,
+        co0,
+        co1,
         h,
         w,
         conv,
@@ -306,13 +311,13 @@ fn band_generic<V: Variant>(
         ty0,
         ty1,
     } = job;
-    let (ci_n, co_n) = (conv.c_in, conv.c_out);
+    let (ci_n, co_n, parts) = (conv.c_in, conv.c_out, co1 - co0);
     let tw = w.div_ceil(V::M);
     let tiles = (ty1 - ty0) * tw;
     // The transformed blocks of V (and of M) are one cache line further apart than their size: with
     // sizes that are multiples of 4 KiB the streams a transform writes (or reads) would otherwise
     // all map to the same L1 set.
-    let (vs, ms) = (ci_n * tiles + SKEW, co_n * tiles + SKEW);
+    let (vs, ms) = (ci_n * tiles + SKEW, parts * tiles + SKEW);
     let (v, rest) = scratch.split_at_mut(V::XI * vs);
     let (m, rest) = rest.split_at_mut(V::XI * ms);
     let split = V::A * V::M * (tw + 1);
@@ -336,21 +341,21 @@ fn band_generic<V: Variant>(
     // M[ξ] = U[ξ] · V[ξ].
     for x in 0..V::XI {
         matmul(
-            co_n,
+            parts,
             tiles,
             ci_n,
-            &mut m[x * ms..][..co_n * tiles],
+            &mut m[x * ms..][..parts * tiles],
             tiles,
             false,
-            MatRef::rows(&u[x * co_n * ci_n..][..co_n * ci_n], ci_n),
+            MatRef::rows(&u[(x * co_n + co0) * ci_n..][..parts * ci_n], ci_n),
             MatRef::rows(&v[x * vs..][..ci_n * tiles], tiles),
             Parallelism::None,
         );
     }
-    for co in 0..co_n {
+    for co in co0..co1 {
         let bias = b.map_or(0.0, |b| b[co]);
         for ty in ty0..ty1 {
-            let at = co * tiles + (ty - ty0) * tw;
+            let at = (co - co0) * tiles + (ty - ty0) * tw;
             let rows = (h - V::M * ty).min(V::M);
             V::inverse_row(
                 &m[at..],
@@ -475,8 +480,10 @@ fn forward_with<V: Variant>(
     with_weight_scratch(V::XI * conv.c_out * conv.c_in, |u| {
         transform_weights::<V>(w, conv, u);
         let u = &*u;
-        let job = |i: usize, ty0: usize, ty1: usize| BandJob {
+        let job = |i: usize, (ty0, ty1): (usize, usize), (co0, co1): (usize, usize)| BandJob {
             xi: x.image(i, conv.c_in, hw),
+            co0,
+            co1,
             h,
             w: wd,
             conv,
@@ -491,7 +498,7 @@ fn forward_with<V: Variant>(
                 let per_image = |(i, yi): (usize, &mut [f32])| {
                     for ty0 in (0..th).step_by(cache_rows) {
                         let ty1 = (ty0 + cache_rows).min(th);
-                        band::<V>(job(i, ty0, ty1), |co, oy, px| {
+                        band::<V>(job(i, (ty0, ty1), (0, conv.c_out)), |co, oy, px| {
                             yi[co * hw + oy * wd..][..wd].copy_from_slice(px);
                         });
                     }
@@ -508,22 +515,45 @@ fn forward_with<V: Variant>(
                 }
             }
             Plan::Inside(threads) => {
-                let want_bands = (2 * threads).div_ceil(xs.n.max(1));
+                let n = xs.n.max(1);
+                // Deep layers on small planes (as many output channels as half the tiles, or
+                // more): every band packs all of `U` for its GEMMs again, so one band per thread;
+                // and with fewer bands than threads (a plane of a few tile rows) the threads split
+                // the output channels instead, each transforming the band's input itself (cheap
+                // next to its GEMMs at these sizes).
+                let heavy_weights = 2 * conv.c_out >= th * tw;
+                let want_bands = if heavy_weights { threads } else { 2 * threads }.div_ceil(n);
                 let rows = cache_rows
                     .min(th.div_ceil(want_bands))
                     .max(MIN_BAND_TILES.div_ceil(tw.max(1)))
                     .clamp(1, th.max(1));
                 let bands = th.div_ceil(rows);
+                let parts = if heavy_weights && n * bands < threads {
+                    threads.div_ceil(n * bands)
+                } else {
+                    1
+                };
+                // Parts of whole vectors (16 lanes), so the GEMMs keep full tiles.
+                let co_step = conv
+                    .c_out
+                    .div_ceil(parts)
+                    .next_multiple_of(16)
+                    .min(conv.c_out);
+                let parts = conv.c_out.div_ceil(co_step);
                 let out = OutPtr::new(y);
-                (0..xs.n * bands).into_par_iter().for_each(|task| {
-                    let (i, band_index) = (task / bands, task % bands);
+                (0..n * bands * parts).into_par_iter().for_each(|task| {
+                    let (i, band_index, part) =
+                        (task / (bands * parts), task / parts % bands, task % parts);
                     let ty0 = band_index * rows;
                     let ty1 = (ty0 + rows).min(th);
-                    band::<V>(job(i, ty0, ty1), |co, oy, px| {
+                    let co0 = part * co_step;
+                    let co1 = (co0 + co_step).min(conv.c_out);
+                    band::<V>(job(i, (ty0, ty1), (co0, co1)), |co, oy, px| {
                         let at = (i * conv.c_out + co) * hw + oy * wd;
                         // SAFETY: `at + wd ≤ (i·c_out + co + 1)·hw ≤ y.len()` (asserted above);
-                        // row oy of channel co of image i lies in tile rows ty0..ty1 of this task
-                        // alone (tasks differ in image or band), and `px` is task-local scratch.
+                        // row oy of channel co of image i lies in tile rows ty0..ty1 and channels
+                        // co0..co1 of this task alone (tasks differ in image, band or part), and
+                        // `px` is task-local scratch.
                         unsafe { out.write(at, px) };
                     });
                 });
@@ -595,6 +625,9 @@ mod tests {
             (3, 12, 8, 40, 41),
             (1, 8, 9, 6, 13),
             (1, 10, 8, 17, 18),
+            // Small planes with many output channels: on several threads, split by channels.
+            (1, 8, 40, 6, 6),
+            (2, 12, 33, 5, 9),
         ] {
             let xs = Shape::new(n, ci, h, w);
             let conv = Conv::new(ci, co, 3);
