@@ -437,15 +437,17 @@ impl<B: Backend> Net<'_, B> {
         relu: bool,
         y: &mut B::Buffer,
     ) -> Result<(), KernelError> {
-        self.b.conv2d_forward(
-            x,
-            xs,
+        let (conv, w, b) = self.layer(layer);
+        self.b
+            .conv2d_forward(x, xs, conv, w, b, relu, self.precision, y)
+    }
+
+    /// Layer `layer`'s shape, weights and bias.
+    fn layer(&self, layer: usize) -> (Conv, &B::Buffer, &B::Buffer) {
+        (
             self.layers[layer],
             &self.params[2 * layer],
             &self.params[2 * layer + 1],
-            relu,
-            self.precision,
-            y,
         )
     }
 
@@ -535,7 +537,6 @@ impl<B: Backend> Net<'_, B> {
             };
             let low_shape = level(xs, j + 1, CHANNELS[j + 1]);
             let cs = level(xs, j, CHANNELS[j] + CHANNELS[j + 1]);
-            let layer = dec(j, 0);
             // Without gradient buffers (inference) nothing reads the concatenation afterwards.
             let keep_concat = self.b.len(&gcat[j]) > 0;
             self.b.upsample2_concat_conv2d_forward(
@@ -543,11 +544,7 @@ impl<B: Backend> Net<'_, B> {
                 (&f[j], CHANNELS[j]),
                 &mut cat[j],
                 keep_concat,
-                (
-                    self.layers[layer],
-                    &self.params[2 * layer],
-                    &self.params[2 * layer + 1],
-                ),
+                self.layer(dec(j, 0)),
                 true,
                 self.precision,
                 &mut d1[j],
