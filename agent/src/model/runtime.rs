@@ -11,12 +11,14 @@
 //! global decoder, a fleet model version — runs where the first one did.
 //!
 //! Which implementation runs it ([`EngineKind`], `[model] engine`): tract, or our own kernels
-//! (`microfed-kernels`' CPU backend, inference-only network, see [`KernelsNet`]). tract always loads
-//! the file and stays the oracle: the kernels engine takes the U-Net's parameters from the ONNX
-//! initializers by name and, at load, runs a parity probe against tract on a random input
-//! ([`PROBE_TOLERANCE`]); a model whose graph computes something else (another padding, another
-//! resize) fails the probe and runs on tract, with the reason logged. `auto` uses the kernels when
-//! the probe passes and the network runs on the CPU (a GPU keeps tract-cuda).
+//! (`microfed-kernels`' CPU backend, or its CUDA backend where tract would run tract-cuda;
+//! inference-only network, see [`KernelsNet`]). tract always loads the file and stays the oracle:
+//! the kernels engine takes the U-Net's parameters from the ONNX initializers by name and, at load,
+//! runs a parity probe against tract's CPU runtime on a random input ([`PROBE_TOLERANCE`]); a model
+//! whose graph computes something else (another padding, another resize), or a GPU our backend cannot
+//! open, fails the probe and runs on tract, with the reason logged. `auto` uses the kernels when the
+//! probe passes and the network runs on the CPU; on a GPU it keeps tract-cuda until the kernels
+//! engine's GPU speed is measured (`kernels` asks for our CUDA kernels there).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -26,9 +28,10 @@ use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::runtime::{Runnable, Runtime, runtime_for_name};
 
-use microfed_kernels::Shape;
 use microfed_kernels::cpu::CpuBackend;
+use microfed_kernels::cuda::CudaBackend;
 use microfed_kernels::unet::{Params, UNet};
+use microfed_kernels::{Backend, KernelError, Shape};
 
 use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
 use crate::mask::Mask;
@@ -130,7 +133,8 @@ pub enum EngineKind {
     Auto,
     /// tract (CPU or tract-cuda, by `device`).
     Tract,
-    /// Our CPU kernels whenever the model passes the parity probe (also on a GPU machine); else tract.
+    /// Our kernels whenever the model passes the parity probe — our CUDA kernels where tract would run
+    /// tract-cuda, else the CPU ones; else tract.
     Kernels,
 }
 
@@ -154,20 +158,40 @@ pub const PROBE_TOLERANCE: f32 = 1e-4;
 /// The probe's input: one random image of this size (every level of the U-Net has at least 4×4).
 const PROBE_SIZE: (usize, usize) = (64, 80);
 
-/// The reference U-Net on `microfed-kernels`' CPU backend, built for inference only (no gradient or
-/// optimiser buffers; the activation workspace of a shape is made once and reused), on its own rayon
-/// pool when a thread count is given. One call at a time (a mutex): calls from several threads queue.
+/// The reference U-Net on `microfed-kernels`, built for inference only (no gradient or optimiser
+/// buffers; the activation workspace of a shape is made once and reused): on the CPU backend, on its
+/// own rayon pool when a thread count is given, or on the CUDA backend (our kernels: implicit-GEMM
+/// convolutions with bias and ReLU fused, fp32). One call at a time (a mutex): calls from several
+/// threads queue.
 pub struct KernelsNet {
-    net: Mutex<UNet<CpuBackend>>,
-    pool: Option<rayon::ThreadPool>,
-    threads: usize,
+    on: KernelsDevice,
+}
+
+enum KernelsDevice {
+    Cpu {
+        net: Mutex<UNet<CpuBackend>>,
+        pool: Option<rayon::ThreadPool>,
+        threads: usize,
+    },
+    Cuda {
+        net: Mutex<UNet<CudaBackend>>,
+        /// The network's backend (for the transfers around a forward pass).
+        cuda: Arc<CudaBackend>,
+        ordinal: usize,
+    },
 }
 
 impl std::fmt::Debug for KernelsNet {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KernelsNet")
-            .field("threads", &self.threads)
-            .finish()
+        match &self.on {
+            KernelsDevice::Cpu { threads, .. } => f
+                .debug_struct("KernelsNet")
+                .field("threads", threads)
+                .finish(),
+            KernelsDevice::Cuda { ordinal, .. } => {
+                f.debug_struct("KernelsNet").field("cuda", ordinal).finish()
+            }
+        }
     }
 }
 
@@ -198,38 +222,86 @@ impl KernelsNet {
         }
         .map_err(|e| e.to_string())?;
         Ok(Self {
-            net: Mutex::new(net),
-            pool,
-            threads,
+            on: KernelsDevice::Cpu {
+                net: Mutex::new(net),
+                pool,
+                threads,
+            },
         })
     }
 
-    /// Threads the convolutions spread over.
+    /// Uploads `params` to CUDA device `ordinal` (our kernels compiled by NVRTC for it, or read from
+    /// the kernel cache). A driver or library that panics is reported as an error.
+    pub fn on_cuda(params: &Params, ordinal: usize) -> Result<Self, String> {
+        let build = || -> Result<(UNet<CudaBackend>, Arc<CudaBackend>), String> {
+            let cuda = Arc::new(CudaBackend::new(ordinal).map_err(|e| e.to_string())?);
+            let net = UNet::for_inference(cuda.clone(), params).map_err(|e| e.to_string())?;
+            Ok((net, cuda))
+        };
+        let (net, cuda) = std::panic::catch_unwind(build).map_err(|_| {
+            format!("the CUDA backend panicked while loading on device {ordinal}")
+        })??;
+        Ok(Self {
+            on: KernelsDevice::Cuda {
+                net: Mutex::new(net),
+                cuda,
+                ordinal,
+            },
+        })
+    }
+
+    /// Threads the convolutions spread over (0 on the GPU).
     pub fn threads(&self) -> usize {
-        self.threads
+        match &self.on {
+            KernelsDevice::Cpu { threads, .. } => *threads,
+            KernelsDevice::Cuda { .. } => 0,
+        }
+    }
+
+    /// Whether the network runs on the GPU.
+    pub fn on_gpu(&self) -> bool {
+        matches!(self.on, KernelsDevice::Cuda { .. })
     }
 
     /// Logits `[n, K, h, w]` of a batch `[n, 1, h, w]`.
     pub fn logits(&self, input: &[f32], n: usize, h: usize, w: usize) -> Result<Vec<f32>, String> {
-        let run = || {
-            let mut net = self.net.lock().unwrap_or_else(|e| e.into_inner());
-            let xs = Shape::new(n, 1, h, w);
-            let x = input.to_vec();
-            net.forward(&x, xs).cloned()
-        };
-        match &self.pool {
-            Some(p) => p.install(run),
-            None => run(),
+        let xs = Shape::new(n, 1, h, w);
+        match &self.on {
+            KernelsDevice::Cpu { net, pool, .. } => {
+                let run = || {
+                    let mut net = net.lock().unwrap_or_else(|e| e.into_inner());
+                    let x = input.to_vec();
+                    net.forward(&x, xs).cloned()
+                };
+                match pool {
+                    Some(p) => p.install(run),
+                    None => run(),
+                }
+                .map_err(|e| e.to_string())
+            }
+            KernelsDevice::Cuda { net, cuda, .. } => {
+                let mut net = net.lock().unwrap_or_else(|e| e.into_inner());
+                let mut run = || -> Result<Vec<f32>, KernelError> {
+                    let x = cuda.upload(input)?;
+                    let logits = net.forward(&x, xs)?;
+                    cuda.download(logits)
+                };
+                run().map_err(|e| e.to_string())
+            }
         }
-        .map_err(|e| e.to_string())
     }
 
-    /// Bytes the network holds (parameters and every workspace made so far).
+    /// Bytes the network holds (parameters and every workspace made so far; on the GPU, device
+    /// memory).
     pub fn memory_bytes(&self) -> usize {
-        self.net
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .device_bytes()
+        match &self.on {
+            KernelsDevice::Cpu { net, .. } => {
+                net.lock().unwrap_or_else(|e| e.into_inner()).device_bytes()
+            }
+            KernelsDevice::Cuda { net, .. } => {
+                net.lock().unwrap_or_else(|e| e.into_inner()).device_bytes()
+            }
+        }
     }
 }
 
@@ -425,9 +497,14 @@ impl Segmenter {
         .with_kernels(params, (kind, threads)))
     }
 
-    /// The same model on another engine (plans are made again, lazily); the kernels engine, if
-    /// chosen, stays (it runs on the CPU whatever tract's device).
+    /// The same model on another engine (plans are made again, lazily); a kernels engine on the CPU
+    /// stays, one on the GPU does not move to the CPU with it (tract runs the model there: the
+    /// CPU reference of `model bench` is then tract's).
     pub fn on_engine(mut self, engine: Engine) -> Self {
+        if matches!(engine, Engine::Cpu) && self.kernels.as_ref().is_some_and(KernelsNet::on_gpu) {
+            self.kernels = None;
+            self.engine_reason = "moved to the CPU: tract runs the model".into();
+        }
         self.engine = engine;
         self.plans = Mutex::new(HashMap::new());
         self
@@ -462,14 +539,20 @@ impl Segmenter {
         self.engine_reason = match (kind, self.engine, params) {
             (EngineKind::Tract, _, _) => "the configuration asks for tract".into(),
             (EngineKind::Auto, Engine::Cuda(_), _) => {
-                "a GPU runs tract-cuda (the kernels engine runs on the CPU)".into()
+                "a GPU runs tract-cuda under `auto` (the kernels engine's GPU speed is not measured \
+                 yet; `engine = \"kernels\"` runs our CUDA kernels)"
+                    .into()
             }
             (_, _, Err(why)) => {
                 let why = format!("kernels engine not used, tract runs the model: {why}");
                 tracing::warn!(model = %self.path.display(), "{why}");
                 why
             }
-            (_, _, Ok(params)) => match self.probe(&params, threads) {
+            (_, engine, Ok(params)) => match self.probe(|| match engine {
+                Engine::Cpu => KernelsNet::new(&params, threads),
+                // tract-cuda's device: the first one the process sees.
+                Engine::Cuda(_) => KernelsNet::on_cuda(&params, 0),
+            }) {
                 Ok((net, worst, scale)) => {
                     self.kernels = Some(net);
                     format!(
@@ -489,11 +572,14 @@ impl Segmenter {
         self
     }
 
-    /// Builds the kernels network and compares its logits with tract's (on the CPU) on one random
-    /// image: max |Δ| must be ≤ [`PROBE_TOLERANCE`] × the largest |logit| of tract.
-    fn probe(&self, params: &Params, threads: usize) -> Result<(KernelsNet, f32, f32), String> {
+    /// Builds the kernels network (`make`) and compares its logits with tract's (on the CPU) on one
+    /// random image: max |Δ| must be ≤ [`PROBE_TOLERANCE`] × the largest |logit| of tract.
+    fn probe(
+        &self,
+        make: impl FnOnce() -> Result<KernelsNet, String>,
+    ) -> Result<(KernelsNet, f32, f32), String> {
         use rand::{Rng, SeedableRng};
-        let net = KernelsNet::new(params, threads)?;
+        let net = make()?;
         let (h, w) = PROBE_SIZE;
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0x5eed);
         let x: Vec<f32> = (0..h * w).map(|_| rng.random_range(-2.0f32..2.0)).collect();
@@ -543,9 +629,10 @@ impl Segmenter {
             .collect())
     }
 
-    /// Where the logits run: `kernels-cpu`, `tract-cpu` or `tract-cuda`.
+    /// Where the logits run: `kernels-cpu`, `kernels-cuda`, `tract-cpu` or `tract-cuda`.
     pub fn engine_name(&self) -> &'static str {
         match (&self.kernels, self.engine) {
+            (Some(k), _) if k.on_gpu() => "kernels-cuda",
             (Some(_), _) => "kernels-cpu",
             (None, Engine::Cpu) => "tract-cpu",
             (None, Engine::Cuda(_)) => "tract-cuda",
@@ -1065,6 +1152,41 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The kernels engine on CUDA: without a usable GPU (this machine, CI) opening it is an error that
+    /// says why, never a panic; on a machine with one (the device runs) its logits equal the CPU
+    /// kernels' within the probe's bound, on an odd-sized batch of two.
+    #[test]
+    fn the_cuda_kernels_engine_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
+        use rand::{Rng, SeedableRng};
+        let path = repo_root().join("models/grains/model.onnx");
+        let proto = onnx::load(&path).unwrap();
+        let params = onnx::load_params(&proto, &path).unwrap();
+        let gpu = match KernelsNet::on_cuda(&params, 0) {
+            Err(why) => {
+                assert!(!why.is_empty());
+                println!("no GPU here, as expected on a CPU machine: {why}");
+                return;
+            }
+            Ok(net) => net,
+        };
+        assert!(gpu.on_gpu());
+        let cpu = KernelsNet::new(&params, 0).unwrap();
+        let (n, h, w) = (2, 48, 80);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let x: Vec<f32> = (0..n * h * w)
+            .map(|_| rng.random_range(-2.0f32..2.0))
+            .collect();
+        let want = cpu.logits(&x, n, h, w).unwrap();
+        let got = gpu.logits(&x, n, h, w).unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(worst <= PROBE_TOLERANCE * scale, "{worst} of {scale}");
     }
 
     /// A model whose export differs from the reference U-Net — the first convolution pads by

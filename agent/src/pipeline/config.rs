@@ -144,7 +144,8 @@ pub struct ModelSection {
     #[serde(default)]
     pub threads: usize,
     /// "auto", "tract" or "kernels": what runs the network (see [`Engine`]). `auto` uses our own
-    /// kernels on the CPU when the model passes the parity probe against tract at load.
+    /// kernels on the CPU when the model passes the parity probe against tract at load; `kernels`
+    /// also where tract would run tract-cuda (our CUDA kernels, not yet measured against it).
     #[serde(default)]
     pub engine: Engine,
 }
