@@ -142,7 +142,7 @@ pub(crate) fn forward(
     plan: Plan,
 ) {
     if winograd::applies(xs, conv) {
-        winograd::forward(x, xs, conv, w, b, relu, y, plan);
+        winograd::forward(winograd::Input::Planes(x), xs, conv, w, b, relu, y, plan);
         return;
     }
     if let Plan::Inside(threads) = plan

@@ -266,7 +266,7 @@ impl Backend for CpuBackend {
             c_low: low_shape.c,
             skip,
         };
-        winograd::forward_input(x, cs, conv, w, Some(b), relu, y, self.plan(cs.n));
+        winograd::forward(x, cs, conv, w, Some(b), relu, y, self.plan(cs.n));
         Ok(())
     }
 

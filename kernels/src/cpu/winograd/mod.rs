@@ -421,24 +421,9 @@ fn band_tile_rows<V: Variant>(conv: Conv, th: usize, tw: usize) -> usize {
 }
 
 /// `y = conv(x, w) + b` (then ReLU) for a 3×3 pad-1 layer that [`applies`]; lengths already checked.
+/// `xs` is the shape of the layer's input (for [`Input::Up2Concat`], of the concatenation).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
-    x: &[f32],
-    xs: Shape,
-    conv: Conv,
-    w: &[f32],
-    b: Option<&[f32]>,
-    relu: bool,
-    y: &mut [f32],
-    plan: Plan,
-) {
-    forward_input(Input::Planes(x), xs, conv, w, b, relu, y, plan);
-}
-
-/// [`forward`] from any [`Input`]: `xs` is the shape of the layer's input (for
-/// [`Input::Up2Concat`], of the concatenation).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_input(
     x: Input<'_>,
     xs: Shape,
     conv: Conv,
@@ -450,6 +435,7 @@ pub(crate) fn forward_input(
 ) {
     match method() {
         Method::F2 => forward_with::<F2>(x, xs, conv, w, b, relu, y, plan),
+        // Im2col is not reached: `applies` said no.
         Method::F4 | Method::Im2col => forward_with::<F4>(x, xs, conv, w, b, relu, y, plan),
     }
 }
