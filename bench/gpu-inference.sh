@@ -9,7 +9,8 @@
 # What `run` does, each step under a timeout, logs and JSON into $OUT (or .gpu/out):
 #  1. `microfed model bench` on the GPU (tract-cuda) for the reference U-Net (models/grains) at
 #     1×512², 8×512² and 1×2048², with the GPU's logits compared to the CPU's on the first shape;
-#     then the kernels engine on the GPU (`--engine kernels`: our CUDA kernels, same shapes and check);
+#     then the kernels engine on the GPU (`--engine kernels`: our CUDA kernels, same shapes and check),
+#     in fp32 and in TF32 (`--precision tf32`);
 #     then tract-cuda again with MICROFED_GPU_KEEP_MAXPOOL=1 (max-pools on tract-cuda's CPU fallback);
 #     (MICROFED_GPU_QUICK=1 runs only steps 1 and 3);
 #  2. the same network on that machine's CPU (tract, every core) at 1×512², for scale;
@@ -70,6 +71,10 @@ PY
     timeout 170 .gpu/microfed model bench models/grains/model.onnx --device cuda --engine kernels \
         --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 30 --warmup 5 \
         --json "$out/kernels-cuda.json" 2>&1 | tee "$out/kernels-cuda.log" || rc=$?
+    echo "## 1a'. the same in TF32 (tensor cores; the probe's TF32 bound; PyTorch's TF32 row is the peer)"
+    timeout 120 .gpu/microfed model bench models/grains/model.onnx --device cuda --engine kernels \
+        --precision tf32 --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 30 --warmup 5 \
+        --json "$out/kernels-cuda-tf32.json" 2>&1 | tee "$out/kernels-cuda-tf32.log" || rc=$?
     echo "## 1b. tract-cuda with the max-pools left to its CPU fallback (what the rewrite buys)"
     MICROFED_GPU_KEEP_MAXPOOL=1 timeout 120 .gpu/microfed model bench models/grains/model.onnx --device cuda \
         --shape 1x512x512 --shape 8x512x512 --shape 1x2048x2048 --runs 20 --warmup 3 --no-check \

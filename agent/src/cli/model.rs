@@ -56,6 +56,9 @@ pub struct BenchArgs {
     /// kernels.
     #[arg(long, value_enum, default_value_t = crate::model::runtime::EngineKind::Auto)]
     pub engine: crate::model::runtime::EngineKind,
+    /// The kernels engine's arithmetic on the GPU: fp32, or tf32 (tensor cores, sm_80 and newer).
+    #[arg(long, value_enum, default_value_t = crate::model::runtime::Precision::Fp32)]
+    pub precision: crate::model::runtime::Precision,
     /// Input shapes as NxHxW (batch, height, width; H and W multiples of 16). Repeatable.
     #[arg(long = "shape", value_name = "NxHxW", default_values_t = vec!["1x512x512".to_string()])]
     pub shapes: Vec<String>,
@@ -269,6 +272,7 @@ fn bench(args: BenchArgs) -> anyhow::Result<()> {
         .unwrap_or(tract_linalg::multithread::Executor::SingleThread);
     crate::model::runtime::set_process_engine(choice.engine);
     crate::model::runtime::set_process_engine_kind(args.engine, threads);
+    crate::model::runtime::set_process_precision(args.precision);
     let seg = Segmenter::load(&args.file)?.on_engine(choice.engine);
     println!(
         "network: {} ({}), {threads} threads",

@@ -59,6 +59,9 @@ pub struct Args {
     /// tract, on the CPU), tract, kernels.
     #[arg(long, value_enum, default_value_t = config::Engine::Auto)]
     pub engine: config::Engine,
+    /// The kernels engine's arithmetic on the GPU: fp32, or tf32 (tensor cores, sm_80 and newer).
+    #[arg(long, value_enum, default_value_t = crate::model::runtime::Precision::Fp32)]
+    pub precision: crate::model::runtime::Precision,
     /// Classes file (dataset.toml form) naming the model's classes.
     #[arg(long, value_name = "FILE")]
     pub classes: Option<PathBuf>,
@@ -161,6 +164,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         device: args.device,
         threads: args.threads,
         engine: args.engine,
+        precision: args.precision,
     };
     let tiling = TilingSection {
         tile: args.tile,
@@ -184,6 +188,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let choice = crate::model::runtime::select_engine(args.device)?;
     crate::model::runtime::set_process_engine(choice.engine);
     crate::model::runtime::set_process_engine_kind(args.engine, resolve_threads(args.threads));
+    crate::model::runtime::set_process_precision(args.precision);
     let segmenter = Segmenter::load(&model.onnx)?;
     tracing::info!(
         device = segmenter.engine().name(),

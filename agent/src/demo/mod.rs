@@ -518,6 +518,7 @@ fn pipeline_config(cfg: &DemoConfig, lab: &LabPlan, tile: usize) -> PipelineConf
             // Labs share the machine: one thread each for the network's matrix products.
             threads: 1,
             engine: crate::pipeline::config::Engine::Auto,
+            precision: crate::model::runtime::Precision::Fp32,
         },
         tiling: TilingSection {
             tile,

@@ -152,9 +152,63 @@ pub fn process_engine_kind() -> (EngineKind, usize) {
     PROCESS_ENGINE_KIND.get().copied().unwrap_or_default()
 }
 
+/// The arithmetic of the kernels engine's convolutions on the GPU (`[model] precision`,
+/// `--precision`): fp32, or TF32 on the tensor cores of sm_80 and newer (inputs rounded to a 10-bit
+/// mantissa, sums in fp32; older chips run fp32). The CPU always computes in fp32.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Tf32,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fp32 => "fp32",
+            Self::Tf32 => "tf32",
+        }
+    }
+
+    /// The parity probe's bound for this precision (a fraction of tract's largest |logit|).
+    pub fn probe_tolerance(self) -> f32 {
+        match self {
+            Self::Fp32 => PROBE_TOLERANCE,
+            Self::Tf32 => PROBE_TOLERANCE_TF32,
+        }
+    }
+
+    fn kernels(self) -> microfed_kernels::Precision {
+        match self {
+            Self::Fp32 => microfed_kernels::Precision::Fp32,
+            Self::Tf32 => microfed_kernels::Precision::Tf32,
+        }
+    }
+}
+
+static PROCESS_PRECISION: OnceLock<Precision> = OnceLock::new();
+
+/// Makes `precision` the one every later kernels engine on the GPU of this process computes in.
+/// The first call wins.
+pub fn set_process_precision(precision: Precision) -> bool {
+    PROCESS_PRECISION.set(precision).is_ok()
+}
+
+/// The process's GPU precision: fp32 unless [`set_process_precision`] said otherwise.
+pub fn process_precision() -> Precision {
+    PROCESS_PRECISION.get().copied().unwrap_or_default()
+}
+
 /// The parity probe's bound: the kernels engine's logits must be within this fraction of tract's
 /// largest |logit| everywhere.
 pub const PROBE_TOLERANCE: f32 = 1e-4;
+/// The probe's bound for TF32 on the GPU. TF32 rounds each operand to 11 significant bits (relative
+/// error up to 2⁻¹¹ ≈ 4.9e-4); over the U-Net's 23 convolutions, sums of up to 3,456 products each,
+/// the logits move by a few 1e-3 of the largest, as PyTorch's TF32 does against its fp32. The bound
+/// still fails a model whose graph computes something else (another padding or resize moves the
+/// logits by tens of per cent of the largest).
+pub const PROBE_TOLERANCE_TF32: f32 = 2e-2;
 /// The probe's input: one random image of this size (every level of the U-Net has at least 4×4).
 const PROBE_SIZE: (usize, usize) = (64, 80);
 
@@ -231,11 +285,13 @@ impl KernelsNet {
     }
 
     /// Uploads `params` to CUDA device `ordinal` (our kernels compiled by NVRTC for it, or read from
-    /// the kernel cache). A driver or library that panics is reported as an error.
-    pub fn on_cuda(params: &Params, ordinal: usize) -> Result<Self, String> {
+    /// the kernel cache), its convolutions in `precision` (TF32 runs fp32 below sm_80). A driver or
+    /// library that panics is reported as an error.
+    pub fn on_cuda(params: &Params, ordinal: usize, precision: Precision) -> Result<Self, String> {
         let build = || -> Result<(UNet<CudaBackend>, Arc<CudaBackend>), String> {
             let cuda = Arc::new(CudaBackend::new(ordinal).map_err(|e| e.to_string())?);
-            let net = UNet::for_inference(cuda.clone(), params).map_err(|e| e.to_string())?;
+            let mut net = UNet::for_inference(cuda.clone(), params).map_err(|e| e.to_string())?;
+            net.set_precision(precision.kernels());
             Ok((net, cuda))
         };
         let (net, cuda) = std::panic::catch_unwind(build).map_err(|_| {
@@ -261,6 +317,34 @@ impl KernelsNet {
     /// Whether the network runs on the GPU.
     pub fn on_gpu(&self) -> bool {
         matches!(self.on, KernelsDevice::Cuda { .. })
+    }
+
+    /// The precision the convolutions really run in: fp32 on the CPU and on GPUs without TF32
+    /// tensor cores.
+    pub fn precision(&self) -> Precision {
+        match &self.on {
+            KernelsDevice::Cpu { .. } => Precision::Fp32,
+            KernelsDevice::Cuda { net, cuda, .. } => {
+                let asked = net.lock().unwrap_or_else(|e| e.into_inner()).precision();
+                if asked == microfed_kernels::Precision::Tf32 && cuda.has_tf32() {
+                    Precision::Tf32
+                } else {
+                    Precision::Fp32
+                }
+            }
+        }
+    }
+
+    /// The precision for the engine's reason, with why it differs from the process's setting.
+    fn precision_note(&self) -> String {
+        let runs = self.precision();
+        if runs == process_precision() {
+            runs.name().to_string()
+        } else if self.on_gpu() {
+            format!("{}: this GPU has no TF32 tensor cores", runs.name())
+        } else {
+            format!("{}: the CPU computes in fp32", runs.name())
+        }
     }
 
     /// Logits `[n, K, h, w]` of a batch `[n, 1, h, w]`.
@@ -551,13 +635,16 @@ impl Segmenter {
             (_, engine, Ok(params)) => match self.probe(|| match engine {
                 Engine::Cpu => KernelsNet::new(&params, threads),
                 // tract-cuda's device: the first one the process sees.
-                Engine::Cuda(_) => KernelsNet::on_cuda(&params, 0),
+                Engine::Cuda(_) => KernelsNet::on_cuda(&params, 0, process_precision()),
             }) {
                 Ok((net, worst, scale)) => {
+                    let tolerance = net.precision().probe_tolerance();
+                    let reason = format!(
+                        "parity probe passed (max |Δ| {worst:.2e} ≤ {tolerance:.0e} × {scale:.3}, {})",
+                        net.precision_note()
+                    );
                     self.kernels = Some(net);
-                    format!(
-                        "parity probe passed (max |Δ| {worst:.2e} ≤ {PROBE_TOLERANCE:.0e} × {scale:.3})"
-                    )
+                    reason
                 }
                 Err(why) => {
                     let why = format!(
@@ -595,11 +682,13 @@ impl Segmenter {
             .iter()
             .zip(&want)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let tolerance = net.precision().probe_tolerance();
         // Negated on purpose: a NaN difference must fail the probe.
         #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        if !(worst <= PROBE_TOLERANCE * scale) {
+        if !(worst <= tolerance * scale) {
             return Err(format!(
-                "on a random {h}×{w} image the logits differ from tract's by up to {worst:.3e}, more than {PROBE_TOLERANCE:.0e} of the largest ({scale:.3e})"
+                "on a random {h}×{w} image the logits ({}) differ from tract's by up to {worst:.3e}, more than {tolerance:.0e} of the largest ({scale:.3e})",
+                net.precision_note()
             ));
         }
         Ok((net, worst, scale))
@@ -1156,23 +1245,43 @@ mod tests {
 
     /// The kernels engine on CUDA: without a usable GPU (this machine, CI) opening it is an error that
     /// says why, never a panic; on a machine with one (the device runs) its logits equal the CPU
-    /// kernels' within the probe's bound, on an odd-sized batch of two.
+    /// kernels' within the probe's bound of each precision (fp32, and TF32, which runs fp32 below
+    /// sm_80), on an odd-sized batch of two.
     #[test]
     fn the_cuda_kernels_engine_is_an_error_without_a_gpu_and_matches_the_cpu_with_one() {
-        use rand::{Rng, SeedableRng};
         let path = repo_root().join("models/grains/model.onnx");
         let proto = onnx::load(&path).unwrap();
         let params = onnx::load_params(&proto, &path).unwrap();
-        let gpu = match KernelsNet::on_cuda(&params, 0) {
+        for precision in [Precision::Fp32, Precision::Tf32] {
+            let Some(worst) = cuda_against_cpu(&params, precision) else {
+                return;
+            };
+            println!(
+                "{}: max |Δ| {worst:.2e} of the largest logit",
+                precision.name()
+            );
+            assert!(
+                worst <= precision.probe_tolerance(),
+                "{}: {worst}",
+                precision.name()
+            );
+        }
+    }
+
+    /// The largest difference between the CUDA and the CPU kernels' logits, as a fraction of the
+    /// largest CPU logit; None (after checking the error says why) where no GPU answers.
+    fn cuda_against_cpu(params: &Params, precision: Precision) -> Option<f32> {
+        use rand::{Rng, SeedableRng};
+        let gpu = match KernelsNet::on_cuda(params, 0, precision) {
             Err(why) => {
                 assert!(!why.is_empty());
                 println!("no GPU here, as expected on a CPU machine: {why}");
-                return;
+                return None;
             }
             Ok(net) => net,
         };
         assert!(gpu.on_gpu());
-        let cpu = KernelsNet::new(&params, 0).unwrap();
+        let cpu = KernelsNet::new(params, 0).unwrap();
         let (n, h, w) = (2, 48, 80);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
         let x: Vec<f32> = (0..n * h * w)
@@ -1186,7 +1295,7 @@ mod tests {
             .iter()
             .zip(&want)
             .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(worst <= PROBE_TOLERANCE * scale, "{worst} of {scale}");
+        Some(worst / scale)
     }
 
     /// A model whose export differs from the reference U-Net — the first convolution pads by

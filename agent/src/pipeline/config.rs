@@ -148,6 +148,11 @@ pub struct ModelSection {
     /// also where tract would run tract-cuda (our CUDA kernels, not yet measured against it).
     #[serde(default)]
     pub engine: Engine,
+    /// "fp32" or "tf32": the arithmetic of the kernels engine's convolutions on the GPU (TF32: the
+    /// tensor cores of sm_80 and newer, inputs rounded to 11 significant bits, its parity probe's
+    /// bound widened to match; older GPUs and the CPU compute in fp32 and say so at load).
+    #[serde(default)]
+    pub precision: crate::model::runtime::Precision,
 }
 
 fn yes() -> bool {
@@ -171,6 +176,7 @@ impl Default for ModelSection {
             device: Device::Auto,
             threads: 0,
             engine: Engine::Auto,
+            precision: crate::model::runtime::Precision::Fp32,
         }
     }
 }
@@ -476,6 +482,22 @@ mod tests {
         c.validate().unwrap();
         assert_eq!(c.tiling.tile, 512);
         assert_eq!(c.tiling.overlap, 32);
+        assert_eq!(c.model.engine, Engine::Auto);
+        assert_eq!(c.model.precision, crate::model::runtime::Precision::Fp32);
+    }
+
+    #[test]
+    fn precision_is_fp32_or_tf32_and_a_wrong_one_is_named() {
+        use crate::model::runtime::Precision;
+        let c: PipelineConfig =
+            toml::from_str("[model]\npath = \"m.onnx\"\nprecision = \"tf32\"\n").unwrap();
+        assert_eq!(c.model.precision, Precision::Tf32);
+        assert!(Precision::Tf32.probe_tolerance() > Precision::Fp32.probe_tolerance());
+        let err =
+            toml::from_str::<PipelineConfig>("[model]\npath = \"m.onnx\"\nprecision = \"fp16\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("fp16") && err.contains("tf32"), "{err}");
     }
 
     #[test]

@@ -797,6 +797,7 @@ impl Agent {
             config.model.engine,
             resolve_threads(config.model.threads),
         );
+        crate::model::runtime::set_process_precision(config.model.precision);
         let segmenter = Segmenter::load(&config.model.path)?;
         let settings = Settings::from_config(&config, &segmenter)?;
         tracing::info!(
