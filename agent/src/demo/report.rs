@@ -454,16 +454,52 @@ pub fn grain_count_error(counts: &[GrainCount]) -> Option<f64> {
     (!e.is_empty()).then(|| 100.0 * e.iter().sum::<f64>() / e.len() as f64)
 }
 
-/// Per lab: the hold-out IoU of the global decoder the first round started from (the base model)
-/// and of the one the last round started from.
+/// What the federation did for one lab: hold-out IoU of global decoders on its own hold-out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gain {
+    pub lab: String,
+    /// The global the first round started from (the base model's decoder).
+    pub first: Option<f32>,
+    /// The global the last round started from (from the last round's update).
+    pub last_start: Option<f32>,
+    /// The global the last round produced, as the lab scored it after the rounds (its status);
+    /// None when it was not scored in time or the lab reported another version.
+    pub final_global: Option<f32>,
+}
+
+impl Gain {
+    /// The change from the first round's start to the final global, else to the last round's
+    /// start (points of IoU).
+    pub fn change(&self) -> Option<f32> {
+        self.first
+            .zip(self.final_global.or(self.last_start))
+            .map(|(a, b)| 100.0 * (b - a))
+    }
+}
+
+/// Per lab: the hold-out IoU of the global decoder the first round started from (the base model),
+/// of the one the last round started from, and of the final global (`finals[i]`: the version a
+/// lab last scored and its IoU, counted when it is the last round's global).
 pub fn federation_gains(
     rows: &[RoundRow],
     labs: &[String],
-) -> Vec<(String, Option<f32>, Option<f32>)> {
+    finals: &[Option<(u64, f64)>],
+) -> Vec<Gain> {
     let at = |i: usize, r: Option<&RoundRow>| r.and_then(|r| r.labs.get(i)?.as_ref()?.iou_global);
+    let last_version = rows.last().map(|r| r.global_version);
     labs.iter()
         .enumerate()
-        .map(|(i, l)| (l.clone(), at(i, rows.first()), at(i, rows.last())))
+        .map(|(i, l)| Gain {
+            lab: l.clone(),
+            first: at(i, rows.first()),
+            last_start: at(i, rows.last()),
+            final_global: finals
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|(v, _)| Some(*v) == last_version)
+                .map(|(_, iou)| iou as f32),
+        })
         .collect()
 }
 
@@ -486,7 +522,7 @@ pub struct LabReport {
 pub fn report_markdown(
     configuration: &[(String, String)],
     table: &[String],
-    gains: &[(String, Option<f32>, Option<f32>)],
+    gains: &[Gain],
     labs: &[LabReport],
     dense_bytes: usize,
     files: &[(String, PathBuf)],
@@ -512,18 +548,21 @@ pub fn report_markdown(
     }
     md.push_str(
         "\nWhat federation did for each lab: the hold-out IoU of the global decoder the first round \
-         started from (the base model) and of the one the last round started from.\n\n\
-         | lab | round 1 start | last round start | change (points) |\n|---|---|---|---|\n",
+         started from (the base model), of the one the last round started from, and of the final \
+         global (the last round's, scored by each lab after the rounds); the change is to the \
+         final global (to the last round's start where it was not scored).\n\n\
+         | lab | round 1 start | last round start | final global | change (points) |\n\
+         |---|---|---|---|---|\n",
     );
-    for (lab, first, last) in gains {
-        let change = first
-            .zip(*last)
-            .map_or("–".into(), |(a, b)| format!("{:+.1}", 100.0 * (b - a)));
+    for g in gains {
+        let change = g.change().map_or("–".into(), |c| format!("{c:+.1}"));
         let _ = writeln!(
             md,
-            "| {lab} | {} | {} | {change} |",
-            iou(*first),
-            iou(*last)
+            "| {} | {} | {} | {} | {change} |",
+            g.lab,
+            iou(g.first),
+            iou(g.last_start),
+            iou(g.final_global)
         );
     }
     let _ = writeln!(md, "\nStyle codes: {style_codes}\n");
@@ -740,6 +779,46 @@ mod tests {
             s.means,
             vec![("grains".to_string(), 15.0), ("ecd_mean".to_string(), 5.0)]
         );
+    }
+
+    #[test]
+    fn gains_count_the_final_global_only_when_it_is_the_last_rounds() {
+        let lab = |iou: f32| {
+            Some(LabRound {
+                iou_global: Some(iou),
+                iou_local: None,
+                bytes: 1,
+                samples: 1,
+                train_loss: 0.1,
+            })
+        };
+        let row = |round: u64, ious: [f32; 2]| RoundRow {
+            round,
+            global_version: round,
+            labs: ious.iter().map(|&v| lab(v)).collect(),
+            update_bytes: 2,
+            stragglers: vec![],
+            rejected: BTreeMap::new(),
+            seconds: 1.0,
+            secure_aggregation: false,
+        };
+        let rows = [row(1, [0.50, 0.80]), row(2, [0.53, 0.79])];
+        let labs = ["a".to_string(), "b".to_string()];
+        // Lab a scored global 2 (the last round's), lab b only global 1: its final is unknown.
+        let g = federation_gains(&rows, &labs, &[Some((2, 0.56)), Some((1, 0.79))]);
+        assert_eq!(g[0].final_global, Some(0.56));
+        assert!(
+            (g[0].change().unwrap() - 6.0).abs() < 1e-4,
+            "to the final global"
+        );
+        assert_eq!((g[1].last_start, g[1].final_global), (Some(0.79), None));
+        assert!(
+            (g[1].change().unwrap() + 1.0).abs() < 1e-4,
+            "to the last round's start"
+        );
+        let md = report_markdown(&[], &[], &g, &[], 10, &[], "none");
+        assert!(md.contains("| a | 0.500 | 0.530 | 0.560 | +6.0 |"), "{md}");
+        assert!(md.contains("| b | 0.800 | 0.790 | – | -1.0 |"), "{md}");
     }
 
     #[test]

@@ -368,6 +368,8 @@ mod tests {
             live_personalised: false,
             live_holdout_iou: None,
             globals_refused: 0,
+            global_scored_version: 0,
+            global_holdout_iou: None,
         }
     }
 

@@ -148,6 +148,8 @@ impl DeviceLink {
             live_personalised: false,
             live_holdout_iou: None,
             globals_refused: 0,
+            global_scored_version: 0,
+            global_holdout_iou: None,
         };
         let offline = seal_status(
             fleet,

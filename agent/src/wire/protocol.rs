@@ -427,6 +427,13 @@ pub struct StatusBody {
     /// New globals kept out of production by the hold-out gate since start.
     #[serde(default)]
     pub globals_refused: u64,
+    /// The last global decoder scored on this lab's hold-out (0: none yet) and its own mean IoU
+    /// there (not its personalised fine-tune's), whether or not it went live: what the federation
+    /// gives this lab.
+    #[serde(default)]
+    pub global_scored_version: u64,
+    #[serde(default)]
+    pub global_holdout_iou: Option<f64>,
 }
 
 /// One segmented micrograph (on `result/<device>`): the figures, never the image.

@@ -690,6 +690,9 @@ async fn session(
                                 st.live_personalised = personalised;
                             }
                             st.live_holdout_iou = carried.rounds.live_score();
+                            if let Some((v, iou)) = carried.rounds.global_score() {
+                                (st.global_scored_version, st.global_holdout_iou) = (v, Some(iou));
+                            }
                         });
                     }
                     Action::Score { version } => {
@@ -723,8 +726,12 @@ async fn session(
                             "global decoder not swapped into production (training goes on from it): {why}"
                         );
                         let live_score = carried.rounds.live_score();
+                        let global_score = carried.rounds.global_score();
                         device.status.update(|st| {
                             st.live_holdout_iou = live_score;
+                            if let Some((v, iou)) = global_score {
+                                (st.global_scored_version, st.global_holdout_iou) = (v, Some(iou));
+                            }
                             st.globals_refused += 1;
                             st.last_error =
                                 Some(format!("global {version} kept out of production: {why}"));

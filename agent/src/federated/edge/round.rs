@@ -183,6 +183,9 @@ pub struct Rounds {
     scoring: Option<u64>,
     /// The last global version decided (swapped in or kept out).
     decided: Option<u64>,
+    /// The last global scored on the hold-out: its version and its own mean IoU (not its
+    /// personalised fine-tune's), whether or not it went live.
+    global_score: Option<(u64, f64)>,
 }
 
 impl Rounds {
@@ -226,6 +229,12 @@ impl Rounds {
     #[cfg(test)]
     pub fn live_is_personalised(&self) -> bool {
         self.live.as_ref().is_some_and(|l| l.personalised)
+    }
+
+    /// The last global decoder scored on the hold-out and its own mean IoU (the federation's
+    /// result for this lab, beside what went live).
+    pub fn global_score(&self) -> Option<(u64, f64)> {
+        self.global_score
     }
 
     /// The hold-out mean IoU of the decoder in production, when it was scored (the last scoring
@@ -278,6 +287,13 @@ impl Rounds {
                     // A newer global arrived meanwhile: it is scored next (below).
                     if let Some((gv, g)) = self.global.as_ref().filter(|(gv, _)| *gv == version) {
                         self.decided = Some(*gv);
+                        if let Ok(Scores {
+                            candidate: Some(own),
+                            ..
+                        }) = &result
+                        {
+                            self.global_score = Some((version, *own));
+                        }
                         let margin = self.gate.unwrap_or(f64::INFINITY);
                         // The better of the global and its personalised fine-tune is the candidate.
                         let (result, tuned) = match result {
@@ -820,6 +836,11 @@ mod tests {
         assert!(r.live_is_personalised());
         assert_eq!(r.live_score(), Some(0.75));
         assert_eq!(
+            r.global_score(),
+            Some((1, 0.60)),
+            "the global's own score, not the fine-tune's"
+        );
+        assert_eq!(
             r.global(),
             Some((1, &[1.0f32][..])),
             "training starts from the global"
@@ -843,6 +864,7 @@ mod tests {
         // the better of the two.
         assert_eq!(r.handle(g(3, 3.0), 4.0), vec![Action::Score { version: 3 }]);
         let a = r.handle(scored_with(3, 0.50, 0.74, (3.5, 0.60)), 5.0);
+        assert_eq!(r.global_score(), Some((3, 0.50)), "kept out, still scored");
         assert_eq!(
             a,
             vec![Action::KeepLive {
