@@ -13,7 +13,7 @@
 #                                      #   sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e |
 #                                      #   transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d |
 #                                      #   transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c |
-#                                      #   sweep-demo-grains40-d)
+#                                      #   sweep-demo-grains40-d | sweep-demo-grains40-e … -p)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -52,7 +52,7 @@ for fed in ${which[*]}; do
             # Four labs, one style (sem-se): random draws of the same generator, 12 images each.
             for i in 1 2 3 4; do make_lab_at "gate-iid/lab-$i" sem-se 12 $((5200 + i)); done
             ;;
-        demo-labs|sweep-demo|sweep-demo-e|sweep-demo-grains40|sweep-demo-grains40-b|sweep-demo-grains40-c|sweep-demo-grains40-d)
+        demo-labs|sweep-demo|sweep-demo-e|sweep-demo-grains40|sweep-demo-grains40-[b-p])
             # What `microfed demo` synthesises with its defaults (seed 7: labs 700, 701, 702).
             make_lab_at demo-labs/hazy hazy 10 700
             make_lab_at demo-labs/sem-bse sem-bse 10 701
@@ -119,7 +119,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
