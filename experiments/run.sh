@@ -12,7 +12,7 @@
 #                                      #   transfer-personal-c | transfer-fedadam | sweep-demo-grains40 |
 #                                      #   sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e |
 #                                      #   transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d |
-#                                      #   transfer2-e | transfer2-f | transfer2-g | sweep-demo-e | sweep-demo-grains40-c |
+#                                      #   transfer2-e | transfer2-f | transfer2-g | transfer2-h | sweep-demo-e | sweep-demo-grains40-c |
 #                                      #   sweep-demo-grains40-d | sweep-demo-grains40-e … -p)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
@@ -45,7 +45,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid)
@@ -74,7 +74,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g)
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab

@@ -208,7 +208,13 @@ fn quick_demo_with_secure_aggregation_completes_its_rounds() {
         assert!(!out.join("aggregator").join(format!("round-{r}")).exists());
     }
     // Round 2 merged the two labs' contributed codes (kept on their own disks, over the whole
-    // update: zero off the round's shared 10 % support), and nothing else.
+    // update: zero off the round's shared 10 % support), and nothing else; the aggregator applied
+    // their mean with the server rate the report names (1 when it names none).
+    let server_rate: f32 = report
+        .lines()
+        .find(|l| l.starts_with("- aggregation:"))
+        .and_then(|l| l.split("server rate of ").nth(1))
+        .map_or(1.0, |r| r.trim().parse().expect("server rate"));
     let global = |v: u32| -> Vec<f32> {
         std::fs::read(out.join("aggregator").join(format!("global-{v}.bin")))
             .unwrap()
@@ -237,7 +243,10 @@ fn quick_demo_with_secure_aggregation_completes_its_rounds() {
     for j in 0..g1.len() {
         let mean = (i32::from(codes[0][j]) + i32::from(codes[1][j])) as f32 * step / 2.0;
         let got = g2[j] - g1[j];
-        assert!((got - mean).abs() < 1e-5, "coordinate {j}: {got} vs {mean}");
+        assert!(
+            (got - server_rate * mean).abs() < 1e-5,
+            "coordinate {j}: {got} vs {server_rate} × {mean}"
+        );
         moved += usize::from(got != 0.0);
     }
     assert!(

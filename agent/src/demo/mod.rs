@@ -295,18 +295,21 @@ impl DemoConfig {
                 "update compression".into(),
                 "int8 per tensor, zstd (every coordinate sent)".into(),
             ),
-            (
-                "aggregation".into(),
+            ("aggregation".into(), {
+                let merge = if self.secure {
+                    "the mean of the labs' updates, from their masked sum"
+                } else {
+                    "FedAvg (weighted by labelled images)"
+                };
                 if self.server_lr == 1.0 {
-                    "FedAvg (weighted by labelled images)".into()
+                    merge.to_string()
                 } else {
                     format!(
-                        "FedAvg (weighted by labelled images), the merged update applied with a \
-                         server rate of {}",
+                        "{merge}, the merged update applied with a server rate of {}",
                         self.server_lr
                     )
-                },
-            ),
+                }
+            }),
             (
                 "what each lab deploys".into(),
                 if self.personalise_steps > 0 {
