@@ -141,16 +141,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|l| l.name.clone())
         .collect();
     for g in demo::report::federation_gains(&outcome.rows, &federated, &outcome.finals) {
-        match (g.first, g.last_start, g.final_global) {
-            (Some(a), Some(b), Some(f)) => println!(
-                "{}: hold-out IoU of the global decoder {a:.3} at round 1, {b:.3} at the last round's start, {f:.3} for the final global ({:+.1} points)",
+        let change = g.change();
+        match (g.first, g.last_start, g.final_global, change) {
+            (Some(a), Some(b), Some(f), Some(c)) => println!(
+                "{}: hold-out IoU of the global decoder {a:.3} at round 1, {b:.3} at the last round's start, {f:.3} for the final global ({c:+.1} points)",
                 g.lab,
-                100.0 * (f - a)
             ),
-            (Some(a), Some(b), None) => println!(
-                "{}: hold-out IoU of the global decoder {a:.3} at round 1, {b:.3} at the last round's start ({:+.1} points; the final global was not scored)",
+            (Some(a), Some(b), None, Some(c)) => println!(
+                "{}: hold-out IoU of the global decoder {a:.3} at round 1, {b:.3} at the last round's start ({c:+.1} points; the final global was not scored)",
                 g.lab,
-                100.0 * (b - a)
             ),
             _ => {}
         }

@@ -188,10 +188,11 @@ impl DemoConfig {
             // With the base model at its targets (models/grains 1.1.0) the three labs' updates,
             // averaged, move the global a third as far as each lab alone (alone, the hazy lab
             // gains 11 points; pooled in one place, 10 with the others held). A server rate of
-            // 1.75 (int8 updates without top-k, six rounds) gives the hazy lab +5.2 to +5.5
-            // points in-process over three seeds at the last round's start with the others
-            // within 0.3 of theirs (1.5: +4.9 to +5.2; 2 and above make the rounds oscillate):
-            // docs/results.md, "The demo on the retrained grains".
+            // 1.75 (int8 updates without top-k, six rounds) gives the hazy lab +5.4 to +5.8
+            // points in-process over eight seeds for the final global, the others within −0.3 to
+            // +0.4 (at the last round's start the donors miss −0.5 in 3 of 8 seeds; 1.5: hazy
+            // +4.9 to +5.3; 2 and above make the rounds oscillate): docs/results.md, "The demo on
+            // the retrained grains".
             server_lr: 1.75,
             // Style codes cost the donors 1 to 3 points on this base (the same sweep): off by
             // default, `--style-codes` turns them on.

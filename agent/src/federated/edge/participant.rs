@@ -689,10 +689,7 @@ async fn session(
                                 st.live_global_version = version;
                                 st.live_personalised = personalised;
                             }
-                            st.live_holdout_iou = carried.rounds.live_score();
-                            if let Some((v, iou)) = carried.rounds.global_score() {
-                                (st.global_scored_version, st.global_holdout_iou) = (v, Some(iou));
-                            }
+                            show_scores(st, &carried.rounds);
                         });
                     }
                     Action::Score { version } => {
@@ -725,13 +722,8 @@ async fn session(
                             live_version,
                             "global decoder not swapped into production (training goes on from it): {why}"
                         );
-                        let live_score = carried.rounds.live_score();
-                        let global_score = carried.rounds.global_score();
                         device.status.update(|st| {
-                            st.live_holdout_iou = live_score;
-                            if let Some((v, iou)) = global_score {
-                                (st.global_scored_version, st.global_holdout_iou) = (v, Some(iou));
-                            }
+                            show_scores(st, &carried.rounds);
                             st.globals_refused += 1;
                             st.last_error =
                                 Some(format!("global {version} kept out of production: {why}"));
@@ -1371,6 +1363,15 @@ enum PendingCode {
 }
 
 /// The style figures of the status board.
+/// The hold-out scores of a decision (a global swapped in or kept out) in the status: the running
+/// decoder's, and the last scored global's own.
+fn show_scores(st: &mut crate::wire::protocol::StatusBody, rounds: &Rounds) {
+    st.live_holdout_iou = rounds.live_score();
+    if let Some((v, iou)) = rounds.global_score() {
+        (st.global_scored_version, st.global_holdout_iou) = (v, Some(iou));
+    }
+}
+
 fn show_styles(
     board: &crate::wire::device::StatusBoard,
     book: &StyleBook,
