@@ -2,7 +2,9 @@
 //! asked for the logits and, when wanted, the skip features `enc0` … `enc4` as extra outputs.
 //!
 //! tract optimises a graph for concrete shapes, so a [`Segmenter`] holds one runnable plan per input shape
-//! it has seen (tiles are all the same size, so in practice one or two plans).
+//! it has seen (tiles are all the same size, so in practice one or two plans), and with each plan the
+//! states spawned from it, reused batch after batch (tract's `run` would spawn one per call: every op's
+//! scratch again on the CPU, a new session on tract-cuda).
 //!
 //! Where the network runs ([`Engine`]): tract's CPU runtime, or tract's own CUDA runtime (`tract-cuda`:
 //! cuDNN convolutions, cuBLAS matrix products, its own kernels for the rest) on a board with a GPU.
@@ -26,7 +28,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::runtime::{Runnable, Runtime, runtime_for_name};
+use tract_onnx::tract_core::runtime::{Runnable, Runtime, State, runtime_for_name};
 
 use microfed_kernels::cpu::CpuBackend;
 use microfed_kernels::cuda::CudaBackend;
@@ -36,7 +38,50 @@ use microfed_kernels::{Backend, KernelError, Shape};
 use super::onnx::{self, INPUT_MULTIPLE, OUTPUT};
 use crate::mask::Mask;
 
-type Plan = Arc<dyn Runnable>;
+type Plan = Arc<PlanEntry>;
+
+/// Most spawned states kept idle per plan: one per thread that segments at once (the pipeline runs
+/// one batch at a time per model; tests and benches run a few), so their scratch memory is bounded.
+const IDLE_STATES: usize = 4;
+
+/// A runnable plan for one input shape and the states spawned from it, kept for the next batch.
+///
+/// tract's `Runnable::run` spawns a fresh state per call: on the CPU that allocates every op's
+/// scratch again, and on tract-cuda it opens a session (descriptors, workspace) per image. A batch
+/// takes an idle state (or spawns one), runs on it and gives it back; a state whose run failed is
+/// dropped, so a later batch starts clean.
+struct PlanEntry {
+    runnable: Box<dyn Runnable>,
+    idle: Mutex<Vec<Box<dyn State>>>,
+}
+
+impl PlanEntry {
+    fn new(runnable: Box<dyn Runnable>) -> Self {
+        Self {
+            runnable,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn run(&self, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let taken = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut state = match taken {
+            Some(state) => state,
+            None => self.runnable.spawn()?,
+        };
+        let out = state.run(inputs)?;
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if idle.len() < IDLE_STATES {
+            idle.push(state);
+        }
+        Ok(out)
+    }
+
+    #[cfg(test)]
+    fn idle_states(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
 
 /// Where inference should run, as configured (`[model] device`, `--device`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -821,8 +866,8 @@ impl Segmenter {
             .with_input_fact(0, f32::fact([n, 1, h, w]).into())
             .and_then(|m| m.with_outputs_by_name(names.iter().map(String::as_str)))
             .map_err(err)?;
-        let plan: Plan = match self.engine {
-            Engine::Cpu => Arc::new(
+        let runnable: Box<dyn Runnable> = match self.engine {
+            Engine::Cpu => Box::new(
                 model
                     .into_optimized()
                     .and_then(|m| m.into_runnable())
@@ -840,9 +885,10 @@ impl Segmenter {
                     let pools = max_pools_as_reductions(&mut typed).map_err(err)?;
                     tracing::debug!(pools, "2x2 max-pools rewritten for the GPU");
                 }
-                Arc::from(rt.prepare(typed).map_err(err)?)
+                rt.prepare(typed).map_err(err)?
             }
         };
+        let plan: Plan = Arc::new(PlanEntry::new(runnable));
         self.plans
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -1376,6 +1422,57 @@ mod tests {
             same.engine_reason()
         );
         assert!(same.engine_reason().contains("parity probe passed"));
+    }
+
+    /// tract's plan keeps the states it spawned and runs the next batch on one of them: the logits are
+    /// those of a freshly spawned state (tract's own `Runnable::run`) for every batch, in order and
+    /// from several threads at once, and the idle states stay bounded.
+    #[test]
+    fn a_reused_tract_state_gives_what_a_fresh_one_gives() {
+        let path = repo_root().join("models/grains/model.onnx");
+        let seg = Segmenter::load_with_kind(&path, (EngineKind::Tract, 1))
+            .unwrap()
+            .on_engine(Engine::Cpu);
+        assert_eq!(seg.engine_name(), "tract-cpu");
+        let (h, w) = (48, 64);
+        let images: Vec<Vec<f32>> = (0..3)
+            .map(|k| {
+                (0..h * w)
+                    .map(|i| ((i * (7 + k) % 23) as f32 / 23.0 - 0.5) * (1.0 + k as f32))
+                    .collect()
+            })
+            .collect();
+        let plan = seg.plan(1, h, w, Outputs::Logits).unwrap();
+        let fresh = |img: &[f32]| -> Vec<f32> {
+            let t = Tensor::from_shape(&[1, 1, h, w], img).unwrap();
+            let out = plan.runnable.run(tvec!(t.into_tvalue())).unwrap();
+            out[0]
+                .to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect()
+        };
+        let want: Vec<Vec<f32>> = images.iter().map(|i| fresh(i)).collect();
+        for round in 0..2 {
+            for (img, want) in images.iter().zip(&want) {
+                assert_eq!(&seg.logits(img, 1, h, w).unwrap(), want, "round {round}");
+            }
+        }
+        assert_eq!(plan.idle_states(), 1, "sequential batches share one state");
+        std::thread::scope(|scope| {
+            let runs: Vec<_> = (0..6)
+                .map(|t| {
+                    let (seg, images) = (&seg, &images);
+                    scope.spawn(move || (t % 3, seg.logits(&images[t % 3], 1, h, w).unwrap()))
+                })
+                .collect();
+            for run in runs {
+                let (k, got) = run.join().unwrap();
+                assert_eq!(got, want[k], "image {k} from a thread");
+            }
+        });
+        assert!((1..=IDLE_STATES).contains(&plan.idle_states()));
     }
 
     #[test]
