@@ -260,8 +260,8 @@ const PROBE_SIZE: (usize, usize) = (64, 80);
 /// The reference U-Net on `microfed-kernels`, built for inference only (no gradient or optimiser
 /// buffers; the activation workspace of a shape is made once and reused): on the CPU backend, on its
 /// own rayon pool when a thread count is given, or on the CUDA backend (our kernels: implicit-GEMM
-/// convolutions with bias and ReLU fused, fp32 or TF32 by [`Precision`]). One call at a time (a mutex): calls from several
-/// threads queue.
+/// convolutions with bias and ReLU fused, fp32 or TF32 by [`Precision`]). One call at a time (a
+/// mutex): calls from several threads queue.
 pub struct KernelsNet {
     on: KernelsDevice,
 }

@@ -373,7 +373,8 @@ fn band_generic<V: Variant>(
 /// `u[(ξ·c_out + co)·c_in + ci] = (G·w[co][ci]·Gᵀ)[ξ]` for every 3×3 kernel, vectorised over `ci`.
 ///
 /// Done once per call, before the layer's bands: on several threads the output channels are split
-/// over the pool (a serial transform held the other threads idle for about 5 % of a 2-thread run).
+/// over the pool (done serially, it was 2.7 % of a 2-thread 512² run's samples, all on one thread;
+/// the end-to-end gain measured within noise: docs/benchmarks.md).
 fn transform_weights<V: Variant>(w: &[f32], conv: Conv, u: &mut [f32], threads: usize) {
     let co_n = conv.c_out;
     if threads <= 1 || co_n < 2 {
