@@ -26,6 +26,7 @@ use microfed_kernels::unet::Params;
 
 use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
 use crate::federated::edge::cache::CachedImage;
+use crate::federated::edge::local::Alignment;
 use crate::federated::edge::local::{
     FeatureCache, HoldoutScores, LocalError, LocalOptimizer, LocalTrainer, LrSchedule, RoundPlan,
 };
@@ -64,6 +65,12 @@ pub struct RunSpec {
     /// Style codes (FedAvg and FedProx only).
     #[serde(default)]
     pub style: Option<StyleSpec>,
+    /// Feature alignment ([`LocalTrainer::set_alignment`]): every lab's batches and every scored
+    /// image have their skip features moved onto one reference style: `"pooled"` (the labs' styles
+    /// pooled, equal weight per lab, from their feature-stats codes) or a lab's name (that lab's
+    /// style). Not with feature-stats style codes (alignment replaces their re-styling).
+    #[serde(default)]
+    pub align: Option<String>,
     /// Centralised only: what the pooled training matches of a federated round.
     #[serde(default)]
     pub matched: Matching,
@@ -477,6 +484,36 @@ fn mean(v: &[Option<f64>]) -> Option<f64> {
     (!s.is_empty()).then(|| s.iter().sum::<f64>() / s.len() as f64)
 }
 
+/// The reference style of a run's feature alignment: `"pooled"` or a lab's name (see
+/// [`RunSpec::align`]). Codes are exact (no noise) and made from every training image of a lab.
+fn alignment_reference(labs: &[Lab], reference: &str) -> Result<Alignment, LocalError> {
+    let knobs = PrivacyKnobs {
+        min_images: 1,
+        noise_sigma: 0.0,
+    };
+    let code = |lab: &Lab| -> Result<StyleCode, LocalError> {
+        let mut rng = seeded_rng(0);
+        Ok(StyleCode::from_cache_with_band(
+            &lab.cache,
+            StyleKind::FeatureStats,
+            &knobs,
+            &lab.name,
+            &mut rng,
+            crate::federated::edge::style::FOURIER_BAND,
+        )?)
+    };
+    if reference == "pooled" {
+        let codes = labs.iter().map(code).collect::<Result<Vec<_>, _>>()?;
+        return Alignment::pooled(&codes);
+    }
+    let lab = labs.iter().find(|l| l.name == reference).ok_or_else(|| {
+        LocalError::Data(format!(
+            "align = {reference:?}: neither \"pooled\" nor a lab's name"
+        ))
+    })?;
+    Alignment::from_code(&code(lab)?)
+}
+
 /// Runs one configuration over `labs`, from the base model `params`; `unseen` are test sets of
 /// styles no lab trains on.
 pub fn run<B: Backend>(
@@ -555,6 +592,15 @@ pub fn run<B: Backend>(
             t.set_styles(others, style.restyle())?;
         }
     }
+    let alignment = spec
+        .align
+        .as_deref()
+        .map(|reference| alignment_reference(labs, reference))
+        .transpose()
+        .map_err(|e| err(e.to_string()))?;
+    for t in &mut trainers {
+        t.set_alignment(alignment.clone());
+    }
     // Centralised: one trainer on every lab's training images (hold-outs stay per lab).
     let mut pooled = if spec.strategy == Strategy::Centralised {
         let mut all = labs[0].cache.clone();
@@ -577,6 +623,7 @@ pub fn run<B: Backend>(
                 t.set_dice_weight(train.dice_weight);
                 t.set_class_weighting(train.class_weighted);
                 t.set_keep_optimizer_state(train.keep_optimizer_state);
+                t.set_alignment(alignment.clone());
                 t
             })?,
         )
@@ -994,6 +1041,22 @@ impl ExperimentConfig {
                     .validate()
                     .and_then(|()| style.knobs().validate())
                     .map_err(|e| format!("{}: run {}: style: {e}", path.display(), r.name))?;
+            }
+            if let Some(reference) = &r.align {
+                if reference != "pooled" && !c.labs.iter().any(|l| &l.name == reference) {
+                    return Err(format!(
+                        "{}: run {}: align = {reference:?}: neither \"pooled\" nor a lab's name",
+                        path.display(),
+                        r.name
+                    ));
+                }
+                if r.style.is_some_and(|s| s.kind == StyleKind::FeatureStats) {
+                    return Err(format!(
+                        "{}: run {}: align replaces feature-stats style codes; use one of them",
+                        path.display(),
+                        r.name
+                    ));
+                }
             }
         }
         Ok(c)
@@ -1564,5 +1627,39 @@ mod tests {
         std::fs::write(&path, text("fedprox", 2.0)).unwrap();
         let err = ExperimentConfig::load(&path).unwrap_err();
         assert!(err.contains("mix"), "{err}");
+    }
+
+    #[test]
+    fn an_alignment_names_pooled_or_a_lab_and_replaces_feature_codes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.toml");
+        let text = |align: &str, style: &str| {
+            format!(
+                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
+                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
+                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
+                 strategy = \"local\"\nalign = \"{align}\"\n{style}"
+            )
+        };
+        for ok in ["pooled", "a"] {
+            std::fs::write(&path, text(ok, "")).unwrap();
+            let c = ExperimentConfig::load(&path).unwrap();
+            assert_eq!(c.runs[0].align.as_deref(), Some(ok));
+        }
+        std::fs::write(&path, text("b", "")).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(
+            err.contains("run r: align = \"b\": neither \"pooled\" nor a lab's name"),
+            "{err}"
+        );
+        let fed = |kind: &str| {
+            text("pooled", &format!("[runs.style]\nkind = \"{kind}\"\n"))
+                .replace("strategy = \"local\"", "strategy = \"fedavg\"")
+        };
+        std::fs::write(&path, fed("feature-stats")).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(err.contains("align replaces feature-stats"), "{err}");
+        std::fs::write(&path, fed("fourier")).unwrap();
+        assert!(ExperimentConfig::load(&path).is_ok());
     }
 }

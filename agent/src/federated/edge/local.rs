@@ -11,6 +11,10 @@
 //!   `train_round` then re-styles, with a configured chance, a batch's skip features with a
 //!   feature-stats code (one per-channel affine map per stage, on the device) or draws crops from
 //!   the lab's images re-styled with a Fourier code (re-encoded once, when the codes are set).
+//! - Feature alignment ([`LocalTrainer::set_alignment`]): every batch, and every image scored, has
+//!   its skip features moved to one reference style (per stage and channel, the mean and standard
+//!   deviation of its own features mapped onto the reference's) before the decoder sees them, so a
+//!   low-contrast lab's features and gradients reach the decoder at the scale of the others'.
 //!
 //! No geometric augmentation here: flipping a feature map is not the features of a flipped image
 //! (the filters are not symmetric). Crops from whole-image features carry the context the decoder
@@ -138,6 +142,121 @@ pub struct LocalTrainer<B: Backend> {
     auto_weights: Vec<f32>,
     /// Keep the optimiser's moments across rounds (see [`LocalTrainer::set_keep_optimizer_state`]).
     keep_optimizer_state: bool,
+    /// The reference style every batch and scored image is aligned to (see
+    /// [`LocalTrainer::set_alignment`]).
+    align: Option<Alignment>,
+}
+
+/// A reference style for feature alignment: per encoder stage, the per-channel means and standard
+/// deviations the features are moved to.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Alignment {
+    stages: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+impl Alignment {
+    /// Per stage `(means, standard deviations)`, one per channel of [`CHANNELS`]; every value finite,
+    /// no deviation negative (a dead channel's is 0: aligned, it holds its reference mean).
+    pub fn new(stages: Vec<(Vec<f32>, Vec<f32>)>) -> Result<Self, LocalError> {
+        if stages.len() != DEPTH {
+            return Err(LocalError::Data(format!(
+                "alignment reference: {} stages, expected {DEPTH}",
+                stages.len()
+            )));
+        }
+        for (l, (mu, sd)) in stages.iter().enumerate() {
+            if mu.len() != CHANNELS[l] || sd.len() != CHANNELS[l] {
+                return Err(LocalError::Data(format!(
+                    "alignment reference: stage {l} has {} means and {} deviations, expected {}",
+                    mu.len(),
+                    sd.len(),
+                    CHANNELS[l]
+                )));
+            }
+            if let Some(v) = mu.iter().chain(sd).find(|v| !v.is_finite()) {
+                return Err(LocalError::Data(format!(
+                    "alignment reference: stage {l} holds {v}"
+                )));
+            }
+            if let Some(v) = sd.iter().find(|&&v| v < 0.0) {
+                return Err(LocalError::Data(format!(
+                    "alignment reference: stage {l} has a standard deviation of {v}"
+                )));
+            }
+        }
+        Ok(Self { stages })
+    }
+
+    /// The reference of one lab's feature-stats code.
+    pub fn from_code(code: &StyleCode) -> Result<Self, LocalError> {
+        if code.kind != StyleKind::FeatureStats {
+            return Err(LocalError::Data(format!(
+                "alignment reference: {}'s code is not a feature-stats code",
+                code.device
+            )));
+        }
+        code.validate()?;
+        Self::new(
+            (0..DEPTH)
+                .map(|l| {
+                    let (mu, sd) = code.stage(l);
+                    (mu.to_vec(), sd.to_vec())
+                })
+                .collect(),
+        )
+    }
+
+    /// The statistics of the labs' features pooled with equal weight per lab (a mixture of their
+    /// styles): per channel, the mean of the means, and the deviation of the mixture,
+    /// `sqrt(mean(σ² + μ²) − μ̄²)`.
+    pub fn pooled(codes: &[StyleCode]) -> Result<Self, LocalError> {
+        if codes.is_empty() {
+            return Err(LocalError::Data(
+                "alignment reference: no feature-stats code to pool".into(),
+            ));
+        }
+        let refs = codes
+            .iter()
+            .map(Self::from_code)
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = refs.len() as f64;
+        let stages = (0..DEPTH)
+            .map(|l| {
+                let c = CHANNELS[l];
+                let mut mu = vec![0.0f32; c];
+                let mut sd = vec![0.0f32; c];
+                for k in 0..c {
+                    let m: f64 = refs
+                        .iter()
+                        .map(|r| f64::from(r.stages[l].0[k]))
+                        .sum::<f64>()
+                        / n;
+                    let q: f64 = refs
+                        .iter()
+                        .map(|r| {
+                            let (a, b) = (f64::from(r.stages[l].0[k]), f64::from(r.stages[l].1[k]));
+                            a * a + b * b
+                        })
+                        .sum::<f64>()
+                        / n;
+                    mu[k] = m as f32;
+                    sd[k] = (q - m * m).max(0.0).sqrt() as f32;
+                }
+                (mu, sd)
+            })
+            .collect();
+        Self::new(stages)
+    }
+
+    /// Per-stage `(scale, shift)` that move features of statistics `own` onto the reference.
+    fn coefficients(&self, own: &[(Vec<f32>, Vec<f32>)]) -> Result<Vec<Restyle>, LocalError> {
+        own.iter()
+            .zip(&self.stages)
+            .map(|((mu, sd), (mu_r, sd_r))| {
+                Ok(restyle_coefficients(mu, sd, mu_r, sd_r, 1.0, 1e-5)?)
+            })
+            .collect()
+    }
 }
 
 impl<B: Backend> std::fmt::Debug for LocalTrainer<B> {
@@ -197,6 +316,7 @@ impl<B: Backend> LocalTrainer<B> {
             restyle: RestyleConfig::default(),
             restyled_batches: 0,
             keep_optimizer_state: false,
+            align: None,
         })
     }
 
@@ -245,6 +365,34 @@ impl<B: Backend> LocalTrainer<B> {
         self.fourier_variants = variants;
         self.restyle = config;
         Ok(())
+    }
+
+    /// Aligns every training batch and every scored image to `reference` (None: off).
+    ///
+    /// Per encoder stage and channel, the features' own mean and standard deviation (of the batch
+    /// in training, of the image when scoring: what a deployed model can compute per capture) are
+    /// mapped onto the reference's before the decoder runs. This replaces re-styling with other
+    /// labs' feature-stats codes (an aligned batch ends at the reference whatever it started from);
+    /// crops re-styled with Fourier codes are aligned like the others.
+    pub fn set_alignment(&mut self, reference: Option<Alignment>) {
+        self.align = reference;
+    }
+
+    /// Per-stage statistics of feature maps `feats` of input shape `xs`, moved onto the alignment
+    /// reference (None when alignment is off).
+    fn alignment(
+        &self,
+        feats: &[B::Buffer],
+        xs: Shape,
+    ) -> Result<Option<Vec<Restyle>>, LocalError> {
+        let Some(align) = &self.align else {
+            return Ok(None);
+        };
+        let shapes = UNet::<B>::feature_shapes(xs);
+        let own = (0..DEPTH)
+            .map(|l| self.backend.channel_stats(&feats[l], shapes[l]))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(align.coefficients(&own)?))
     }
 
     /// Training image `i` re-styled with a Fourier code, through the (frozen) encoder.
@@ -389,7 +537,10 @@ impl<B: Backend> LocalTrainer<B> {
             for _ in 0..steps {
                 let (feats, labels, fourier_crops) =
                     self.batch_from_cache(&mut rng, &mut style_rng)?;
-                let restyle = if !self.feature_styles.is_empty()
+                let aligned = self.alignment(&feats, xs)?;
+                let restyle = if aligned.is_some() {
+                    aligned
+                } else if !self.feature_styles.is_empty()
                     && style_rng.random::<f32>() < self.restyle.probability
                 {
                     let code =
@@ -398,7 +549,7 @@ impl<B: Backend> LocalTrainer<B> {
                 } else {
                     None
                 };
-                if restyle.is_some() || fourier_crops > 0 {
+                if (restyle.is_some() && self.align.is_none()) || fourier_crops > 0 {
                     self.restyled_batches += 1;
                 }
                 let stats = self.net.decoder_train_step(
@@ -561,8 +712,10 @@ impl<B: Backend> LocalTrainer<B> {
             let truth: Vec<u8> = (0..h)
                 .flat_map(|y| img.labels[y * pw..y * pw + w].iter().copied())
                 .collect();
+            let xs = Shape::new(1, 1, ph, pw);
+            let aligned = self.alignment(&feats, xs)?;
             let logits = {
-                let out = self.net.decode(&feats, Shape::new(1, 1, ph, pw), None)?;
+                let out = self.net.decode(&feats, xs, aligned.as_deref())?;
                 self.backend.download(out)?
             };
             let pred = crate::train::validate::argmax_crop(&logits, k, pw, ph, w, h);
@@ -909,6 +1062,109 @@ mod tests {
             k2, k1,
             "the second round's steps must use the first round's moments"
         );
+    }
+
+    fn distance(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f32>()
+            .sqrt()
+    }
+
+    /// A lab whose features are all a quarter as strong (a low-contrast microscope) is scored, and
+    /// trains, as the original once both are aligned to one reference; without alignment it is not.
+    #[test]
+    fn aligned_features_do_not_see_a_lab_wide_change_of_contrast() {
+        let (backend, params, cache) = setup(2);
+        let reference =
+            Alignment::from_code(&code_of(&cache, StyleKind::FeatureStats, "ref")).unwrap();
+        let faint = |img: &CachedImage| CachedImage {
+            levels: img
+                .levels
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .map(|&b| f16::from_f32(f16::from_bits(b).to_f32() * 0.25).to_bits())
+                        .collect()
+                })
+                .collect(),
+            ..img.clone()
+        };
+        let mut dim = cache.clone();
+        dim.train = cache.train.iter().map(faint).collect();
+        dim.holdout = cache.holdout.iter().map(faint).collect();
+        let d = params.decoder_flat();
+        let run = |cache: FeatureCache, align: bool| {
+            let mut t = LocalTrainer::new(backend.clone(), &params, cache, 2, 32, 1).unwrap();
+            t.set_alignment(align.then(|| reference.clone()));
+            let before = t.holdout_scores(&d).unwrap().unwrap();
+            let (trained, _) = t.train_round(&d, &plan()).unwrap();
+            (before, trained, t.restyled_batches())
+        };
+        let (s, w, restyled) = run(cache.clone(), true);
+        let (s_dim, w_dim, _) = run(dim.clone(), true);
+        assert_eq!(
+            restyled, 0,
+            "alignment is not re-styling with another lab's code"
+        );
+        assert_eq!(s.pred_fraction, s_dim.pred_fraction);
+        assert_eq!(s.iou, s_dim.iou);
+        // Training: the same steps up to f16 rounding of the stored features.
+        let gap = distance(&w, &w_dim) / distance(&w, &d);
+        assert!(
+            gap < 0.01,
+            "aligned updates differ by {gap} of their length"
+        );
+        let (_, w_plain, _) = run(cache, false);
+        let (_, w_plain_dim, _) = run(dim, false);
+        let gap = distance(&w_plain, &w_plain_dim) / distance(&w_plain, &d);
+        assert!(
+            gap > 0.1,
+            "unaligned updates differ by only {gap} of their length"
+        );
+    }
+
+    #[test]
+    fn an_alignment_reference_is_checked_and_pools_labs_as_a_mixture() {
+        let ok = |mu: f32, sd: f32| -> Vec<(Vec<f32>, Vec<f32>)> {
+            CHANNELS
+                .iter()
+                .map(|&c| (vec![mu; c], vec![sd; c]))
+                .collect()
+        };
+        assert!(Alignment::new(ok(0.5, 1.0)).is_ok());
+        assert!(Alignment::new(ok(0.5, 0.0)).is_ok(), "a dead channel");
+        assert!(
+            Alignment::new(ok(0.5, -1.0)).is_err(),
+            "a negative deviation"
+        );
+        assert!(Alignment::new(ok(f32::NAN, 1.0)).is_err());
+        assert!(Alignment::new(ok(0.5, 1.0)[..DEPTH - 1].to_vec()).is_err());
+        let mut short = ok(0.5, 1.0);
+        short[2].0.pop();
+        assert!(Alignment::new(short).is_err());
+        // Two labs, means 0 and 2, deviations 1 and 1: the mixture has mean 1 and variance
+        // (1 + 0 + 1 + 4) / 2 − 1 = 2.
+        let (_, _, cache) = setup(2);
+        let code = |mu: f32, sd: f32, device: &str| {
+            let mut c = code_of(&cache, StyleKind::FeatureStats, device);
+            let mut values = Vec::new();
+            for &ch in &CHANNELS {
+                values.extend(std::iter::repeat_n(mu, ch));
+                values.extend(std::iter::repeat_n(sd, ch));
+            }
+            c.values = values;
+            c
+        };
+        let pooled = Alignment::pooled(&[code(0.0, 1.0, "a"), code(2.0, 1.0, "b")]).unwrap();
+        for (mu, sd) in &pooled.stages {
+            assert!(mu.iter().all(|&m| (m - 1.0).abs() < 1e-6));
+            assert!(sd.iter().all(|&s| (s - 2.0f32.sqrt()).abs() < 1e-6));
+        }
+        assert!(Alignment::pooled(&[]).is_err());
+        let fourier = code_of(&cache, StyleKind::Fourier, "f");
+        assert!(Alignment::from_code(&fourier).is_err());
     }
 
     #[test]
