@@ -4,7 +4,7 @@
 # the synthetic and the nasa-super federations. The demo's own numbers: `microfed demo` (release).
 #
 #   experiments/run.sh                 # all of them, in that order
-#   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid |
+#   experiments/run.sh gate-iid        # some of them (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b |
 #                                      #   demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d |
 #                                      #   transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 |
 #                                      #   transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b |
@@ -46,10 +46,10 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c}")
 for fed in ${which[*]}; do
     case "$fed" in
-        gate-iid)
+        gate-iid|gate-iid2-a|gate-iid2-b)
             # Four labs, one style (sem-se): random draws of the same generator, 12 images each.
             for i in 1 2 3 4; do make_lab_at "gate-iid/lab-$i" sem-se 12 $((5200 + i)); done
             ;;
@@ -120,7 +120,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
