@@ -27,6 +27,7 @@ use microfed_kernels::unet::Params;
 use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
 use crate::federated::edge::cache::CachedImage;
 use crate::federated::edge::local::Alignment;
+pub use crate::federated::edge::local::distance;
 use crate::federated::edge::local::{
     FeatureCache, HoldoutScores, LocalError, LocalOptimizer, LocalTrainer, LrSchedule, RoundPlan,
 };
@@ -380,15 +381,6 @@ impl RoundRecord {
             lab_tests: vec![TestScores::default(); scores.len()],
         }
     }
-}
-
-/// L2 norm of `a − b`.
-pub fn distance(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum::<f64>()
-        .sqrt() as f32
 }
 
 /// A lab in the experiment: its name, its cached features (training and validation images) and

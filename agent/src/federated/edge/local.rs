@@ -147,6 +147,15 @@ pub struct LocalTrainer<B: Backend> {
     align: Option<Alignment>,
 }
 
+/// L2 norm of `a − b` (a local update's length, summed in f64).
+pub fn distance(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(x - y).powi(2))
+        .sum::<f64>()
+        .sqrt() as f32
+}
+
 /// A reference style for feature alignment: per encoder stage, the per-channel means and standard
 /// deviations the features are moved to.
 #[derive(Debug, Clone, PartialEq)]
@@ -537,19 +546,22 @@ impl<B: Backend> LocalTrainer<B> {
             for _ in 0..steps {
                 let (feats, labels, fourier_crops) =
                     self.batch_from_cache(&mut rng, &mut style_rng)?;
+                // Alignment, when on, maps every batch; otherwise another lab's feature-stats code
+                // may re-style it (counted as re-styled).
                 let aligned = self.alignment(&feats, xs)?;
+                let by_code = aligned.is_none()
+                    && !self.feature_styles.is_empty()
+                    && style_rng.random::<f32>() < self.restyle.probability;
                 let restyle = if aligned.is_some() {
                     aligned
-                } else if !self.feature_styles.is_empty()
-                    && style_rng.random::<f32>() < self.restyle.probability
-                {
+                } else if by_code {
                     let code =
                         &self.feature_styles[style_rng.random_range(0..self.feature_styles.len())];
                     Some(self.feature_restyle(&feats, xs, code, self.restyle.mix)?)
                 } else {
                     None
                 };
-                if (restyle.is_some() && self.align.is_none()) || fourier_crops > 0 {
+                if by_code || fourier_crops > 0 {
                     self.restyled_batches += 1;
                 }
                 let stats = self.net.decoder_train_step(
@@ -1062,14 +1074,6 @@ mod tests {
             k2, k1,
             "the second round's steps must use the first round's moments"
         );
-    }
-
-    fn distance(a: &[f32], b: &[f32]) -> f32 {
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f32>()
-            .sqrt()
     }
 
     /// A lab whose features are all a quarter as strong (a low-contrast microscope) is scored, and
