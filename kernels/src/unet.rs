@@ -318,6 +318,66 @@ pub struct OptimizerState {
     pub buffers: Vec<Vec<Vec<f32>>>,
 }
 
+impl OptimizerState {
+    /// The weighted mean of several states of one U-Net and optimiser family (federated labs
+    /// sharing their moments): buffers element by element, step counts the largest. A tensor
+    /// no state has stepped stays unstepped; one some states have stepped and others not is an
+    /// error, as are states of different shapes and weights that are negative or sum to zero.
+    pub fn weighted_mean(states: &[(&OptimizerState, f64)]) -> Result<Self, KernelError> {
+        let Some((first, _)) = states.first() else {
+            return Err(KernelError::Params("no optimiser state to average".into()));
+        };
+        let total: f64 = states.iter().map(|(_, w)| w).sum();
+        if states.iter().any(|(_, w)| !w.is_finite() || *w < 0.0) || total <= 0.0 {
+            return Err(KernelError::Params(format!(
+                "optimiser state weights must be finite, non-negative and not all zero: {:?}",
+                states.iter().map(|(_, w)| w).collect::<Vec<_>>()
+            )));
+        }
+        let n = first.steps.len();
+        for (s, _) in states {
+            if s.steps.len() != n || s.buffers.len() != n {
+                return Err(KernelError::Params(format!(
+                    "optimiser states of {n} and {} / {} tensors cannot be averaged",
+                    s.steps.len(),
+                    s.buffers.len()
+                )));
+            }
+        }
+        let mut out = OptimizerState {
+            steps: vec![0; n],
+            buffers: Vec::with_capacity(n),
+        };
+        for t in 0..n {
+            out.steps[t] = states.iter().map(|(s, _)| s.steps[t]).max().unwrap_or(0);
+            let shape: Vec<usize> = first.buffers[t].iter().map(Vec::len).collect();
+            for (s, _) in states {
+                let other: Vec<usize> = s.buffers[t].iter().map(Vec::len).collect();
+                if other != shape {
+                    return Err(KernelError::Params(format!(
+                        "optimiser state of tensor {t}: buffers {shape:?} and {other:?} differ"
+                    )));
+                }
+            }
+            let mut bufs: Vec<Vec<f64>> = shape.iter().map(|&len| vec![0.0; len]).collect();
+            for (s, w) in states {
+                let w = w / total;
+                for (acc, b) in bufs.iter_mut().zip(&s.buffers[t]) {
+                    for (a, &v) in acc.iter_mut().zip(b) {
+                        *a += w * f64::from(v);
+                    }
+                }
+            }
+            out.buffers.push(
+                bufs.into_iter()
+                    .map(|b| b.into_iter().map(|v| v as f32).collect())
+                    .collect(),
+            );
+        }
+        Ok(out)
+    }
+}
+
 /// The loss of one step (before the update), and its parts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepStats {
@@ -1412,5 +1472,36 @@ mod tests {
         let first = 2 * 16 * 9 * 4 * 128 * 128;
         assert_eq!(net.full_step_flops(xs), 3 * fwd - first);
         assert!(net.decoder_step_flops(xs) < net.full_step_flops(xs));
+    }
+
+    #[test]
+    fn optimizer_states_average_by_weight_and_refuse_mismatches() {
+        let a = OptimizerState {
+            steps: vec![0, 8],
+            buffers: vec![vec![], vec![vec![1.0, 2.0], vec![4.0, 0.0]]],
+        };
+        let b = OptimizerState {
+            steps: vec![0, 8],
+            buffers: vec![vec![], vec![vec![3.0, 6.0], vec![0.0, 8.0]]],
+        };
+        let m = OptimizerState::weighted_mean(&[(&a, 3.0), (&b, 1.0)]).unwrap();
+        assert_eq!(m.steps, vec![0, 8]);
+        assert!(m.buffers[0].is_empty());
+        assert_eq!(m.buffers[1], vec![vec![1.5, 3.0], vec![3.0, 2.0]]);
+
+        let unstepped = OptimizerState {
+            steps: vec![0, 0],
+            buffers: vec![vec![], vec![]],
+        };
+        let err = OptimizerState::weighted_mean(&[(&a, 1.0), (&unstepped, 1.0)]).unwrap_err();
+        assert!(err.to_string().contains("tensor 1"), "{err}");
+        let short = OptimizerState {
+            steps: vec![0],
+            buffers: vec![vec![]],
+        };
+        assert!(OptimizerState::weighted_mean(&[(&a, 1.0), (&short, 1.0)]).is_err());
+        assert!(OptimizerState::weighted_mean(&[(&a, 0.0), (&b, 0.0)]).is_err());
+        assert!(OptimizerState::weighted_mean(&[(&a, -1.0), (&b, 2.0)]).is_err());
+        assert!(OptimizerState::weighted_mean(&[]).is_err());
     }
 }

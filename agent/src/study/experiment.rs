@@ -22,7 +22,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use microfed_kernels::Backend;
-use microfed_kernels::unet::Params;
+use microfed_kernels::unet::{OptimizerState, Params};
 
 use crate::federated::compress::{self, CompressionConfig, Residual, TensorSpan};
 use crate::federated::edge::cache::CachedImage;
@@ -88,6 +88,15 @@ pub struct RunSpec {
     pub class_weighted: Option<bool>,
     #[serde(default)]
     pub keep_optimizer_state: Option<bool>,
+    /// FedAvg and FedProx only: the labs share their optimiser's moments. After each round the
+    /// labs' moments (AdamW's first and second, or SGD's velocity) are averaged like their
+    /// decoders, weighted by samples, and every lab starts the next round from the mean (implies
+    /// keeping the state across rounds). With AdamW every lab then scales its steps by one
+    /// preconditioner, the pooled labs' gradient magnitudes, as centralised AdamW does; each lab's
+    /// own second moment would give a lab with faint gradients full-size steps in its own
+    /// direction.
+    #[serde(default)]
+    pub share_moments: bool,
     /// What a lab would deploy (not for `local`): the global decoder fine-tuned on the lab's own
     /// training images for a few steps, kept only where the lab's validation score says it is
     /// better than the global; reported beside the global's own scores.
@@ -548,8 +557,10 @@ pub fn run<B: Backend>(
     for t in &mut trainers {
         t.set_dice_weight(train.dice_weight);
         t.set_class_weighting(train.class_weighted);
-        t.set_keep_optimizer_state(train.keep_optimizer_state);
+        t.set_keep_optimizer_state(train.keep_optimizer_state || spec.share_moments);
     }
+    // The labs' mean optimiser state after the last round (share_moments).
+    let mut shared_moments: Option<OptimizerState> = None;
     let mut style_codes = Vec::new();
     if let Some(style) = spec
         .style
@@ -738,8 +749,15 @@ pub fn run<B: Backend>(
             Strategy::FedAvg | Strategy::FedProx => {
                 let mut acc =
                     Accumulator::new(len, &spec.aggregation).map_err(|e| err(e.to_string()))?;
+                let mut moments = Vec::new();
                 for (i, t) in trainers.iter_mut().enumerate() {
+                    if let Some(state) = &shared_moments {
+                        t.set_optimizer_state(plan.optimizer, state)?;
+                    }
                     let (local, loss) = t.train_round(&global, &plan)?;
+                    if spec.share_moments {
+                        moments.push((t.optimizer_state()?, t.samples() as f64));
+                    }
                     losses.push(loss);
                     norms[i] = distance(&local, &global);
                     let update: Vec<f32> = local.iter().zip(&global).map(|(l, g)| l - g).collect();
@@ -755,6 +773,11 @@ pub fn run<B: Backend>(
                         compress::decompress(&packed, &layout).map_err(|e| err(e.to_string()))?;
                     acc.add(&labs[i].name, &received, t.samples())
                         .map_err(|e| err(e.to_string()))?;
+                }
+                if spec.share_moments {
+                    let weighted: Vec<(&OptimizerState, f64)> =
+                        moments.iter().map(|(m, w)| (m, *w)).collect();
+                    shared_moments = Some(OptimizerState::weighted_mean(&weighted)?);
                 }
                 let merged = acc.finish().map_err(|e| err(e.to_string()))?;
                 server
@@ -1033,6 +1056,14 @@ impl ExperimentConfig {
                     .validate()
                     .and_then(|()| style.knobs().validate())
                     .map_err(|e| format!("{}: run {}: style: {e}", path.display(), r.name))?;
+            }
+            if r.share_moments && !matches!(r.strategy, Strategy::FedAvg | Strategy::FedProx) {
+                return Err(format!(
+                    "{}: run {}: share_moments needs strategy fedavg or fedprox, not {:?}",
+                    path.display(),
+                    r.name,
+                    r.strategy
+                ));
             }
             if let Some(reference) = &r.align {
                 if reference != "pooled" && !c.labs.iter().any(|l| &l.name == reference) {
@@ -1653,5 +1684,31 @@ mod tests {
         assert!(err.contains("align replaces feature-stats"), "{err}");
         std::fs::write(&path, fed("fourier")).unwrap();
         assert!(ExperimentConfig::load(&path).is_ok());
+    }
+
+    #[test]
+    fn shared_moments_need_a_federated_strategy() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.toml");
+        let text = |strategy: &str| {
+            format!(
+                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
+                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
+                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
+                 strategy = \"{strategy}\"\nshare_moments = true\n"
+            )
+        };
+        for ok in ["fedavg", "fedprox"] {
+            std::fs::write(&path, text(ok)).unwrap();
+            assert!(ExperimentConfig::load(&path).unwrap().runs[0].share_moments);
+        }
+        for bad in ["local", "centralised"] {
+            std::fs::write(&path, text(bad)).unwrap();
+            let err = ExperimentConfig::load(&path).unwrap_err();
+            assert!(
+                err.contains("run r: share_moments needs strategy fedavg or fedprox"),
+                "{err}"
+            );
+        }
     }
 }

@@ -29,7 +29,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use microfed_kernels::style::restyle_coefficients;
-use microfed_kernels::unet::{CHANNELS, DEPTH, Loss, Optim, Params, SIZE_MULTIPLE, UNet};
+use microfed_kernels::unet::{
+    CHANNELS, DEPTH, Loss, Optim, OptimizerState, Params, SIZE_MULTIPLE, UNet,
+};
 use microfed_kernels::{Backend, KernelError, Shape};
 
 use crate::augment::reflect;
@@ -505,6 +507,25 @@ impl<B: Backend> LocalTrainer<B> {
     /// that lab has seen of its gradient.
     pub fn set_keep_optimizer_state(&mut self, keep: bool) {
         self.keep_optimizer_state = keep;
+    }
+
+    /// The optimiser's moments and step counts as the last round left them.
+    pub fn optimizer_state(&self) -> Result<OptimizerState, LocalError> {
+        Ok(self.net.optimizer_state()?)
+    }
+
+    /// Starts the next round from `state` (of `optimizer`'s family) instead of this lab's own
+    /// moments: the labs of a federation that share their moments all precondition their steps
+    /// alike. Takes effect with [`LocalTrainer::set_keep_optimizer_state`] on (otherwise the round
+    /// starts afresh).
+    pub fn set_optimizer_state(
+        &mut self,
+        optimizer: LocalOptimizer,
+        state: &OptimizerState,
+    ) -> Result<(), LocalError> {
+        Ok(self
+            .net
+            .set_optimizer_state(&optimizer.optim(0.0, 0.0), state)?)
     }
 
     pub fn has_holdout(&self) -> bool {
@@ -1073,6 +1094,61 @@ mod tests {
         assert_ne!(
             k2, k1,
             "the second round's steps must use the first round's moments"
+        );
+    }
+
+    /// A lab started from moments given to it (a federation's shared ones) continues from them,
+    /// not from its own: a lab handed its own moments back repeats what keeping them does, and one
+    /// handed a second moment 10⁶ times as large (a preconditioner set by labs with larger
+    /// gradients) takes steps about a thousandth as long.
+    #[test]
+    fn given_moments_precondition_the_next_round() {
+        let (backend, params, cache) = setup(2);
+        let global = params.decoder_flat();
+        let adam = RoundPlan {
+            optimizer: LocalOptimizer::Adam,
+            steps_per_epoch: 1,
+            ..plan()
+        };
+        let mut own = LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 32, 1).unwrap();
+        own.set_keep_optimizer_state(true);
+        own.train_round(&global, &adam).unwrap();
+        let state = own.optimizer_state().unwrap();
+        assert!(
+            state.buffers.iter().any(|b| b.len() == 2),
+            "AdamW keeps two moments"
+        );
+        let (kept, _) = own.train_round(&global, &adam).unwrap();
+
+        let mut given = LocalTrainer::new(backend, &params, cache, 2, 32, 1).unwrap();
+        given.set_keep_optimizer_state(true);
+        given
+            .set_optimizer_state(LocalOptimizer::Adam, &state)
+            .unwrap();
+        let (same, _) = given.train_round(&global, &adam).unwrap();
+        assert_eq!(same, kept);
+
+        let mut large = state.clone();
+        for bufs in &mut large.buffers {
+            if let [m, v] = bufs.as_mut_slice() {
+                m.fill(0.0);
+                v.iter_mut().for_each(|v| *v = v.max(1e-12) * 1e6);
+            }
+        }
+        given
+            .set_optimizer_state(LocalOptimizer::Adam, &large)
+            .unwrap();
+        let (damped, _) = given.train_round(&global, &adam).unwrap();
+        let (d_kept, d_damped) = (distance(&kept, &global), distance(&damped, &global));
+        assert!(
+            d_damped < 0.01 * d_kept,
+            "steps {d_damped} with a 10⁶ larger second moment, {d_kept} with the lab's own"
+        );
+        assert!(
+            given
+                .set_optimizer_state(LocalOptimizer::Momentum, &state)
+                .is_err(),
+            "AdamW's two moments are not SGD's one velocity"
         );
     }
 
