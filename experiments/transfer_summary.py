@@ -10,6 +10,8 @@ decoders; and every run minus FedAvg, paired by seed, with 95 % t intervals.
 
     python3 experiments/transfer_summary.py > docs/results/transfer-summary.md
     python3 experiments/transfer_summary.py transfer2 transfer2-b > docs/results/transfer2-summary.md
+
+`--reference=NAME` pairs every run with the run NAME instead of FedAvg.
 """
 import json
 import math
@@ -77,25 +79,32 @@ def rows(runs):
 
 
 def main():
-    configs = sys.argv[1:] or CONFIGS
+    args = [a for a in sys.argv[1:] if not a.startswith("--reference=")]
+    refs = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--reference=")]
+    reference = refs[-1] if refs else "FedAvg"
+    configs = args or CONFIGS
     global LABS
     # The labs of the grid, in order, from its first config.
     LABS = [l["name"] for l in tomllib.loads((HERE / f"{configs[0]}.toml").read_text())["labs"]]
     runs = load(configs)
-    if "FedAvg" not in runs:
-        raise SystemExit("no FedAvg results yet (run experiments/run.sh transfer)")
-    ref = runs["FedAvg"]
+    if reference not in runs:
+        raise SystemExit(f"no results of {reference!r} yet (run experiments/run.sh with its config)")
+    ref = runs[reference]
+    short = "FedAvg's" if reference == "FedAvg" else "ref.'s"
+    if reference != "FedAvg":
+        print(f"Paired differences are against the run {reference!r} (ref.).\n")
     print("Mean validation IoU over the four labs, last round (points, mean ± sd over seeds):\n")
-    print("| run | seeds | " + " | ".join(LABS) + " | mean |")
-    print("|---|---|" + "---|" * (len(LABS) + 1))
+    print("| run | seeds | " + " | ".join(LABS) + f" | mean | mean − {short} |")
+    print("|---|---|" + "---|" * (len(LABS) + 2))
+    means = lambda seeds: [s["rounds"][-1]["mean_iou"] for s in seeds]
     for name, seeds in runs.items():
         cells = [pm([s["rounds"][-1]["lab_iou"][l] for s in seeds]) for l in range(len(LABS))]
-        mean = pm([s["rounds"][-1]["mean_iou"] for s in seeds])
-        print(f"| {name} | {len(seeds)} | " + " | ".join(cells) + f" | {mean} |")
+        diff = "" if seeds is ref else paired(means(seeds), means(ref))
+        print(f"| {name} | {len(seeds)} | " + " | ".join(cells) + f" | {pm(means(seeds))} | {diff} |")
     for l, lab in enumerate(LABS):
         print(f"\n{lab}: test IoU (T1 own style, T2 the other labs' styles, T3 fast-scan), points\n")
         print("| run | T1 final | T2 final | T3 final | T1 best-val | T2 best-val | T3 best-val |"
-              " T1 − FedAvg's (final) | T2 − FedAvg's (final) | T1 − FedAvg's (best-val) |")
+              f" T1 − {short} (final) | T2 − {short} (final) | T1 − {short} (best-val) |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for label, seeds, fin, best in rows(runs):
             v = lambda sel, t: [(pick(s, l, sel) or {}).get("tests", {}).get(t) for s in seeds]
