@@ -97,6 +97,11 @@ pub struct RunSpec {
     /// direction.
     #[serde(default)]
     pub share_moments: bool,
+    /// With `share_moments` and AdamW: false starts every lab's round from the shared second moment
+    /// only, its first moment (the running mean of gradients, which carries the last round's
+    /// direction into the next) set to zero. Default true (both moments).
+    #[serde(default = "default_true")]
+    pub share_first_moment: bool,
     /// What a lab would deploy (not for `local`): the global decoder fine-tuned on the lab's own
     /// training images for a few steps, kept only where the lab's validation score says it is
     /// better than the global; reported beside the global's own scores.
@@ -777,7 +782,16 @@ pub fn run<B: Backend>(
                 if spec.share_moments {
                     let weighted: Vec<(&OptimizerState, f64)> =
                         moments.iter().map(|(m, w)| (m, *w)).collect();
-                    shared_moments = Some(OptimizerState::weighted_mean(&weighted)?);
+                    let mut mean = OptimizerState::weighted_mean(&weighted)?;
+                    if !spec.share_first_moment {
+                        // AdamW keeps (first, second) per tensor: the first starts afresh.
+                        for bufs in &mut mean.buffers {
+                            if let [first, _second] = bufs.as_mut_slice() {
+                                first.fill(0.0);
+                            }
+                        }
+                    }
+                    shared_moments = Some(mean);
                 }
                 let merged = acc.finish().map_err(|e| err(e.to_string()))?;
                 server
@@ -1063,6 +1077,15 @@ impl ExperimentConfig {
                     path.display(),
                     r.name,
                     r.strategy
+                ));
+            }
+            if !r.share_first_moment
+                && (!r.share_moments || r.train(&c.train).optimizer != LocalOptimizer::Adam)
+            {
+                return Err(format!(
+                    "{}: run {}: share_first_moment = false needs share_moments and optimizer adam",
+                    path.display(),
+                    r.name
                 ));
             }
             if let Some(reference) = &r.align {
@@ -1710,5 +1733,17 @@ mod tests {
                 "{err}"
             );
         }
+        // Only AdamW has a first moment apart from its second.
+        let first = |optimizer: &str| {
+            text("fedavg").replace(
+                "batch = 1\n",
+                &format!("batch = 1\noptimizer = \"{optimizer}\"\n"),
+            ) + "share_first_moment = false\n"
+        };
+        std::fs::write(&path, first("adam")).unwrap();
+        assert!(!ExperimentConfig::load(&path).unwrap().runs[0].share_first_moment);
+        std::fs::write(&path, first("momentum")).unwrap();
+        let err = ExperimentConfig::load(&path).unwrap_err();
+        assert!(err.contains("share_first_moment = false needs"), "{err}");
     }
 }
