@@ -1675,17 +1675,23 @@ mod tests {
         assert!(err.contains("mix"), "{err}");
     }
 
+    /// An experiment file of one lab `a` and one run `r` whose settings are `run`.
+    fn one_lab_config(run: &str) -> String {
+        format!(
+            "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
+             steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
+             [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n{run}"
+        )
+    }
+
     #[test]
     fn an_alignment_names_pooled_or_a_lab_and_replaces_feature_codes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.toml");
         let text = |align: &str, style: &str| {
-            format!(
-                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
-                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
-                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
-                 strategy = \"local\"\nalign = \"{align}\"\n{style}"
-            )
+            one_lab_config(&format!(
+                "strategy = \"local\"\nalign = \"{align}\"\n{style}"
+            ))
         };
         for ok in ["pooled", "a"] {
             std::fs::write(&path, text(ok, "")).unwrap();
@@ -1714,12 +1720,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("e.toml");
         let text = |strategy: &str| {
-            format!(
-                "model = \"m.onnx\"\nout = \"o\"\n[train]\nrounds = 1\nlocal_epochs = 1\n\
-                 steps_per_epoch = 1\nlearning_rate = 0.01\nbatch = 1\ncrop = 16\n\
-                 [[labs]]\nname = \"a\"\ndata = \"d\"\n[[runs]]\nname = \"r\"\n\
-                 strategy = \"{strategy}\"\nshare_moments = true\n"
-            )
+            one_lab_config(&format!(
+                "strategy = \"{strategy}\"\nshare_moments = true\n"
+            ))
         };
         for ok in ["fedavg", "fedprox"] {
             std::fs::write(&path, text(ok)).unwrap();
