@@ -96,6 +96,50 @@ impl<'b, B: Backend> Ctx<'b, B> {
     fn compare(&self, what: &str, got: &[f32], want: &[f64]) -> Result<(), CheckError> {
         compare(what, got, want, self.tol).map_err(|w| self.fail(w))
     }
+    /// [`compare`], for two computations whose inputs differ by rounding and pass through ReLUs:
+    /// where an input rounds to the other side of zero, the gradients downstream of that unit
+    /// differ by more than rounding. At most `KINK_FRACTION` of the values may miss the tolerance,
+    /// and those by no more than `KINK_RMS` of the values' rms (seed 1796639412131688525 flips
+    /// one: 791 of 783874 gradients off, the worst by 1.3 % of the rms).
+    fn compare_across_kinks(
+        &self,
+        what: &str,
+        got: &[f32],
+        want: &[f64],
+    ) -> Result<(), CheckError> {
+        const KINK_FRACTION: f64 = 0.005;
+        const KINK_RMS: f64 = 0.05;
+        let strict = compare(what, got, want, self.tol);
+        if strict.is_ok() || got.len() != want.len() {
+            return strict.map_err(|w| self.fail(w));
+        }
+        let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+        let tol = f64::from(self.tol);
+        let off = got
+            .iter()
+            .zip(want)
+            .filter(|&(&g, &w)| {
+                let err = (g as f64 - w).abs();
+                err.is_nan() || err > tol * (w.abs() + rms)
+            })
+            .count();
+        let worst = got
+            .iter()
+            .zip(want)
+            .map(|(&g, &w)| (g as f64 - w).abs())
+            .fold(
+                0.0f64,
+                |a, e| if e.is_nan() { f64::INFINITY } else { a.max(e) },
+            );
+        if off as f64 <= KINK_FRACTION * got.len() as f64 && worst <= KINK_RMS * rms {
+            return Ok(());
+        }
+        Err(self.fail(format!(
+            "{} (more than {KINK_FRACTION} of the values, or one by more than {KINK_RMS} of the \
+             rms: not a ReLU flip)",
+            strict.unwrap_err()
+        )))
+    }
 }
 
 /// `Ok` when every `got[i]` is within `tol·(|want[i]| + rms(want))`; otherwise a message with the
@@ -1355,7 +1399,7 @@ pub fn check_decoder_mode<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Result<
         &[restyled_loss.loss],
         &[host_loss.loss as f64],
     )?;
-    cx.compare(
+    cx.compare_across_kinks(
         "re-styled gradients",
         &restyled_grads,
         &to64(&flat(&cx.k(net.gradients())?, first)),
