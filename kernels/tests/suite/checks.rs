@@ -113,7 +113,7 @@ impl<'b, B: Backend> Ctx<'b, B> {
         if strict.is_ok() || got.len() != want.len() {
             return strict.map_err(|w| self.fail(w));
         }
-        let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+        let rms = rms(want);
         let tol = f64::from(self.tol);
         let off = got
             .iter()
@@ -152,7 +152,7 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: f32) -> Result<(), St
             want.len()
         ));
     }
-    let rms = (want.iter().map(|w| w * w).sum::<f64>() / want.len().max(1) as f64).sqrt();
+    let rms = rms(want);
     let mut bad = 0;
     let mut worst: Option<(usize, f64)> = None;
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
@@ -177,6 +177,11 @@ pub fn compare(what: &str, got: &[f32], want: &[f64], tol: f32) -> Result<(), St
             want[i]
         )),
     }
+}
+
+/// Root mean square of `v` (0 for none).
+fn rms(v: &[f64]) -> f64 {
+    (v.iter().map(|w| w * w).sum::<f64>() / v.len().max(1) as f64).sqrt()
 }
 
 fn to64(v: &[f32]) -> Vec<f64> {
