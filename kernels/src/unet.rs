@@ -376,6 +376,17 @@ impl OptimizerState {
         }
         Ok(out)
     }
+
+    /// Zeroes every tensor's first moment, buffer 0 (SGD's velocity, AdamW's running mean of
+    /// gradients), and keeps the rest: AdamW's second moment and the step counts. A lab handed
+    /// this state starts its round without the last round's direction but with its step scale.
+    pub fn clear_first_moment(&mut self) {
+        for bufs in &mut self.buffers {
+            if let Some(first) = bufs.first_mut() {
+                first.fill(0.0);
+            }
+        }
+    }
 }
 
 /// The loss of one step (before the update), and its parts.
@@ -1503,5 +1514,42 @@ mod tests {
         assert!(OptimizerState::weighted_mean(&[(&a, 0.0), (&b, 0.0)]).is_err());
         assert!(OptimizerState::weighted_mean(&[(&a, -1.0), (&b, 2.0)]).is_err());
         assert!(OptimizerState::weighted_mean(&[]).is_err());
+    }
+
+    #[test]
+    fn clearing_the_first_moment_keeps_adamw_second_moment_and_steps() {
+        let b = Arc::new(crate::cpu::CpuBackend::new());
+        let mut net = UNet::init(b.clone(), 2, 1).unwrap();
+        let xs = Shape::new(1, 1, 16, 16);
+        let pixels: Vec<f32> = (0..256).map(|i| (i % 7) as f32 / 7.0).collect();
+        let x = b.upload(&pixels).unwrap();
+        let labels: Vec<u8> = (0..256).map(|i| u8::from(i % 5 == 0)).collect();
+        let l = b.upload_labels(&labels).unwrap();
+        net.train_step(&x, xs, &l, &Loss::default(), &Optim::adamw(1e-3))
+            .unwrap();
+        let before = net.optimizer_state().unwrap();
+        // After AdamW's first step m = (1 − β1)·g and v = (1 − β2)·g², so v = 0.1·m²: buffer 0
+        // is the first moment, the one cleared.
+        let head = before.buffers.last().unwrap();
+        assert!(head[0].iter().any(|&m| m != 0.0));
+        for (&m, &v) in head[0].iter().zip(&head[1]) {
+            assert!(
+                (v - 0.1 * m * m).abs() <= 1e-3 * v.abs() + 1e-12,
+                "m {m}, v {v}"
+            );
+        }
+        let mut cleared = before.clone();
+        cleared.clear_first_moment();
+        assert_eq!(cleared.steps, before.steps);
+        for (c, o) in cleared.buffers.iter().zip(&before.buffers) {
+            assert_eq!(c.len(), o.len());
+            if let [first, second] = c.as_slice() {
+                assert!(first.iter().all(|&m| m == 0.0));
+                assert_eq!(second, &o[1]);
+            }
+        }
+        net.set_optimizer_state(&Optim::adamw(1e-3), &cleared)
+            .unwrap();
+        assert_eq!(net.optimizer_state().unwrap(), cleared);
     }
 }

@@ -784,12 +784,7 @@ pub fn run<B: Backend>(
                         moments.iter().map(|(m, w)| (m, *w)).collect();
                     let mut mean = OptimizerState::weighted_mean(&weighted)?;
                     if !spec.share_first_moment {
-                        // AdamW keeps (first, second) per tensor: the first starts afresh.
-                        for bufs in &mut mean.buffers {
-                            if let [first, _second] = bufs.as_mut_slice() {
-                                first.fill(0.0);
-                            }
-                        }
+                        mean.clear_first_moment();
                     }
                     shared_moments = Some(mean);
                 }
