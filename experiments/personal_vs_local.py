@@ -1,35 +1,61 @@
 #!/usr/bin/env python3
 """What a lab would deploy against staying alone, paired by seed (docs/results.md).
 
-The federation's global fine-tuned by each lab with AdamW ("FedAvg → AdamW 240 steps", its
-final-personalised pick, from transfer-personal*.toml: one seed per file) against local-only with
-AdamW (transfer-adamw-{b,c,d}.toml: seeds 1-3, 4, 5), per lab, on T1 (its own style) and T2 (the
-other labs' styles): mean ± sd of each and the paired difference with a 95 % t interval.
+The federation's global fine-tuned by each lab with AdamW (its final-personalised pick) against
+local-only with AdamW (its final decoder), per lab, on T1 (its own style) and T2 (the other labs'
+styles): mean ± sd of each and the paired difference with a 95 % t interval. Two comparisons:
+
+- `transfer2` (default): the second grid's FedAvg, then 240 AdamW steps ("FedAvg → AdamW 240 steps",
+  transfer-personal*.toml: one seed per file) against local-only AdamW with 8 steps a round
+  (transfer-adamw-{b,c,d}.toml: seeds 1-3, 4, 5).
+- `transfer7`: FedAvg over AdamW with the labs' moments shared, 32 steps a round, then 960 AdamW
+  steps, local-only's whole budget (transfer7-s, -w: seeds 1, 2-3) against local-only
+  AdamW with 32 steps a round (transfer7-r, -y: seeds 1, 2-5).
 
     python3 experiments/personal_vs_local.py >> docs/results/transfer-personal-summary.md
+    python3 experiments/personal_vs_local.py transfer7 >> docs/results/transfer7-summary.md
 """
 import math
 import pathlib
 import statistics
+import sys
 import tomllib
 
-from transfer_summary import RESULTS, T95, load, pick
+from transfer_summary import RESULTS, T95, load, pick, pm
 
 HERE = pathlib.Path(__file__).resolve().parent
-PERSONAL = ["transfer-personal", "transfer-personal-b", "transfer-personal-c", "transfer-personal-d",
-            "transfer-personal-e"]
-LOCAL = ["transfer-adamw-b", "transfer-adamw-c", "transfer-adamw-d"]
+COMPARISONS = {
+    "transfer2": {
+        "labs": "transfer2.toml",
+        "deployed": (["transfer-personal", "transfer-personal-b", "transfer-personal-c",
+                      "transfer-personal-d", "transfer-personal-e"], "FedAvg → AdamW 240 steps"),
+        "alone": (["transfer-adamw-b", "transfer-adamw-c", "transfer-adamw-d"], "local only, AdamW"),
+        "what": "AdamW 1e-3, 240 steps",
+    },
+    "transfer7": {
+        "labs": "transfer5-a.toml",
+        "deployed": (["transfer7-s", "transfer7-w"],
+                     "FedAvg, AdamW 1e-3, moments shared, 32 steps → AdamW 960 steps"),
+        "alone": (["transfer7-r", "transfer7-y"], "local only, AdamW 1e-3, 32 steps"),
+        "what": "the shared-moments global; AdamW 1e-3, 960 steps",
+    },
+}
 
 
 def main():
-    labs = [l["name"] for l in tomllib.loads((HERE / "transfer2.toml").read_text())["labs"]]
-    deployed = load([c for c in PERSONAL if (RESULTS / c / "results.json").is_file()])
-    alone = load([c for c in LOCAL if (RESULTS / c / "results.json").is_file()])
-    fed = deployed.get("FedAvg → AdamW 240 steps", [])
-    loc = alone.get("local only, AdamW", [])
+    which = sys.argv[1] if len(sys.argv) > 1 else "transfer2"
+    if which not in COMPARISONS:
+        sys.exit(f"unknown comparison {which!r}: one of {', '.join(COMPARISONS)}")
+    c = COMPARISONS[which]
+    labs = [l["name"] for l in tomllib.loads((HERE / c["labs"]).read_text())["labs"]]
+    present = lambda configs: [f for f in configs if (RESULTS / f / "results.json").is_file()]
+    fed = load(present(c["deployed"][0])).get(c["deployed"][1], [])
+    loc = load(present(c["alone"][0])).get(c["alone"][1], [])
     n = min(len(fed), len(loc))
-    print(f"\nThe global fine-tuned by each lab (AdamW 1e-3, 240 steps, kept on validation) against "
-          f"local-only AdamW, paired by seed ({n} seeds), points:\n")
+    if n == 0:
+        sys.exit(f"{which}: no seed has both runs ({c['deployed'][1]!r}, {c['alone'][1]!r})")
+    print(f"\nThe global fine-tuned by each lab ({c['what']}, kept on validation) against "
+          f"{c['alone'][1]}, paired by seed ({n} seeds), points:\n")
     print("| lab | test | global + fine-tune | local only, AdamW | difference [95 % interval] |"
           " fine-tune kept |")
     print("|---|---|---|---|---|---|")
@@ -37,15 +63,16 @@ def main():
         for t in ("t1", "t2"):
             a = [pick(s, l, "final-personalised") for s in fed[:n]]
             b = [pick(s, l, "final") for s in loc[:n]]
-            va = [100 * p["tests"][t] for p in a]
-            vb = [100 * p["tests"][t] for p in b]
-            d = [x - y for x, y in zip(va, vb)]
+            va = [p["tests"][t] for p in a]
+            vb = [p["tests"][t] for p in b]
+            d = [100 * (x - y) for x, y in zip(va, vb)]
             m = statistics.mean(d)
-            h = T95.get(n - 1, 1.96) * statistics.stdev(d) / math.sqrt(n) if n > 1 else float("nan")
+            diff = f"{m:+.1f}"
+            if n > 1:
+                h = T95.get(n - 1, 1.96) * statistics.stdev(d) / math.sqrt(n)
+                diff += f" [{m - h:+.1f}, {m + h:+.1f}]"
             kept = sum(1 for p in a if p["personalised"])
-            print(f"| {lab} | {t.upper()} | {statistics.mean(va):.1f} ± {statistics.stdev(va):.1f} | "
-                  f"{statistics.mean(vb):.1f} ± {statistics.stdev(vb):.1f} | "
-                  f"{m:+.1f} [{m - h:+.1f}, {m + h:+.1f}] | {kept} of {n} |")
+            print(f"| {lab} | {t.upper()} | {pm(va)} | {pm(vb)} | {diff} | {kept} of {n} |")
 
 
 if __name__ == "__main__":
