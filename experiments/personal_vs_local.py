@@ -42,13 +42,17 @@ COMPARISONS = {
 }
 
 
+def present(configs):
+    """The configs whose results are there (a run split over files may lack its later seeds)."""
+    return [f for f in configs if (RESULTS / f / "results.json").is_file()]
+
+
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "transfer2"
     if which not in COMPARISONS:
         sys.exit(f"unknown comparison {which!r}: one of {', '.join(COMPARISONS)}")
     c = COMPARISONS[which]
     labs = [l["name"] for l in tomllib.loads((HERE / c["labs"]).read_text())["labs"]]
-    present = lambda configs: [f for f in configs if (RESULTS / f / "results.json").is_file()]
     fed = load(present(c["deployed"][0])).get(c["deployed"][1], [])
     loc = load(present(c["alone"][0])).get(c["alone"][1], [])
     n = min(len(fed), len(loc))
