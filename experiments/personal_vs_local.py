@@ -3,7 +3,7 @@
 
 The federation's global fine-tuned by each lab with AdamW (its final-personalised pick) against
 local-only with AdamW (its final decoder), per lab, on T1 (its own style) and T2 (the other labs'
-styles): mean ± sd of each and the paired difference with a 95 % t interval. Two comparisons:
+styles): mean ± sd of each and the paired difference with a 95 % t interval. Three comparisons:
 
 - `transfer2` (default): the second grid's FedAvg, then 240 AdamW steps ("FedAvg → AdamW 240 steps",
   transfer-personal*.toml: one seed per file) against local-only AdamW with 8 steps a round
@@ -11,9 +11,13 @@ styles): mean ± sd of each and the paired difference with a 95 % t interval. Tw
 - `transfer7`: FedAvg over AdamW with the labs' moments shared, 32 steps a round, then 960 AdamW
   steps, local-only's whole budget (transfer7-s, -w: seeds 1, 2-3) against local-only
   AdamW with 32 steps a round (transfer7-r, -y: seeds 1, 2-5).
+- `transfer8`: the same global, then 240 AdamW steps, the agent's `[federation.personalise]` length
+  (transfer8-a, -b: seeds 1, 2), against local-only AdamW with 8 steps a round, 240 in all
+  (transfer7-j, -y: seeds 1, 2-5).
 
     python3 experiments/personal_vs_local.py >> docs/results/transfer-personal-summary.md
     python3 experiments/personal_vs_local.py transfer7 >> docs/results/transfer7-summary.md
+    python3 experiments/personal_vs_local.py transfer8 >> docs/results/transfer7-summary.md
 """
 import math
 import pathlib
@@ -38,6 +42,13 @@ COMPARISONS = {
                      "FedAvg, AdamW 1e-3, moments shared, 32 steps → AdamW 960 steps"),
         "alone": (["transfer7-r", "transfer7-y"], "local only, AdamW 1e-3, 32 steps"),
         "what": "the shared-moments global; AdamW 1e-3, 960 steps",
+    },
+    "transfer8": {
+        "labs": "transfer5-a.toml",
+        "deployed": (["transfer8-a", "transfer8-b"],
+                     "FedAvg, AdamW 1e-3, moments shared, 32 steps → AdamW 240 steps"),
+        "alone": (["transfer7-j", "transfer7-y"], "local only, AdamW 1e-3"),
+        "what": "the shared-moments global; AdamW 1e-3, 240 steps",
     },
 }
 

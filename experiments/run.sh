@@ -15,7 +15,7 @@
 #                                      #   transfer2-e | transfer2-f | transfer2-g | transfer2-h | sweep-demo-e | sweep-demo-grains40-c |
 #                                      #   sweep-demo-grains40-d | sweep-demo-grains40-e … -p |
 #                                      #   transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c |
-#                                      #   transfer7-a … -z)
+#                                      #   transfer7-a … -z | transfer8-a | transfer8-b)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -47,7 +47,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid|gate-iid2-a|gate-iid2-b)
@@ -76,7 +76,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z])
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z]|transfer8-a|transfer8-b)
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -121,7 +121,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z | transfer8-a | transfer8-b)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -145,13 +145,15 @@ if [[ " ${which[*]} " == *" transfer5-"* || " ${which[*]} " == *" transfer4-"* |
         transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l \
         transfer6-a transfer6-b transfer6-c > ../docs/results/transfer5-summary.md
 fi
-if [[ " ${which[*]} " == *" transfer7-"* ]]; then
+if [[ " ${which[*]} " == *" transfer7-"* || " ${which[*]} " == *" transfer8-"* ]]; then
     # Optimiser moments shared by the labs, centralised and local AdamW (transfer7-a … -z; seeds of one
     # run split over files: -i, -m, -n; -t, -v, -z; -s, -w; -r, -j, -c and -y), paired by seed with
-    # today's FedAvg and local only (transfer5-a/-b); then what a lab deploys against staying alone.
-    python3 transfer_summary.py transfer5-a transfer5-b $(printf 'transfer7-%s ' {a..z}) \
+    # today's FedAvg and local only (transfer5-a/-b); then what a lab deploys against staying alone,
+    # with a fine-tune as long as local-only's training (960 steps) and the agent's (240; transfer8-a/-b).
+    python3 transfer_summary.py transfer5-a transfer5-b $(printf 'transfer7-%s ' {a..z}) transfer8-a transfer8-b \
         "--reference=FedAvg, AdamW 1e-3, moments shared, 32 steps" > ../docs/results/transfer7-summary.md
     python3 personal_vs_local.py transfer7 >> ../docs/results/transfer7-summary.md
+    python3 personal_vs_local.py transfer8 >> ../docs/results/transfer7-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
