@@ -74,15 +74,44 @@ fn black() -> Rgb<u8> {
     Rgb([0, 0, 0])
 }
 
-/// Draws `text` with its top-left corner at (`x`, `y`); characters outside ASCII become '?'.
+/// The text as the font can draw it: typographic marks the labels use become their ASCII spelling
+/// ("→" → "->", "−" → "-", "…" → "..."); Latin-1 and Greek stay (the font has both).
+fn drawable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for ch in s.chars() {
+        match ch {
+            '→' => out.push_str("->"),
+            '←' => out.push_str("<-"),
+            '−' | '–' | '‐' => out.push('-'),
+            '—' => out.push_str("--"),
+            '…' => out.push_str("..."),
+            '≤' => out.push_str("<="),
+            '≥' => out.push_str(">="),
+            '≈' => out.push('~'),
+            '‘' | '’' => out.push('\''),
+            '“' | '”' => out.push('"'),
+            _ => out.push(ch),
+        }
+    }
+    out
+}
+
+/// The 8×8 glyph of one character: ASCII, Latin-1 (U+00A0–U+00FF, with × and ±) and Greek
+/// (U+0390–U+03C9, with μ); '?' for anything else.
+fn glyph(ch: char) -> [u8; 8] {
+    let c = ch as usize;
+    match c {
+        0..=0x7F => font8x8::legacy::BASIC_LEGACY[c],
+        0xA0..=0xFF => font8x8::legacy::LATIN_LEGACY[c - 0xA0],
+        0x390..=0x3C9 => font8x8::legacy::GREEK_LEGACY[c - 0x390],
+        _ => font8x8::legacy::BASIC_LEGACY['?' as usize],
+    }
+}
+
+/// Draws `text` with its top-left corner at (`x`, `y`) (see [`drawable`] and [`glyph`]).
 fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, scale: u32, colour: Rgb<u8>) {
-    for (i, ch) in s.chars().enumerate() {
-        let code = if ch.is_ascii() {
-            ch as usize
-        } else {
-            '?' as usize
-        };
-        let glyph = font8x8::legacy::BASIC_LEGACY[code];
+    for (i, ch) in drawable(s).chars().enumerate() {
+        let glyph = glyph(ch);
         let gx = x + (i as i64) * 8 * i64::from(scale);
         for (row, bits) in glyph.iter().enumerate() {
             for bit in 0..8 {
@@ -104,7 +133,7 @@ fn text(img: &mut RgbImage, x: i64, y: i64, s: &str, scale: u32, colour: Rgb<u8>
 }
 
 fn text_width(s: &str, scale: u32) -> i64 {
-    (s.chars().count() as i64) * 8 * i64::from(scale)
+    (drawable(s).chars().count() as i64) * 8 * i64::from(scale)
 }
 
 fn put(img: &mut RgbImage, x: i64, y: i64, c: Rgb<u8>) {
@@ -409,6 +438,24 @@ mod tests {
         // Nothing of series b where only a is.
         let (cx, cy) = f.px(7.5, 7.5);
         assert_eq!(img.get_pixel(cx as u32, cy as u32), &Rgb(PALETTE[0]));
+    }
+
+    #[test]
+    fn run_names_draw_without_question_marks() {
+        // Experiment run names use ×, →, − and μ; none of them may fall back to '?'.
+        let name = "FedAvg, 8 steps × 120 rounds → AdamW 240 steps, −0.5, μ 0.1, ±1 …";
+        let shown = drawable(name);
+        assert_eq!(
+            shown,
+            "FedAvg, 8 steps × 120 rounds -> AdamW 240 steps, -0.5, μ 0.1, ±1 ..."
+        );
+        let unknown = glyph('?');
+        for ch in shown.chars().filter(|&c| c != '?') {
+            assert_ne!(glyph(ch), unknown, "{ch:?} has no glyph");
+        }
+        assert_eq!(glyph('×'), font8x8::legacy::LATIN_LEGACY[0xD7 - 0xA0]);
+        assert_eq!(glyph('\u{2603}'), unknown);
+        assert_eq!(text_width("a → b", 1), 6 * 8);
     }
 
     #[test]
