@@ -25,7 +25,7 @@ import statistics
 import sys
 import tomllib
 
-from transfer_summary import RESULTS, T95, load, pick, pm
+from transfer_summary import T95, load, pick, pm
 
 HERE = pathlib.Path(__file__).resolve().parent
 COMPARISONS = {
@@ -53,19 +53,14 @@ COMPARISONS = {
 }
 
 
-def present(configs):
-    """The configs whose results are there (a run split over files may lack its later seeds)."""
-    return [f for f in configs if (RESULTS / f / "results.json").is_file()]
-
-
 def main():
     which = sys.argv[1] if len(sys.argv) > 1 else "transfer2"
     if which not in COMPARISONS:
         sys.exit(f"unknown comparison {which!r}: one of {', '.join(COMPARISONS)}")
     c = COMPARISONS[which]
     labs = [l["name"] for l in tomllib.loads((HERE / c["labs"]).read_text())["labs"]]
-    fed = load(present(c["deployed"][0])).get(c["deployed"][1], [])
-    loc = load(present(c["alone"][0])).get(c["alone"][1], [])
+    fed = load(c["deployed"][0]).get(c["deployed"][1], [])
+    loc = load(c["alone"][0]).get(c["alone"][1], [])
     n = min(len(fed), len(loc))
     if n == 0:
         sys.exit(f"{which}: no seed has both runs ({c['deployed'][1]!r}, {c['alone'][1]!r})")
