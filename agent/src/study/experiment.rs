@@ -32,7 +32,7 @@ use crate::federated::edge::local::{
     FeatureCache, HoldoutScores, LocalError, LocalOptimizer, LocalTrainer, LrSchedule, RoundPlan,
 };
 use crate::federated::edge::style::{
-    PrivacyKnobs, RestyleConfig, StyleCode, StyleKind, seeded_rng,
+    PrivacyKnobs, RestyleConfig, RestyleTarget, StyleCode, StyleKind, seeded_rng,
 };
 use crate::federated::server::merge::{Accumulator, AggregationConfig, ServerOptimizer};
 use crate::study::plot::{Chart, Panel, PlotError, Series};
@@ -171,6 +171,10 @@ pub struct StyleSpec {
     /// [`crate::federated::edge::style::FOURIER_BAND`]); a wide band carries blur.
     #[serde(default)]
     pub band: Option<usize>,
+    /// Which other lab's code and how often: `uniform` (default) or `balance` (see
+    /// [`RestyleTarget`]).
+    #[serde(default)]
+    pub target: RestyleTarget,
 }
 
 fn default_true() -> bool {
@@ -191,6 +195,7 @@ impl StyleSpec {
         RestyleConfig {
             probability: self.probability,
             mix: self.mix,
+            target: self.target,
         }
     }
     pub fn knobs(&self) -> PrivacyKnobs {

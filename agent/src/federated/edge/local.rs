@@ -40,7 +40,7 @@ pub use crate::federated::edge::cache::{CacheError, CachedImage, FeatureCache};
 // The optimiser travels in round announcements (the wire schema owns it) and the rate schedule is
 // shared by the aggregator, experiments and the demo; both are re-exported for local training.
 use crate::federated::edge::style::{
-    RestyleConfig, StyleCode, StyleError, StyleKind, restyle_image,
+    RestyleConfig, RestylePlan, RestyleTarget, StyleCode, StyleError, StyleKind, restyle_image,
 };
 pub use crate::federated::schedule::{Decay, LrSchedule};
 use crate::mask::Mask;
@@ -138,6 +138,10 @@ pub struct LocalTrainer<B: Backend> {
     /// Per training image, its features re-styled with each other lab's Fourier code.
     fourier_variants: Vec<Vec<CachedImage>>,
     restyle: RestyleConfig,
+    /// Which feature-stats code (in `feature_styles` order) re-styles a batch.
+    feature_plan: RestylePlan,
+    /// Which Fourier variant (in each `fourier_variants` entry's order) a crop comes from.
+    fourier_plan: RestylePlan,
     /// Batches of the last `train_round` that were re-styled (features or at least one crop).
     restyled_batches: u64,
     /// The lab's inverse-√frequency class weights (used when weighting is on).
@@ -325,6 +329,8 @@ impl<B: Backend> LocalTrainer<B> {
             feature_styles: Vec::new(),
             fourier_variants: Vec::new(),
             restyle: RestyleConfig::default(),
+            feature_plan: RestylePlan::default(),
+            fourier_plan: RestylePlan::default(),
             restyled_batches: 0,
             keep_optimizer_state: false,
             align: None,
@@ -337,8 +343,10 @@ impl<B: Backend> LocalTrainer<B> {
     /// (per-channel affine map from the batch's statistics towards the code's, `mix` of the way).
     /// Fourier codes re-style each training image once here (its low-frequency amplitudes moved
     /// `mix` of the way to the code's) and run it through the frozen encoder; a crop then comes from
-    /// a randomly chosen re-styled version with chance `probability`. Codes of another base model
-    /// are skipped (their feature statistics are not comparable); an invalid code is an error.
+    /// a re-styled version with chance `probability`. Which code, and how often, follows
+    /// `config.target` ([`RestylePlan`]: any other lab's code each as likely, or balanced by the
+    /// labs' image counts). Codes of another base model are skipped (their feature statistics are
+    /// not comparable); an invalid code is an error.
     pub fn set_styles(
         &mut self,
         codes: Vec<StyleCode>,
@@ -371,6 +379,17 @@ impl<B: Backend> LocalTrainer<B> {
                 }
                 variants.push(per_code);
             }
+        }
+        let own = self.cache.train.len();
+        self.feature_plan = RestylePlan::new(own, &feature, &config);
+        self.fourier_plan = RestylePlan::new(own, &fourier, &config);
+        if config.target == RestyleTarget::Balance {
+            tracing::debug!(
+                own_images = own,
+                feature_chance = self.feature_plan.chance(),
+                fourier_chance = self.fourier_plan.chance(),
+                "style codes: balanced re-styling"
+            );
         }
         self.feature_styles = feature;
         self.fourier_variants = variants;
@@ -570,14 +589,16 @@ impl<B: Backend> LocalTrainer<B> {
                 // Alignment, when on, maps every batch; otherwise another lab's feature-stats code
                 // may re-style it (counted as re-styled).
                 let aligned = self.alignment(&feats, xs)?;
-                let by_code = aligned.is_none()
-                    && !self.feature_styles.is_empty()
-                    && style_rng.random::<f32>() < self.restyle.probability;
+                let pick = if aligned.is_none() {
+                    self.feature_plan
+                        .pick(&mut style_rng, self.restyle.probability)
+                } else {
+                    None
+                };
+                let by_code = pick.is_some();
                 let restyle = if aligned.is_some() {
                     aligned
-                } else if by_code {
-                    let code =
-                        &self.feature_styles[style_rng.random_range(0..self.feature_styles.len())];
+                } else if let Some(code) = pick.and_then(|i| self.feature_styles.get(i)) {
                     Some(self.feature_restyle(&feats, xs, code, self.restyle.mix)?)
                 } else {
                     None
@@ -667,11 +688,18 @@ impl<B: Backend> LocalTrainer<B> {
             let x0 = rng.random_range(0..=(img.pw - c) / SIZE_MULTIPLE) * SIZE_MULTIPLE;
             // Fourier re-styling: the same crop from a re-styled version of the image.
             let source = match self.fourier_variants.get(index) {
-                Some(v)
-                    if !v.is_empty() && style_rng.random::<f32>() < self.restyle.probability =>
-                {
-                    restyled += 1;
-                    &v[style_rng.random_range(0..v.len())]
+                Some(v) if !v.is_empty() => {
+                    match self
+                        .fourier_plan
+                        .pick(style_rng, self.restyle.probability)
+                        .and_then(|k| v.get(k))
+                    {
+                        Some(styled) => {
+                            restyled += 1;
+                            styled
+                        }
+                        None => img,
+                    }
                 }
                 _ => img,
             };
@@ -906,6 +934,7 @@ mod tests {
             RestyleConfig {
                 probability: 1.0,
                 mix: 1.0,
+                ..RestyleConfig::default()
             },
         )
         .unwrap();
@@ -921,6 +950,49 @@ mod tests {
             t.set_styles(vec![bad], RestyleConfig::default()),
             Err(LocalError::Style(_))
         ));
+    }
+
+    #[test]
+    fn balanced_restyling_leaves_a_short_style_alone_and_restyles_a_large_one() {
+        // Two training images here; another lab's code made from many more: this lab's style is
+        // short of an equal share, so it keeps it and trains exactly as without codes. Made from
+        // none (this lab holds all the images), this lab re-styles its excess towards the other.
+        let (backend, params, cache) = setup(2);
+        let global = params.decoder_flat();
+        let balance = RestyleConfig {
+            probability: 1.0,
+            mix: 1.0,
+            target: RestyleTarget::Balance,
+        };
+        let mut plain =
+            LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 16, 3).unwrap();
+        let (a, _) = plain.train_round(&global, &plan()).unwrap();
+        for kind in [StyleKind::FeatureStats, StyleKind::Fourier] {
+            let mut code = code_of(&cache, kind, "other");
+            code.values.iter_mut().for_each(|v| *v = *v * 2.0 + 0.25);
+            code.images = 50;
+            let mut short =
+                LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 16, 3).unwrap();
+            short.set_styles(vec![code.clone()], balance).unwrap();
+            let (b, _) = short.train_round(&global, &plan()).unwrap();
+            assert_eq!(short.restyled_batches(), 0, "{kind}");
+            assert_eq!(a, b, "{kind}: a short style trains as without codes");
+            code.images = 0;
+            let mut large =
+                LocalTrainer::new(backend.clone(), &params, cache.clone(), 2, 16, 3).unwrap();
+            large.set_styles(vec![code], balance).unwrap();
+            // Half its crops (own share 1 against an equal 1/2): 16 batches, some re-styled.
+            let longer = RoundPlan {
+                steps_per_epoch: 16,
+                ..plan()
+            };
+            large.train_round(&global, &longer).unwrap();
+            assert!(
+                (1..16).contains(&large.restyled_batches()),
+                "{kind}: {}",
+                large.restyled_batches()
+            );
+        }
     }
 
     #[test]
@@ -940,6 +1012,7 @@ mod tests {
                 RestyleConfig {
                     probability: 0.5,
                     mix: 0.0,
+                    ..RestyleConfig::default()
                 },
             )
             .unwrap();
@@ -962,6 +1035,7 @@ mod tests {
             RestyleConfig {
                 probability: 1.0,
                 mix: 0.0,
+                ..RestyleConfig::default()
             },
         )
         .unwrap();
@@ -985,6 +1059,7 @@ mod tests {
             RestyleConfig {
                 probability: 1.0,
                 mix: 1.0,
+                ..RestyleConfig::default()
             },
         )
         .unwrap();

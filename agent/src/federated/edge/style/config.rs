@@ -74,11 +74,15 @@ impl PrivacyKnobs {
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RestyleConfig {
-    /// Chance that a batch (feature-stats) or a crop (fourier) is re-styled with a randomly chosen
-    /// other lab's code.
+    /// Chance that a batch (feature-stats) or a crop (fourier) is re-styled with another lab's code
+    /// (with `target = "balance"`, the most it may be).
     pub probability: f32,
     /// How far towards the other style: 0 = unchanged, 1 = entirely the other lab's statistics.
     pub mix: f32,
+    /// Which other lab's code, and how often ([`RestyleTarget`]): `uniform` (default; FedST) or
+    /// `balance` (every style about equally often in the federation's training, `probability` a cap).
+    #[serde(default)]
+    pub target: RestyleTarget,
 }
 
 impl Default for RestyleConfig {
@@ -86,6 +90,7 @@ impl Default for RestyleConfig {
         Self {
             probability: 0.5,
             mix: 1.0,
+            target: RestyleTarget::Uniform,
         }
     }
 }

@@ -13,7 +13,9 @@
 //! - [`PrivacyKnobs`]: a code is made only from at least `min_images` images; optional Gaussian noise.
 //! - [`StyleCode`]: the code itself (serde; [`StyleCode::to_cbor`] / [`StyleCode::from_cbor`] for the
 //!   wire), made by [`StyleCode::from_cache`] from a lab's [`FeatureCache`].
-//! - [`RestyleConfig`]: how often and how strongly local training re-styles a batch.
+//! - [`RestyleConfig`]: how often and how strongly local training re-styles a batch;
+//!   [`RestylePlan`]: one lab's draws of which other lab's code ([`RestyleTarget`]: `uniform`, or
+//!   `balance` so the federation trains on every style about equally often).
 //! - [`StyleSection`]: `[federation.style]` in agent.toml (kind, privacy knobs, re-styling).
 //! - [`StyleBook`]: the latest code of every other device as they arrive on `style/+` (an empty
 //!   retained payload withdraws one); malformed, wrong-kind, forged-sender and invalid codes are
@@ -42,12 +44,14 @@ mod book;
 mod code;
 mod config;
 mod fft;
+mod plan;
 mod restyle;
 
 pub use book::*;
 pub use code::*;
 pub use config::*;
 pub use fft::*;
+pub use plan::*;
 pub use restyle::*;
 
 /// Side of the square analysis window of Fourier codes, in pixels (a power of two).
@@ -419,6 +423,7 @@ mod tests {
         let err = RestyleConfig {
             probability: 1.5,
             mix: 0.5,
+            ..RestyleConfig::default()
         }
         .validate()
         .unwrap_err();
@@ -548,7 +553,7 @@ mod tests {
         );
         let s: StyleSection = toml::from_str(
             "kind = \"fourier\"\nmin_images = 8\nnoise_sigma = 0.05\n\
-             [restyle]\nprobability = 0.25\nmix = 0.5\n",
+             [restyle]\nprobability = 0.25\nmix = 0.5\ntarget = \"balance\"\n",
         )
         .unwrap();
         assert_eq!(s.kind, StyleKind::Fourier);
@@ -563,7 +568,8 @@ mod tests {
             s.restyle,
             RestyleConfig {
                 probability: 0.25,
-                mix: 0.5
+                mix: 0.5,
+                target: RestyleTarget::Balance,
             }
         );
         s.validate().unwrap();
@@ -573,6 +579,7 @@ mod tests {
             restyle: RestyleConfig {
                 probability: 0.5,
                 mix: 2.0,
+                ..RestyleConfig::default()
             },
             ..s
         };
