@@ -22,15 +22,6 @@ pub enum RestyleTarget {
     Balance,
 }
 
-impl std::fmt::Display for RestyleTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            RestyleTarget::Uniform => "uniform",
-            RestyleTarget::Balance => "balance",
-        })
-    }
-}
-
 /// One lab's re-styling decisions over an ordered list of other labs' codes: re-style with chance
 /// `chance` (capped at draw time), then take code `i` uniformly ([`RestyleTarget::Uniform`]) or by
 /// the weights' cumulative sums.
@@ -43,6 +34,15 @@ pub struct RestylePlan {
 }
 
 impl RestylePlan {
+    /// A lab that never re-styles, over `codes` codes.
+    fn keep_own(codes: usize) -> Self {
+        Self {
+            chance: 0.0,
+            codes,
+            cumulative: Vec::new(),
+        }
+    }
+
     /// The plan of a lab with `own_images` training images, given the other labs' codes (their
     /// `images`) and `config`.
     pub fn new(own_images: usize, codes: &[StyleCode], config: &RestyleConfig) -> Self {
@@ -60,11 +60,7 @@ impl RestylePlan {
                 let total = own + others.iter().sum::<f64>();
                 let styles = (n + 1) as f64;
                 if n == 0 || total <= 0.0 {
-                    return Self {
-                        chance: 0.0,
-                        codes: n,
-                        cumulative: Vec::new(),
-                    };
+                    return Self::keep_own(n);
                 }
                 let equal = 1.0 / styles;
                 let own_share = own / total;
@@ -80,11 +76,7 @@ impl RestylePlan {
                     .collect();
                 let sum: f64 = shortfall.iter().sum();
                 if excess <= 0.0 || sum <= 0.0 {
-                    return Self {
-                        chance: 0.0,
-                        codes: n,
-                        cumulative: Vec::new(),
-                    };
+                    return Self::keep_own(n);
                 }
                 let mut acc = 0.0;
                 let cumulative = shortfall
@@ -109,7 +101,8 @@ impl RestylePlan {
     }
 
     /// The chance that a re-styled batch or crop takes code `i`.
-    pub fn weight(&self, i: usize) -> f64 {
+    #[cfg(test)]
+    fn weight(&self, i: usize) -> f64 {
         if i >= self.codes {
             return 0.0;
         }
