@@ -16,7 +16,7 @@
 #                                      #   sweep-demo-grains40-d | sweep-demo-grains40-e … -p |
 #                                      #   transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c |
 #                                      #   transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j |
-#                                      #   transfer10-a … -h)
+#                                      #   transfer10-a … -h | transfer11-a … -c)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -48,7 +48,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b transfer9-a transfer9-b transfer9-c transfer9-d transfer9-f transfer9-g transfer9-h transfer9-i transfer9-j transfer10-a transfer10-b transfer10-c transfer10-d transfer10-e transfer10-g transfer10-f transfer10-h}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b transfer9-a transfer9-b transfer9-c transfer9-d transfer9-f transfer9-g transfer9-h transfer9-i transfer9-j transfer10-a transfer10-b transfer10-c transfer10-d transfer10-e transfer10-g transfer10-f transfer10-h transfer11-a transfer11-b transfer11-c}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid|gate-iid2-a|gate-iid2-b)
@@ -77,7 +77,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z]|transfer8-a|transfer8-b|transfer9-[a-df-j]|transfer10-[a-h])
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z]|transfer8-a|transfer8-b|transfer9-[a-df-j]|transfer10-[a-h]|transfer11-[a-c])
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -122,7 +122,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j | transfer10-a … -h)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j | transfer10-a … -h | transfer11-a … -c)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -173,6 +173,15 @@ if [[ " ${which[*]} " == *" transfer10-"* ]]; then
     # FedST's uniform rule with Fourier codes (-c, seed 1).
     python3 transfer_summary.py transfer10-d transfer10-e transfer10-f transfer10-a transfer10-b transfer10-g transfer10-h \
         transfer10-c "--reference=FedAvg 4×240, no codes" > ../docs/results/transfer10-summary.md
+fi
+if [[ " ${which[*]} " == *" transfer11-"* ]]; then
+    # Balanced feature-stats codes (-a: seeds 1-3, -b: 4-5; -c: merged unweighted, seed 1) on session 17's
+    # machine type (Intel Xeon with AVX-512), paired by seed with session 17's runs there: without codes
+    # (transfer9-c, -f, -g; unweighted transfer9-j), local-only and centralised AdamW (transfer7-c, -j, -r,
+    # -y; transfer9-h, -i).
+    python3 transfer_summary.py transfer9-c transfer9-f transfer9-g transfer11-a transfer11-b transfer9-j transfer11-c \
+        transfer7-c transfer7-j transfer7-r transfer7-y transfer9-h transfer9-i \
+        "--reference=FedAvg, AdamW 1e-3, moments shared, 4 steps × 240 rounds" > ../docs/results/transfer11-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
