@@ -16,7 +16,7 @@
 #                                      #   sweep-demo-grains40-d | sweep-demo-grains40-e … -p |
 #                                      #   transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c |
 #                                      #   transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j |
-#                                      #   transfer10-a … -h | transfer11-a … -c)
+#                                      #   transfer10-a … -h | transfer11-a … -e)
 #
 # MICROFED names the binary (default: the release build, `cargo build --release -p microfed`).
 # Outputs: docs/results/<federation>/results.{md,csv,json}, docs/images/results-<federation>-*.png.
@@ -48,7 +48,7 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
-which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b transfer9-a transfer9-b transfer9-c transfer9-d transfer9-f transfer9-g transfer9-h transfer9-i transfer9-j transfer10-a transfer10-b transfer10-c transfer10-d transfer10-e transfer10-g transfer10-f transfer10-h transfer11-a transfer11-b transfer11-c}")
+which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b transfer9-a transfer9-b transfer9-c transfer9-d transfer9-f transfer9-g transfer9-h transfer9-i transfer9-j transfer10-a transfer10-b transfer10-c transfer10-d transfer10-e transfer10-g transfer10-f transfer10-h transfer11-a transfer11-b transfer11-c transfer11-d transfer11-e}")
 for fed in ${which[*]}; do
     case "$fed" in
         gate-iid|gate-iid2-a|gate-iid2-b)
@@ -77,7 +77,7 @@ for fed in ${which[*]}; do
             make_lab sem-bse 12 5103
             make_lab hazy 7 5104
             ;;
-        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z]|transfer8-a|transfer8-b|transfer9-[a-df-j]|transfer10-[a-h]|transfer11-[a-c])
+        transfer|transfer-b|transfer-c|transfer-d|transfer-recipe|transfer2|transfer2-b|transfer-ceiling|transfer3|transfer-adamw|transfer-adamw-b|transfer-per-image|transfer-per-image-b|transfer-personal|transfer-personal-b|transfer-personal-c|transfer-fedadam|transfer-personal-d|transfer-personal-e|transfer-adamw-c|transfer-adamw-d|transfer2-c|transfer2-d|transfer2-e|transfer2-f|transfer2-g|transfer2-h|transfer4-[a-l]|transfer5-a|transfer5-b|transfer6-a|transfer6-b|transfer6-c|transfer7-[a-z]|transfer8-a|transfer8-b|transfer9-[a-df-j]|transfer10-[a-h]|transfer11-[a-e])
             # The comparison of issue 15: a base model trained on ONE style (sem-se, grains of 40 px,
             # 32 images of 512²); three donor labs with 16 labelled images each, all of one grain
             # size per lab (sem-se 30 px, optical-etched 40 px, sem-bse 55 px); the target lab
@@ -110,6 +110,14 @@ for fed in ${which[*]}; do
                     --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
                     --out models/base-sem-se
             fi
+            if [[ "$fed" == transfer11-[de] && ! -f models/base-sem-se-seed2/model.onnx ]]; then
+                # The same base model from a second seed: how far the base model alone moves a run.
+                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se-seed2 \
+                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
+                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
+                    --val-fraction 0.15 --patience 8 --seed 2 --device "${DEVICE:-auto}" \
+                    --out models/base-sem-se-seed2
+            fi
             if [[ "$fed" == transfer-per-image* && ! -f models/base-sem-se-per-image/model.onnx ]]; then
                 # The same base model with each image standardised by its own mean and std.
                 nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se-per-image \
@@ -122,7 +130,7 @@ for fed in ${which[*]}; do
         nasa-super|nasa-super2|nasa-super2-b)
             [[ -d ../../shared/data/nasa-super/images ]] || { echo "nasa-super not found beside the repository (shared/data/nasa-super)" >&2; exit 1; }
             ;;
-        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j | transfer10-a … -h | transfer11-a … -c)" >&2; exit 2 ;;
+        *) echo "unknown experiment $fed (sweep-optimiser | sweep-loss | gate-iid | gate-iid2-a | gate-iid2-b | demo-labs | sweep-demo | synthetic | nasa-super | transfer | transfer-b | transfer-c | transfer-d | transfer-recipe | transfer2 | transfer2-b | transfer-ceiling | transfer3 | transfer-adamw | transfer-adamw-b | transfer-per-image | transfer-per-image-b | nasa-super2 | nasa-super2-b | transfer-personal | transfer-personal-b | transfer-personal-c | transfer-fedadam | sweep-demo-grains40 | sweep-demo-grains40-b | transfer-personal-d | transfer-personal-e | transfer-adamw-c | transfer-adamw-d | transfer2-c | transfer2-d | transfer2-e | transfer2-f | sweep-demo-e | sweep-demo-grains40-c | sweep-demo-grains40-d | sweep-demo-grains40-e … -p | transfer4-a … -l | transfer5-a | transfer5-b | transfer6-a | transfer6-b | transfer6-c | transfer7-a … -z | transfer8-a | transfer8-b | transfer9-a … -d, -f … -j | transfer10-a … -h | transfer11-a … -e)" >&2; exit 2 ;;
     esac
     start=$SECONDS
     nice "$MICROFED" experiment --config "$fed.toml"
@@ -182,6 +190,10 @@ if [[ " ${which[*]} " == *" transfer11-"* ]]; then
     python3 transfer_summary.py transfer9-c transfer9-f transfer9-g transfer11-a transfer11-b transfer9-j transfer11-c \
         transfer7-c transfer7-j transfer7-r transfer7-y transfer9-h transfer9-i \
         "--reference=FedAvg, AdamW 1e-3, moments shared, 4 steps × 240 rounds" > ../docs/results/transfer11-summary.md
+    # The same pair on a base model from a second seed (-d without codes, -e balanced codes; seed 1).
+    python3 transfer_summary.py transfer11-d transfer11-e \
+        "--reference=FedAvg, AdamW 1e-3, moments shared, 4 steps × 240 rounds, base seed 2" \
+        > ../docs/results/transfer11-base-seed2-summary.md
 fi
 if [[ " ${which[*]} " == *" transfer3 "* ]]; then
     python3 transfer_summary.py transfer3 > ../docs/results/transfer3-summary.md
