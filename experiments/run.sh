@@ -48,6 +48,18 @@ synth_sized() {
         --feature-size "$6" --out "$out"
 }
 
+# The transfer grids' one-style base model, trained once into models/NAME: base_model NAME SEED [pretrain flags].
+base_model() {
+    local name=$1 seed=$2
+    shift 2
+    if [[ -f "models/$name/model.onnx" ]]; then return; fi
+    nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name "$name" \
+        --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
+        --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
+        --val-fraction 0.15 --patience 8 --seed "$seed" --device "${DEVICE:-auto}" \
+        "$@" --out "models/$name"
+}
+
 which=("${@:-sweep-optimiser sweep-loss gate-iid gate-iid2-a gate-iid2-b demo-labs sweep-demo synthetic nasa-super transfer transfer-b transfer-c transfer-d transfer-recipe transfer2 transfer2-b transfer-ceiling transfer3 transfer-adamw transfer-adamw-b transfer-per-image transfer-per-image-b nasa-super2 nasa-super2-b transfer-personal transfer-personal-b transfer-personal-c transfer-fedadam sweep-demo-grains40 sweep-demo-grains40-b transfer-personal-d transfer-personal-e transfer-adamw-c transfer-adamw-d transfer2-c transfer2-d transfer2-e transfer2-f transfer2-g transfer2-h sweep-demo-e sweep-demo-grains40-c sweep-demo-grains40-d transfer4-a transfer4-b transfer4-c transfer4-d transfer4-e transfer4-f transfer4-g transfer4-h transfer4-i transfer4-j transfer4-k transfer4-l transfer5-a transfer5-b transfer6-a transfer6-b transfer6-c transfer7-a transfer7-b transfer7-c transfer7-d transfer7-e transfer7-f transfer7-g transfer7-h transfer7-i transfer7-j transfer7-k transfer7-l transfer7-m transfer7-n transfer7-o transfer7-p transfer7-q transfer7-r transfer7-s transfer7-t transfer7-u transfer7-v transfer7-w transfer7-x transfer7-y transfer7-z transfer8-a transfer8-b transfer9-a transfer9-b transfer9-c transfer9-d transfer9-f transfer9-g transfer9-h transfer9-i transfer9-j transfer10-a transfer10-b transfer10-c transfer10-d transfer10-e transfer10-g transfer10-f transfer10-h transfer11-a transfer11-b transfer11-c transfer11-d transfer11-e}")
 for fed in ${which[*]}; do
     case "$fed" in
@@ -101,30 +113,14 @@ for fed in ${which[*]}; do
                 done
                 i=$((i + 1))
             done
-            if [[ ! -f models/base-sem-se/model.onnx ]]; then
-                # The grains recipe (models/make.sh) on one style: AdamW 2e-3, warm-up and cosine,
-                # 10 epochs × 50 steps of 8 crops of 128 px, class weights, 0.5 × soft Dice.
-                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se \
-                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
-                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
-                    --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
-                    --out models/base-sem-se
-            fi
-            if [[ "$fed" == transfer11-[de] && ! -f models/base-sem-se-seed2/model.onnx ]]; then
-                # The same base model from a second seed: how far the base model alone moves a run.
-                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se-seed2 \
-                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
-                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
-                    --val-fraction 0.15 --patience 8 --seed 2 --device "${DEVICE:-auto}" \
-                    --out models/base-sem-se-seed2
-            fi
-            if [[ "$fed" == transfer-per-image* && ! -f models/base-sem-se-per-image/model.onnx ]]; then
-                # The same base model with each image standardised by its own mean and std.
-                nice "$MICROFED" pretrain --data data/transfer/base-sem-se --name base-sem-se-per-image \
-                    --epochs "${BASE_EPOCHS:-10}" --steps-per-epoch 50 --batch 8 --crop 128 \
-                    --optimizer adamw --lr 2e-3 --class-weights auto --dice-weight 0.5 \
-                    --val-fraction 0.15 --patience 8 --seed 1 --device "${DEVICE:-auto}" \
-                    --per-image-normalisation --out models/base-sem-se-per-image
+            # The grains recipe (models/make.sh) on one style: AdamW 2e-3, warm-up and cosine,
+            # 10 epochs × 50 steps of 8 crops of 128 px, class weights, 0.5 × soft Dice.
+            base_model base-sem-se 1
+            # The same base model from a second seed: how far the base model alone moves a run.
+            if [[ "$fed" == transfer11-[de] ]]; then base_model base-sem-se-seed2 2; fi
+            # The same base model with each image standardised by its own mean and std.
+            if [[ "$fed" == transfer-per-image* ]]; then
+                base_model base-sem-se-per-image 1 --per-image-normalisation
             fi
             ;;
         nasa-super|nasa-super2|nasa-super2-b)

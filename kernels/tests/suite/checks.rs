@@ -1290,9 +1290,10 @@ pub fn check_unet_gradients<B: Backend>(b: Arc<B>, tol: f32, seed: u64) -> Resul
     // quotient stays accurate at this size (a loss change of ~1e-10 against f64's 1e-16).
     let h = 1e-6f64;
     let f0 = ref_loss(&params);
-    // The scale a kink is judged against: the same scale `compare` allows errors on (the
-    // gradients' rms), so a kink that would spoil the comparison is always seen as one. An
-    // absolute threshold let kinks through on the small gradients of the first layers' biases.
+    // The scale a kink is judged against: the rms of all analytic gradients, a scale like the one
+    // `compare` allows errors on (the rms of the sampled ones), so a kink that would spoil the
+    // comparison is seen as one. An absolute threshold let kinks through on the small gradients
+    // of the first layers' biases.
     let scale = {
         let all: Vec<f64> = grads
             .tensors
